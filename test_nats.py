@@ -1,0 +1,291 @@
+"""
+Tests of the NAtS semantics (../shared/NATS_SPEC.md), the model and the training script.
+
+    pytest -q
+
+Everything here runs on CPU; the Triton kernel tests run it through TRITON_INTERPRET=1.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel import (GLOBAL, LOCAL, SLIDING, kv_lengths, last_visible_query, nats_attention,
+                    nats_attention_reference, next_global, relaxed_mask, visible_mask)
+from nats import GPT, GPTConfig, attention_stats
+
+# -----------------------------------------------------------------------------
+# helpers: random inputs and brute-force versions of the spec's definitions
+
+
+def random_types(B, H_kv, T, probs=(1, 1, 1), seed=0, requires_grad=False):
+    """One-hot float types [B, H_kv, T, 3] drawn with the given G/L/S weights."""
+    gen = torch.Generator().manual_seed(seed)
+    kind = torch.multinomial(torch.tensor(probs, dtype=torch.float), B * H_kv * T, replacement=True, generator=gen)
+    types = F.one_hot(kind.view(B, H_kv, T), 3).double()
+    return types.requires_grad_(requires_grad)
+
+
+def brute_force_visible(types, window):
+    """Spec section 2, literally: visible(i, j) = j <= i and (g_j or (l_j and i <= f_j) or (s_j and i <= j + W))."""
+    kind = types.argmax(-1).tolist()
+    T = len(kind)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(i + 1):
+            f_j = next((p for p in range(j, T) if kind[p] == GLOBAL), T)
+            mask[i, j] = (kind[j] == GLOBAL or (kind[j] == LOCAL and i <= f_j)
+                          or (kind[j] == SLIDING and i <= j + window))
+    return mask
+
+
+def brute_force_type_grad(G, kind, window):
+    """Spec section 3's closed form for one (batch, KV head): G [T, T] = pi * (dP - Dl) summed over
+    the query heads of the group, kind a list of types. Returns dL/dy [T, 3]."""
+    T = len(kind)
+    grad = torch.zeros(T, 3, dtype=G.dtype)
+    globals_ = [p for p in range(T) if kind[p] == GLOBAL]
+    for j in range(T):
+        F_j = min([p for p in globals_ if p > j], default=T - 1)
+        p_j = max([p for p in globals_ if p < j], default=-1)
+        X_j = sum(G[j + 1:F_j + 1, jp].sum() for jp in range(p_j + 1, j) if kind[jp] == LOCAL)
+        grad[j, GLOBAL] = G[j:, j].sum() - X_j
+        grad[j, LOCAL] = G[j:F_j + 1, j].sum()
+        grad[j, SLIDING] = G[j:min(j + window, T - 1) + 1, j].sum()
+    return grad
+
+
+def masked_softmax_attention(q, k, v, mask):
+    """Ordinary attention with a boolean mask [B, H_kv, T, T], grouped-query heads expanded."""
+    group = q.shape[1] // k.shape[1]
+    k, v, mask = (t.repeat_interleave(group, dim=1) for t in (k, v, mask))
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def qkv(B, H, H_kv, T, D, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(B, h, T, D, generator=gen, dtype=dtype).requires_grad_()
+    return make(H), make(H_kv), make(H_kv)
+
+
+LENGTHS = [1, 2, 17, 100]
+MIXES = {"random": (1, 1, 1), "all_global": (1, 0, 0), "all_local": (0, 1, 0), "all_sliding": (0, 0, 1),
+         "sparse_global": (1, 4, 16)}
+
+# -----------------------------------------------------------------------------
+# the mask
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 17, 40])
+@pytest.mark.parametrize("window", [0, 1, 3, 100])
+@pytest.mark.parametrize("mix", ["random", "sparse_global", "all_local", "all_sliding"])
+def test_hard_mask_matches_definition(T, window, mix):
+    types = random_types(1, 1, T, MIXES[mix], seed=T * 31 + window)
+    assert torch.equal(visible_mask(types, window)[0, 0], brute_force_visible(types[0, 0], window))
+
+
+def test_trailing_tokens_without_later_global_stay_visible():
+    types = F.one_hot(torch.tensor([GLOBAL, LOCAL, GLOBAL, LOCAL, LOCAL, SLIDING]), 3).double()
+    assert next_global(types.argmax(-1) == GLOBAL).tolist() == [0, 2, 2, 6, 6, 6]
+    assert last_visible_query(types, 0).tolist() == [5, 2, 5, 5, 5, 5]
+    mask = visible_mask(types, 0)
+    assert mask[5, 3] and mask[5, 4] and not mask[3, 1] and mask[2, 1]
+
+
+@pytest.mark.parametrize("T", [1, 17, 60])
+@pytest.mark.parametrize("window", [0, 4, 60])
+def test_relaxed_mask_equals_hard_mask_at_one_hot_types(T, window):
+    for mix in MIXES.values():
+        types = random_types(2, 3, T, mix, seed=T + window)
+        assert torch.equal(relaxed_mask(types, window), visible_mask(types, window).double())
+
+
+# -----------------------------------------------------------------------------
+# the reference's values and gradients
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("mix", ["random", "sparse_global", "all_local", "all_sliding"])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (3, 1)])
+def test_reference_gradients(T, mix, heads):
+    """q/k/v gradients equal those of ordinary masked attention; type gradients equal spec section 3."""
+    H, H_kv = heads
+    B, D, W = 2, 8, 3
+    q, k, v = qkv(B, H, H_kv, T, D, seed=T)
+    types = random_types(B, H_kv, T, MIXES[mix], seed=T + 1, requires_grad=True)
+    out = nats_attention_reference(q, k, v, types, W)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, types), grad_out)
+
+    expected = masked_softmax_attention(q, k, v, visible_mask(types, W))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads[:3], torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    # G_ij = pi_ij (dP_ij - Dl_i), with pi the causal softmax, summed over each KV head's query heads
+    group = H // H_kv
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * D ** -0.5
+    pi = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    dP = grad_out @ v.repeat_interleave(group, 1).transpose(-1, -2)
+    G = (pi * (dP - (grad_out * out).sum(-1, keepdim=True))).detach().view(B, H_kv, group, T, T).sum(2)
+    kind = types.argmax(-1)
+    for b in range(B):
+        for h in range(H_kv):
+            want = brute_force_type_grad(G[b, h], kind[b, h].tolist(), W)
+            torch.testing.assert_close(grads[3][b, h], want, rtol=1e-9, atol=1e-12)
+
+
+def test_all_global_is_dense_causal_attention():
+    q, k, v = qkv(2, 4, 2, 33, 16, dtype=torch.float32)
+    types = random_types(2, 2, 33, MIXES["all_global"]).float()
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(nats_attention(q, k, v, types, 4), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda q, k, v, y: (q[0], k, v, y), "4-d"),
+    (lambda q, k, v, y: (q, k[:, :, :5], v, y), "k and v"),
+    (lambda q, k, v, y: (q, k, v, y[..., :2]), "token_types"),
+    (lambda q, k, v, y: (q.half(), k, v, y), "dtype"),
+    (lambda q, k, v, y: (q, k, v, y.long()), "floating"),
+    (lambda q, k, v, y: (q[:, :3], k, v, y), "split evenly"),
+])
+def test_bad_inputs_raise_clear_errors(bad, message):
+    q, k, v = qkv(1, 4, 2, 8, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=message):
+        nats_attention(*bad(q, k, v, random_types(1, 2, 8).float()), 2)
+    with pytest.raises(ValueError, match="window"):
+        nats_attention(q, k, v, random_types(1, 2, 8).float(), -1)
+
+
+# -----------------------------------------------------------------------------
+# KV statistics
+
+
+@pytest.mark.parametrize("T", [1, 17, 64])
+@pytest.mark.parametrize("window", [0, 5, 100])
+def test_kv_statistics_match_brute_force_counts(T, window):
+    types = random_types(2, 3, T, (1, 3, 6), seed=T * window + 7)
+    masks = [[brute_force_visible(types[b, h], window) for h in range(3)] for b in range(2)]
+    lengths = torch.tensor([[m.sum(0).tolist() for m in row] for row in masks], dtype=torch.float64)
+    assert torch.equal(kv_lengths(types, window), lengths)
+    stats = attention_stats(types, window)
+    assert stats["kv_fraction"].item() == pytest.approx(lengths.sum().item() / (2 * 3 * T * (T + 1) / 2))
+    last_row = torch.tensor([[m[-1].sum().item() for m in row] for row in masks], dtype=torch.float64)
+    assert stats["cache_size"].item() == pytest.approx(last_row.mean().item())
+    assert torch.allclose(stats["type_share"], types.mean((0, 1, 2)))
+
+
+def test_kv_fraction_gradient_reaches_the_types():
+    types = random_types(1, 2, 20, seed=3, requires_grad=True)
+    attention_stats(types, 4)["kv_fraction"].backward()
+    dg, ds = types.grad[..., GLOBAL], types.grad[..., SLIDING]
+    assert dg.ge(ds).all() and dg[..., :-5].gt(ds[..., :-5]).all()  # a Global token costs the most
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def tiny_config(**overrides):
+    base = dict(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, window=3)
+    return GPTConfig(**{**base, **overrides})
+
+
+def test_scorer_types_one_hot_with_global_first_and_deterministic_in_eval():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(50, (3, 32))
+    scorer = model.transformer.h[0].attn.scorer
+    x = torch.randn(3, 32, 32)
+    types = scorer(x)
+    assert types.shape == (3, 2, 32, 3)
+    assert torch.equal(types.sum(-1), torch.ones(3, 2, 32)) and set(types.unique().tolist()) == {0.0, 1.0}
+    assert (types[:, :, 0].argmax(-1) == GLOBAL).all()
+    assert not torch.equal(scorer(x), types)  # Gumbel noise in training
+    model.eval()
+    model(idx)
+    first = model.transformer.h[0].attn.stats["token_types"]
+    model(idx)
+    assert torch.equal(first, model.transformer.h[0].attn.stats["token_types"])
+
+
+def test_scorer_sees_a_detached_input_and_gets_the_type_gradient():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(50, (2, 32))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(blk.attn.scorer.proj.weight.grad.abs().sum() > 0 for blk in model.transformer.h)
+
+
+def test_forced_global_nats_model_equals_dense_model():
+    torch.manual_seed(0)
+    dense = GPT(tiny_config(attention="dense")).eval()
+    nats_model = GPT(tiny_config(attention="nats")).eval()
+    state = {k: v for k, v in nats_model.state_dict().items() if "scorer" not in k}
+    assert state.keys() == dense.state_dict().keys()
+    nats_model.load_state_dict({**nats_model.state_dict(), **dense.state_dict()})
+    for blk in nats_model.transformer.h:  # logits (big, 0, 0): every token Global
+        blk.attn.scorer.proj.weight.data.zero_()
+    idx = torch.randint(50, (2, 32))
+    torch.testing.assert_close(nats_model(idx)[0], dense(idx)[0], rtol=1e-5, atol=1e-5)
+    assert nats_model.layer_stats()[0]["kv_fraction"] == pytest.approx(1.0)
+
+
+def test_model_rejects_bad_configs():
+    with pytest.raises(ValueError, match="attention"):
+        tiny_config(attention="sparse")
+    with pytest.raises(ValueError, match="n_kv_head"):
+        tiny_config(n_kv_head=3)
+    with pytest.raises(ValueError, match="block_size"):
+        GPT(tiny_config())(torch.zeros(1, 33, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# the training script
+
+
+def tiny_run(tmp_path, **overrides):
+    import train_shakespeare as ts
+    cfg, _ = ts.make_config(["--device=cpu"])
+    cfg.update(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
+               eval_interval=10, log_interval=1000, max_iters=40, lr_decay_iters=60, warmup_iters=5,
+               sample_tokens=5, out_dir=str(tmp_path), learning_rate=3e-3)
+    cfg.update(overrides)
+    return ts.train(cfg)
+
+
+def test_training_loss_falls_and_types_are_reported(tmp_path, capsys):
+    history = tiny_run(tmp_path)
+    first, last = history["evals"][0], history["evals"][-1]
+    assert last["val"] < first["val"] - 0.5
+    assert 0 < last["kv_fraction"][0] <= 1 and sum(last["type_share"]) == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    assert "kv " in out and "ETA" in out and (tmp_path / "token_types.html").exists()
+
+
+def test_resume_reproduces_the_next_step_exactly(tmp_path):
+    straight = tiny_run(tmp_path / "a", max_iters=12, eval_interval=6, dropout=0.1)
+    tiny_run(tmp_path / "b", max_iters=6, eval_interval=6, dropout=0.1)
+    resumed = tiny_run(tmp_path / "b", max_iters=12, eval_interval=6, dropout=0.1, resume=True)
+    assert min(resumed["loss"]) == 6
+    assert resumed["loss"] == {i: straight["loss"][i] for i in range(6, 12)}
+
+
+def test_nan_loss_stops_training_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match=r"loss is nan at step \d+"):
+        tiny_run(tmp_path, learning_rate=float("inf"), warmup_iters=0, grad_clip=0.0)
+
+
+def test_command_line_is_validated():
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit, match="unknown argument"):
+        ts.make_config(["--n_layers=3"])
+    with pytest.raises(SystemExit, match="expected a int"):
+        ts.make_config(["--n_layer=three"])
+    cfg, why = ts.make_config(["--device=cpu", "--kv_weight=1", "--attention=dense"])
+    assert cfg["kv_weight"] == 1.0 and cfg["attention"] == "dense" and "CPU" in why

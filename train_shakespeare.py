@@ -1,0 +1,356 @@
+"""
+Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
+
+    python train_shakespeare.py                      # baby GPT on a GPU, a small config on CPU
+    python train_shakespeare.py --attention=dense    # the causal baseline
+    python train_shakespeare.py --kv_weight=0.3 --max_iters=2000 --out_dir=out-sparse
+    python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt
+
+Every module-level default below can be overridden with --key=value (nanoGPT style).
+"""
+import ast
+import html
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from nats import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# defaults: the baby GPT of nanoGPT's shakespeare_char, used when CUDA is available
+out_dir = "out-shakespeare"
+resume = False
+eval_interval = 250
+eval_iters = 200
+log_interval = 50
+tokenizer = "char"  # "char" or "gpt2" (tiktoken's GPT-2 BPE)
+attention = "nats"  # "nats" or "dense"
+n_layer = 6
+n_head = 6
+n_kv_head = 6
+n_embd = 384
+block_size = 256
+dropout = 0.2
+window = 16
+kv_weight = 0.1
+batch_size = 64
+gradient_accumulation_steps = 1
+max_iters = 5000
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100
+lr_decay_iters = 5000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16"  # autocast dtype on CUDA; CPU runs in float32
+sample_tokens = 300
+show_layer = -1  # layer and KV head whose token types are drawn at the end
+show_head = 0
+
+# without CUDA: small enough to finish in a few minutes on 2 cores, large enough to learn types
+CPU_CONFIG = dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=64, dropout=0.0,
+                  batch_size=32, max_iters=600, lr_decay_iters=600, warmup_iters=50, learning_rate=2e-3,
+                  eval_interval=100, eval_iters=20, log_interval=25, dtype="float32", window=8)
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv, defaults):
+    """--key=value overrides of the defaults, each checked against the default's type."""
+    overrides = {}
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else (None, "", "")
+        if key is None or key not in defaults:
+            raise SystemExit(f"unknown argument {arg!r}; use --key=value with key one of: {', '.join(defaults)}")
+        if not eq:  # a bare --flag means True
+            value = "True"
+        default = defaults[key]
+        if isinstance(default, str):
+            overrides[key] = value
+            continue
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}")
+        if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+            parsed = float(parsed)
+        if type(parsed) is not type(default):
+            raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}")
+        overrides[key] = parsed
+    return overrides
+
+
+def make_config(argv):
+    """Defaults, then the CPU config if the run has no GPU, then the command line."""
+    defaults = {k: v for k, v in globals().items()
+                if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
+    overrides = parse_args(argv, defaults)
+    config = dict(defaults)
+    run_device = overrides.get("device", config["device"])
+    if run_device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={run_device} but CUDA is not available; pass --device=cpu")
+    if run_device == "cpu":
+        config.update(CPU_CONFIG)
+        why = "small CPU config (no CUDA device" + (")" if not torch.cuda.is_available() else " chosen)")
+    else:
+        why = "baby-GPT config (CUDA device found)"
+    config.update(overrides)
+    return config, why
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_corpus(tokenizer):
+    """Token arrays of the train and val splits (last 10 %), plus encode/decode and vocab size."""
+    path = os.path.join(DATA_DIR, "shakespeare.txt")
+    if not os.path.exists(path):
+        raise SystemExit(f"missing corpus {path}; rebuild it as data/README.md describes")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if tokenizer == "char":
+        chars = sorted(set(text))
+        stoi = {c: i for i, c in enumerate(chars)}
+        encode = lambda s: [stoi[c] for c in s]
+        decode = lambda ids: "".join(chars[i] for i in ids)
+        vocab_size = len(chars)
+    elif tokenizer == "gpt2":
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+        encode, decode = enc.encode_ordinary, enc.decode
+        vocab_size = 50304  # 50257 rounded up to a multiple of 64
+    else:
+        raise SystemExit(f"--tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
+    cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}.npy")
+    if os.path.exists(cache):
+        tokens = np.load(cache)
+    else:  # built on first use, never committed
+        tokens = np.array(encode(text), dtype=np.uint16)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        np.save(cache + ".tmp.npy", tokens)
+        os.replace(cache + ".tmp.npy", cache)
+    split = int(0.9 * len(tokens))
+    return tokens[:split], tokens[split:], encode, decode, vocab_size
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# evaluation and reporting
+
+
+@torch.no_grad()
+def evaluate(model, splits, cfg, autocast):
+    """Mean cross-entropy per split in eval() mode (argmax types), on the same batches every time,
+    plus the NAtS statistics averaged over the val batches."""
+    model.eval()
+    result = {}
+    for name, data in splits.items():
+        generator = torch.Generator().manual_seed(cfg["seed"] + 1)
+        losses, stats = [], []
+        for _ in range(cfg["eval_iters"]):
+            x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], generator, cfg["device"])
+            with autocast:
+                model(x, y)
+            losses.append(model.stats["ce"].item())
+            if cfg["attention"] == "nats":
+                stats.append(model.layer_stats())
+        result[name] = sum(losses) / len(losses)
+    if stats:
+        result["kv_fraction"] = [np.mean([s[l]["kv_fraction"] for s in stats]) for l in range(len(stats[0]))]
+        result["type_share"] = np.mean([[l["type_share"] for l in s] for s in stats], axis=(0, 1)).tolist()
+        result["cache_size"] = [np.mean([s[l]["cache_size"] for s in stats]) for l in range(len(stats[0]))]
+    model.train()
+    return result
+
+
+def format_eval(it, cfg, result, elapsed, eta):
+    line = f"step {it:5d}/{cfg['max_iters']} | train {result['train']:.4f} val {result['val']:.4f}"
+    if "kv_fraction" in result:
+        kv = result["kv_fraction"]
+        g, l, s = result["type_share"]
+        line += (f" | kv {np.mean(kv):.3f} [{' '.join(f'{x:.2f}' for x in kv)}]"
+                 f" | G {g:.0%} L {l:.0%} S {s:.0%} | end cache {np.mean(result['cache_size']):.1f}/{cfg['block_size']}")
+    return line + f" | {hms(elapsed)} elapsed, ETA {hms(eta) if eta is not None else '?'}"
+
+
+def hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+TYPE_NAMES = ("Global", "Local", "Sliding")
+ANSI = ("\033[1;97;41m", "\033[30;43m", "\033[2m")  # Global: white on red, Local: on yellow, Sliding: dim
+HTML_STYLE = ("background:#d62728;color:white;font-weight:bold", "background:#ffd34d", "color:#999")
+
+
+@torch.no_grad()
+def show_token_types(model, tokens, decode, cfg):
+    """Colour every token of a val snippet by its type in one layer and KV head: ANSI and HTML."""
+    model.eval()
+    x = torch.from_numpy(tokens.astype(np.int64))[None].to(cfg["device"])
+    model(x)
+    model.train()
+    attn = model.transformer.h[cfg["show_layer"]].attn
+    kinds = attn.stats["token_types"][0, cfg["show_head"]].argmax(-1).tolist()
+    pieces = [decode([t]) for t in tokens.tolist()]
+    terminal = "".join(f"{ANSI[k]}{p.replace(chr(10), '↵' + chr(10))}\033[0m" for p, k in zip(pieces, kinds))
+    legend = "  ".join(f"{ANSI[k]}{name}\033[0m" for k, name in enumerate(TYPE_NAMES))
+    print(f"\ntoken types, layer {cfg['show_layer']} KV head {cfg['show_head']} ({legend}):\n{terminal}\n")
+    spans = "".join(f'<span style="{HTML_STYLE[k]}" title="{TYPE_NAMES[k]}">{html.escape(p)}</span>'
+                    for p, k in zip(pieces, kinds))
+    legend_html = " ".join(f'<span style="{HTML_STYLE[k]}">{name}</span>' for k, name in enumerate(TYPE_NAMES))
+    page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>"
+            f"<h3>Token types, layer {cfg['show_layer']}, KV head {cfg['show_head']} ({legend_html})</h3>"
+            f"<pre style='font-size:14px;line-height:1.5'>{spans}</pre>")
+    path = os.path.join(cfg["out_dir"], "token_types.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, model, optimizer, model_args, it, best_val, cfg, batch_generator):
+    """Everything --resume needs to continue exactly, written atomically (temp file + rename)."""
+    checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                      iter_num=it, best_val_loss=best_val, config=cfg,
+                      rng=dict(torch=torch.get_rng_state(), batch=batch_generator.get_state(),
+                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def learning_rate_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it > cfg["lr_decay_iters"]:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+# -----------------------------------------------------------------------------
+
+
+def train(cfg):
+    """Train with the config dict; return the history of losses and evals (used by the tests)."""
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    torch.manual_seed(cfg["seed"])
+    device_type = "cuda" if cfg["device"].startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (torch.autocast(device_type="cuda", dtype=getattr(torch, cfg["dtype"]))
+                if device_type == "cuda" and cfg["dtype"] != "float32" else torch.autocast("cpu", enabled=False))
+    train_data, val_data, encode, decode, vocab_size = load_corpus(cfg["tokenizer"])
+
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    batch_generator = torch.Generator().manual_seed(cfg["seed"])
+    model_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "attention", "window",
+                  "kv_weight")
+    if cfg["resume"]:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        checkpoint = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
+        model_args = checkpoint["model_args"]
+        for key in model_keys:  # the model is the checkpoint's; say so if the command line disagrees
+            cfg[key] = model_args[key]
+    else:
+        model_args = {key: cfg[key] for key in model_keys}
+        model_args["vocab_size"] = vocab_size
+    model = GPT(GPTConfig(**model_args)).to(cfg["device"])
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
+                                           (cfg["beta1"], cfg["beta2"]), device_type)
+    it, best_val = 0, float("inf")
+    if cfg["resume"]:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        it, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        batch_generator.set_state(checkpoint["rng"]["batch"])
+        if checkpoint["rng"]["cuda"] is not None and device_type == "cuda":
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        print(f"resumed from {ckpt_path} at step {it}")
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={cfg['attention']}, "
+          f"{len(train_data):,} train tokens, vocab {vocab_size}")
+
+    history = dict(loss={}, evals=[])
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    start, start_it = time.time(), it
+    window_start, window_it = time.time(), it
+    while True:
+        lr = learning_rate_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+            result = evaluate(model, {"train": train_data, "val": val_data}, cfg, autocast)
+            elapsed = time.time() - start
+            eta = elapsed / (it - start_it) * (cfg["max_iters"] - it) if it > start_it else None
+            print(format_eval(it, cfg, result, elapsed, eta))
+            history["evals"].append(dict(iter=it, **result))
+            best_val = min(best_val, result["val"])
+            if it > start_it:
+                save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, cfg, batch_generator)
+        if it >= cfg["max_iters"]:
+            break
+
+        for _ in range(cfg["gradient_accumulation_steps"]):
+            x, y = get_batch(train_data, cfg["batch_size"], cfg["block_size"], batch_generator, cfg["device"])
+            with autocast:
+                _, loss = model(x, y)
+            (loss / cfg["gradient_accumulation_steps"]).backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"loss is {loss_value} at step {it}: stopping. Try a lower --learning_rate, "
+                             f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
+        history["loss"][it] = loss_value
+        it += 1
+        if it % cfg["log_interval"] == 0:
+            dt = time.time() - window_start
+            rate = tokens_per_iter * (it - window_it) / dt
+            kv = model.stats.get("kv_fraction")
+            kv_text = f", kv {kv.mean().item():.3f}" if kv is not None else ""
+            print(f"  iter {it}: loss {loss_value:.4f}{kv_text}, {rate / 1e3:.1f}k tok/s, "
+                  f"{(it - window_it) / dt:.2f} it/s, lr {lr:.2e}")
+            window_start, window_it = time.time(), it
+
+    model.eval()
+    prompt = torch.tensor([encode("\n")], device=cfg["device"])
+    with autocast:
+        sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=200)
+    print(f"\nsample:\n{decode(sample[0].tolist())}")
+    if cfg["attention"] == "nats":
+        show_token_types(model, val_data[-cfg["block_size"]:], decode, cfg)
+    history["elapsed"] = time.time() - start
+    return history
+
+
+if __name__ == "__main__":
+    config, why = make_config(sys.argv[1:])
+    print(f"config: {why}: {config['n_layer']} layers x {config['n_head']} heads x {config['n_embd']} wide, "
+          f"context {config['block_size']}, batch {config['batch_size']}, {config['max_iters']} iterations "
+          f"on {config['device']}")
+    train(config)
