@@ -3,15 +3,21 @@ Tests of the NAtS semantics (../shared/NATS_SPEC.md), the model and the training
 
     pytest -q
 
-Everything here runs on CPU; the Triton kernel tests run it through TRITON_INTERPRET=1.
+Everything here runs on CPU; without a GPU the Triton kernel runs in Triton's interpreter
+(TRITON_INTERPRET=1, which must be set before the kernels are defined). The tests marked
+`cuda` check the compiled kernel at larger sizes, in bf16 too, and are skipped without a GPU.
 """
-import copy
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 import torch.nn.functional as F
 
-from kernel import (GLOBAL, LOCAL, SLIDING, kv_lengths, last_visible_query, nats_attention,
+from kernel import (GLOBAL, LOCAL, SLIDING, INTERPRETING, kv_lengths, last_visible_query, nats_attention,
                     nats_attention_reference, next_global, relaxed_mask, visible_mask)
 from nats import GPT, GPTConfig, attention_stats
 
@@ -20,11 +26,14 @@ from nats import GPT, GPTConfig, attention_stats
 
 
 def random_types(B, H_kv, T, probs=(1, 1, 1), seed=0, requires_grad=False):
-    """One-hot float types [B, H_kv, T, 3] drawn with the given G/L/S weights."""
+    """One-hot float types [B, H_kv, T, 3] drawn with the given G/L/S weights, position 0 Global
+    as the model makes it (where the mix has any Global at all)."""
     gen = torch.Generator().manual_seed(seed)
     kind = torch.multinomial(torch.tensor(probs, dtype=torch.float), B * H_kv * T, replacement=True, generator=gen)
-    types = F.one_hot(kind.view(B, H_kv, T), 3).double()
-    return types.requires_grad_(requires_grad)
+    kind = kind.view(B, H_kv, T)
+    if probs[GLOBAL] or probs == MIXES["no_global_after_0"]:
+        kind[..., 0] = GLOBAL
+    return F.one_hot(kind, 3).double().requires_grad_(requires_grad)
 
 
 def brute_force_visible(types, window):
@@ -72,7 +81,7 @@ def qkv(B, H, H_kv, T, D, dtype=torch.float64, seed=0):
 
 LENGTHS = [1, 2, 17, 100]
 MIXES = {"random": (1, 1, 1), "all_global": (1, 0, 0), "all_local": (0, 1, 0), "all_sliding": (0, 0, 1),
-         "sparse_global": (1, 4, 16)}
+         "sparse_global": (1, 4, 16), "no_global_after_0": (0, 1, 1)}
 
 # -----------------------------------------------------------------------------
 # the mask
@@ -289,3 +298,99 @@ def test_command_line_is_validated():
         ts.make_config(["--n_layer=three"])
     cfg, why = ts.make_config(["--device=cpu", "--kv_weight=1", "--attention=dense"])
     assert cfg["kv_weight"] == 1.0 and cfg["attention"] == "dense" and "CPU" in why
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernel against the reference (interpreter on CPU, compiled on CUDA)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_and_grads(q, k, v, types, window, impl, dtype, grad_out):
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, types)]
+    out = nats_attention(*inputs, window, impl=impl)
+    out.backward(grad_out.to(dtype))
+    return [out] + [t.grad for t in inputs]
+
+
+def check_kernel(B, H, H_kv, T, D, window, mix, dtype, seed=0):
+    """FlashAttention-style check: the kernel's error against a float64 reference, for the output
+    and the gradients of q, k, v and the types, stays within twice the error of the plain-PyTorch
+    reference in the same dtype, plus torch's default float32 atol of 1e-5 (the kernel accumulates
+    in float32; where the exact value is 0, the reference's own error can be 0 too)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, D, generator=gen).to(DEVICE) for h in (H, H_kv, H_kv))
+    grad_out = torch.randn(B, H, T, D, generator=gen).to(DEVICE)
+    types = random_types(B, H_kv, T, MIXES[mix], seed=seed).to(DEVICE)
+    exact = attention_and_grads(q, k, v, types, window, "reference", torch.float64, grad_out)
+    same_dtype = attention_and_grads(q, k, v, types, window, "reference", dtype, grad_out)
+    kernel = attention_and_grads(q, k, v, types, window, "triton", dtype, grad_out)
+    floor = 1e-5
+    for name, want, ref, got in zip(["out", "dq", "dk", "dv", "dtypes"], exact, same_dtype, kernel):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        ref_err = (ref.double() - want).abs().max().item()
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2 * ref_err + floor * max(1.0, want.abs().max().item()), \
+            f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+    with torch.no_grad():  # the inference path: gathered Globals, skipped tiles
+        inference = nats_attention(q.to(dtype), k.to(dtype), v.to(dtype), types.to(dtype), window, impl="triton")
+    err = (inference.double() - exact[0]).abs().max().item()
+    assert err <= 2 * (same_dtype[0].double() - exact[0]).abs().max().item() + floor * max(1.0, exact[0].abs().max().item())
+
+
+@pytest.mark.parametrize("T", [1, 17, 100])
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_matches_reference(T, mix, dtype):
+    heads = [(2, 2), (4, 2), (3, 1)][T % 3]
+    check_kernel(2, *heads, T, 16, 3, mix, dtype, seed=T)
+
+
+@pytest.mark.parametrize("T, window, D, seed", [(257, 0, 32, 1), (130, 200, 16, 2), (65, 1, 32, 3)])
+def test_kernel_odd_lengths_and_windows(T, window, D, seed):
+    check_kernel(1, 4, 2, T, D, window, "sparse_global", torch.float32, seed=seed)
+
+
+def test_kernel_all_global_equals_dense_causal_attention():
+    q, k, v = (t.detach().to(DEVICE) for t in qkv(1, 4, 2, 100, 32, dtype=torch.float32))
+    types = random_types(1, 2, 100, MIXES["all_global"]).float().to(DEVICE)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(nats_attention(q, k, v, types, 4, impl="triton"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_takes_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(0)
+    qkv_packed = torch.randn(2, 40, 3, 4, 16, generator=gen).to(DEVICE)  # [B, T, 3, H, D] as a model makes it
+    q, k, v = (qkv_packed[:, :, i].transpose(1, 2) for i in range(3))
+    types = random_types(2, 4, 40, seed=1).float().to(DEVICE)
+    torch.testing.assert_close(nats_attention(q, k, v, types, 2, impl="triton"),
+                               nats_attention(q, k, v, types, 2, impl="reference"), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rejects_what_it_does_not_support():
+    q, k, v = (t.detach().to(DEVICE) for t in qkv(1, 2, 2, 8, 24, dtype=torch.float32))
+    with pytest.raises(ValueError, match="head_dim in"):
+        nats_attention(q, k, v, random_types(1, 2, 8).float().to(DEVICE), 2, impl="triton")
+    q, k, v = (t.detach().to(DEVICE) for t in qkv(1, 2, 2, 8, 16))
+    with pytest.raises(ValueError, match="float64"):
+        nats_attention(q, k, v, random_types(1, 2, 8).to(DEVICE), 2, impl="triton")
+    with pytest.raises(ValueError, match="impl must be"):
+        nats_attention(q, k, v, random_types(1, 2, 8).to(DEVICE), 2, impl="flash")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T, D, mix", [(1000, 64, "sparse_global"), (1000, 128, "random"), (777, 64, "all_local"),
+                                       (513, 128, "all_sliding"), (300, 64, "all_global"),
+                                       (1000, 32, "no_global_after_0")])
+def test_kernel_matches_reference_on_cuda(dtype, T, D, mix):
+    check_kernel(2, 8, 2, T, D, 16, mix, dtype, seed=T + D)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_long_sequence_on_cuda(dtype):
+    check_kernel(1, 2, 1, 4096, 64, 16, "sparse_global", dtype, seed=4)
