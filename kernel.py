@@ -521,3 +521,73 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     if impl == "reference":
         return nats_attention_reference(q, k, v, token_types, window)
     raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: python kernel.py on a GPU
+
+
+def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, heads=16, window=16):
+    """One table, everything timed in this run with triton.testing.do_bench (median): this kernel,
+    dense causal SDPA, FlexAttention with the same mask, and the reference where it fits."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention)
+    mixes = {"5/15/80": (0.05, 0.15, 0.80), "20/40/40": (0.2, 0.4, 0.4), "all G": (1.0, 0.0, 0.0)}
+    bench = lambda fn, grads=(): triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=list(grads),
+                                                        return_mode="median")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
+          f"B={batch} H={heads} W={window}; ratio = time / dense SDPA (same pass); TFLOP/s counts a dense "
+          f"causal attention's FLOPs (fwd 2 B H T^2 D, fwd+bwd 3.5x that)")
+    print(f"| {'D':>3} | {'T':>5} | {'mix':8} | {'kv':>5} | {'what':28} | {'ms':>8} | {'ratio':>6} | {'TFLOP/s':>7} |")
+    print("|" + "|".join("-" * w for w in (5, 7, 10, 7, 30, 10, 8, 9)) + "|")
+    for D in head_dims:
+        for T in lengths:
+            gen = torch.Generator(device="cuda").manual_seed(T + D)
+            q, k, v, do = (torch.randn(batch, heads, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                           for _ in range(4))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            fwd_flops = 2 * batch * heads * T * T * D
+
+            def row(mix, kv, what, ms, base_ms, flops):
+                print(f"| {D:>3} | {T:>5} | {mix:8} | {kv:>5} | {what:28} | {ms:8.3f} | {ms / base_ms:6.2f} | "
+                      f"{flops / ms / 1e9:7.1f} |", flush=True)
+
+            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            dense_fwd = bench(sdpa)
+            dense_fb = bench(lambda: sdpa().backward(do), (q, k, v))
+            row("-", "1.00", "dense SDPA fwd", dense_fwd, dense_fwd, fwd_flops)
+            row("-", "1.00", "dense SDPA fwd+bwd", dense_fb, dense_fb, 3.5 * fwd_flops)
+            for mix, probs in mixes.items():
+                kind = torch.multinomial(torch.tensor(probs, device="cuda"), batch * heads * T, replacement=True,
+                                         generator=gen).view(batch, heads, T)
+                kind[..., 0] = GLOBAL
+                types = F.one_hot(kind, 3).to(torch.bfloat16).requires_grad_()
+                kv = f"{kv_lengths(types.detach().float(), window).sum().item() / (batch * heads * T * (T + 1) / 2):.2f}"
+                nats = lambda: nats_attention(q, k, v, types, window)
+                row(mix, kv, "NAtS train fwd", bench(nats), dense_fwd, fwd_flops)
+                row(mix, kv, "NAtS fwd+bwd (with dtypes)", bench(lambda: nats().backward(do), (q, k, v, types)),
+                    dense_fb, 3.5 * fwd_flops)
+                with torch.no_grad():
+                    row(mix, kv, "NAtS inference fwd", bench(nats), dense_fwd, fwd_flops)
+                last_q = last_visible_query(types.detach(), window)
+                mask_mod = lambda b, h, i, j: (j <= i) & (i <= last_q[b, h, j])
+                build = lambda: create_block_mask(mask_mod, batch, heads, T, T, device="cuda")
+                block_mask = build()
+                flex_fwd = lambda: flex(q, k, v, block_mask=block_mask)
+                row(mix, kv, "Flex fwd", bench(flex_fwd), dense_fwd, fwd_flops)
+                row(mix, kv, "Flex fwd+bwd (no dtypes)", bench(lambda: flex_fwd().backward(do), (q, k, v)),
+                    dense_fb, 3.5 * fwd_flops)
+                row(mix, kv, "Flex block-mask build", bench(build), dense_fwd, fwd_flops)
+                if T <= 4096:  # the reference holds several B x H x T x T float32 tensors
+                    ref = lambda: nats_attention(q, k, v, types, window, impl="reference")
+                    row(mix, kv, "reference fwd+bwd", bench(lambda: ref().backward(do), (q, k, v, types)),
+                        dense_fb, 3.5 * fwd_flops)
+                del types, block_mask
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU; the tests (pytest) check the kernel on CPU")
+    benchmark()

@@ -33,6 +33,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     attention: str = "nats"  # "nats" or "dense" (causal scaled_dot_product_attention)
+    attention_impl: str = "auto"  # NAtS: "triton" kernel, "reference" PyTorch, "auto" = kernel on CUDA
     window: int = 16  # W: a Sliding token is seen by the W+1 queries j .. j+W
     kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss
     rope_base: float = 10000.0
@@ -117,7 +118,7 @@ class CausalSelfAttention(nn.Module):
             token_types = self.scorer(x)
             self.stats = attention_stats(token_types, cfg.window)
             self.stats["token_types"] = token_types.detach()
-            y = nats_attention(q, k, v, token_types.to(q.dtype), cfg.window)
+            y = nats_attention(q, k, v, token_types.to(q.dtype), cfg.window, impl=cfg.attention_impl)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -29,6 +29,7 @@ eval_iters = 200
 log_interval = 50
 tokenizer = "char"  # "char" or "gpt2" (tiktoken's GPT-2 BPE)
 attention = "nats"  # "nats" or "dense"
+attention_impl = "auto"  # NAtS attention: "triton", "reference", or "auto" (the kernel on CUDA)
 n_layer = 6
 n_head = 6
 n_kv_head = 6
@@ -271,12 +272,12 @@ def train(cfg):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
         checkpoint = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
         model_args = checkpoint["model_args"]
-        for key in model_keys:  # the model is the checkpoint's; say so if the command line disagrees
+        for key in model_keys:  # the model is the checkpoint's
             cfg[key] = model_args[key]
     else:
         model_args = {key: cfg[key] for key in model_keys}
         model_args["vocab_size"] = vocab_size
-    model = GPT(GPTConfig(**model_args)).to(cfg["device"])
+    model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(cfg["device"])
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), device_type)
     it, best_val = 0, float("inf")
