@@ -129,6 +129,18 @@ def nats_attention_reference(q, k, v, token_types, window):
 # Globals before it plus the few nearby tiles where Local and Sliding keys still live.
 
 
+# Key tiles of TILE keys carry the skip metadata (the latest query any of their keys reaches), so
+# the kernels that skip tiles use BLOCK_N = TILE; everything else is autotuned on the GPU, per
+# head size and power-of-two length bucket. The interpreter runs the first config only.
+TILE = 64
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _autotune(configs, key):
+    configs = [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in configs]
+    return triton.autotune(configs[:1] if INTERPRETING else configs, key=key)
+
+
 @triton.jit
 def _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION: tl.constexpr):
     """One FlashAttention-2 step over a key tile, counting only the visible entries.
@@ -141,10 +153,12 @@ def _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION: tl.constexpr):
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
+@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 4, 3), (dict(BLOCK_M=128), 8, 3),
+            (dict(BLOCK_M=64), 4, 3), (dict(BLOCK_M=128), 8, 2)], key=["T_BUCKET", "D", "TRAINING"])
 @triton.jit
 def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, N_GLOBAL_UPTO,
                      sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-                     H, H_KV, T, N_TILES, scale_log2,
+                     H, H_KV, T, T_BUCKET, N_TILES, scale_log2,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      TRAINING: tl.constexpr, PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -161,24 +175,31 @@ def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     end_m = tl.minimum(start_m + BLOCK_M, T)
-    if TRAINING:  # every causal tile: LSE_F needs all of them, P @ V only the visible ones
-        mf_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    if TRAINING:
+        # Every causal tile, one exp per entry: p holds the causal softmax numerators (for LSE_F);
+        # its visible entries feed the output, P @ V only where a tile has any. Like the reference,
+        # the output's normaliser is the visible part of the causal mass, relative to one max.
         lf_i = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, end_m, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = tl.load(K + offs_n[None, :] * sk_t + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
             s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
             causal = offs_n[None, :] <= offs_m[:, None]
-            s_causal = tl.where(causal, s, float("-inf"))
-            mf_new = tl.maximum(mf_i, tl.max(s_causal, 1))
-            lf_i = lf_i * tl.math.exp2(mf_i - mf_new) + tl.sum(tl.math.exp2(s_causal - mf_new[:, None]), 1)
-            mf_i = mf_new
+            s = tl.where(causal, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            lf_i = lf_i * alpha + tl.sum(p, 1)
+            l_i *= alpha
+            acc *= alpha[:, None]
+            m_i = m_new
             if tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m:
                 last_q = tl.load(LAST_Q + offs_n, mask=offs_n < T, other=-1)
                 v = tl.load(V + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-                visible = causal & (offs_m[:, None] <= last_q[None, :])
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION)
-        tl.store(LSE_F + (b * H + h) * T + offs_m, mf_i + tl.math.log2(lf_i), mask=offs_m < T)
+                p = tl.where(offs_m[:, None] <= last_q[None, :], p, 0.0)
+                l_i += tl.sum(p, 1)
+                acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        tl.store(LSE_F + (b * H + h) * T + offs_m, m_i + tl.math.log2(lf_i), mask=offs_m < T)
     else:
         # Global keys before this tile's last query, gathered from their list
         n_global = tl.load(N_GLOBAL_UPTO + kv * T + end_m - 1)
@@ -206,11 +227,14 @@ def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, 
     tl.store(LSE_M + (b * H + h) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
+@_autotune([(dict(BLOCK_M=64, BLOCK_N=64), 4, 2), (dict(BLOCK_M=32, BLOCK_N=64), 4, 3),
+            (dict(BLOCK_M=64, BLOCK_N=128), 8, 2), (dict(BLOCK_M=32, BLOCK_N=128), 4, 3),
+            (dict(BLOCK_M=64, BLOCK_N=64), 4, 3), (dict(BLOCK_M=128, BLOCK_N=64), 8, 2)], key=["T_BUCKET", "D"])
 @triton.jit
 def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
                           LAST_Q, SEG_END, NEXT_SEG_END,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                          H, H_KV, T, window, scale_log2, scale,
+                          H, H_KV, T, T_BUCKET, window, scale_log2, scale,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           PRECISION: tl.constexpr):
     """dK, dV and four column sums of G for one key tile, over all query heads of its group.
@@ -231,6 +255,8 @@ def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
     next_seg_end = tl.load(NEXT_SEG_END + kv * T + offs_n, mask=offs_n < T, other=-1)
     slide_end = offs_n + window
     tile_last_q = tl.max(last_q, 0)
+    tile_seg_end = tl.max(seg_end, 0)
+    tile_next_seg_end = tl.max(next_seg_end, 0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     c_all = tl.zeros([BLOCK_N], tl.float32)
@@ -250,17 +276,22 @@ def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             causal = (offs_n[None, :] <= offs_m[:, None]) & in_rows[:, None]
             dp_minus_delta = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
-            g = tl.where(causal, tl.math.exp2(s - lse_f[:, None]), 0.0) * dp_minus_delta
+            pi = tl.where(causal, tl.math.exp2(s - lse_f[:, None]), 0.0)  # the causal softmax
+            g = pi * dp_minus_delta
             c_all += tl.sum(g, 0)
-            c_seg += tl.sum(tl.where(offs_m[:, None] <= seg_end[None, :], g, 0.0), 0)
-            c_next += tl.sum(tl.where(offs_m[:, None] <= next_seg_end[None, :], g, 0.0), 0)
-            c_slide += tl.sum(tl.where(offs_m[:, None] <= slide_end[None, :], g, 0.0), 0)
-            if tile_last_q >= start_m:
-                lse_m = tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0)
+            if start_m <= tile_seg_end:  # the limits sit near the diagonal: most tiles skip these
+                c_seg += tl.sum(tl.where(offs_m[:, None] <= seg_end[None, :], g, 0.0), 0)
+            if start_m <= tile_next_seg_end:
+                c_next += tl.sum(tl.where(offs_m[:, None] <= next_seg_end[None, :], g, 0.0), 0)
+            if start_m <= start_n + BLOCK_N - 1 + window:
+                c_slide += tl.sum(tl.where(offs_m[:, None] <= slide_end[None, :], g, 0.0), 0)
+            if start_m <= tile_last_q:
+                # P = pi / rho and dS = P (dP - Dl) = G / rho on the visible entries
+                inv_rho = tl.math.exp2(lse_f - tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0))
                 visible = causal & (offs_m[:, None] <= last_q[None, :])
-                p = tl.where(visible, tl.math.exp2(s - lse_m[:, None]), 0.0)
+                ds = tl.where(visible, g * inv_rho[:, None], 0.0)
+                p = tl.where(visible, pi * inv_rho[:, None], 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                ds = p * dp_minus_delta
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     in_keys = offs_n < T
     tl.store(DK + kv * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=in_keys[:, None])
@@ -271,11 +302,13 @@ def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
     tl.store(COLSUM + (kv * 4 + 3) * T + offs_n, c_slide, mask=in_keys)
 
 
+@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 8, 2), (dict(BLOCK_M=128), 4, 3),
+            (dict(BLOCK_M=64), 4, 3), (dict(BLOCK_M=128), 8, 3)], key=["T_BUCKET", "D"])
 @triton.jit
 def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
                         LAST_Q, TILE_LAST_Q, KIND,
                         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                        H, H_KV, T, N_TILES, scale_log2, scale,
+                        H, H_KV, T, T_BUCKET, N_TILES, scale_log2, scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr):
     """dQ for one query tile, and R_i = sum of G_ij over the visible Local keys of row i
@@ -290,8 +323,8 @@ def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
     in_rows = offs_m < T
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-    lse_m = tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0)
     lse_f = tl.load(LSE_F + row + offs_m, mask=in_rows, other=0.0)
+    inv_rho = tl.math.exp2(lse_f - tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0))
     delta = tl.load(DELTA + row + offs_m, mask=in_rows, other=0.0)
     K += b * sk_b + hkv * sk_h
     V += b * sv_b + hkv * sv_h
@@ -307,10 +340,9 @@ def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
             dp_minus_delta = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
-            ds = tl.where(visible, tl.math.exp2(s - lse_m[:, None]), 0.0) * dp_minus_delta
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-            pi_local = tl.where(visible & is_local[None, :], tl.math.exp2(s - lse_f[:, None]), 0.0)
-            local_rowsum += tl.sum(pi_local * dp_minus_delta, 1)
+            g = tl.where(visible, tl.math.exp2(s - lse_f[:, None]), 0.0) * dp_minus_delta
+            dq += tl.dot((g * inv_rho[:, None]).to(k.dtype), k, input_precision=PRECISION)  # dS = G / rho
+            local_rowsum += tl.sum(tl.where(is_local[None, :], g, 0.0), 1)
     tl.store(DQ + (b * H + h) * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_rows[:, None])
     tl.store(LOCAL_ROWSUM + row + offs_m, local_rowsum, mask=in_rows)
@@ -319,10 +351,8 @@ def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
 # -----------------------------------------------------------------------------
 # The autograd wrapper: O(T) metadata in, the kernels, the type gradients out
 
-BLOCK_M, BLOCK_N = 64, 64
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def key_metadata(token_types, window):
@@ -350,11 +380,10 @@ def key_metadata(token_types, window):
 
 
 def tile_max(last_q):
-    """The latest query any key of each BLOCK_N tile reaches: tiles before a query tile whose
-    value is smaller hold nothing visible to it."""
+    """The latest query any key of each TILE reaches: a query tile starting after it sees nothing there."""
     T = last_q.shape[-1]
-    padded = F.pad(last_q, (0, -T % BLOCK_N), value=-1)
-    return padded.view(*last_q.shape[:-1], -1, BLOCK_N).amax(-1)
+    padded = F.pad(last_q, (0, -T % TILE), value=-1)
+    return padded.view(*last_q.shape[:-1], -1, TILE).amax(-1)
 
 
 def _launch_forward(q, k, v, meta, training):
@@ -365,13 +394,11 @@ def _launch_forward(q, k, v, meta, training):
     lse_f = torch.empty_like(lse_m) if training else lse_m
     last_q, tile_last_q = ((meta["last_q"], meta["tile_last_q"]) if training
                            else (meta["last_q_local"], meta["tile_last_q_local"]))
-    grid = (triton.cdiv(T, BLOCK_M), B * H)
-    _nats_fwd_kernel[grid](
+    _nats_fwd_kernel[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
         q, k, v, o, lse_m, lse_f, last_q, tile_last_q, meta["global_pos"], meta["n_global_upto"],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, H_kv, T, tile_last_q.shape[-1], D**-0.5 * LOG2E,
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, TRAINING=training, PRECISION=_precision(q),
-        num_warps=4, num_stages=2)
+        H, H_kv, T, triton.next_power_of_2(T), tile_last_q.shape[-1], D**-0.5 * LOG2E,
+        D=D, BLOCK_N=TILE, TRAINING=training, PRECISION=_precision(q))
     return o, lse_m, lse_f
 
 
@@ -384,14 +411,15 @@ def _launch_backward(q, k, v, o, do, lse_m, lse_f, meta, window):
     dv = torch.empty_like(dk)
     colsum = torch.empty(B, H_kv, 4, T, device=q.device, dtype=torch.float32)
     local_rowsum = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    common = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q), num_warps=4, num_stages=2)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    _nats_bwd_dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H_kv)](
+    scales = (D**-0.5 * LOG2E, D**-0.5)
+    _nats_bwd_dkdv_kernel[lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
         q, k, v, do, lse_m, lse_f, delta, dk, dv, colsum, meta["last_q"], meta["seg_end"], meta["next_seg_end"],
-        *strides, H, H_kv, T, window, D**-0.5 * LOG2E, D**-0.5, **common)
-    _nats_bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](
+        *strides, H, H_kv, T, triton.next_power_of_2(T), window, *scales, D=D, PRECISION=_precision(q))
+    _nats_bwd_dq_kernel[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, lse_m, lse_f, delta, dq, local_rowsum, meta["last_q"], meta["tile_last_q"], meta["kind"],
-        *strides, H, H_kv, T, meta["tile_last_q"].shape[-1], D**-0.5 * LOG2E, D**-0.5, **common)
+        *strides, H, H_kv, T, triton.next_power_of_2(T), meta["tile_last_q"].shape[-1], *scales,
+        D=D, BLOCK_N=TILE, PRECISION=_precision(q))
     diag = _diagonal_of_g(q, k, v, do, delta, lse_f)
     return dq, dk, dv, type_gradients(colsum, local_rowsum.view(B, H_kv, H // H_kv, T).sum(2), diag, meta)
 
