@@ -165,8 +165,8 @@ def _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION: tl.constexpr):
     return acc, m_new, l_i * alpha + tl.sum(p, 1), alpha
 
 
-@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 4, 3), (dict(BLOCK_M=128), 8, 3),
-            (dict(BLOCK_M=64), 4, 3), (dict(BLOCK_M=128), 8, 2)], key=["T_BUCKET", "D", "TRAINING"])
+@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 8, 3), (dict(BLOCK_M=128), 4, 3)],
+           key=["T_BUCKET", "D", "TRAINING"])
 @triton.jit
 def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, N_GLOBAL_UPTO,
                      sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
@@ -233,9 +233,7 @@ def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, 
 
 
 @_autotune([(dict(BLOCK_M=64, BLOCK_N=64), 4, 2), (dict(BLOCK_M=32, BLOCK_N=64), 4, 3),
-            (dict(BLOCK_M=64, BLOCK_N=128), 8, 2), (dict(BLOCK_M=32, BLOCK_N=128), 4, 3),
-            (dict(BLOCK_M=64, BLOCK_N=64), 4, 3), (dict(BLOCK_M=128, BLOCK_N=64), 8, 2)],
-           key=["T_BUCKET", "D", "GLOBAL_KEYS"])
+            (dict(BLOCK_M=64, BLOCK_N=128), 8, 2)], key=["T_BUCKET", "D", "GLOBAL_KEYS"])
 @triton.jit
 def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
                           LAST_Q, SEG_END, NEXT_SEG_END, GLOBAL_POS, N_GLOBAL_UPTO,
@@ -326,8 +324,7 @@ def _dq_step(dq, q, do, k, v, lse_f, inv_rho, delta, visible, scale_log2, PRECIS
     return dq + tl.dot((g * inv_rho[:, None]).to(k.dtype), k, input_precision=PRECISION), g
 
 
-@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 8, 2), (dict(BLOCK_M=128), 4, 3),
-            (dict(BLOCK_M=64), 4, 3), (dict(BLOCK_M=128), 8, 3)], key=["T_BUCKET", "D"])
+@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 8, 2)], key=["T_BUCKET", "D"])
 @triton.jit
 def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
                         LAST_Q, TILE_LAST_Q, KIND, GLOBAL_POS, N_GLOBAL_UPTO,

@@ -385,7 +385,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T, D, mix", [(1000, 64, "sparse_global"), (1000, 128, "random"), (777, 64, "all_local"),
                                        (513, 128, "all_sliding"), (300, 64, "all_global"),
-                                       (1000, 32, "no_global_after_0")])
+                                       (1000, 64, "no_global_after_0")])
 def test_kernel_matches_reference_on_cuda(dtype, T, D, mix):
     check_kernel(2, 8, 2, T, D, 16, mix, dtype, seed=T + D)
 
