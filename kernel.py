@@ -121,56 +121,30 @@ def nats_attention_reference(q, k, v, token_types, window):
 # -----------------------------------------------------------------------------
 # The Triton kernel: never an N x N tensor in memory, only O(T) metadata per (batch, KV head)
 #
-# Key j is visible to queries j .. last_q[j]. Global keys (last_q = T-1) are scattered, so
-# almost no 64 x 64 tile is empty; but they are few. Every kernel therefore splits the keys:
-#   - Global keys are gathered into a sorted list per (batch, KV head) and visited as dense
-#     tiles of that list (position 0 .. the query tile's last row);
-#   - Local and Sliding keys are visited in position order, only in tiles where one of them
-#     still reaches the query tile (the metadata's last_q is -1 for Globals), i.e. near the diagonal.
-# Gradients need more: the forward keeps LSE_F, the log-sum-exp over all causal keys, whose
-# softmax pi gives the mask gradient G_ij = pi_ij (dP_ij - Dl_i) (spec section 3), and the
-# type gradients are column sums of G over every causal entry. So in training the forward and
-# the dK/dV kernel still compute q k^T on every causal tile (dK/dV also dO v^T), while the
-# P @ V, dV, dK and dQ products run only where something is visible.
-
-
-# Key tiles of TILE keys carry the skip metadata (the latest query any of their non-Global keys
-# reaches), so the kernels that skip tiles use BLOCK_N = TILE; the rest is autotuned on the GPU
-# per head size and power-of-two length bucket. The interpreter runs the first config only.
-TILE = 64
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _autotune(configs, key):
-    configs = [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in configs]
-    return triton.autotune(configs[:1] if INTERPRETING else configs, key=key)
-
-
-@triton.jit
-def _load_rows(PTR, rows, stride, offs_d, T):
-    """A [rows, D] tile; rows past the end read as zeros."""
-    return tl.load(PTR + rows[:, None] * stride + offs_d[None, :], mask=rows[:, None] < T, other=0.0)
+# Key j is visible to queries j .. last_q[j]. The forward keeps two log-sum-exps per query row
+# (log2 domain): LSE_M over the visible keys (the output's softmax) and, when gradients are
+# needed, LSE_F over all causal keys, whose softmax pi gives the mask gradient
+# G_ij = pi_ij (dP_ij - Dl_i) of spec section 3. Inference skips every tile with nothing
+# visible and visits the Global keys through a gathered list, so a query tile reads only the
+# Globals before it plus the few nearby tiles where Local and Sliding keys still live.
 
 
 @triton.jit
 def _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION: tl.constexpr):
-    """One FlashAttention-2 step over a key tile, counting only the visible entries. Returns the
-    rescale factor too, for a second sum that shares the running max. m_i starts at a finite
-    -1e30, so rows with nothing visible yet stay NaN-free."""
+    """One FlashAttention-2 step over a key tile, counting only the visible entries.
+    m_i starts at a finite -1e30, so rows with nothing visible yet stay NaN-free."""
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i * alpha + tl.sum(p, 1), alpha
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
-@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 8, 3), (dict(BLOCK_M=128), 4, 3)],
-           key=["T_BUCKET", "D", "TRAINING"])
 @triton.jit
 def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, N_GLOBAL_UPTO,
                      sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-                     H, H_KV, T, T_BUCKET, N_TILES, scale_log2,
+                     H, H_KV, T, N_TILES, scale_log2,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      TRAINING: tl.constexpr, PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -179,92 +153,83 @@ def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, 
     kv = b * H_KV + hkv  # its row in the [B, H_kv, ...] metadata
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
     K += b * sk_b + hkv * sk_h
     V += b * sv_b + hkv * sv_h
+    LAST_Q += kv * T
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # visible mass
-    lf_i = tl.zeros([BLOCK_M], tl.float32)  # causal mass (training), relative to the same max
+    l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     end_m = tl.minimum(start_m + BLOCK_M, T)
-    # Global keys up to this tile's last row, gathered from their list
-    n_global = tl.load(N_GLOBAL_UPTO + kv * T + end_m - 1)
-    for start_g in range(0, n_global, BLOCK_N):
-        offs_g = start_g + tl.arange(0, BLOCK_N)
-        pos = tl.load(GLOBAL_POS + kv * T + offs_g, mask=offs_g < n_global, other=T)
-        k = _load_rows(K, pos, sk_t, offs_d, T)
-        v = _load_rows(V, pos, sv_t, offs_d, T)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        acc, m_i, l_i, alpha = _softmax_update(acc, m_i, l_i, s, pos[None, :] <= offs_m[:, None], v, PRECISION)
-        lf_i *= alpha  # the causal loop below counts these keys in lf_i
-    # Local and Sliding keys in position order; in training every causal tile, for LSE_F
-    for start_n in range(0, end_m, BLOCK_N):
-        reaches = tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m
-        if TRAINING or reaches:
+    if TRAINING:  # every causal tile: LSE_F needs all of them, P @ V only the visible ones
+        mf_i = tl.full([BLOCK_M], -1e30, tl.float32)
+        lf_i = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, end_m, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, offs_n, sk_t, offs_d, T)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            k = tl.load(K + offs_n[None, :] * sk_t + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
             causal = offs_n[None, :] <= offs_m[:, None]
-            last_q = tl.load(LAST_Q + kv * T + offs_n, mask=offs_n < T, other=-1)
-            visible = causal & (offs_m[:, None] <= last_q[None, :])
-            if TRAINING:  # one exp per entry: the causal numerators, their visible part feeds the output
-                s = tl.where(causal, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                lf_i = lf_i * alpha + tl.sum(p, 1)
-                l_i *= alpha
-                acc *= alpha[:, None]
-                m_i = m_new
-                if reaches:
-                    v = _load_rows(V, offs_n, sv_t, offs_d, T)
-                    p = tl.where(visible, p, 0.0)
-                    l_i += tl.sum(p, 1)
-                    acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            else:
-                v = _load_rows(V, offs_n, sv_t, offs_d, T)
-                acc, m_i, l_i, alpha = _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION)
+            s_causal = tl.where(causal, s, float("-inf"))
+            mf_new = tl.maximum(mf_i, tl.max(s_causal, 1))
+            lf_i = lf_i * tl.math.exp2(mf_i - mf_new) + tl.sum(tl.math.exp2(s_causal - mf_new[:, None]), 1)
+            mf_i = mf_new
+            if tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m:
+                last_q = tl.load(LAST_Q + offs_n, mask=offs_n < T, other=-1)
+                v = tl.load(V + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+                visible = causal & (offs_m[:, None] <= last_q[None, :])
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION)
+        tl.store(LSE_F + (b * H + h) * T + offs_m, mf_i + tl.math.log2(lf_i), mask=offs_m < T)
+    else:
+        # Global keys before this tile's last query, gathered from their list
+        n_global = tl.load(N_GLOBAL_UPTO + kv * T + end_m - 1)
+        for start_g in range(0, n_global, BLOCK_N):
+            offs_g = start_g + tl.arange(0, BLOCK_N)
+            pos = tl.load(GLOBAL_POS + kv * T + offs_g, mask=offs_g < n_global, other=T)
+            k = tl.load(K + pos[None, :] * sk_t + offs_d[:, None], mask=pos[None, :] < T, other=0.0)
+            v = tl.load(V + pos[:, None] * sv_t + offs_d[None, :], mask=pos[:, None] < T, other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, pos[None, :] <= offs_m[:, None], v, PRECISION)
+        # Local and Sliding keys (LAST_Q is -1 for Globals here): only tiles that reach this one
+        for start_n in range(0, end_m, BLOCK_N):
+            if tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m:
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                last_q = tl.load(LAST_Q + offs_n, mask=offs_n < T, other=-1)
+                k = tl.load(K + offs_n[None, :] * sk_t + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
+                v = tl.load(V + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+                s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+                visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION)
     l_i = tl.where(offs_m < T, l_i, 1.0)  # rows past the end see nothing
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
-             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    o = acc / l_i[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < T)
     tl.store(LSE_M + (b * H + h) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
-    if TRAINING:
-        tl.store(LSE_F + (b * H + h) * T + offs_m, m_i + tl.math.log2(lf_i), mask=offs_m < T)
 
 
-@_autotune([(dict(BLOCK_M=64, BLOCK_N=64), 4, 2), (dict(BLOCK_M=32, BLOCK_N=64), 4, 3),
-            (dict(BLOCK_M=64, BLOCK_N=128), 8, 2)], key=["T_BUCKET", "D", "GLOBAL_KEYS"])
 @triton.jit
 def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
-                          LAST_Q, SEG_END, NEXT_SEG_END, GLOBAL_POS, N_GLOBAL_UPTO,
+                          LAST_Q, SEG_END, NEXT_SEG_END,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                          H, H_KV, T, T_BUCKET, window, scale_log2, scale,
+                          H, H_KV, T, window, scale_log2, scale,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          GLOBAL_KEYS: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of one key tile, over all query heads of its group, and (for tiles in position
-    order) four column sums of G for the type gradients: c(limit) = sum_{i=j}^{limit} G_ij with
-    limit = T-1 (Global), the segment end F_j (Local), the next segment's end (the cross term X
-    of a Global) and j + W (Sliding). The sums need every causal row; dK and dV only the rows
-    that see the key. GLOBAL_KEYS: the tile is a slice of the gathered Global list instead, and
-    only dK, dV are computed (Global rows of position-order tiles are written by these)."""
+                          PRECISION: tl.constexpr):
+    """dK, dV and four column sums of G for one key tile, over all query heads of its group.
+
+    The column sums c(limit) = sum_{i=j}^{limit} G_ij give the token-type gradients: rows up to
+    the segment end (Local), the next segment's end (the cross term X of a Global), j + W
+    (Sliding) and T - 1 (Global). They need every causal tile; dK and dV only the visible ones.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
     b, hkv = tl.program_id(1) // H_KV, tl.program_id(1) % H_KV
     kv = b * H_KV + hkv
-    start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if GLOBAL_KEYS:
-        n_global = tl.load(N_GLOBAL_UPTO + kv * T + T - 1)
-        pos = tl.load(GLOBAL_POS + kv * T + offs_n, mask=offs_n < n_global, other=T)
-        last_q = tl.where(pos < T, T - 1, -1)
-        first_row = tl.min(pos, 0)
-    else:
-        pos = offs_n
-        last_q = tl.load(LAST_Q + kv * T + pos, mask=pos < T, other=-1)
-        seg_end = tl.load(SEG_END + kv * T + pos, mask=pos < T, other=-1)
-        next_seg_end = tl.load(NEXT_SEG_END + kv * T + pos, mask=pos < T, other=-1)
-        first_row = start_n
     offs_d = tl.arange(0, D)
-    k = _load_rows(K + b * sk_b + hkv * sk_h, pos, sk_t, offs_d, T)
-    v = _load_rows(V + b * sv_b + hkv * sv_h, pos, sv_t, offs_d, T)
+    k = tl.load(K + b * sk_b + hkv * sk_h + offs_n[:, None] * sk_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+    v = tl.load(V + b * sv_b + hkv * sv_h + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+    last_q = tl.load(LAST_Q + kv * T + offs_n, mask=offs_n < T, other=-1)
+    seg_end = tl.load(SEG_END + kv * T + offs_n, mask=offs_n < T, other=-1)
+    next_seg_end = tl.load(NEXT_SEG_END + kv * T + offs_n, mask=offs_n < T, other=-1)
+    slide_end = offs_n + window
     tile_last_q = tl.max(last_q, 0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -275,65 +240,46 @@ def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
     group = H // H_KV
     for h in range(hkv * group, hkv * group + group):
         row = (b * H + h) * T
-        for start_m in range(first_row // BLOCK_M * BLOCK_M, T, BLOCK_M):
+        for start_m in range(start_n // BLOCK_M * BLOCK_M, T, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             in_rows = offs_m < T
-            q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
-            do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_t, offs_d, T)
+            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
+            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
             lse_f = tl.load(LSE_F + row + offs_m, mask=in_rows, other=0.0)
             delta = tl.load(DELTA + row + offs_m, mask=in_rows, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            causal = (pos[None, :] <= offs_m[:, None]) & in_rows[:, None]
+            causal = (offs_n[None, :] <= offs_m[:, None]) & in_rows[:, None]
             dp_minus_delta = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
-            pi = tl.where(causal, tl.math.exp2(s - lse_f[:, None]), 0.0)  # the causal softmax
-            g = pi * dp_minus_delta
-            if not GLOBAL_KEYS:
-                c_all += tl.sum(g, 0)
-                if start_m <= tl.max(seg_end, 0):  # the other limits sit near the diagonal
-                    c_seg += tl.sum(tl.where(offs_m[:, None] <= seg_end[None, :], g, 0.0), 0)
-                if start_m <= tl.max(next_seg_end, 0):
-                    c_next += tl.sum(tl.where(offs_m[:, None] <= next_seg_end[None, :], g, 0.0), 0)
-                if start_m <= start_n + BLOCK_N - 1 + window:
-                    c_slide += tl.sum(tl.where(offs_m[:, None] <= (pos + window)[None, :], g, 0.0), 0)
-            if start_m <= tile_last_q:
-                # P = pi / rho and dS = P (dP - Dl) = G / rho on the visible entries
-                inv_rho = tl.math.exp2(lse_f - tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0))
+            g = tl.where(causal, tl.math.exp2(s - lse_f[:, None]), 0.0) * dp_minus_delta
+            c_all += tl.sum(g, 0)
+            c_seg += tl.sum(tl.where(offs_m[:, None] <= seg_end[None, :], g, 0.0), 0)
+            c_next += tl.sum(tl.where(offs_m[:, None] <= next_seg_end[None, :], g, 0.0), 0)
+            c_slide += tl.sum(tl.where(offs_m[:, None] <= slide_end[None, :], g, 0.0), 0)
+            if tile_last_q >= start_m:
+                lse_m = tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0)
                 visible = causal & (offs_m[:, None] <= last_q[None, :])
-                p = tl.where(visible, pi * inv_rho[:, None], 0.0)
+                p = tl.where(visible, tl.math.exp2(s - lse_m[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dk += tl.dot(tl.trans((p * dp_minus_delta).to(q.dtype)), q, input_precision=PRECISION)
-    # position-order tiles write their Local and Sliding keys, Global tiles their Global keys
-    owned = (pos < T) & (last_q >= 0)
-    rows = kv * T * D + pos[:, None] * D + offs_d[None, :]
-    tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=owned[:, None])
-    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=owned[:, None])
-    if not GLOBAL_KEYS:
-        in_keys = pos < T
-        tl.store(COLSUM + (kv * 4 + 0) * T + pos, c_all, mask=in_keys)
-        tl.store(COLSUM + (kv * 4 + 1) * T + pos, c_seg, mask=in_keys)
-        tl.store(COLSUM + (kv * 4 + 2) * T + pos, c_next, mask=in_keys)
-        tl.store(COLSUM + (kv * 4 + 3) * T + pos, c_slide, mask=in_keys)
+                ds = p * dp_minus_delta
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    in_keys = offs_n < T
+    tl.store(DK + kv * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=in_keys[:, None])
+    tl.store(DV + kv * T * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_keys[:, None])
+    tl.store(COLSUM + (kv * 4 + 0) * T + offs_n, c_all, mask=in_keys)
+    tl.store(COLSUM + (kv * 4 + 1) * T + offs_n, c_seg, mask=in_keys)
+    tl.store(COLSUM + (kv * 4 + 2) * T + offs_n, c_next, mask=in_keys)
+    tl.store(COLSUM + (kv * 4 + 3) * T + offs_n, c_slide, mask=in_keys)
 
 
-@triton.jit
-def _dq_step(dq, q, do, k, v, lse_f, inv_rho, delta, visible, scale_log2, PRECISION: tl.constexpr):
-    """dQ += dS K over one key tile, dS = G / rho with G = pi (dP - Dl) on the visible entries."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    dp_minus_delta = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
-    g = tl.where(visible, tl.math.exp2(s - lse_f[:, None]), 0.0) * dp_minus_delta
-    return dq + tl.dot((g * inv_rho[:, None]).to(k.dtype), k, input_precision=PRECISION), g
-
-
-@_autotune([(dict(BLOCK_M=64), 4, 2), (dict(BLOCK_M=128), 8, 2)], key=["T_BUCKET", "D"])
 @triton.jit
 def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
-                        LAST_Q, TILE_LAST_Q, KIND, GLOBAL_POS, N_GLOBAL_UPTO,
+                        LAST_Q, TILE_LAST_Q, KIND,
                         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                        H, H_KV, T, T_BUCKET, N_TILES, scale_log2, scale,
+                        H, H_KV, T, N_TILES, scale_log2, scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """dQ of one query tile, and R_i = sum of G_ij over the visible Local keys of row i (for the
-    cross term X of non-Global tokens): the gathered Globals, then the tiles that reach this one."""
+    """dQ for one query tile, and R_i = sum of G_ij over the visible Local keys of row i
+    (for the cross term X of non-Global tokens). Only tiles with something visible."""
     start_m = tl.program_id(0) * BLOCK_M
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     hkv = h // (H // H_KV)
@@ -342,33 +288,29 @@ def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     in_rows = offs_m < T
-    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
-    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_t, offs_d, T)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
+    lse_m = tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0)
     lse_f = tl.load(LSE_F + row + offs_m, mask=in_rows, other=0.0)
-    inv_rho = tl.math.exp2(lse_f - tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0))
     delta = tl.load(DELTA + row + offs_m, mask=in_rows, other=0.0)
     K += b * sk_b + hkv * sk_h
     V += b * sv_b + hkv * sv_h
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     local_rowsum = tl.zeros([BLOCK_M], tl.float32)
-    end_m = tl.minimum(start_m + BLOCK_M, T)
-    n_global = tl.load(N_GLOBAL_UPTO + kv * T + end_m - 1)
-    for start_g in range(0, n_global, BLOCK_N):
-        offs_g = start_g + tl.arange(0, BLOCK_N)
-        pos = tl.load(GLOBAL_POS + kv * T + offs_g, mask=offs_g < n_global, other=T)
-        k = _load_rows(K, pos, sk_t, offs_d, T)
-        v = _load_rows(V, pos, sv_t, offs_d, T)
-        dq, g = _dq_step(dq, q, do, k, v, lse_f, inv_rho, delta, pos[None, :] <= offs_m[:, None], scale_log2, PRECISION)
-    for start_n in range(0, end_m, BLOCK_N):
+    for start_n in range(0, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         if tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, offs_n, sk_t, offs_d, T)
-            v = _load_rows(V, offs_n, sv_t, offs_d, T)
+            k = tl.load(K + offs_n[:, None] * sk_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+            v = tl.load(V + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
             last_q = tl.load(LAST_Q + kv * T + offs_n, mask=offs_n < T, other=-1)
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
-            dq, g = _dq_step(dq, q, do, k, v, lse_f, inv_rho, delta, visible, scale_log2, PRECISION)
             is_local = tl.load(KIND + kv * T + offs_n, mask=offs_n < T, other=-1) == 1
-            local_rowsum += tl.sum(tl.where(is_local[None, :], g, 0.0), 1)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
+            dp_minus_delta = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
+            ds = tl.where(visible, tl.math.exp2(s - lse_m[:, None]), 0.0) * dp_minus_delta
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            pi_local = tl.where(visible & is_local[None, :], tl.math.exp2(s - lse_f[:, None]), 0.0)
+            local_rowsum += tl.sum(pi_local * dp_minus_delta, 1)
     tl.store(DQ + (b * H + h) * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_rows[:, None])
     tl.store(LOCAL_ROWSUM + row + offs_m, local_rowsum, mask=in_rows)
@@ -377,8 +319,10 @@ def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
 # -----------------------------------------------------------------------------
 # The autograd wrapper: O(T) metadata in, the kernels, the type gradients out
 
+BLOCK_M, BLOCK_N = 64, 64
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def key_metadata(token_types, window):
@@ -387,38 +331,47 @@ def key_metadata(token_types, window):
     kind = token_types.detach().argmax(-1)
     is_global = kind == GLOBAL
     pos = torch.arange(T, device=kind.device)
-    # Globals live in their own sorted list; in position order only Local and Sliding keys count
-    global_pos = torch.where(is_global, pos, T).sort(-1).values
-    n_global_upto = is_global.cumsum(-1)  # Globals at positions <= t
-    last_q = torch.where(is_global, -1, last_visible_query(token_types.detach(), window))
+    last_q = last_visible_query(token_types.detach(), window)
     # seg_end: the next Global strictly after j (T-1 if none), the last row a Local j would see;
     # next_seg_end: where the following segment ends, if seg_end is a Global that closes it.
-    seg_end = F.pad(next_global(is_global)[..., 1:], (0, 1), value=T).clamp(max=T - 1)
+    f = next_global(is_global)
+    seg_end = F.pad(f[..., 1:], (0, 1), value=T).clamp(max=T - 1)
     seg_end_is_global = is_global.gather(-1, seg_end) & (seg_end > pos)
     next_seg_end = torch.where(seg_end_is_global, seg_end.gather(-1, seg_end), seg_end)
+    # inference: Global keys gathered into a sorted list, Local/Sliding keys in their tiles
+    global_pos = torch.where(is_global, pos, T).sort(-1).values
+    n_global_upto = is_global.cumsum(-1)
+    last_q_local = torch.where(is_global, -1, last_q)
     as_int = lambda t: t.to(torch.int32).contiguous()
-    return dict(kind=as_int(kind), global_pos=as_int(global_pos), n_global_upto=as_int(n_global_upto),
-                last_q=as_int(last_q), tile_last_q=as_int(tile_max(last_q)),
-                seg_end=as_int(seg_end), next_seg_end=as_int(next_seg_end))
+    return dict(kind=as_int(kind), last_q=as_int(last_q), seg_end=as_int(seg_end),
+                next_seg_end=as_int(next_seg_end), tile_last_q=as_int(tile_max(last_q)),
+                global_pos=as_int(global_pos), n_global_upto=as_int(n_global_upto),
+                last_q_local=as_int(last_q_local), tile_last_q_local=as_int(tile_max(last_q_local)))
 
 
 def tile_max(last_q):
-    """The latest query any key of each TILE reaches: a query tile starting after it sees nothing there."""
+    """The latest query any key of each BLOCK_N tile reaches: tiles before a query tile whose
+    value is smaller hold nothing visible to it."""
     T = last_q.shape[-1]
-    padded = F.pad(last_q, (0, -T % TILE), value=-1)
-    return padded.view(*last_q.shape[:-1], -1, TILE).amax(-1)
+    padded = F.pad(last_q, (0, -T % BLOCK_N), value=-1)
+    return padded.view(*last_q.shape[:-1], -1, BLOCK_N).amax(-1)
 
 
 def _launch_forward(q, k, v, meta, training):
     B, H, T, D = q.shape
+    H_kv = k.shape[1]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse_m = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     lse_f = torch.empty_like(lse_m) if training else lse_m
-    _nats_fwd_kernel[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        q, k, v, o, lse_m, lse_f, meta["last_q"], meta["tile_last_q"], meta["global_pos"], meta["n_global_upto"],
+    last_q, tile_last_q = ((meta["last_q"], meta["tile_last_q"]) if training
+                           else (meta["last_q_local"], meta["tile_last_q_local"]))
+    grid = (triton.cdiv(T, BLOCK_M), B * H)
+    _nats_fwd_kernel[grid](
+        q, k, v, o, lse_m, lse_f, last_q, tile_last_q, meta["global_pos"], meta["n_global_upto"],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, k.shape[1], T, triton.next_power_of_2(T), meta["tile_last_q"].shape[-1], D**-0.5 * LOG2E,
-        D=D, BLOCK_N=TILE, TRAINING=training, PRECISION=_precision(q))
+        H, H_kv, T, tile_last_q.shape[-1], D**-0.5 * LOG2E,
+        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, TRAINING=training, PRECISION=_precision(q),
+        num_warps=4, num_stages=2)
     return o, lse_m, lse_f
 
 
@@ -431,19 +384,14 @@ def _launch_backward(q, k, v, o, do, lse_m, lse_f, meta, window):
     dv = torch.empty_like(dk)
     colsum = torch.empty(B, H_kv, 4, T, device=q.device, dtype=torch.float32)
     local_rowsum = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    common = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q), num_warps=4, num_stages=2)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    shape = (H, H_kv, T, triton.next_power_of_2(T))
-    scales = (D**-0.5 * LOG2E, D**-0.5)
-    gathered = (meta["global_pos"], meta["n_global_upto"])
-    for global_keys in (False, True):  # Local/Sliding keys in position order, then the Global list
-        _nats_bwd_dkdv_kernel[lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
-            q, k, v, do, lse_m, lse_f, delta, dk, dv, colsum, meta["last_q"], meta["seg_end"],
-            meta["next_seg_end"], *gathered, *strides, *shape, window, *scales,
-            D=D, GLOBAL_KEYS=global_keys, PRECISION=_precision(q))
-    _nats_bwd_dq_kernel[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+    _nats_bwd_dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H_kv)](
+        q, k, v, do, lse_m, lse_f, delta, dk, dv, colsum, meta["last_q"], meta["seg_end"], meta["next_seg_end"],
+        *strides, H, H_kv, T, window, D**-0.5 * LOG2E, D**-0.5, **common)
+    _nats_bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](
         q, k, v, do, lse_m, lse_f, delta, dq, local_rowsum, meta["last_q"], meta["tile_last_q"], meta["kind"],
-        *gathered, *strides, *shape, meta["tile_last_q"].shape[-1], *scales,
-        D=D, BLOCK_N=TILE, PRECISION=_precision(q))
+        *strides, H, H_kv, T, meta["tile_last_q"].shape[-1], D**-0.5 * LOG2E, D**-0.5, **common)
     diag = _diagonal_of_g(q, k, v, do, delta, lse_f)
     return dq, dk, dv, type_gradients(colsum, local_rowsum.view(B, H_kv, H // H_kv, T).sum(2), diag, meta)
 
