@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import GLOBAL, kv_lengths, last_visible_query, nats_attention
+from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, last_visible_query, nats_attention
 
 
 @dataclass
@@ -66,8 +66,8 @@ class TokenTypeScorer(nn.Module):
         self.n_kv_head = config.n_kv_head
         self.proj = nn.Linear(config.n_embd, config.n_kv_head * 3, bias=False)
 
-    def forward(self, x):
-        """x: the normalised block input [B, T, C] -> one-hot types [B, H_kv, T, 3]."""
+    def forward(self, x, pos):
+        """x: the normalised block input [B, T, C] at positions pos [T] -> one-hot types [B, H_kv, T, 3]."""
         B, T, _ = x.shape
         # Detached input: the mask gradient trains only the scorer, not the backbone.
         logits = self.proj(x.detach()).float().view(B, T, self.n_kv_head, 3).transpose(1, 2)
@@ -76,8 +76,8 @@ class TokenTypeScorer(nn.Module):
         else:
             types = F.one_hot(logits.argmax(-1), 3).float()
         # Position 0 is always Global (an attention sink); no gradient reaches its logits.
-        first = F.one_hot(torch.tensor(GLOBAL, device=x.device), 3).float().expand(B, self.n_kv_head, 1, 3)
-        return torch.cat([first, types[:, :, 1:]], dim=2)
+        first = F.one_hot(torch.tensor(GLOBAL, device=x.device), 3).float()
+        return torch.where((pos == 0)[:, None], first, types)
 
 
 def attention_stats(token_types, window):
@@ -93,6 +93,71 @@ def attention_stats(token_types, window):
     return dict(kv_fraction=kv_fraction, type_share=hard.mean((0, 1, 2)), cache_size=cache_size)
 
 
+class KVCache:
+    """One layer's KV cache for generation, evicting exactly as training masked (spec section 5).
+
+    After step t: a Global t drops the Local tokens of the segment it closes (they were visible
+    at t), Sliding tokens j <= t - W leave (the next query would not see them), Globals stay.
+    So before step t+1 attends, the cache holds exactly row t+1 of the mask. Every (batch row,
+    KV head) keeps its own tokens: a padded buffer whose free slots have pos = -1, compacted
+    whenever more than half the slots are free, so the bytes held follow the tokens kept.
+    """
+
+    def __init__(self, window):
+        self.window = window
+        self.k = self.v = None  # [B, H_kv, slots, D]
+        self.pos = self.kind = None  # [B, H_kv, slots]; pos -1 marks a free slot
+        self.seen = 0  # tokens appended so far: the position of the next one
+        self.last_global = None  # [B, H_kv]: the latest Global position, -1 before any
+
+    def append(self, k, v, kind):
+        """Add the next n tokens: k, v [B, H_kv, n, D], kind [B, H_kv, n] (0 G, 1 L, 2 S)."""
+        pos = torch.arange(self.seen, self.seen + k.shape[2], device=k.device, dtype=torch.int32).expand(kind.shape)
+        kind = kind.to(torch.uint8)
+        newest_global = torch.where(kind == GLOBAL, pos, -1).amax(-1)
+        if self.k is None:
+            self.k, self.v, self.pos, self.kind, self.last_global = k, v, pos, kind, newest_global
+        else:
+            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+            self.pos, self.kind = torch.cat([self.pos, pos], 2), torch.cat([self.kind, kind], 2)
+            self.last_global = torch.maximum(self.last_global, newest_global)
+        self.seen += k.shape[2]
+
+    def attend(self, q):
+        """Attention of the newest token's queries q [B, H, 1, D] over the cached tokens."""
+        B, H, _, D = q.shape
+        H_kv = self.k.shape[1]
+        scores = q.view(B, H_kv, H // H_kv, 1, D) @ self.k.unsqueeze(2).transpose(-1, -2) * D**-0.5
+        scores = scores.float().masked_fill((self.pos < 0)[:, :, None, None, :], float("-inf"))
+        return (torch.softmax(scores, -1).to(self.v.dtype) @ self.v.unsqueeze(2)).view(B, H, 1, D)
+
+    def evict(self):
+        """Drop what no later query sees, after step t = seen - 1."""
+        t = self.seen - 1
+        keep = ((self.kind == GLOBAL) | ((self.kind == LOCAL) & (self.pos > self.last_global[..., None]))
+                | ((self.kind == SLIDING) & (self.pos > t - self.window))) & (self.pos >= 0)
+        self.pos = torch.where(keep, self.pos, -1)
+        if 2 * keep.sum(-1).max() <= keep.shape[-1]:
+            self.compact()
+
+    def compact(self):
+        """Move each row's kept tokens to the front, in order, and cut the buffer to the longest row."""
+        order = torch.sort((self.pos < 0).to(torch.uint8), dim=-1, stable=True).indices
+        order = order[..., :int((self.pos >= 0).sum(-1).max())]
+        self.pos, self.kind = self.pos.gather(-1, order), self.kind.gather(-1, order)
+        rows = order[..., None].expand(-1, -1, -1, self.k.shape[-1])
+        self.k, self.v = self.k.gather(2, rows), self.v.gather(2, rows)
+
+    def stats(self):
+        """Tokens held per (batch row, KV head), and bytes held, against a dense cache of the same sequence."""
+        held = (self.pos >= 0).sum(-1).float()
+        per_token = 2 * self.k.shape[-1] * self.k.element_size()  # k and v
+        heads = self.k.shape[0] * self.k.shape[1]
+        return dict(tokens_mean=held.mean().item(), tokens_max=held.max().item(), dense_tokens=self.seen,
+                    bytes=self.k.numel() * per_token // self.k.shape[-1] + self.pos.numel() * 5,  # + int32 pos, uint8 kind
+                    dense_bytes=heads * self.seen * per_token)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -105,20 +170,33 @@ class CausalSelfAttention(nn.Module):
         self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
         self.stats = {}  # filled by every NAtS forward, read by GPT.forward and the training log
 
-    def forward(self, x, pos):
+    def forward(self, x, pos, cache=None):
+        """x [B, T, C] at positions pos [T]. With a cache: one token attends over it, or a prompt
+        (T > 1) runs the ordinary forward and fills an empty cache with what survives it."""
         B, T, C = x.shape
         cfg = self.config
         q, k, v = self.c_attn(x).split([C, cfg.n_kv_head * self.head_dim, cfg.n_kv_head * self.head_dim], dim=2)
         q = rotary(q.view(B, T, cfg.n_head, self.head_dim).transpose(1, 2), pos, cfg.rope_base)
         k = rotary(k.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2), pos, cfg.rope_base)
         v = v.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.scorer is None:
+        token_types = self.scorer(x, pos) if self.scorer is not None else None
+        if cache is not None:  # dense attention caches every token as Global, so it never evicts
+            kind = token_types.argmax(-1) if token_types is not None else pos.new_full((B, cfg.n_kv_head, T), GLOBAL)
+        if cache is not None and cache.k is not None:  # decoding: the new token attends over the cache
+            if T != 1:
+                raise ValueError(f"a filled cache takes one token at a time, got {T}")
+            cache.append(k, v, kind)
+            y = cache.attend(q)
+            cache.evict()
+        elif token_types is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_head < cfg.n_head)
         else:
-            token_types = self.scorer(x)
             self.stats = attention_stats(token_types, cfg.window)
             self.stats["token_types"] = token_types.detach()
             y = nats_attention(q, k, v, token_types.to(q.dtype), cfg.window, impl=cfg.attention_impl)
+        if cache is not None and cache.seen == 0:  # a prompt: keep what later queries will see
+            cache.append(k, v, kind)
+            cache.evict()
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -143,8 +221,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, pos):
-        x = x + self.dropout(self.attn(self.ln_1(x), pos))
+    def forward(self, x, pos, cache=None):
+        x = x + self.dropout(self.attn(self.ln_1(x), pos, cache))
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
@@ -174,16 +252,18 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, caches=None):
         """idx [B, T] -> logits [B, T, vocab]; with targets also the loss:
-        cross-entropy + kv_weight x mean kv_fraction over layers (spec section 4)."""
+        cross-entropy + kv_weight x mean kv_fraction over layers (spec section 4).
+        caches (from new_caches): continue the cached sequence (see KVCache)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = caches[0].seen if caches else 0  # RoPE positions keep counting past block_size
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, pos, caches[i] if caches else None)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
@@ -195,6 +275,9 @@ class GPT(nn.Module):
             loss = ce + self.config.kv_weight * kv_fraction.mean()
             self.stats["kv_fraction"] = kv_fraction.detach()
         return logits, loss
+
+    def new_caches(self):
+        return [KVCache(self.config.window) for _ in self.transformer.h]
 
     def layer_stats(self):
         """Per-layer statistics of the last NAtS forward, as plain numbers."""
@@ -217,15 +300,51 @@ class GPT(nn.Module):
         return model.to(device)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens after the prompt idx [B, T], recomputing the cropped context."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                threshold = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits[logits < threshold] = -float("inf")
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_token), dim=1)
+    def decode(self, idx, prefill=0):
+        """Logits [B, T, vocab] of every step: the first `prefill` tokens in one forward, then one
+        token at a time through the evicting caches. Equals forward() in eval() mode; tests use it."""
+        caches = self.new_caches()
+        with _eval_mode(self):
+            logits = [self(idx[:, :prefill], caches=caches)[0]] if prefill else []
+            logits += [self(idx[:, t:t + 1], caches=caches)[0] for t in range(prefill, idx.shape[1])]
+        return torch.cat(logits, dim=1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None):
+        """Sample max_new_tokens after the prompt idx [B, T]: the prompt is prefilled in one forward
+        with hard types, then one token per step through the evicting caches (pass a list from
+        new_caches() to inspect them afterwards). Past block_size positions keep counting; memory
+        stays bounded as long as Global tokens stay sparse."""
+        device = self.lm_head.weight.device
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
+        if idx.device != device:
+            raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"top_k must be in 1..vocab_size={self.config.vocab_size}, got {top_k}")
+        caches = self.new_caches() if caches is None else caches
+        new_tokens = idx  # the first step prefills the whole prompt
+        with _eval_mode(self):
+            for _ in range(max_new_tokens):
+                logits = self(new_tokens, caches=caches)[0][:, -1, :] / temperature
+                if top_k is not None:
+                    threshold = torch.topk(logits, top_k).values[:, [-1]]
+                    logits = logits.masked_fill(logits < threshold, -float("inf"))
+                new_tokens = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+                idx = torch.cat((idx, new_tokens), dim=1)
         return idx
+
+
+class _eval_mode:
+    """Run a block in eval() mode (argmax types, no dropout), then restore the previous mode."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)

@@ -210,11 +210,11 @@ def test_scorer_types_one_hot_with_global_first_and_deterministic_in_eval():
     idx = torch.randint(50, (3, 32))
     scorer = model.transformer.h[0].attn.scorer
     x = torch.randn(3, 32, 32)
-    types = scorer(x)
+    types = scorer(x, torch.arange(32))
     assert types.shape == (3, 2, 32, 3)
     assert torch.equal(types.sum(-1), torch.ones(3, 2, 32)) and set(types.unique().tolist()) == {0.0, 1.0}
     assert (types[:, :, 0].argmax(-1) == GLOBAL).all()
-    assert not torch.equal(scorer(x), types)  # Gumbel noise in training
+    assert not torch.equal(scorer(x, torch.arange(32)), types)  # Gumbel noise in training
     model.eval()
     model(idx)
     first = model.transformer.h[0].attn.stats["token_types"]
@@ -394,3 +394,97 @@ def test_kernel_matches_reference_on_cuda(dtype, T, D, mix):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_long_sequence_on_cuda(dtype):
     check_kernel(1, 2, 1, 4096, 64, 16, "sparse_global", dtype, seed=4)
+
+
+# -----------------------------------------------------------------------------
+# generation with a KV cache that evicts (spec section 5)
+
+from nats import KVCache  # noqa: E402
+
+
+def force_types(model, kind):
+    """Make every scorer return one type for every token (position 0 stays Global)."""
+    for blk in model.transformer.h:
+        scorer = blk.attn.scorer
+
+        def forward(x, pos, scorer=scorer):
+            types = F.one_hot(torch.full((x.shape[0], scorer.n_kv_head, x.shape[1]), kind), 3).float()
+            return torch.where((pos == 0)[:, None], F.one_hot(torch.tensor(GLOBAL), 3).float(), types)
+        scorer.forward = forward
+
+
+@pytest.mark.parametrize("prefill", [0, 1, 13])
+@pytest.mark.parametrize("mix", ["scorer", "all_global", "all_local", "all_sliding", "dense"])
+def test_decode_equals_forward(prefill, mix):
+    torch.manual_seed(prefill)
+    model = GPT(tiny_config(block_size=64, window=3, attention="dense" if mix == "dense" else "nats")).eval()
+    if mix == "scorer":  # sharpen the random scorer so float noise cannot flip an argmax
+        for blk in model.transformer.h:
+            blk.attn.scorer.proj.weight.data *= 100
+    elif mix != "dense":
+        force_types(model, [GLOBAL, LOCAL, SLIDING][["all_global", "all_local", "all_sliding"].index(mix)])
+    idx = torch.randint(50, (3, 64))
+    full = model(idx)[0]
+    if mix == "scorer":  # rows differ, and every type occurs
+        kinds = model.transformer.h[1].attn.stats["token_types"].argmax(-1)
+        assert not torch.equal(kinds[0], kinds[1]) and set(kinds.unique().tolist()) == {0, 1, 2}
+    torch.testing.assert_close(model.decode(idx, prefill=prefill), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefill", [0, 9])
+@pytest.mark.parametrize("window", [0, 4])
+def test_cache_holds_row_t_of_the_mask(prefill, window):
+    B, H_kv, T, D = 2, 3, 80, 4
+    types = random_types(B, H_kv, T, MIXES["sparse_global"], seed=window)
+    kind = types.argmax(-1)
+    mask = visible_mask(types, window)
+    k, v = torch.randn(2, B, H_kv, T, D).unbind(0)
+    cache = KVCache(window)
+    if prefill:
+        cache.append(k[:, :, :prefill], v[:, :, :prefill], kind[..., :prefill])
+        cache.evict()
+    for t in range(prefill, T):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1])
+        for b in range(B):
+            for h in range(H_kv):
+                held = sorted(p for p in cache.pos[b, h].tolist() if p >= 0)
+                assert held == mask[b, h, t].nonzero().flatten().tolist(), (t, b, h)
+                slots = cache.pos[b, h] >= 0
+                assert torch.equal(cache.k[b, h][slots], k[b, h, held])  # the right vectors, in order
+        cache.evict()
+
+
+def test_cache_bytes_follow_the_tokens_kept():
+    window, D = 4, 8
+    cache = KVCache(window)
+    for t in range(300):
+        kind = torch.full((1, 2, 1), GLOBAL if t == 0 else SLIDING)
+        cache.append(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D), kind)
+        cache.evict()
+    stats = cache.stats()
+    assert stats["tokens_max"] == window + 1  # the sink and the W newest tokens
+    assert cache.k.shape[2] <= 2 * (window + 1) + 1  # compaction really frees the dead slots
+    assert stats["bytes"] < stats["dense_bytes"] / 10
+
+
+def test_generate_past_block_size_with_bounded_cache():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=16, window=3))
+    force_types(model, SLIDING)
+    caches = model.new_caches()
+    out = model.generate(torch.zeros(2, 5, dtype=torch.long), 60, top_k=5, caches=caches)
+    assert out.shape == (2, 65) and caches[0].seen == 64 and model.training
+    assert all(c.stats()["tokens_max"] == 3 + 1 for c in caches)  # the sink and the W newest tokens
+
+
+def test_generate_rejects_bad_input():
+    model = GPT(tiny_config())
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(prompt[:, :0], 5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(prompt, -1)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, 5, top_k=51)
+    with pytest.raises(ValueError, match="pass idx.to"):
+        model.generate(prompt.to("meta"), 5)

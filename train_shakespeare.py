@@ -194,6 +194,17 @@ def hms(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def print_cache_stats(caches):
+    """What the sample's KV cache held at its end, per layer, against a dense cache."""
+    stats = [c.stats() for c in caches]
+    if not stats or not stats[0]["dense_tokens"]:
+        return
+    held = " ".join(f"{s['tokens_mean']:.0f}/{s['tokens_max']:.0f}" for s in stats)
+    kept, dense = sum(s["bytes"] for s in stats), sum(s["dense_bytes"] for s in stats)
+    print(f"KV cache after {stats[0]['dense_tokens']} tokens: tokens held per layer (mean/max over heads) {held}; "
+          f"{kept / 1e3:.1f} kB, {kept / dense:.0%} of a dense cache ({dense / 1e3:.1f} kB)")
+
+
 TYPE_NAMES = ("Global", "Local", "Sliding")
 ANSI = ("\033[1;97;41m", "\033[30;43m", "\033[2m")  # Global: white on red, Local: on yellow, Sliding: dim
 HTML_STYLE = ("background:#d62728;color:white;font-weight:bold", "background:#ffd34d", "color:#999")
@@ -338,11 +349,12 @@ def train(cfg):
                   f"{(it - window_it) / dt:.2f} it/s, lr {lr:.2e}")
             window_start, window_it = time.time(), it
 
-    model.eval()
     prompt = torch.tensor([encode("\n")], device=cfg["device"])
+    caches = model.new_caches()
     with autocast:
-        sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=200)
+        sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size), caches=caches)
     print(f"\nsample:\n{decode(sample[0].tolist())}")
+    print_cache_stats(caches)
     if cfg["attention"] == "nats":
         show_token_types(model, val_data[-cfg["block_size"]:], decode, cfg)
     history["elapsed"] = time.time() - start
