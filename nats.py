@@ -98,7 +98,7 @@ class KVCache:
 
     After step t: a Global t drops the Local tokens of the segment it closes (they were visible
     at t), Sliding tokens j <= t - W leave (the next query would not see them), Globals stay.
-    So before step t+1 attends, the cache holds exactly row t+1 of the mask. Every (batch row,
+    So once token t+1 is appended, the cache holds exactly row t+1 of the mask. Every (batch row,
     KV head) keeps its own tokens: a padded buffer whose free slots have pos = -1, compacted
     whenever more than half the slots are free, so the bytes held follow the tokens kept.
     """
@@ -182,7 +182,7 @@ class CausalSelfAttention(nn.Module):
         token_types = self.scorer(x, pos) if self.scorer is not None else None
         if cache is not None:  # dense attention caches every token as Global, so it never evicts
             kind = token_types.argmax(-1) if token_types is not None else pos.new_full((B, cfg.n_kv_head, T), GLOBAL)
-        if cache is not None and cache.k is not None:  # decoding: the new token attends over the cache
+        if cache is not None and cache.seen:  # decoding: the new token attends over the cache
             if T != 1:
                 raise ValueError(f"a filled cache takes one token at a time, got {T}")
             cache.append(k, v, kind)
