@@ -258,13 +258,15 @@ def test_model_rejects_bad_configs():
 # the training script
 
 
+TINY_RUN = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=32",
+            "--batch_size=8", "--eval_iters=2", "--eval_interval=10", "--log_interval=1000", "--max_iters=40",
+            "--lr_decay_iters=60", "--warmup_iters=5", "--sample_tokens=5", "--learning_rate=3e-3"]
+
+
 def tiny_run(tmp_path, **overrides):
     import train_shakespeare as ts
-    cfg, _ = ts.make_config(["--device=cpu"])
-    cfg.update(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
-               eval_interval=10, log_interval=1000, max_iters=40, lr_decay_iters=60, warmup_iters=5,
-               sample_tokens=5, out_dir=str(tmp_path), learning_rate=3e-3)
-    cfg.update(overrides)
+    cfg, _ = ts.make_config(TINY_RUN)
+    cfg.update(out_dir=str(tmp_path), **overrides)
     return ts.train(cfg)
 
 
@@ -283,6 +285,24 @@ def test_resume_reproduces_the_next_step_exactly(tmp_path):
     resumed = tiny_run(tmp_path / "b", max_iters=12, eval_interval=6, dropout=0.1, resume=True)
     assert min(resumed["loss"]) == 6
     assert resumed["loss"] == {i: straight["loss"][i] for i in range(6, 12)}
+
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and 2 micro-batches per step, one each, against one
+    process doing both: the same batches, noise and averaged gradients, so the same losses."""
+    import json
+    import subprocess
+    import sys
+    args = TINY_RUN + ["--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "train_shakespeare.py", *args, f"--out_dir={tmp_path / 'ddp'}"],
+                   check=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    with open(tmp_path / "ddp" / "history.json") as f:
+        ddp = json.load(f)
+    single = tiny_run(tmp_path / "single", max_iters=6, eval_interval=3, gradient_accumulation_steps=2, dropout=0.1)
+    assert [ddp["loss"][str(i)] for i in range(6)] == pytest.approx([single["loss"][i] for i in range(6)], rel=1e-5)
+    assert [e["val"] for e in ddp["evals"]] == pytest.approx([e["val"] for e in single["evals"]], rel=1e-5)
+    assert ddp["evals"][-1]["kv_fraction"] == pytest.approx(single["evals"][-1]["kv_fraction"], rel=1e-5)
 
 
 def test_nan_loss_stops_training_with_a_message(tmp_path):

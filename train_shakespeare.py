@@ -5,11 +5,13 @@ Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
     python train_shakespeare.py --attention=dense    # the causal baseline
     python train_shakespeare.py --kv_weight=0.3 --max_iters=2000 --out_dir=out-sparse
     python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=2 train_shakespeare.py --gradient_accumulation_steps=2
 
 Every module-level default below can be overridden with --key=value (nanoGPT style).
 """
 import ast
 import html
+import json
 import math
 import os
 import sys
@@ -17,6 +19,8 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nats import GPT, GPTConfig
 
@@ -143,7 +147,18 @@ def load_corpus(tokenizer):
     return tokens[:split], tokens[split:], encode, decode, vocab_size
 
 
-def get_batch(data, batch_size, block_size, generator, device):
+TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH = 0, 1, 2  # the random streams seed_of names
+
+
+def seed_of(seed, stream, index):
+    """The seed of batch `index` of one random stream: every micro-batch's data and Gumbel/dropout
+    noise depend on its index alone, so runs resume exactly and a multi-GPU run sees the batches
+    and noise a single-GPU run would."""
+    return ((seed * 4_000_037 + stream) * 1_000_000_007 + index) % 2**63
+
+
+def get_batch(data, batch_size, block_size, seed, device):
+    generator = torch.Generator().manual_seed(seed)
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
@@ -155,26 +170,31 @@ def get_batch(data, batch_size, block_size, generator, device):
 
 
 @torch.no_grad()
-def evaluate(model, splits, cfg, autocast):
+def evaluate(model, splits, cfg, autocast, rank, world):
     """Mean cross-entropy per split in eval() mode (argmax types), on the same batches every time,
-    plus the NAtS statistics averaged over the val batches."""
+    plus the NAtS statistics averaged over the val batches. Ranks share the batches out and sum."""
     model.eval()
+    n_layer = len(model.transformer.h)
     result = {}
     for name, data in splits.items():
-        generator = torch.Generator().manual_seed(cfg["seed"] + 1)
-        losses, stats = [], []
-        for _ in range(cfg["eval_iters"]):
-            x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], generator, cfg["device"])
+        totals = torch.zeros(1 + 2 * n_layer + 3, dtype=torch.float64)  # ce, kv per layer, cache per layer, types
+        for i in range(rank, cfg["eval_iters"], world):
+            x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i),
+                             cfg["device"])
             with autocast:
                 model(x, y)
-            losses.append(model.stats["ce"].item())
+            totals[0] += model.stats["ce"].item()
             if cfg["attention"] == "nats":
-                stats.append(model.layer_stats())
-        result[name] = sum(losses) / len(losses)
-    if stats:
-        result["kv_fraction"] = [np.mean([s[l]["kv_fraction"] for s in stats]) for l in range(len(stats[0]))]
-        result["type_share"] = np.mean([[l["type_share"] for l in s] for s in stats], axis=(0, 1)).tolist()
-        result["cache_size"] = [np.mean([s[l]["cache_size"] for s in stats]) for l in range(len(stats[0]))]
+                layers = model.layer_stats()
+                totals[1:1 + n_layer] += torch.tensor([l["kv_fraction"] for l in layers], dtype=torch.float64)
+                totals[1 + n_layer:1 + 2 * n_layer] += torch.tensor([l["cache_size"] for l in layers], dtype=torch.float64)
+                totals[-3:] += torch.tensor([l["type_share"] for l in layers], dtype=torch.float64).mean(0)
+        totals = all_ranks_sum(totals, cfg["device"]) / cfg["eval_iters"]
+        result[name] = totals[0].item()
+    if cfg["attention"] == "nats":
+        result["kv_fraction"] = totals[1:1 + n_layer].tolist()
+        result["cache_size"] = totals[1 + n_layer:1 + 2 * n_layer].tolist()
+        result["type_share"] = totals[-3:].tolist()
     model.train()
     return result
 
@@ -239,14 +259,34 @@ def show_token_types(model, tokens, decode, cfg):
 # checkpoints
 
 
-def save_checkpoint(path, model, optimizer, model_args, it, best_val, cfg, batch_generator):
-    """Everything --resume needs to continue exactly, written atomically (temp file + rename)."""
+def save_checkpoint(path, model, optimizer, model_args, it, best_val, cfg):
+    """Everything --resume needs to continue exactly (the randomness is seeded per batch, see
+    seed_of), written atomically: a temp file, then a rename."""
     checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                      iter_num=it, best_val_loss=best_val, config=cfg,
-                      rng=dict(torch=torch.get_rng_state(), batch=batch_generator.get_state(),
-                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+                      iter_num=it, best_val_loss=best_val, config=cfg)
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def setup_distributed(cfg):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) join the process group: NCCL and one GPU
+    per process on CUDA, gloo on CPU. Returns (rank, world size); a plain run is (0, 1)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if cfg["device"].startswith("cuda"):
+        cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg["device"])
+    dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_ranks_sum(t, device):
+    """The sum of t over all processes (t itself in a single-process run)."""
+    if not dist.is_initialized():
+        return t
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 def learning_rate_at(it, cfg):
@@ -263,9 +303,15 @@ def learning_rate_at(it, cfg):
 
 
 def train(cfg):
-    """Train with the config dict; return the history of losses and evals (used by the tests)."""
+    """Train with the config dict; return the history of losses and evals (used by the tests).
+    Under torchrun every process runs this; rank 0 logs, checkpoints and samples."""
+    rank, world = setup_distributed(cfg)
+    log = print if rank == 0 else (lambda *args, **kwargs: None)
+    gas = cfg["gradient_accumulation_steps"]
+    if gas % world:
+        raise SystemExit(f"--gradient_accumulation_steps={gas} must be a multiple of the {world} processes: "
+                         f"each takes an equal share of the global batch; pass e.g. {world * max(1, gas // world)}")
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    torch.manual_seed(cfg["seed"])
     device_type = "cuda" if cfg["device"].startswith("cuda") else "cpu"
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -275,7 +321,6 @@ def train(cfg):
     train_data, val_data, encode, decode, vocab_size = load_corpus(cfg["tokenizer"])
 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    batch_generator = torch.Generator().manual_seed(cfg["seed"])
     model_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "attention", "window",
                   "kv_weight")
     if cfg["resume"]:
@@ -288,6 +333,7 @@ def train(cfg):
     else:
         model_args = {key: cfg[key] for key in model_keys}
         model_args["vocab_size"] = vocab_size
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(cfg["device"])
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), device_type)
@@ -296,16 +342,13 @@ def train(cfg):
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         it, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        batch_generator.set_state(checkpoint["rng"]["batch"])
-        if checkpoint["rng"]["cuda"] is not None and device_type == "cuda":
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        print(f"resumed from {ckpt_path} at step {it}")
-    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={cfg['attention']}, "
-          f"{len(train_data):,} train tokens, vocab {vocab_size}")
+        log(f"resumed from {ckpt_path} at step {it}")
+    log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={cfg['attention']}, "
+        f"{len(train_data):,} train tokens, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
+    trainer = DDP(model) if world > 1 else model  # the scorers get gradients every step: no unused parameters
 
     history = dict(loss={}, evals=[])
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * gas
     start, start_it = time.time(), it
     window_start, window_it = time.time(), it
     while True:
@@ -313,28 +356,36 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-            result = evaluate(model, {"train": train_data, "val": val_data}, cfg, autocast)
+            result = evaluate(model, {"train": train_data, "val": val_data}, cfg, autocast, rank, world)
             elapsed = time.time() - start
             eta = elapsed / (it - start_it) * (cfg["max_iters"] - it) if it > start_it else None
-            print(format_eval(it, cfg, result, elapsed, eta))
+            log(format_eval(it, cfg, result, elapsed, eta))
             history["evals"].append(dict(iter=it, **result))
             best_val = min(best_val, result["val"])
-            if it > start_it:
-                save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, cfg, batch_generator)
+            if it > start_it and rank == 0:
+                save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, cfg)
         if it >= cfg["max_iters"]:
             break
 
-        for _ in range(cfg["gradient_accumulation_steps"]):
-            x, y = get_batch(train_data, cfg["batch_size"], cfg["block_size"], batch_generator, cfg["device"])
+        # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
+        step_totals = torch.zeros(2, dtype=torch.float64)  # loss, kv_fraction summed over micro-batches
+        for m in range(rank * gas // world, (rank + 1) * gas // world):
+            batch = it * gas + m
+            x, y = get_batch(train_data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], TRAIN_BATCH, batch),
+                             cfg["device"])
+            torch.manual_seed(seed_of(cfg["seed"], TRAIN_NOISE, batch))  # Gumbel and dropout noise
+            if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
+                trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
             with autocast:
-                _, loss = model(x, y)
-            (loss / cfg["gradient_accumulation_steps"]).backward()
+                _, loss = trainer(x, y)
+            (loss / gas * world).backward()  # DDP averages over the ranks
+            step_totals += torch.tensor([loss.item(), model.stats.get("kv_fraction", torch.zeros(1)).mean().item()])
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = loss.item()
+        loss_value, kv_value = (all_ranks_sum(step_totals, cfg["device"]) / gas).tolist()
         if not math.isfinite(loss_value):
             raise SystemExit(f"loss is {loss_value} at step {it}: stopping. Try a lower --learning_rate, "
                              f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
@@ -342,28 +393,33 @@ def train(cfg):
         it += 1
         if it % cfg["log_interval"] == 0:
             dt = time.time() - window_start
-            rate = tokens_per_iter * (it - window_it) / dt
-            kv = model.stats.get("kv_fraction")
-            kv_text = f", kv {kv.mean().item():.3f}" if kv is not None else ""
-            print(f"  iter {it}: loss {loss_value:.4f}{kv_text}, {rate / 1e3:.1f}k tok/s, "
-                  f"{(it - window_it) / dt:.2f} it/s, lr {lr:.2e}")
+            kv_text = f", kv {kv_value:.3f}" if cfg["attention"] == "nats" else ""
+            log(f"  iter {it}: loss {loss_value:.4f}{kv_text}, {tokens_per_iter * (it - window_it) / dt / 1e3:.1f}k tok/s, "
+                f"{(it - window_it) / dt:.2f} it/s, lr {lr:.2e}")
             window_start, window_it = time.time(), it
 
-    prompt = torch.tensor([encode("\n")], device=cfg["device"])
-    caches = model.new_caches()
-    with autocast:
-        sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size), caches=caches)
-    print(f"\nsample:\n{decode(sample[0].tolist())}")
-    print_cache_stats(caches)
-    if cfg["attention"] == "nats":
-        show_token_types(model, val_data[-cfg["block_size"]:], decode, cfg)
     history["elapsed"] = time.time() - start
+    if rank == 0:
+        with open(os.path.join(cfg["out_dir"], "history.json"), "w") as f:
+            json.dump(history, f)
+        prompt = torch.tensor([encode("\n")], device=cfg["device"])
+        caches = model.new_caches()
+        with autocast:
+            sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size),
+                                    caches=caches)
+        print(f"\nsample:\n{decode(sample[0].tolist())}")
+        print_cache_stats(caches)
+        if cfg["attention"] == "nats":
+            show_token_types(model, val_data[-cfg["block_size"]:], decode, cfg)
+    if world > 1:
+        dist.destroy_process_group()
     return history
 
 
 if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
-    print(f"config: {why}: {config['n_layer']} layers x {config['n_head']} heads x {config['n_embd']} wide, "
-          f"context {config['block_size']}, batch {config['batch_size']}, {config['max_iters']} iterations "
-          f"on {config['device']}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"config: {why}: {config['n_layer']} layers x {config['n_head']} heads x {config['n_embd']} wide, "
+              f"context {config['block_size']}, batch {config['batch_size']}, {config['max_iters']} iterations "
+              f"on {config['device']}")
     train(config)
