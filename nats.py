@@ -32,15 +32,15 @@ class GPTConfig:
     n_kv_head: int = 6  # < n_head: grouped-query attention; token types are per KV head
     n_embd: int = 384
     dropout: float = 0.0
-    attention: str = "nats"  # "nats" or "dense" (causal scaled_dot_product_attention)
+    attention: str = "nats"  # "nats", "dense" (causal SDPA) or "sliding" (position 0 Global, the rest Sliding)
     attention_impl: str = "auto"  # NAtS: "triton" kernel, "reference" PyTorch, "auto" = kernel on CUDA
     window: int = 16  # W: a Sliding token is seen by the W+1 queries j .. j+W
     kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss
     rope_base: float = 10000.0
 
     def __post_init__(self):
-        if self.attention not in ("nats", "dense"):
-            raise ValueError(f"attention must be 'nats' or 'dense', got {self.attention!r}")
+        if self.attention not in ("nats", "dense", "sliding"):
+            raise ValueError(f"attention must be 'nats', 'dense' or 'sliding', got {self.attention!r}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"need n_embd % n_head == 0 and n_head % n_kv_head == 0, got "
                              f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}")
@@ -170,6 +170,16 @@ class CausalSelfAttention(nn.Module):
         self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
         self.stats = {}  # filled by every NAtS forward, read by GPT.forward and the training log
 
+    def token_types(self, x, pos):
+        """One-hot types [B, H_kv, T, 3]: the scorer's (nats), the fixed StreamingLLM pattern of an
+        attention sink plus a sliding window (sliding), or None (dense)."""
+        if self.scorer is not None:
+            return self.scorer(x, pos)
+        if self.config.attention == "sliding":
+            kind = torch.where(pos == 0, GLOBAL, SLIDING).expand(x.shape[0], self.config.n_kv_head, -1)
+            return F.one_hot(kind, 3).float()
+        return None
+
     def forward(self, x, pos, cache=None):
         """x [B, T, C] at positions pos [T]. With a cache: one token attends over it, or a prompt
         (T > 1) runs the ordinary forward and fills an empty cache with what survives it."""
@@ -179,7 +189,7 @@ class CausalSelfAttention(nn.Module):
         q = rotary(q.view(B, T, cfg.n_head, self.head_dim).transpose(1, 2), pos, cfg.rope_base)
         k = rotary(k.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2), pos, cfg.rope_base)
         v = v.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2)
-        token_types = self.scorer(x, pos) if self.scorer is not None else None
+        token_types = self.token_types(x, pos)
         if cache is not None:  # dense attention caches every token as Global, so it never evicts
             kind = token_types.argmax(-1) if token_types is not None else pos.new_full((B, cfg.n_kv_head, T), GLOBAL)
         if cache is not None and cache.seen:  # decoding: the new token attends over the cache
@@ -270,10 +280,11 @@ class GPT(nn.Module):
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         loss = ce
         self.stats = dict(ce=ce.detach())
-        if self.config.attention == "nats":
+        if self.config.attention != "dense":
             kv_fraction = torch.stack([blk.attn.stats["kv_fraction"] for blk in self.transformer.h])
-            loss = ce + self.config.kv_weight * kv_fraction.mean()
             self.stats["kv_fraction"] = kv_fraction.detach()
+        if self.config.attention == "nats":  # the fixed patterns have nothing to learn
+            loss = ce + self.config.kv_weight * kv_fraction.mean()
         return logits, loss
 
     def new_caches(self):

@@ -245,6 +245,19 @@ def test_forced_global_nats_model_equals_dense_model():
     assert nats_model.layer_stats()[0]["kv_fraction"] == pytest.approx(1.0)
 
 
+def test_sliding_baseline_is_a_sink_plus_a_window():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(attention="sliding", window=3))
+    assert not any("scorer" in name for name, _ in model.named_parameters())
+    idx = torch.randint(50, (2, 32))
+    _, loss = model(idx, idx)
+    kinds = model.transformer.h[0].attn.stats["token_types"].argmax(-1)
+    assert (kinds[..., 0] == GLOBAL).all() and (kinds[..., 1:] == SLIDING).all()
+    expected = sum(min(j + 3, 31) - j + 1 for j in range(1, 32)) + 32  # the sink's column has all 32 rows
+    assert model.stats["kv_fraction"][0].item() == pytest.approx(expected / (32 * 33 / 2))
+    assert loss.item() == model.stats["ce"].item()  # a fixed pattern: no sparsity term
+
+
 def test_model_rejects_bad_configs():
     with pytest.raises(ValueError, match="attention"):
         tiny_config(attention="sparse")
@@ -434,14 +447,14 @@ def force_types(model, kind):
 
 
 @pytest.mark.parametrize("prefill", [0, 1, 13])
-@pytest.mark.parametrize("mix", ["scorer", "all_global", "all_local", "all_sliding", "dense"])
+@pytest.mark.parametrize("mix", ["scorer", "all_global", "all_local", "all_sliding", "dense", "sliding"])
 def test_decode_equals_forward(prefill, mix):
     torch.manual_seed(prefill)
-    model = GPT(tiny_config(block_size=64, window=3, attention="dense" if mix == "dense" else "nats")).eval()
+    model = GPT(tiny_config(block_size=64, window=3, attention=mix if mix in ("dense", "sliding") else "nats")).eval()
     if mix == "scorer":  # sharpen the random scorer so float noise cannot flip an argmax
         for blk in model.transformer.h:
             blk.attn.scorer.proj.weight.data *= 100
-    elif mix != "dense":
+    elif mix.startswith("all_"):
         force_types(model, [GLOBAL, LOCAL, SLIDING][["all_global", "all_local", "all_sliding"].index(mix)])
     idx = torch.randint(50, (3, 64))
     full = model(idx)[0]

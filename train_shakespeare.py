@@ -32,7 +32,7 @@ eval_interval = 250
 eval_iters = 200
 log_interval = 50
 tokenizer = "char"  # "char" or "gpt2" (tiktoken's GPT-2 BPE)
-attention = "nats"  # "nats" or "dense"
+attention = "nats"  # "nats", "dense", or "sliding" (the StreamingLLM baseline: a sink plus a window)
 attention_impl = "auto"  # NAtS attention: "triton", "reference", or "auto" (the kernel on CUDA)
 n_layer = 6
 n_head = 6
@@ -184,14 +184,14 @@ def evaluate(model, splits, cfg, autocast, rank, world):
             with autocast:
                 model(x, y)
             totals[0] += model.stats["ce"].item()
-            if cfg["attention"] == "nats":
+            if cfg["attention"] != "dense":
                 layers = model.layer_stats()
                 totals[1:1 + n_layer] += torch.tensor([l["kv_fraction"] for l in layers], dtype=torch.float64)
                 totals[1 + n_layer:1 + 2 * n_layer] += torch.tensor([l["cache_size"] for l in layers], dtype=torch.float64)
                 totals[-3:] += torch.tensor([l["type_share"] for l in layers], dtype=torch.float64).mean(0)
         totals = all_ranks_sum(totals, cfg["device"]) / cfg["eval_iters"]
         result[name] = totals[0].item()
-    if cfg["attention"] == "nats":
+    if cfg["attention"] != "dense":
         result["kv_fraction"] = totals[1:1 + n_layer].tolist()
         result["cache_size"] = totals[1 + n_layer:1 + 2 * n_layer].tolist()
         result["type_share"] = totals[-3:].tolist()
@@ -393,7 +393,7 @@ def train(cfg):
         it += 1
         if it % cfg["log_interval"] == 0:
             dt = time.time() - window_start
-            kv_text = f", kv {kv_value:.3f}" if cfg["attention"] == "nats" else ""
+            kv_text = f", kv {kv_value:.3f}" if cfg["attention"] != "dense" else ""
             log(f"  iter {it}: loss {loss_value:.4f}{kv_text}, {tokens_per_iter * (it - window_it) / dt / 1e3:.1f}k tok/s, "
                 f"{(it - window_it) / dt:.2f} it/s, lr {lr:.2e}")
             window_start, window_it = time.time(), it
