@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np
 import pytest
 import torch.nn.functional as F
 
@@ -521,3 +522,32 @@ def test_generate_rejects_bad_input():
         model.generate(prompt, 5, top_k=51)
     with pytest.raises(ValueError, match="pass idx.to"):
         model.generate(prompt.to("meta"), 5)
+
+
+# -----------------------------------------------------------------------------
+# the recall task and its baselines
+
+
+def test_recall_sequences_ask_for_values_given_earlier():
+    from data import recall
+    seqs = recall.make_sequences(50, 80, seed=3)
+    assert np.array_equal(seqs, recall.make_sequences(50, 80, seed=3)) and seqs.shape == (50, 80)
+    mask = recall.answer_mask(seqs)
+    assert (mask.sum(1) == recall.N_QUERIES).all()
+    for row, answers in zip(seqs, mask):
+        text = "".join(recall.ALPHABET[i] for i in row)
+        pairs = dict(p.split("=") for p in text[:text.index("|")].split(" "))
+        for p in answers.nonzero()[0]:  # the answer is the value the pairs gave that key, far earlier
+            assert text[p - 3] == "?" and pairs[text[p - 2]] == text[p]
+    with pytest.raises(ValueError, match="block_size"):
+        recall.make_sequences(1, 40, seed=0)
+
+
+def test_recall_batches_score_only_the_answers(tmp_path):
+    import train_shakespeare as ts
+    train, _, _, decode, vocab = ts.load_recall(65, n_train=20, n_val=5)
+    x, y = ts.get_batch(train, 4, 64, seed=0, device="cpu")
+    assert x.shape == y.shape == (4, 64) and vocab == len(set(decode(range(vocab))))
+    assert ((y != -1).sum(1) == 4).all() and torch.equal(x[:, 1:][y[:, :-1] != -1], y[:, :-1][y[:, :-1] != -1])
+    history = tiny_run(tmp_path, dataset="recall", block_size=64, max_iters=20, eval_interval=10, attention="sliding")
+    assert 0 <= history["evals"][-1]["val_accuracy"] <= 1 and history["evals"][-1]["kv_fraction"][0] < 0.5

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import recall
 from nats import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -31,7 +32,8 @@ resume = False
 eval_interval = 250
 eval_iters = 200
 log_interval = 50
-tokenizer = "char"  # "char" or "gpt2" (tiktoken's GPT-2 BPE)
+dataset = "shakespeare"  # or "recall": the synthetic associative-recall task of data/recall.py
+tokenizer = "char"  # Shakespeare: "char" or "gpt2" (tiktoken's GPT-2 BPE)
 attention = "nats"  # "nats", "dense", or "sliding" (the StreamingLLM baseline: a sink plus a window)
 attention_impl = "auto"  # NAtS attention: "triton", "reference", or "auto" (the kernel on CUDA)
 n_layer = 6
@@ -147,6 +149,31 @@ def load_corpus(tokenizer):
     return tokens[:split], tokens[split:], encode, decode, vocab_size
 
 
+def load_recall(length, n_train=20000, n_val=2000):
+    """The recall task's train and val sequences [n, length] (one a row), built on first use."""
+    cache = os.path.join(DATA_DIR, "cache", f"recall_{length}_{n_train}_{n_val}.npz")
+    if not os.path.exists(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        np.savez(cache + ".tmp.npz", train=recall.make_sequences(n_train, length, recall.TRAIN_SEED),
+                 val=recall.make_sequences(n_val, length, recall.VAL_SEED))
+        os.replace(cache + ".tmp.npz", cache)
+    arrays = np.load(cache)
+    encode = lambda s: [recall.ALPHABET.index(c) for c in s]
+    decode = lambda ids: "".join(recall.ALPHABET[i] for i in ids)
+    return arrays["train"], arrays["val"], encode, decode, len(recall.ALPHABET)
+
+
+def load_dataset(cfg):
+    if cfg["dataset"] == "shakespeare":
+        return load_corpus(cfg["tokenizer"])
+    if cfg["dataset"] == "recall":
+        try:
+            return load_recall(cfg["block_size"] + 1)
+        except ValueError as e:
+            raise SystemExit(f"--dataset=recall: {e}")
+    raise SystemExit(f"--dataset must be 'shakespeare' or 'recall', got {cfg['dataset']!r}")
+
+
 TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH = 0, 1, 2  # the random streams seed_of names
 
 
@@ -158,7 +185,14 @@ def seed_of(seed, stream, index):
 
 
 def get_batch(data, batch_size, block_size, seed, device):
+    """Random windows of a token stream (1-d data), or random whole sequences of the recall task
+    (2-d, one a row) whose targets are -1 (not scored) except at the answers."""
     generator = torch.Generator().manual_seed(seed)
+    if data.ndim == 2:
+        rows = data[torch.randint(len(data), (batch_size,), generator=generator).numpy()]
+        x = torch.from_numpy(rows[:, :-1].astype(np.int64))
+        y = torch.from_numpy(np.where(recall.answer_mask(rows), rows.astype(np.int64), -1)[:, 1:])
+        return x.to(device), y.to(device)
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
@@ -177,23 +211,28 @@ def evaluate(model, splits, cfg, autocast, rank, world):
     n_layer = len(model.transformer.h)
     result = {}
     for name, data in splits.items():
-        totals = torch.zeros(1 + 2 * n_layer + 3, dtype=torch.float64)  # ce, kv per layer, cache per layer, types
+        # ce, correct and scored predictions, kv per layer, cache per layer, type shares
+        totals = torch.zeros(3 + 2 * n_layer + 3, dtype=torch.float64)
         for i in range(rank, cfg["eval_iters"], world):
             x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i),
                              cfg["device"])
             with autocast:
-                model(x, y)
-            totals[0] += model.stats["ce"].item()
+                logits, _ = model(x, y)
+            scored = y != -1
+            totals[:3] += torch.tensor([model.stats["ce"].item(), (logits.argmax(-1) == y)[scored].sum().item(),
+                                        scored.sum().item()])
             if cfg["attention"] != "dense":
                 layers = model.layer_stats()
-                totals[1:1 + n_layer] += torch.tensor([l["kv_fraction"] for l in layers], dtype=torch.float64)
-                totals[1 + n_layer:1 + 2 * n_layer] += torch.tensor([l["cache_size"] for l in layers], dtype=torch.float64)
+                totals[3:3 + n_layer] += torch.tensor([l["kv_fraction"] for l in layers], dtype=torch.float64)
+                totals[3 + n_layer:3 + 2 * n_layer] += torch.tensor([l["cache_size"] for l in layers], dtype=torch.float64)
                 totals[-3:] += torch.tensor([l["type_share"] for l in layers], dtype=torch.float64).mean(0)
-        totals = all_ranks_sum(totals, cfg["device"]) / cfg["eval_iters"]
-        result[name] = totals[0].item()
+        totals = all_ranks_sum(totals, cfg["device"])
+        result[name] = totals[0].item() / cfg["eval_iters"]
+        result[name + "_accuracy"] = totals[1].item() / totals[2].item()
+    totals /= cfg["eval_iters"]
     if cfg["attention"] != "dense":
-        result["kv_fraction"] = totals[1:1 + n_layer].tolist()
-        result["cache_size"] = totals[1 + n_layer:1 + 2 * n_layer].tolist()
+        result["kv_fraction"] = totals[3:3 + n_layer].tolist()
+        result["cache_size"] = totals[3 + n_layer:3 + 2 * n_layer].tolist()
         result["type_share"] = totals[-3:].tolist()
     model.train()
     return result
@@ -201,6 +240,8 @@ def evaluate(model, splits, cfg, autocast, rank, world):
 
 def format_eval(it, cfg, result, elapsed, eta):
     line = f"step {it:5d}/{cfg['max_iters']} | train {result['train']:.4f} val {result['val']:.4f}"
+    if cfg["dataset"] == "recall":
+        line += f" (recall accuracy {result['val_accuracy']:.1%})"
     if "kv_fraction" in result:
         kv = result["kv_fraction"]
         g, l, s = result["type_share"]
@@ -318,7 +359,7 @@ def train(cfg):
         torch.backends.cudnn.allow_tf32 = True
     autocast = (torch.autocast(device_type="cuda", dtype=getattr(torch, cfg["dtype"]))
                 if device_type == "cuda" and cfg["dtype"] != "float32" else torch.autocast("cpu", enabled=False))
-    train_data, val_data, encode, decode, vocab_size = load_corpus(cfg["tokenizer"])
+    train_data, val_data, encode, decode, vocab_size = load_dataset(cfg)
 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     model_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "attention", "window",
@@ -344,7 +385,7 @@ def train(cfg):
         it, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
         log(f"resumed from {ckpt_path} at step {it}")
     log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={cfg['attention']}, "
-        f"{len(train_data):,} train tokens, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
+        f"{train_data.size:,} train tokens, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
     trainer = DDP(model) if world > 1 else model  # the scorers get gradients every step: no unused parameters
 
     history = dict(loss={}, evals=[])
@@ -402,7 +443,10 @@ def train(cfg):
     if rank == 0:
         with open(os.path.join(cfg["out_dir"], "history.json"), "w") as f:
             json.dump(history, f)
-        prompt = torch.tensor([encode("\n")], device=cfg["device"])
+        # Shakespeare: from a new line; recall: a val sequence up to its first question
+        first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] == "recall" else None
+        prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64),
+                              device=cfg["device"])
         caches = model.new_caches()
         with autocast:
             sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size),
@@ -410,7 +454,8 @@ def train(cfg):
         print(f"\nsample:\n{decode(sample[0].tolist())}")
         print_cache_stats(caches)
         if cfg["attention"] == "nats":
-            show_token_types(model, val_data[-cfg["block_size"]:], decode, cfg)
+            snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
+            show_token_types(model, snippet, decode, cfg)
     if world > 1:
         dist.destroy_process_group()
     return history
