@@ -262,10 +262,9 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, caches=None):
-        """idx [B, T] -> logits [B, T, vocab]; with targets also the loss:
-        cross-entropy + kv_weight x mean kv_fraction over layers (spec section 4).
-        caches (from new_caches): continue the cached sequence (see KVCache)."""
+    def hidden_states(self, idx, caches=None):
+        """The final normalised hidden states [B, T, n_embd] of idx [B, T]; caches (from new_caches)
+        continue a cached sequence (see KVCache)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -274,17 +273,29 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
             x = block(x, pos, caches[i] if caches else None)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, caches=None, teacher=None):
+        """idx [B, T] -> logits [B, T, vocab]; with targets also the loss: cross-entropy +
+        kv_weight x mean kv_fraction over layers (spec section 4). With a teacher (a frozen dense
+        GPT) the first term is instead the paper's fine-tuning objective: the mean squared error
+        between the final hidden states and the teacher's."""
+        hidden = self.hidden_states(idx, caches)
+        logits = self.lm_head(hidden)
         if targets is None:
             return logits, None
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         loss = ce
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher.hidden_states(idx)
+            loss = F.mse_loss(hidden.float(), target.float())
         self.stats = dict(ce=ce.detach())
         if self.config.attention != "dense":
             kv_fraction = torch.stack([blk.attn.stats["kv_fraction"] for blk in self.transformer.h])
             self.stats["kv_fraction"] = kv_fraction.detach()
         if self.config.attention == "nats":  # the fixed patterns have nothing to learn
-            loss = ce + self.config.kv_weight * kv_fraction.mean()
+            loss = loss + self.config.kv_weight * kv_fraction.mean()
         return logits, loss
 
     def new_caches(self):

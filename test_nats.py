@@ -551,3 +551,21 @@ def test_recall_batches_score_only_the_answers(tmp_path):
     assert ((y != -1).sum(1) == 4).all() and torch.equal(x[:, 1:][y[:, :-1] != -1], y[:, :-1][y[:, :-1] != -1])
     history = tiny_run(tmp_path, dataset="recall", block_size=64, max_iters=20, eval_interval=10, attention="sliding")
     assert 0 <= history["evals"][-1]["val_accuracy"] <= 1 and history["evals"][-1]["kv_fraction"][0] < 0.5
+
+
+def test_finetune_scorer_trains_only_the_scorers(tmp_path):
+    tiny_run(tmp_path / "dense", attention="dense", max_iters=10)
+    checkpoint = torch.load(tmp_path / "dense" / "ckpt.pt", weights_only=False)
+    history = tiny_run(tmp_path / "ft", finetune_scorer=True, init_from=str(tmp_path / "dense" / "ckpt.pt"),
+                       max_iters=10, kv_weight=1.0)
+    tuned = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert tuned["model_args"]["attention"] == "nats"
+    for name, value in tuned["model"].items():
+        if "scorer" in name:
+            assert name not in checkpoint["model"]
+        else:
+            assert torch.equal(value, checkpoint["model"][name]), name  # the backbone stays frozen
+    assert history["loss"][9] < history["loss"][0]  # the scorers learn (here: mostly to drop keys)
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit, match="init_from"):
+        ts.train(dict(ts.make_config(TINY_RUN)[0], finetune_scorer=True, out_dir=str(tmp_path / "x")))

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ dataset = "shakespeare"  # or "recall": the synthetic associative-recall task of
 tokenizer = "char"  # Shakespeare: "char" or "gpt2" (tiktoken's GPT-2 BPE)
 attention = "nats"  # "nats", "dense", or "sliding" (the StreamingLLM baseline: a sink plus a window)
 attention_impl = "auto"  # NAtS attention: "triton", "reference", or "auto" (the kernel on CUDA)
+init_from = ""  # with finetune_scorer: a checkpoint (out_dir/ckpt.pt) of a trained model to add NAtS to
+finetune_scorer = False  # freeze that model, train only the scorers to match its hidden states (paper's recipe 2)
 n_layer = 6
 n_head = 6
 n_kv_head = 6
@@ -309,6 +312,17 @@ def save_checkpoint(path, model, optimizer, model_args, it, best_val, cfg):
     os.replace(path + ".tmp", path)
 
 
+def load_teacher(cfg):
+    """The frozen model whose hidden states the scorers learn to keep (dense attention)."""
+    if not cfg["init_from"] or not os.path.exists(cfg["init_from"]):
+        raise SystemExit(f"--finetune_scorer needs --init_from=<checkpoint of a trained model>, got {cfg['init_from']!r}")
+    checkpoint = torch.load(cfg["init_from"], map_location=cfg["device"], weights_only=False)
+    teacher = GPT(GPTConfig(**dict(checkpoint["model_args"], attention="dense")))
+    teacher.load_state_dict({k: v for k, v in checkpoint["model"].items() if "scorer" not in k})
+    teacher.to(cfg["device"]).eval().requires_grad_(False)
+    return teacher
+
+
 def setup_distributed(cfg):
     """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) join the process group: NCCL and one GPU
     per process on CUDA, gloo on CPU. Returns (rank, world size); a plain run is (0, 1)."""
@@ -364,18 +378,27 @@ def train(cfg):
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     model_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "attention", "window",
                   "kv_weight")
+    teacher = load_teacher(cfg) if cfg["finetune_scorer"] else None
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
         checkpoint = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
         model_args = checkpoint["model_args"]
-        for key in model_keys:  # the model is the checkpoint's
-            cfg[key] = model_args[key]
+    elif teacher is not None:  # the teacher's shape, with NAtS attention
+        model_args = dict(asdict(teacher.config), attention="nats", window=cfg["window"], kv_weight=cfg["kv_weight"])
+        model_args.pop("attention_impl")
     else:
         model_args = {key: cfg[key] for key in model_keys}
         model_args["vocab_size"] = vocab_size
+    for key in model_keys:  # what the model really is
+        cfg[key] = model_args[key]
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(cfg["device"])
+    if teacher is not None:
+        missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected and all("scorer" in name for name in missing), (missing, unexpected)
+        for name, p in model.named_parameters():
+            p.requires_grad = "scorer" in name
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), device_type)
     it, best_val = 0, float("inf")
@@ -418,7 +441,7 @@ def train(cfg):
             if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
                 trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
             with autocast:
-                _, loss = trainer(x, y)
+                _, loss = trainer(x, y, teacher=teacher)
             (loss / gas * world).backward()  # DDP averages over the ranks
             step_totals += torch.tensor([loss.item(), model.stats.get("kv_fraction", torch.zeros(1)).mean().item()])
         if cfg["grad_clip"] > 0:
