@@ -566,6 +566,8 @@ def test_finetune_scorer_trains_only_the_scorers(tmp_path):
         else:
             assert torch.equal(value, checkpoint["model"][name]), name  # the backbone stays frozen
     assert history["loss"][9] < history["loss"][0]  # the scorers learn (here: mostly to drop keys)
+    loaded = GPT.from_checkpoint(tmp_path / "ft" / "ckpt.pt")
+    assert loaded.config.attention == "nats" and torch.equal(loaded.lm_head.weight, tuned["model"]["lm_head.weight"])
     import train_shakespeare as ts
     with pytest.raises(SystemExit, match="init_from"):
         ts.train(dict(ts.make_config(TINY_RUN)[0], finetune_scorer=True, out_dir=str(tmp_path / "x")))
