@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 
-from kernel import (GLOBAL, LOCAL, SLIDING, INTERPRETING, kv_lengths, last_visible_query, nats_attention,
+from kernel import (GLOBAL, LOCAL, SLIDING, kv_lengths, last_visible_query, nats_attention,
                     nats_attention_reference, next_global, relaxed_mask, visible_mask)
-from nats import GPT, GPTConfig, attention_stats
+from nats import GPT, GPTConfig, KVCache, attention_stats
 
 # -----------------------------------------------------------------------------
 # helpers: random inputs and brute-force versions of the spec's definitions
@@ -432,9 +432,6 @@ def test_kernel_long_sequence_on_cuda(dtype):
 
 # -----------------------------------------------------------------------------
 # generation with a KV cache that evicts (spec section 5)
-
-from nats import KVCache  # noqa: E402
-
 
 def force_types(model, kind):
     """Make every scorer return one type for every token (position 0 stays Global)."""
