@@ -373,6 +373,8 @@ def train(cfg):
         torch.backends.cudnn.allow_tf32 = True
     autocast = (torch.autocast(device_type="cuda", dtype=getattr(torch, cfg["dtype"]))
                 if device_type == "cuda" and cfg["dtype"] != "float32" else torch.autocast("cpu", enabled=False))
+    # float16 needs its gradients scaled against underflow; bfloat16 and float32 do not
+    scaler = torch.amp.GradScaler(device_type, enabled=device_type == "cuda" and cfg["dtype"] == "float16")
     train_data, val_data, encode, decode, vocab_size = load_dataset(cfg)
 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -442,11 +444,13 @@ def train(cfg):
                 trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
             with autocast:
                 _, loss = trainer(x, y, teacher=teacher)
-            (loss / gas * world).backward()  # DDP averages over the ranks
+            scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
             step_totals += torch.tensor([loss.item(), model.stats.get("kv_fraction", torch.zeros(1)).mean().item()])
         if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
         loss_value, kv_value = (all_ranks_sum(step_totals, cfg["device"]) / gas).tolist()
