@@ -14,6 +14,7 @@ baseline every result is compared with.
 """
 import inspect
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,18 @@ class TokenTypeScorer(nn.Module):
         return torch.where((pos == 0)[:, None], first, types)
 
 
+class FixedTypes(nn.Module):
+    """A stand-in for the scorer with preset types by position, kinds [H_kv, length] (0 G, 1 L,
+    2 S): for benchmarks that need a realistic mix before any training, and for tests."""
+
+    def __init__(self, kinds):
+        super().__init__()
+        self.register_buffer("kinds", kinds)
+
+    def forward(self, x, pos):
+        return F.one_hot(self.kinds[:, pos].expand(x.shape[0], -1, -1), 3).float()
+
+
 def attention_stats(token_types, window):
     """Spec section 4 for one layer: kv_fraction (differentiable), type shares, cache at the end.
 
@@ -125,11 +138,9 @@ class KVCache:
 
     def attend(self, q):
         """Attention of the newest token's queries q [B, H, 1, D] over the cached tokens."""
-        B, H, _, D = q.shape
-        H_kv = self.k.shape[1]
-        scores = q.view(B, H_kv, H // H_kv, 1, D) @ self.k.unsqueeze(2).transpose(-1, -2) * D**-0.5
-        scores = scores.float().masked_fill((self.pos < 0)[:, :, None, None, :], float("-inf"))
-        return (torch.softmax(scores, -1).to(self.v.dtype) @ self.v.unsqueeze(2)).view(B, H, 1, D)
+        group = q.shape[1] // self.k.shape[1]
+        kept = (self.pos >= 0).repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, slots]
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=kept, enable_gqa=group > 1)
 
     def evict(self):
         """Drop what no later query sees, after step t = seen - 1."""
@@ -370,3 +381,61 @@ class _eval_mode:
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
+
+
+# -----------------------------------------------------------------------------
+# Decode benchmark: python nats.py on a GPU
+
+
+@torch.no_grad()
+def benchmark_decode(contexts=(4096, 16384, 32768), mix=(0.05, 0.15, 0.80), new_tokens=64, batch=1,
+                     device="cuda", dtype=torch.bfloat16):
+    """Decode tokens/s and KV-cache memory after a long prompt: NAtS with its types fixed to a G/L/S
+    mix (an untrained scorer gives no realistic one) against a dense cache, same model of the
+    default width with random weights, measured in one run."""
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else device}, {dtype}, batch {batch}, "
+          f"G/L/S mix {mix}, W = {GPTConfig.window}, {new_tokens} tokens decoded after the prompt")
+    print("| context | cache | tokens/s | cache MB | dense cache MB | share | peak GPU MB |")
+    print("|---|---|---|---|---|---|---|")
+    for T in contexts:
+        for attention in ("dense", "nats"):
+            config = GPTConfig(block_size=T, vocab_size=50304, attention=attention)
+            model = GPT(config)
+            if attention == "nats":
+                generator = torch.Generator().manual_seed(0)
+                kinds = torch.multinomial(torch.tensor(mix), config.n_kv_head * (T + new_tokens), replacement=True,
+                                          generator=generator).view(config.n_kv_head, -1)
+                kinds[:, 0] = GLOBAL
+                for block in model.transformer.h:
+                    block.attn.scorer = FixedTypes(kinds)
+            model = model.to(device, dtype).eval()
+            idx = torch.randint(config.vocab_size, (batch, T + new_tokens), device=device)
+            caches = model.new_caches()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            model(idx[:, :T], caches=caches)
+            _synchronize(device)
+            start = time.perf_counter()
+            for t in range(T, T + new_tokens):
+                model(idx[:, t:t + 1], caches=caches)
+            _synchronize(device)
+            rate = batch * new_tokens / (time.perf_counter() - start)
+            held = sum(c.stats()["bytes"] for c in caches) / 2**20
+            dense = sum(c.stats()["dense_bytes"] for c in caches) / 2**20
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+            print(f"| {T} | {attention} | {rate:.0f} | {held:.1f} | {dense:.1f} | {held / dense:.0%} | {peak:.0f} |",
+                  flush=True)
+            del model, caches
+
+
+def _synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("the decode benchmark needs a CUDA GPU; on CPU try "
+                         "benchmark_decode(contexts=(512,), device='cpu', dtype=torch.float32)")
+    benchmark_decode()

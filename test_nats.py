@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kernel import (GLOBAL, LOCAL, SLIDING, kv_lengths, last_visible_query, nats_attention,
                     nats_attention_reference, next_global, relaxed_mask, visible_mask)
-from nats import GPT, GPTConfig, KVCache, attention_stats
+from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode
 
 # -----------------------------------------------------------------------------
 # helpers: random inputs and brute-force versions of the spec's definitions
@@ -433,15 +433,12 @@ def test_kernel_long_sequence_on_cuda(dtype):
 # -----------------------------------------------------------------------------
 # generation with a KV cache that evicts (spec section 5)
 
-def force_types(model, kind):
-    """Make every scorer return one type for every token (position 0 stays Global)."""
+def force_types(model, kind, length=256):
+    """Make every scorer give one type to every token (position 0 stays Global)."""
+    kinds = torch.full((model.config.n_kv_head, length), kind)
+    kinds[:, 0] = GLOBAL
     for blk in model.transformer.h:
-        scorer = blk.attn.scorer
-
-        def forward(x, pos, scorer=scorer):
-            types = F.one_hot(torch.full((x.shape[0], scorer.n_kv_head, x.shape[1]), kind), 3).float()
-            return torch.where((pos == 0)[:, None], F.one_hot(torch.tensor(GLOBAL), 3).float(), types)
-        scorer.forward = forward
+        blk.attn.scorer = FixedTypes(kinds)
 
 
 @pytest.mark.parametrize("prefill", [0, 1, 13])
@@ -578,3 +575,10 @@ def test_sweep_writes_a_table_of_every_variant(tmp_path):
     for run in ["dense", "sliding W=4", "nats lambda=0.1", "nats lambda=1.0", "nats fine-tuned lambda=1.0"]:
         assert f"| {run} |" in table
     assert (tmp_path / "nats_lambda=0.1" / "token_types.html").exists()
+
+
+def test_decode_benchmark_runs_on_cpu(capsys):
+    benchmark_decode(contexts=(300,), new_tokens=4, device="cpu", dtype=torch.float32)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
+    share = [int(row.split("|")[6].strip().rstrip("%")) for row in rows]
+    assert len(rows) == 2 and share[1] < 50 < share[0]  # NAtS keeps a fraction of the dense cache
