@@ -232,11 +232,11 @@ def evaluate(model, splits, cfg, autocast, rank, world):
         totals = all_ranks_sum(totals, cfg["device"])
         result[name] = totals[0].item() / cfg["eval_iters"]
         result[name + "_accuracy"] = totals[1].item() / totals[2].item()
-    totals /= cfg["eval_iters"]
-    if cfg["attention"] != "dense":
-        result["kv_fraction"] = totals[3:3 + n_layer].tolist()
-        result["cache_size"] = totals[3 + n_layer:3 + 2 * n_layer].tolist()
-        result["type_share"] = totals[-3:].tolist()
+        if name == "val" and cfg["attention"] != "dense":
+            stats = totals / cfg["eval_iters"]
+            result["kv_fraction"] = stats[3:3 + n_layer].tolist()
+            result["cache_size"] = stats[3 + n_layer:3 + 2 * n_layer].tolist()
+            result["type_share"] = stats[-3:].tolist()
     model.train()
     return result
 
