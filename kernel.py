@@ -35,19 +35,21 @@ def next_global(is_global):
     return candidate.flip(-1).cummin(-1).values.flip(-1)
 
 
-def last_visible_query(token_types, window):
-    """The last query that sees key j (spec section 2): key j is visible to queries j .. this.
+def reach_by_type(token_types, window):
+    """The last query that would see key j as each type (spec section 2): long [..., T, 3].
 
-    token_types: one-hot [..., T, 3]. Global keys live to the end, Local keys until the next
-    Global token (inclusive), Sliding keys for W more steps. Returns long [..., T].
+    Global: the end; Local: the next Global token (inclusive, from the hard types); Sliding: j + W.
     """
     T = token_types.shape[-2]
-    kind = token_types.argmax(-1)
-    pos = torch.arange(T, device=kind.device)
-    last = torch.full_like(kind, T - 1)
-    last = torch.where(kind == LOCAL, next_global(kind == GLOBAL).clamp(max=T - 1), last)
-    last = torch.where(kind == SLIDING, (pos + window).clamp(max=T - 1), last)
-    return last
+    pos = torch.arange(T, device=token_types.device)
+    local = next_global(token_types.argmax(-1) == GLOBAL).clamp(max=T - 1)
+    return torch.stack(torch.broadcast_tensors(torch.full_like(local, T - 1), local,
+                                               (pos + window).clamp(max=T - 1)), dim=-1)
+
+
+def last_visible_query(token_types, window):
+    """The last query that sees key j: key j is visible to queries j .. this. Returns long [..., T]."""
+    return reach_by_type(token_types, window).gather(-1, token_types.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def visible_mask(token_types, window):
@@ -65,11 +67,8 @@ def kv_lengths(token_types, window):
     The length of each type comes from the hard types (no gradient through f_j); the one-hot
     types carry the straight-through gradient, so the sparsity term trains the scorer.
     """
-    T = token_types.shape[-2]
-    pos = torch.arange(T, device=token_types.device)
-    f = next_global(token_types.argmax(-1) == GLOBAL)
-    lengths = torch.stack(torch.broadcast_tensors(
-        T - pos, f.clamp(max=T - 1) - pos + 1, (pos + window).clamp(max=T - 1) - pos + 1), dim=-1)
+    pos = torch.arange(token_types.shape[-2], device=token_types.device)[:, None]
+    lengths = reach_by_type(token_types, window) - pos + 1
     return (token_types * lengths.to(token_types.dtype)).sum(-1)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, last_visible_query, nats_attention
+from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, nats_attention
 
 
 @dataclass
@@ -100,10 +100,12 @@ def attention_stats(token_types, window):
     averaged over (batch, KV head).
     """
     B, H_kv, T, _ = token_types.shape
-    kv_fraction = kv_lengths(token_types, window).sum() / (B * H_kv * T * (T + 1) / 2)
-    hard = token_types.detach()
-    cache_size = (last_visible_query(hard, window) == T - 1).float().sum(-1).mean()
-    return dict(kv_fraction=kv_fraction, type_share=hard.mean((0, 1, 2)), cache_size=cache_size)
+    lengths = kv_lengths(token_types, window)
+    kv_fraction = lengths.sum() / (B * H_kv * T * (T + 1) / 2)
+    # the last query still sees the keys whose column reaches row T - 1: length T - j
+    ends = lengths.detach() == torch.arange(T, 0, -1, device=lengths.device)
+    return dict(kv_fraction=kv_fraction, type_share=token_types.detach().mean((0, 1, 2)),
+                cache_size=ends.float().sum(-1).mean())
 
 
 class KVCache:
