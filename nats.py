@@ -167,7 +167,7 @@ class KVCache:
         per_token = 2 * self.k.shape[-1] * self.k.element_size()  # k and v
         heads = self.k.shape[0] * self.k.shape[1]
         return dict(tokens_mean=held.mean().item(), tokens_max=held.max().item(), dense_tokens=self.seen,
-                    bytes=self.k.numel() * per_token // self.k.shape[-1] + self.pos.numel() * 5,  # + int32 pos, uint8 kind
+                    bytes=self.pos.numel() * (per_token + 5),  # per slot: k, v, int32 pos, uint8 kind
                     dense_bytes=heads * self.seen * per_token)
 
 
@@ -339,7 +339,7 @@ class GPT(nn.Module):
         """Logits [B, T, vocab] of every step: the first `prefill` tokens in one forward, then one
         token at a time through the evicting caches. Equals forward() in eval() mode; tests use it."""
         caches = self.new_caches()
-        with _eval_mode(self):
+        with eval_mode(self):
             logits = [self(idx[:, :prefill], caches=caches)[0]] if prefill else []
             logits += [self(idx[:, t:t + 1], caches=caches)[0] for t in range(prefill, idx.shape[1])]
         return torch.cat(logits, dim=1)
@@ -361,7 +361,7 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be in 1..vocab_size={self.config.vocab_size}, got {top_k}")
         caches = self.new_caches() if caches is None else caches
         new_tokens = idx  # the first step prefills the whole prompt
-        with _eval_mode(self):
+        with eval_mode(self):
             for _ in range(max_new_tokens):
                 logits = self(new_tokens, caches=caches)[0][:, -1, :] / temperature
                 if top_k is not None:
@@ -372,8 +372,9 @@ class GPT(nn.Module):
         return idx
 
 
-class _eval_mode:
-    """Run a block in eval() mode (argmax types, no dropout), then restore the previous mode."""
+class eval_mode:
+    """with eval_mode(model): run the block in eval() mode (argmax types, no dropout), then
+    restore the mode the model had."""
 
     def __init__(self, model):
         self.model, self.was_training = model, model.training

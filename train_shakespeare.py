@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import recall
-from nats import GPT, GPTConfig
+from nats import GPT, GPTConfig, eval_mode
 
 # -----------------------------------------------------------------------------
 # defaults: the baby GPT of nanoGPT's shakespeare_char, used when CUDA is available
@@ -208,37 +208,39 @@ def get_batch(data, batch_size, block_size, seed, device):
 
 @torch.no_grad()
 def evaluate(model, splits, cfg, autocast, rank, world):
-    """Mean cross-entropy per split in eval() mode (argmax types), on the same batches every time,
-    plus the NAtS statistics averaged over the val batches. Ranks share the batches out and sum."""
-    model.eval()
+    """Mean cross-entropy (and accuracy on the scored targets) per split in eval() mode (argmax
+    types), on the same batches every time, plus the NAtS statistics averaged over the val batches."""
     n_layer = len(model.transformer.h)
     result = {}
-    for name, data in splits.items():
-        # ce, correct and scored predictions, kv per layer, cache per layer, type shares
-        totals = torch.zeros(3 + 2 * n_layer + 3, dtype=torch.float64)
-        for i in range(rank, cfg["eval_iters"], world):
-            x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i),
-                             cfg["device"])
-            with autocast:
-                logits, _ = model(x, y)
-            scored = y != -1
-            totals[:3] += torch.tensor([model.stats["ce"].item(), (logits.argmax(-1) == y)[scored].sum().item(),
-                                        scored.sum().item()])
-            if cfg["attention"] != "dense":
-                layers = model.layer_stats()
-                totals[3:3 + n_layer] += torch.tensor([l["kv_fraction"] for l in layers], dtype=torch.float64)
-                totals[3 + n_layer:3 + 2 * n_layer] += torch.tensor([l["cache_size"] for l in layers], dtype=torch.float64)
-                totals[-3:] += torch.tensor([l["type_share"] for l in layers], dtype=torch.float64).mean(0)
-        totals = all_ranks_sum(totals, cfg["device"])
-        result[name] = totals[0].item() / cfg["eval_iters"]
-        result[name + "_accuracy"] = totals[1].item() / totals[2].item()
-        if name == "val" and cfg["attention"] != "dense":
-            stats = totals / cfg["eval_iters"]
-            result["kv_fraction"] = stats[3:3 + n_layer].tolist()
-            result["cache_size"] = stats[3 + n_layer:3 + 2 * n_layer].tolist()
-            result["type_share"] = stats[-3:].tolist()
-    model.train()
+    with eval_mode(model):
+        for name, data in splits.items():
+            totals = eval_totals(model, data, cfg, autocast, rank, world) / cfg["eval_iters"]
+            result[name], result[name + "_accuracy"] = totals[0].item(), (totals[1] / totals[2]).item()
+            if name == "val" and cfg["attention"] != "dense":
+                result["kv_fraction"] = totals[3:3 + n_layer].tolist()
+                result["cache_size"] = totals[3 + n_layer:3 + 2 * n_layer].tolist()
+                result["type_share"] = totals[-3:].tolist()
     return result
+
+
+def eval_totals(model, data, cfg, autocast, rank, world):
+    """Sums over the eval batches (each rank takes a share, then all are added): cross-entropy,
+    correct and scored predictions, kv_fraction and cache size per layer, type shares."""
+    n_layer = len(model.transformer.h)
+    totals = torch.zeros(3 + 2 * n_layer + 3, dtype=torch.float64)
+    for i in range(rank, cfg["eval_iters"], world):
+        x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i), cfg["device"])
+        with autocast:
+            logits, _ = model(x, y)
+        scored = y != -1
+        totals[:3] += torch.tensor([model.stats["ce"].item(), (logits.argmax(-1) == y)[scored].sum().item(),
+                                    scored.sum().item()])
+        if cfg["attention"] != "dense":
+            layers = model.layer_stats()
+            totals[3:3 + n_layer] += torch.tensor([l["kv_fraction"] for l in layers], dtype=torch.float64)
+            totals[3 + n_layer:3 + 2 * n_layer] += torch.tensor([l["cache_size"] for l in layers], dtype=torch.float64)
+            totals[-3:] += torch.tensor([l["type_share"] for l in layers], dtype=torch.float64).mean(0)
+    return all_ranks_sum(totals, cfg["device"])
 
 
 def format_eval(it, cfg, result, elapsed, eta):
@@ -277,10 +279,9 @@ HTML_STYLE = ("background:#d62728;color:white;font-weight:bold", "background:#ff
 @torch.no_grad()
 def show_token_types(model, tokens, decode, cfg):
     """Colour every token of a val snippet by its type in one layer and KV head: ANSI and HTML."""
-    model.eval()
     x = torch.from_numpy(tokens.astype(np.int64))[None].to(cfg["device"])
-    model(x)
-    model.train()
+    with eval_mode(model):
+        model(x)
     attn = model.transformer.h[cfg["show_layer"]].attn
     kinds = attn.stats["token_types"][0, cfg["show_head"]].argmax(-1).tolist()
     pieces = [decode([t]) for t in tokens.tolist()]
