@@ -80,6 +80,14 @@ def qkv(B, H, H_kv, T, D, dtype=torch.float64, seed=0):
     return make(H), make(H_kv), make(H_kv)
 
 
+def force_types(model, kind, length=256):
+    """Make every scorer give one type to every token (position 0 stays Global)."""
+    kinds = torch.full((model.config.n_kv_head, length), kind)
+    kinds[:, 0] = GLOBAL
+    for blk in model.transformer.h:
+        blk.attn.scorer = FixedTypes(kinds)
+
+
 LENGTHS = [1, 2, 17, 100]
 MIXES = {"random": (1, 1, 1), "all_global": (1, 0, 0), "all_local": (0, 1, 0), "all_sliding": (0, 0, 1),
          "sparse_global": (1, 4, 16), "no_global_after_0": (0, 1, 1)}
@@ -239,8 +247,7 @@ def test_forced_global_nats_model_equals_dense_model():
     state = {k: v for k, v in nats_model.state_dict().items() if "scorer" not in k}
     assert state.keys() == dense.state_dict().keys()
     nats_model.load_state_dict({**nats_model.state_dict(), **dense.state_dict()})
-    for blk in nats_model.transformer.h:  # logits (big, 0, 0): every token Global
-        blk.attn.scorer.proj.weight.data.zero_()
+    force_types(nats_model, GLOBAL)
     idx = torch.randint(50, (2, 32))
     torch.testing.assert_close(nats_model(idx)[0], dense(idx)[0], rtol=1e-5, atol=1e-5)
     assert nats_model.layer_stats()[0]["kv_fraction"] == pytest.approx(1.0)
@@ -432,13 +439,6 @@ def test_kernel_long_sequence_on_cuda(dtype):
 
 # -----------------------------------------------------------------------------
 # generation with a KV cache that evicts (spec section 5)
-
-def force_types(model, kind, length=256):
-    """Make every scorer give one type to every token (position 0 stays Global)."""
-    kinds = torch.full((model.config.n_kv_head, length), kind)
-    kinds[:, 0] = GLOBAL
-    for blk in model.transformer.h:
-        blk.attn.scorer = FixedTypes(kinds)
 
 
 @pytest.mark.parametrize("prefill", [0, 1, 13])
