@@ -5,20 +5,27 @@ loss (or recall accuracy) against the share of the KV cache each keeps.
 
     python sweep.py                                         # Shakespeare, the hardware's default config
     python sweep.py --dataset=recall --max_iters=2000
-    python sweep.py --kv_weights=0.01,0.03,0.1 --windows=16,64 --finetune=True
+    python sweep.py --kv_weights=0.01,0.03,0.1 --windows=16,64 --finetune_iters=1000 --jobs=8
 
---kv_weights (NAtS runs), --windows (sliding runs) and --finetune (also fine-tune the scorers of
-the dense run, at the middle kv_weight) belong to the sweep; every other --key=value goes to
-train_shakespeare.py. Writes out_dir/sweep.md and sweep.json, and sweep.png if matplotlib is
-installed; each run keeps its own folder under out_dir, with its checkpoint and token-type picture.
+--kv_weights (NAtS runs), --windows (sliding runs), --finetune_iters (if > 0, also fine-tune the
+scorers of the dense run for that many iterations, at the middle kv_weight) and --jobs (runs at a
+time, each its own process, spread over the visible GPUs) belong to the sweep; every other
+--key=value goes to train_shakespeare.py. Writes out_dir/sweep.md and sweep.json, and sweep.png if
+matplotlib is installed; each run keeps its own folder under out_dir, with its log (train.log when
+--jobs > 1), history.json, checkpoint and token-type picture.
 """
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
+
+import torch
 
 import train_shakespeare as ts
 
-SWEEP_DEFAULTS = dict(kv_weights="0.01,0.03,0.1,0.3", windows="16,64", finetune=False)
+SWEEP_DEFAULTS = dict(kv_weights="0.01,0.03,0.1,0.3", windows="16,64", finetune_iters=0, jobs=1)
 
 
 def split_args(argv):
@@ -28,23 +35,65 @@ def split_args(argv):
     for arg in argv:
         key, _, value = arg[2:].partition("=")
         if arg.startswith("--") and key in own:
-            own[key] = value if key != "finetune" else value in ("", "True", "true", "1")
+            own[key] = value if isinstance(own[key], str) else int(value)
         else:
             rest.append(arg)
     return own, rest
 
 
 def variants(own, base):
-    """(name, config changes) of every run, dense first: the fine-tuning run starts from it."""
+    """(name, config, name of the run it starts from) of every run, dense first."""
     kv_weights = [float(w) for w in own["kv_weights"].split(",")]
-    runs = [("dense", dict(attention="dense"))]
-    runs += [(f"sliding W={w}", dict(attention="sliding", window=int(w))) for w in own["windows"].split(",")]
-    runs += [(f"nats lambda={w}", dict(attention="nats", kv_weight=w)) for w in kv_weights]
-    if own["finetune"]:
+    runs = [("dense", dict(attention="dense"), None)]
+    runs += [(f"sliding W={w}", dict(attention="sliding", window=int(w)), None) for w in own["windows"].split(",")]
+    runs += [(f"nats lambda={w}", dict(attention="nats", kv_weight=w), None) for w in kv_weights]
+    if own["finetune_iters"] > 0:
         w = kv_weights[len(kv_weights) // 2]
         runs.append((f"nats fine-tuned lambda={w}", dict(
-            finetune_scorer=True, kv_weight=w, init_from=os.path.join(base["out_dir"], "dense", "ckpt.pt"))))
-    return runs
+            finetune_scorer=True, kv_weight=w, max_iters=own["finetune_iters"],
+            lr_decay_iters=own["finetune_iters"], init_from=os.path.join(run_dir(base, "dense"), "ckpt.pt")), "dense"))
+    return [(name, dict(base, **changes, out_dir=run_dir(base, name)), parent) for name, changes, parent in runs]
+
+
+def run_dir(base, name):
+    return os.path.join(base["out_dir"], name.replace(" ", "_"))
+
+
+def train_in_processes(runs, jobs):
+    """Train the runs `jobs` at a time, each in its own process (its log in out_dir/train.log), on
+    the visible GPU running the fewest of them; a run waits for the run it starts from. Returns the
+    names of the runs that finished."""
+    gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))).split(",")
+    pending, running, finished = list(runs), {}, set()
+    try:
+        while pending or running:
+            ready = [run for run in pending if run[2] is None or run[2] in finished]
+            for name, cfg, parent in ready[:jobs - len(running)]:
+                gpu = min(gpus, key=lambda g: sum(g == used for _, used, _ in running.values()))
+                running[name] = (start_run(cfg, gpu), gpu, cfg["out_dir"])
+                pending.remove((name, cfg, parent))
+                print(f"started {name}" + (f" on GPU {gpu}" if gpu else ""))
+            for name, (process, _, out_dir) in list(running.items()):
+                if process.poll() is not None:
+                    del running[name]
+                    if process.returncode == 0:
+                        finished.add(name)
+                    print(f"{name}: " + ("done" if process.returncode == 0 else f"failed, see {out_dir}/train.log"))
+            if not running and pending and not ready:
+                print(f"skipped, the run they start from failed: {', '.join(run[0] for run in pending)}")
+                break
+            time.sleep(2)
+    finally:  # stopped (Ctrl-C, a timeout): stop the runs too
+        for process, _, _ in running.values():
+            process.terminate()
+    return finished
+
+
+def start_run(cfg, gpu):
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    with open(os.path.join(cfg["out_dir"], "train.log"), "w") as log:
+        return subprocess.Popen([sys.executable, ts.__file__] + [f"--{k}={v}" for k, v in cfg.items()],
+                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu))
 
 
 def summarize(name, history):
@@ -97,11 +146,19 @@ def main(argv):
     own, rest = split_args(argv)
     base, why = ts.make_config(rest)
     print(f"sweep: {why}")
+    runs = variants(own, base)
     rows = []
-    for name, changes in variants(own, base):
-        cfg = dict(base, **changes, out_dir=os.path.join(base["out_dir"], name.replace(" ", "_")))
-        print(f"\n=== {name}")
-        rows.append(summarize(name, ts.train(cfg)))
+    if own["jobs"] > 1:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
+        finished = train_in_processes(runs, own["jobs"])
+        for name, cfg, _ in runs:
+            if name in finished:
+                with open(os.path.join(cfg["out_dir"], "history.json")) as f:
+                    rows.append(summarize(name, json.load(f)))
+    else:
+        for name, cfg, _ in runs:
+            print(f"\n=== {name}")
+            rows.append(summarize(name, ts.train(cfg)))
     with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
     write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))

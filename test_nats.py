@@ -567,10 +567,11 @@ def test_finetune_scorer_trains_only_the_scorers(tmp_path):
         ts.train(dict(ts.make_config(TINY_RUN)[0], finetune_scorer=True, out_dir=str(tmp_path / "x")))
 
 
-def test_sweep_writes_a_table_of_every_variant(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 3])  # one after another in-process; three processes at a time
+def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
     import sweep
     sweep.main(TINY_RUN + ["--max_iters=4", "--eval_interval=4", "--kv_weights=0.1,1.0", "--windows=4",
-                           "--finetune=True", f"--out_dir={tmp_path}"])
+                           "--finetune_iters=2", f"--jobs={jobs}", f"--out_dir={tmp_path}"])
     table = (tmp_path / "sweep.md").read_text()
     for run in ["dense", "sliding W=4", "nats lambda=0.1", "nats lambda=1.0", "nats fine-tuned lambda=1.0"]:
         assert f"| {run} |" in table

@@ -313,6 +313,13 @@ def save_checkpoint(path, model, optimizer, model_args, it, best_val, cfg):
     os.replace(path + ".tmp", path)
 
 
+def save_history(history, cfg):
+    """The losses and evals so far, as out_dir/history.json (rewritten at every eval)."""
+    with open(os.path.join(cfg["out_dir"], "history.json.tmp"), "w") as f:
+        json.dump(history, f)
+    os.replace(os.path.join(cfg["out_dir"], "history.json.tmp"), os.path.join(cfg["out_dir"], "history.json"))
+
+
 def load_teacher(cfg):
     """The frozen model whose hidden states the scorers learn to keep (dense attention)."""
     if not cfg["init_from"] or not os.path.exists(cfg["init_from"]):
@@ -428,9 +435,12 @@ def train(cfg):
             eta = elapsed / (it - start_it) * (cfg["max_iters"] - it) if it > start_it else None
             log(format_eval(it, cfg, result, elapsed, eta))
             history["evals"].append(dict(iter=it, **result))
+            history["elapsed"] = elapsed
             best_val = min(best_val, result["val"])
-            if it > start_it and rank == 0:
-                save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, cfg)
+            if rank == 0:
+                save_history(history, cfg)
+                if it > start_it:
+                    save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, cfg)
         if it >= cfg["max_iters"]:
             break
 
@@ -469,8 +479,7 @@ def train(cfg):
 
     history["elapsed"] = time.time() - start
     if rank == 0:
-        with open(os.path.join(cfg["out_dir"], "history.json"), "w") as f:
-            json.dump(history, f)
+        save_history(history, cfg)
         # Shakespeare: from a new line; recall: a val sequence up to its first question
         first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] == "recall" else None
         prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64),
