@@ -146,8 +146,8 @@ def load_corpus(tokenizer):
     else:  # built on first use, never committed
         tokens = np.array(encode(text), dtype=np.uint16)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.save(cache + ".tmp.npy", tokens)
-        os.replace(cache + ".tmp.npy", cache)
+        np.save(cache + f".{os.getpid()}.tmp.npy", tokens)  # parallel runs (sweep --jobs) each write their own
+        os.replace(cache + f".{os.getpid()}.tmp.npy", cache)
     split = int(0.9 * len(tokens))
     return tokens[:split], tokens[split:], encode, decode, vocab_size
 
@@ -157,9 +157,9 @@ def load_recall(length, n_train=20000, n_val=2000):
     cache = os.path.join(DATA_DIR, "cache", f"recall_{length}_{n_train}_{n_val}.npz")
     if not os.path.exists(cache):
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.savez(cache + ".tmp.npz", train=recall.make_sequences(n_train, length, recall.TRAIN_SEED),
+        np.savez(cache + f".{os.getpid()}.tmp.npz", train=recall.make_sequences(n_train, length, recall.TRAIN_SEED),
                  val=recall.make_sequences(n_val, length, recall.VAL_SEED))
-        os.replace(cache + ".tmp.npz", cache)
+        os.replace(cache + f".{os.getpid()}.tmp.npz", cache)
     arrays = np.load(cache)
     encode = lambda s: [recall.ALPHABET.index(c) for c in s]
     decode = lambda ids: "".join(recall.ALPHABET[i] for i in ids)
