@@ -139,10 +139,14 @@ class KVCache:
         self.seen += k.shape[2]
 
     def attend(self, q):
-        """Attention of the newest token's queries q [B, H, 1, D] over the cached tokens."""
-        group = q.shape[1] // self.k.shape[1]
-        kept = (self.pos >= 0).repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, slots]
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=kept, enable_gqa=group > 1)
+        """Attention of the newest token's queries q [B, H, 1, D] over the cached tokens. Written
+        out, not through scaled_dot_product_attention: for one query it is two small matrix
+        products, and SDPA's cuDNN backend plans anew for every cache length (about 8 ms a call)."""
+        B, H, _, D = q.shape
+        q = q.view(B, self.k.shape[1], H // self.k.shape[1], D)  # the query heads of each KV head
+        scores = (q @ self.k.transpose(-2, -1)).float() / math.sqrt(D)  # [B, H_kv, group, slots]
+        scores = scores.masked_fill((self.pos < 0)[:, :, None, :], -float("inf"))
+        return (scores.softmax(-1).to(self.v.dtype) @ self.v).view(B, H, 1, D)
 
     def evict(self):
         """Drop what no later query sees, after step t = seen - 1."""

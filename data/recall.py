@@ -6,8 +6,9 @@ Each sequence (characters): key=value pairs, a bar, filler, then queries that re
     c=7 q=2 x=0 f=5 k=9 a=1 m=4 t=3|QWE RTZ UIOP ... ASDF?m=4?c=7?t=3?x=0
 
 and only the value after each "?key=" is scored: to get it right the model must keep the pairs in
-its cache across the filler. Generated from fixed seeds on first use (train_shakespeare.py
---dataset=recall caches the arrays in data/cache/); `python data/recall.py` prints examples.
+its cache across the filler. Generated from seeds: every training batch draws fresh sequences
+from its own seed, the held-out val set comes from VAL_SEED (train_shakespeare.py
+--dataset=recall caches it in data/cache/); `python data/recall.py` prints examples.
 """
 import numpy as np
 
@@ -16,7 +17,7 @@ VALUES = "0123456789"
 FILLER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ "
 ALPHABET = KEYS + VALUES + FILLER + "=?|"
 N_PAIRS, N_QUERIES = 8, 4
-TRAIN_SEED, VAL_SEED = 1234, 5678
+VAL_SEED = 5678  # the held-out set; training sequences come from each batch's own seed
 
 
 def make_sequences(n, length, seed):
@@ -45,5 +46,5 @@ def answer_mask(sequences):
 
 
 if __name__ == "__main__":
-    for row in make_sequences(3, 128, TRAIN_SEED):
+    for row in make_sequences(3, 128, VAL_SEED):
         print("".join(ALPHABET[i] for i in row))
