@@ -422,15 +422,14 @@ def benchmark_decode(contexts=(4096, 16384, 32768), mix=(0.05, 0.15, 0.80), new_
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                model(idx[:, :T], caches=caches)
-                for t in range(T, T + warmup):  # first calls of each kernel out of the timing
-                    model(idx[:, t:t + 1], caches=caches)
-                _synchronize(device)
-                start = time.perf_counter()
-                for t in range(T + warmup, T + new_tokens):
-                    model(idx[:, t:t + 1], caches=caches)
-                _synchronize(device)
+            model(idx[:, :T], caches=caches)
+            for t in range(T, T + warmup):  # first calls of each kernel out of the timing
+                model(idx[:, t:t + 1], caches=caches)
+            _synchronize(device)
+            start = time.perf_counter()
+            for t in range(T + warmup, T + new_tokens):
+                model(idx[:, t:t + 1], caches=caches)
+            _synchronize(device)
             rate = batch * (new_tokens - warmup) / (time.perf_counter() - start)
             held = sum(c.stats()["bytes"] for c in caches) / 2**20
             dense = sum(c.stats()["dense_bytes"] for c in caches) / 2**20
