@@ -581,6 +581,15 @@ def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
     assert (tmp_path / "nats_lambda=0.1" / "token_types.html").exists()
 
 
+def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_path, capsys):
+    import sweep
+    sweep.main(TINY_RUN + ["--dataset=none", "--kv_weights=0.1", "--windows=4", "--finetune_iters=2", "--jobs=2",
+                           f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert out.count("failed, see") == 3 and "skipped, the run they start from failed: nats fine-tuned" in out
+    assert "--dataset must be" in (tmp_path / "dense" / "train.log").read_text()
+
+
 def test_decode_benchmark_runs_on_cpu(capsys):
     benchmark_decode(contexts=(300,), new_tokens=4, warmup=1, device="cpu", dtype=torch.float32)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
