@@ -35,6 +35,8 @@ def split_args(argv):
     for arg in argv:
         key, _, value = arg[2:].partition("=")
         if arg.startswith("--") and key in own:
+            if isinstance(own[key], int) and not value.isdigit():
+                raise SystemExit(f"--{key}={value}: expected a whole number like {own[key]}")
             own[key] = value if isinstance(own[key], str) else int(value)
         else:
             rest.append(arg)
