@@ -431,8 +431,8 @@ def benchmark_decode(contexts=(4096, 16384, 32768), mix=(0.05, 0.15, 0.80), new_
                 model(idx[:, t:t + 1], caches=caches)
             _synchronize(device)
             rate = batch * (new_tokens - warmup) / (time.perf_counter() - start)
-            held = sum(c.stats()["bytes"] for c in caches) / 2**20
-            dense = sum(c.stats()["dense_bytes"] for c in caches) / 2**20
+            stats = [c.stats() for c in caches]
+            held, dense = (sum(s[key] for s in stats) / 2**20 for key in ("bytes", "dense_bytes"))
             peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
             print(f"| {T} | {attention} | {rate:.0f} | {held:.1f} | {dense:.1f} | {held / dense:.0%} | {peak:.0f} |",
                   flush=True)

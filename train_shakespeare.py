@@ -193,15 +193,15 @@ def get_batch(data, batch_size, block_size, seed, device):
     (data a function: training) or picked from a fixed set (2-d data, one a row: val), whose
     targets are -1 (not scored) except at the answers."""
     generator = torch.Generator().manual_seed(seed)
-    if not callable(data) and data.ndim == 1:
+    if callable(data):
+        rows = data(batch_size, seed)
+    elif data.ndim == 2:
+        rows = data[torch.randint(len(data), (batch_size,), generator=generator).numpy()]
+    else:
         ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
         x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
         return x.to(device), y.to(device)
-    if callable(data):
-        rows = data(batch_size, seed)
-    else:
-        rows = data[torch.randint(len(data), (batch_size,), generator=generator).numpy()]
     x = torch.from_numpy(rows[:, :-1].astype(np.int64))
     y = torch.from_numpy(np.where(recall.answer_mask(rows), rows.astype(np.int64), -1)[:, 1:])
     return x.to(device), y.to(device)
