@@ -545,7 +545,7 @@ def test_recall_batches_score_only_the_answers(tmp_path):
     assert torch.equal(ts.get_batch(train, 4, 64, seed=0, device="cpu")[0], x)  # reproducible from the seed
     assert not torch.equal(ts.get_batch(train, 4, 64, seed=1, device="cpu")[0], x)  # fresh for another batch
     assert val.shape == (5, 65) and ts.get_batch(val, 4, 64, seed=0, device="cpu")[0].shape == (4, 64)
-    assert ((y != -1).sum(1) == 4).all() and torch.equal(x[:, 1:][y[:, :-1] != -1], y[:, :-1][y[:, :-1] != -1])
+    assert ((y != -1).sum(1) == ts.recall.N_QUERIES).all() and torch.equal(x[:, 1:][y[:, :-1] != -1], y[:, :-1][y[:, :-1] != -1])
     history = tiny_run(tmp_path, dataset="recall", block_size=64, max_iters=20, eval_interval=10, attention="sliding")
     assert 0 <= history["evals"][-1]["val_accuracy"] <= 1 and history["evals"][-1]["kv_fraction"][0] < 0.5
 

@@ -155,16 +155,11 @@ def load_corpus(tokenizer):
 def load_recall(length, n_val=2000):
     """The recall task: a function drawing n fresh training sequences [n, length] from a seed (a
     fixed pool gets memorized: on 20,000 sequences a 2-layer model learned their answers by heart
-    and not the rule), and a fixed held-out val set, built on first use."""
-    cache = os.path.join(DATA_DIR, "cache", f"recall_val_{length}_{n_val}.npy")
-    if not os.path.exists(cache):
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.save(cache + f".{os.getpid()}.tmp.npy", recall.make_sequences(n_val, length, recall.VAL_SEED))
-        os.replace(cache + f".{os.getpid()}.tmp.npy", cache)
+    and not the rule), and a fixed held-out val set."""
     train = lambda n, seed: recall.make_sequences(n, length, seed)
     encode = lambda s: [recall.ALPHABET.index(c) for c in s]
     decode = lambda ids: "".join(recall.ALPHABET[i] for i in ids)
-    return train, np.load(cache), encode, decode, len(recall.ALPHABET)
+    return train, recall.make_sequences(n_val, length, recall.VAL_SEED), encode, decode, len(recall.ALPHABET)
 
 
 def load_dataset(cfg):
