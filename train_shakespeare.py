@@ -260,6 +260,20 @@ def hms(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def print_sample(model, val_data, encode, decode, vocab_size, autocast, cfg):
+    """Generate from a new line (Shakespeare) or from a val sequence up to its first question
+    (recall), then show what the evicting cache held."""
+    first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] == "recall" else None
+    prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64),
+                          device=cfg["device"])
+    caches = model.new_caches()
+    with autocast:
+        sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size),
+                                caches=caches)
+    print(f"\nsample:\n{decode(sample[0].tolist())}")
+    print_cache_stats(caches)
+
+
 def print_cache_stats(caches):
     """What the sample's KV cache held at its end, per layer, against a dense cache."""
     stats = [c.stats() for c in caches]
@@ -481,16 +495,8 @@ def train(cfg):
     history["elapsed"] = time.time() - start
     if rank == 0:
         save_history(history, cfg)
-        # Shakespeare: from a new line; recall: a val sequence up to its first question
-        first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] == "recall" else None
-        prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64),
-                              device=cfg["device"])
-        caches = model.new_caches()
-        with autocast:
-            sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size),
-                                    caches=caches)
-        print(f"\nsample:\n{decode(sample[0].tolist())}")
-        print_cache_stats(caches)
+        if cfg["sample_tokens"] > 0:
+            print_sample(model, val_data, encode, decode, vocab_size, autocast, cfg)
         if cfg["attention"] == "nats":
             snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
             show_token_types(model, snippet, decode, cfg)

@@ -1,12 +1,15 @@
 """
 A synthetic associative-recall task, where only a few early tokens matter for a prediction far away.
 
-Each sequence (characters): key=value pairs, a bar, filler, then a query for every key, in a new order,
+Each sequence (characters): key=value pairs, a bar, then filler with queries of half the keys at
+random places,
 
-    c=7 q=2 x=0 f=5 k=9 a=1 m=4 t=3|QWE RTZ UIOP ... ASDF?m=4?c=7?t=3?x=0?a=1?q=2?k=9?f=5
+    c=7 q=2 x=0 f=5 k=9 a=1 m=4 t=3|QWE RTZ?m=4UIOP ... XCV?c=7ASDF GHJ?t=3 ... KL?x=0ZU
 
 and only the value after each "?key=" is scored: to get it right the model must keep the pairs in
-its cache across the filler. Generated from seeds: every training batch draws fresh sequences
+its cache until their query, which may come a few or a few hundred characters later. Querying
+every key would allow a shortcut: a model answering the last queries by elimination (the values
+not yet asked for) reached 46 % accuracy that way without learning any lookup. Generated from seeds: every training batch draws fresh sequences
 from its own seed, the held-out val set comes from VAL_SEED; `python data/recall.py` prints examples.
 """
 import numpy as np
@@ -15,7 +18,7 @@ KEYS = "abcdefghijklmnopqrstuvwxyz"
 VALUES = "0123456789"
 FILLER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ "
 ALPHABET = KEYS + VALUES + FILLER + "=?|"
-N_PAIRS, N_QUERIES = 8, 8
+N_PAIRS, N_QUERIES = 8, 4
 VAL_SEED = 5678  # the held-out set; training sequences come from each batch's own seed
 
 
@@ -27,14 +30,18 @@ def make_sequences(n, length, seed):
     rng = np.random.default_rng(seed)
     keys = rng.random((n, len(KEYS))).argsort(axis=1)[:, :N_PAIRS]  # distinct keys per row
     values = len(KEYS) + rng.integers(0, len(VALUES), (n, N_PAIRS))
-    asked = rng.random((n, N_PAIRS)).argsort(axis=1)[:, :N_QUERIES]
-    char = lambda c: np.full((n, N_PAIRS), ALPHABET.index(c))
-    pairs = np.stack([keys, char("="), values, char(" ")], axis=2).reshape(n, -1)
+    char = lambda c, m: np.full((n, m), ALPHABET.index(c))
+    pairs = np.stack([keys, char("=", N_PAIRS), values, char(" ", N_PAIRS)], axis=2).reshape(n, -1)
     pairs[:, -1] = ALPHABET.index("|")
-    filler = ALPHABET.index(FILLER[0]) + rng.integers(0, len(FILLER), (n, length - fixed))
-    pick = lambda a: np.take_along_axis(a, asked, axis=1)
-    queries = np.stack([char("?")[:, :N_QUERIES], pick(keys), char("=")[:, :N_QUERIES], pick(values)], axis=2)
-    return np.concatenate([pairs, filler, queries.reshape(n, -1)], axis=1).astype(np.uint8)
+    rest = ALPHABET.index(FILLER[0]) + rng.integers(0, len(FILLER), (n, length - N_PAIRS * 4))
+    asked = rng.random((n, N_PAIRS)).argsort(axis=1)[:, :N_QUERIES]
+    ask = lambda a: np.take_along_axis(a, asked, axis=1)
+    queries = np.stack([char("?", N_QUERIES), ask(keys), char("=", N_QUERIES), ask(values)], axis=2)
+    # the queries at random places in the filler, in order and apart: the i-th starts after i
+    # earlier queries and a sorted random amount of filler, so their distances to the pairs vary
+    starts = np.sort(rng.integers(0, length - fixed + 1, (n, N_QUERIES)), axis=1) + 4 * np.arange(N_QUERIES)
+    np.put_along_axis(rest, (starts[:, :, None] + np.arange(4)).reshape(n, -1), queries.reshape(n, -1), axis=1)
+    return np.concatenate([pairs, rest], axis=1).astype(np.uint8)
 
 
 def answer_mask(sequences):
