@@ -530,11 +530,14 @@ def test_recall_sequences_ask_for_values_given_earlier():
     assert (mask.sum(1) == recall.N_QUERIES).all()
     for row, answers in zip(seqs, mask):
         text = "".join(recall.ALPHABET[i] for i in row)
-        pairs = dict(p.split("=") for p in text[:text.index("|")].split(" "))
-        for p in answers.nonzero()[0]:  # the answer is the value the pairs gave that key
-            assert text[p - 3] == "?" and pairs[text[p - 2]] == text[p]
+        bar = text.index("|")
+        pairs = dict(zip(text[:bar:2], text[1:bar:2]))
+        asked = [text[p - 1] for p in answers.nonzero()[0]]
+        assert len(pairs) == recall.N_PAIRS and len(set(asked)) == recall.N_QUERIES  # no key asked twice
+        for p in answers.nonzero()[0]:  # the answer is the value the pairs gave the key before it
+            assert p > bar + 1 and pairs[text[p - 1]] == text[p]
     with pytest.raises(ValueError, match="block_size"):
-        recall.make_sequences(1, 40, seed=0)
+        recall.make_sequences(1, 25, seed=0)
 
 
 def test_recall_batches_score_only_the_answers(tmp_path):

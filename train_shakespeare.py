@@ -261,7 +261,7 @@ def hms(seconds):
 
 
 def print_sample(model, val_data, encode, decode, vocab_size, autocast, cfg):
-    """Generate from a new line (Shakespeare) or from a val sequence up to its first question
+    """Generate from a new line (Shakespeare) or from a val sequence up to its first answer
     (recall), then show what the evicting cache held."""
     first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] == "recall" else None
     prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64),
