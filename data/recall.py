@@ -10,8 +10,8 @@ A query is a key again; only the digit after it is scored: to get it right the m
 pairs in its cache until their query, which may come a few or a few hundred characters later.
 Querying every key would allow a shortcut: a model answering the last queries by elimination (the
 values not yet asked for) reached 46 % accuracy that way without learning any lookup. Key and
-value sit side by side, as in token-level recall: a separator between them ("k=v", "?k=v") made
-the lookup two steps deep, and 2- and 4-layer models did not find it in 12,000 steps.
+value sit side by side, as in token-level recall, so the lookup is one induction step (with a
+separator, "k=v" and "?k=v", it is two).
 Generated from seeds: every training batch draws fresh sequences from its own seed, the held-out
 val set comes from VAL_SEED; `python data/recall.py` prints examples.
 """
