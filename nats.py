@@ -38,6 +38,8 @@ class GPTConfig:
     window: int = 16  # W: a Sliding token is seen by the W+1 queries j .. j+W
     kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss
     rope_base: float = 10000.0
+    init_std: float = 0.02  # weights ~ N(0, init_std), GPT-2's 0.02; a small model learns lookups only from
+                            # about 1 / sqrt(n_embd) (README, "Associative recall")
 
     def __post_init__(self):
         if self.attention not in ("nats", "dense", "sliding"):
@@ -269,12 +271,12 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                torch.nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
         self.stats = {}
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())

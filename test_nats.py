@@ -266,6 +266,14 @@ def test_sliding_baseline_is_a_sink_plus_a_window():
     assert loss.item() == model.stats["ce"].item()  # a fixed pattern: no sparsity term
 
 
+@pytest.mark.parametrize("std", [0.02, 0.125])
+def test_init_std_sets_the_initial_weights(std):
+    model = GPT(tiny_config(n_embd=64, vocab_size=512, init_std=std))
+    assert model.lm_head.weight.std().item() == pytest.approx(std, rel=0.05)  # tied with the embedding
+    residual = model.transformer.h[0].attn.c_proj.weight  # GPT-2's residual projections: std / sqrt(2 n_layer)
+    assert residual.std().item() == pytest.approx(std / (2 * model.config.n_layer) ** 0.5, rel=0.1)
+
+
 def test_model_rejects_bad_configs():
     with pytest.raises(ValueError, match="attention"):
         tiny_config(attention="sparse")

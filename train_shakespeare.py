@@ -45,6 +45,7 @@ n_kv_head = 6
 n_embd = 384
 block_size = 256
 dropout = 0.2
+init_std = 0.02  # initial weights ~ N(0, init_std); the recall task needs about 1 / sqrt(n_embd)
 window = 16
 kv_weight = 0.1
 batch_size = 64
@@ -401,7 +402,7 @@ def train(cfg):
 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     model_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "attention", "window",
-                  "kv_weight")
+                  "kv_weight", "init_std")
     teacher = load_teacher(cfg) if cfg["finetune_scorer"] else None
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
@@ -414,8 +415,8 @@ def train(cfg):
     else:
         model_args = {key: cfg[key] for key in model_keys}
         model_args["vocab_size"] = vocab_size
-    for key in model_keys:  # what the model really is
-        cfg[key] = model_args[key]
+    for key in model_keys:  # what the model really is (checkpoints older than init_std lack it)
+        cfg[key] = model_args.get(key, cfg[key])
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(cfg["device"])
     if teacher is not None:
