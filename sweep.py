@@ -132,10 +132,12 @@ def plot(rows, base, path):
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     metric = "val_accuracy" if base["dataset"] == "recall" else "val"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["kv_fraction"], r[metric], color="C0" if r["run"].startswith("nats") else "C1")
-        ax.annotate(r["run"], (r["kv_fraction"], r[metric]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    markers = {"nats": "o", "sliding": "s", "dense": "*"}  # a legend, not labels: nearby points overlap
+    for i, r in enumerate(sorted(rows, key=lambda r: r["kv_fraction"])):
+        ax.scatter(r["kv_fraction"], r[metric], color=f"C{i % 10}", marker=markers[r["run"].split()[0]],
+                   s=60, label=r["run"])
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_xlabel("KV share kept (kv_fraction)")
     ax.set_ylabel("recall accuracy" if metric == "val_accuracy" else "val loss")
     ax.set_title(f"{base['dataset']}: quality against KV cache")
