@@ -278,8 +278,6 @@ def print_sample(model, val_data, encode, decode, vocab_size, autocast, cfg):
 def print_cache_stats(caches):
     """What the sample's KV cache held at its end, per layer, against a dense cache."""
     stats = [c.stats() for c in caches]
-    if not stats or not stats[0]["dense_tokens"]:
-        return
     held = " ".join(f"{s['tokens_mean']:.0f}/{s['tokens_max']:.0f}" for s in stats)
     kept, dense = sum(s["bytes"] for s in stats), sum(s["dense_bytes"] for s in stats)
     print(f"KV cache after {stats[0]['dense_tokens']} tokens: tokens held per layer (mean/max over heads) {held}; "
