@@ -47,6 +47,9 @@ class GPTConfig:
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"need n_embd % n_head == 0 and n_head % n_kv_head == 0, got "
                              f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0 (0.02 as in GPT-2, about 1/sqrt(n_embd) for small models), "
+                             f"got {self.init_std}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.n_embd // self.n_head}")
 

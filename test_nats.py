@@ -279,6 +279,8 @@ def test_model_rejects_bad_configs():
         tiny_config(attention="sparse")
     with pytest.raises(ValueError, match="n_kv_head"):
         tiny_config(n_kv_head=3)
+    with pytest.raises(ValueError, match="init_std must be > 0"):
+        tiny_config(init_std=0.0)
     with pytest.raises(ValueError, match="block_size"):
         GPT(tiny_config())(torch.zeros(1, 33, dtype=torch.long))
 
