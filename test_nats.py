@@ -307,7 +307,9 @@ def test_training_loss_falls_and_types_are_reported(tmp_path, capsys):
     assert last["val"] < first["val"] - 0.5
     assert 0 < last["kv_fraction"][0] <= 1 and sum(last["type_share"]) == pytest.approx(1.0)
     out = capsys.readouterr().out
-    assert "kv " in out and "ETA" in out and (tmp_path / "token_types.html").exists()
+    assert "kv " in out and "ETA" in out and "Global tokens per KV head" in out
+    page = (tmp_path / "token_types.html").read_text()
+    assert "layer 0, KV head 0" in page and "layer 1, KV head 0" in page  # every layer and KV head
 
 
 def test_resume_reproduces_the_next_step_exactly(tmp_path):
@@ -341,7 +343,7 @@ def test_nan_loss_stops_training_with_a_message(tmp_path):
         tiny_run(tmp_path, learning_rate=float("inf"), warmup_iters=0, grad_clip=0.0)
 
 
-def test_command_line_is_validated():
+def test_command_line_is_validated(tmp_path):
     import train_shakespeare as ts
     with pytest.raises(SystemExit, match="unknown argument"):
         ts.make_config(["--n_layers=3"])
@@ -349,6 +351,8 @@ def test_command_line_is_validated():
         ts.make_config(["--n_layer=three"])
     cfg, why = ts.make_config(["--device=cpu", "--kv_weight=1", "--attention=dense"])
     assert cfg["kv_weight"] == 1.0 and cfg["attention"] == "dense" and "CPU" in why
+    with pytest.raises(SystemExit, match=r"2 layers and 1 KV heads; pass .* a head in \[0, 0\]"):
+        ts.train(dict(ts.make_config(TINY_RUN)[0], show_head=1, out_dir=str(tmp_path)))
 
 
 # -----------------------------------------------------------------------------

@@ -291,22 +291,28 @@ HTML_STYLE = ("background:#d62728;color:white;font-weight:bold", "background:#ff
 
 @torch.no_grad()
 def show_token_types(model, tokens, decode, cfg):
-    """Colour every token of a val snippet by its type in one layer and KV head: ANSI and HTML."""
+    """Colour every token of a val snippet by its type: one layer and KV head in the terminal
+    (--show_layer, --show_head), every layer and KV head in out_dir/token_types.html."""
     x = torch.from_numpy(tokens.astype(np.int64))[None].to(cfg["device"])
     with eval_mode(model):
         model(x)
-    attn = model.transformer.h[cfg["show_layer"]].attn
-    kinds = attn.stats["token_types"][0, cfg["show_head"]].argmax(-1).tolist()
+    kinds = torch.stack([blk.attn.stats["token_types"][0].argmax(-1) for blk in model.transformer.h]).tolist()
     pieces = [decode([t]) for t in tokens.tolist()]
-    terminal = "".join(f"{ANSI[k]}{p.replace(chr(10), '↵' + chr(10))}\033[0m" for p, k in zip(pieces, kinds))
+    layer, head = cfg["show_layer"] % len(kinds), cfg["show_head"]
+    terminal = "".join(f"{ANSI[k]}{p.replace(chr(10), '↵' + chr(10))}\033[0m" for p, k in zip(pieces, kinds[layer][head]))
     legend = "  ".join(f"{ANSI[k]}{name}\033[0m" for k, name in enumerate(TYPE_NAMES))
-    print(f"\ntoken types, layer {cfg['show_layer']} KV head {cfg['show_head']} ({legend}):\n{terminal}\n")
-    spans = "".join(f'<span style="{HTML_STYLE[k]}" title="{TYPE_NAMES[k]}">{html.escape(p)}</span>'
-                    for p, k in zip(pieces, kinds))
+    print(f"\ntoken types, layer {layer} KV head {head} ({legend}):\n{terminal}\n")
+    globals_per_head = " | ".join(f"layer {l}: " + " ".join(str(row.count(0)) for row in heads)
+                                  for l, heads in enumerate(kinds))
+    print(f"Global tokens per KV head in these {len(pieces)}: {globals_per_head}")
     legend_html = " ".join(f'<span style="{HTML_STYLE[k]}">{name}</span>' for k, name in enumerate(TYPE_NAMES))
+    blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(0)} Global, {row.count(1)} Local</h4>"
+                     f"<pre style='font-size:14px;line-height:1.5;white-space:pre-wrap'>"
+                     + "".join(f'<span style="{HTML_STYLE[k]}" title="{TYPE_NAMES[k]}">{html.escape(p)}</span>'
+                               for p, k in zip(pieces, row)) + "</pre>"
+                     for l, heads in enumerate(kinds) for h, row in enumerate(heads))
     page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>"
-            f"<h3>Token types, layer {cfg['show_layer']}, KV head {cfg['show_head']} ({legend_html})</h3>"
-            f"<pre style='font-size:14px;line-height:1.5'>{spans}</pre>")
+            f"<h3>Token types of every layer and KV head ({legend_html})</h3>{blocks}")
     path = os.path.join(cfg["out_dir"], "token_types.html")
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
@@ -415,6 +421,10 @@ def train(cfg):
         model_args["vocab_size"] = vocab_size
     for key in model_keys:  # what the model really is (checkpoints older than init_std lack it)
         cfg[key] = model_args.get(key, cfg[key])
+    if not (-cfg["n_layer"] <= cfg["show_layer"] < cfg["n_layer"] and 0 <= cfg["show_head"] < cfg["n_kv_head"]):
+        raise SystemExit(f"--show_layer={cfg['show_layer']} --show_head={cfg['show_head']}: the model has "
+                         f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
+                         f"[-{cfg['n_layer']}, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}]")
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(cfg["device"])
     if teacher is not None:
