@@ -8,8 +8,9 @@ loss (or recall accuracy) against the share of the KV cache each keeps.
     python sweep.py --kv_weights=0.01,0.03,0.1 --windows=16,64 --finetune_iters=1000 --jobs=8
 
 --kv_weights (NAtS runs), --windows (sliding runs), --finetune_iters (if > 0, also fine-tune the
-scorers of the dense run for that many iterations, at the middle kv_weight) and --jobs (runs at a
-time, each its own process, spread over the visible GPUs) belong to the sweep; every other
+scorers of the dense run for that many iterations), --finetune_weights (the kv_weights of those
+fine-tuning runs; by default the middle one of --kv_weights) and --jobs (runs at a time, each its
+own process, spread over the visible GPUs) belong to the sweep; every other
 --key=value goes to train_shakespeare.py. Writes out_dir/sweep.md and sweep.json, and sweep.png if
 matplotlib is installed; each run keeps its own folder under out_dir, with its log (train.log when
 --jobs > 1), history.json, checkpoint and token-type picture.
@@ -25,7 +26,7 @@ import torch
 
 import train_shakespeare as ts
 
-SWEEP_DEFAULTS = dict(kv_weights="0.01,0.03,0.1,0.3", windows="16,64", finetune_iters=0, jobs=1)
+SWEEP_DEFAULTS = dict(kv_weights="0.01,0.03,0.1,0.3", windows="16,64", finetune_iters=0, finetune_weights="", jobs=1)
 
 
 def split_args(argv):
@@ -49,8 +50,8 @@ def variants(own, base):
     runs = [("dense", dict(attention="dense"), None)]
     runs += [(f"sliding W={w}", dict(attention="sliding", window=int(w)), None) for w in own["windows"].split(",")]
     runs += [(f"nats lambda={w}", dict(attention="nats", kv_weight=w), None) for w in kv_weights]
-    if own["finetune_iters"] > 0:
-        w = kv_weights[len(kv_weights) // 2]
+    finetune_weights = own["finetune_weights"] or str(kv_weights[len(kv_weights) // 2])
+    for w in [float(w) for w in finetune_weights.split(",")] if own["finetune_iters"] > 0 else []:
         runs.append((f"nats fine-tuned lambda={w}", dict(
             finetune_scorer=True, kv_weight=w, max_iters=own["finetune_iters"],
             lr_decay_iters=own["finetune_iters"], init_from=os.path.join(run_dir(base, "dense"), "ckpt.pt")), "dense"))

@@ -599,6 +599,18 @@ def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
     assert (tmp_path / "nats_lambda=0.1" / "token_types.html").exists()
 
 
+def test_sweep_fine_tunes_at_the_middle_kv_weight_or_at_the_ones_given():
+    import sweep
+    base = dict(out_dir="o")
+    for extra, expected in [([], ["nats fine-tuned lambda=0.1"]),
+                            (["--finetune_weights=0.3,3"], ["nats fine-tuned lambda=0.3", "nats fine-tuned lambda=3.0"]),
+                            (["--finetune_iters=0"], [])]:
+        own, _ = sweep.split_args(["--kv_weights=0.01,0.1,1", "--finetune_iters=5"] + extra)
+        runs = sweep.variants(own, base)
+        assert [name for name, _, _ in runs if "fine-tuned" in name] == expected
+        assert all(parent == "dense" and cfg["max_iters"] == 5 for name, cfg, parent in runs if "fine-tuned" in name)
+
+
 def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_path, capsys):
     import sweep
     sweep.main(TINY_RUN + ["--dataset=none", "--kv_weights=0.1", "--windows=4", "--finetune_iters=2", "--jobs=2",
