@@ -167,7 +167,8 @@ def main(argv):
     with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
     write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))
-    plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
+    if rows:  # no run finished: nothing to plot
+        plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
 
 
 if __name__ == "__main__":
