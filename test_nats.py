@@ -8,6 +8,7 @@ Everything here runs on CPU; without a GPU the Triton kernel runs in Triton's in
 `cuda` check the compiled kernel at larger sizes, in bf16 too, and are skipped without a GPU.
 """
 import os
+import re
 
 import torch
 
@@ -550,6 +551,12 @@ def test_recall_sequences_ask_for_values_given_earlier():
         assert len(pairs) == recall.N_PAIRS and len(set(asked)) == recall.N_QUERIES  # no key asked twice
         for p in answers.nonzero()[0]:  # the answer is the value the pairs gave the key before it
             assert p > bar + 1 and pairs[text[p - 1]] == text[p]
+    roles = recall.roles(seqs)  # every character has exactly one role, in the numbers the format fixes
+    assert (sum(m.astype(int) for m in roles.values()) == 1).all()
+    counts = {name: set(m.sum(1)) for name, m in roles.items()}
+    assert counts["pair keys"] == counts["pair values"] == {recall.N_PAIRS} and counts["bar"] == {1}
+    assert counts["query keys"] == counts["answers"] == {recall.N_QUERIES}
+    assert np.array_equal(roles["answers"][:, 1:], roles["query keys"][:, :-1])
     with pytest.raises(ValueError, match="block_size"):
         recall.make_sequences(1, 25, seed=0)
 
@@ -566,6 +573,13 @@ def test_recall_batches_score_only_the_answers(tmp_path):
     history = tiny_run(tmp_path, dataset="recall", block_size=64, max_iters=20, eval_interval=10, attention="sliding",
                        sample_tokens=0)  # no sample: no crash on an empty cache
     assert 0 <= history["evals"][-1]["val_accuracy"] <= 1 and history["evals"][-1]["kv_fraction"][0] < 0.5
+
+
+def test_recall_run_reports_which_roles_each_head_keeps(tmp_path, capsys):
+    tiny_run(tmp_path, dataset="recall", block_size=64, max_iters=2, eval_interval=2, sample_tokens=0)
+    out = capsys.readouterr().out
+    assert "share marked Global over 512 val sequences, by role (pair keys, pair values, bar," in out
+    assert re.search(r"layer 1 KV head 0: +\d+% +\d+% +\d+% +\d+% +\d+% +\d+%\n", out)
 
 
 def test_finetune_scorer_trains_only_the_scorers(tmp_path):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import recall
-from nats import GPT, GPTConfig, eval_mode
+from nats import GLOBAL, LOCAL, GPT, GPTConfig, eval_mode
 
 # -----------------------------------------------------------------------------
 # defaults: the baby GPT of nanoGPT's shakespeare_char, used when CUDA is available
@@ -302,11 +302,11 @@ def show_token_types(model, tokens, decode, cfg):
     terminal = "".join(f"{ANSI[k]}{p.replace(chr(10), '↵' + chr(10))}\033[0m" for p, k in zip(pieces, kinds[layer][head]))
     legend = "  ".join(f"{ANSI[k]}{name}\033[0m" for k, name in enumerate(TYPE_NAMES))
     print(f"\ntoken types, layer {layer} KV head {head} ({legend}):\n{terminal}\n")
-    globals_per_head = " | ".join(f"layer {l}: " + " ".join(str(row.count(0)) for row in heads)
+    globals_per_head = " | ".join(f"layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads)
                                   for l, heads in enumerate(kinds))
     print(f"Global tokens per KV head in these {len(pieces)}: {globals_per_head}")
     legend_html = " ".join(f'<span style="{HTML_STYLE[k]}">{name}</span>' for k, name in enumerate(TYPE_NAMES))
-    blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(0)} Global, {row.count(1)} Local</h4>"
+    blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4>"
                      f"<pre style='font-size:14px;line-height:1.5;white-space:pre-wrap'>"
                      + "".join(f'<span style="{HTML_STYLE[k]}" title="{TYPE_NAMES[k]}">{html.escape(p)}</span>'
                                for p, k in zip(pieces, row)) + "</pre>"
@@ -317,6 +317,21 @@ def show_token_types(model, tokens, decode, cfg):
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     print(f"wrote {path}")
+
+
+@torch.no_grad()
+def print_types_by_role(model, val_data, cfg):
+    """Recall: the share of each role that every layer and KV head marks Global, over 512 val
+    sequences. The heads that do the lookup keep the pairs' values; the filler need not stay."""
+    x = val_data[:512, :-1]
+    with eval_mode(model):
+        model(torch.from_numpy(x.astype(np.int64)).to(cfg["device"]))
+    roles = recall.roles(x)
+    print(f"share marked Global over {len(x)} val sequences, by role ({', '.join(roles)}):")
+    for l, blk in enumerate(model.transformer.h):
+        is_global = (blk.attn.stats["token_types"].argmax(-1) == GLOBAL).cpu().numpy()
+        for h in range(is_global.shape[1]):
+            print(f"  layer {l} KV head {h}: " + " ".join(f"{is_global[:, h][m].mean():4.0%}" for m in roles.values()))
 
 
 # -----------------------------------------------------------------------------
@@ -509,6 +524,8 @@ def train(cfg):
         if cfg["attention"] == "nats":
             snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
             show_token_types(model, snippet, decode, cfg)
+            if cfg["dataset"] == "recall":
+                print_types_by_role(model, val_data, cfg)
     if world > 1:
         dist.destroy_process_group()
     return history

@@ -53,6 +53,17 @@ def answer_mask(sequences):
     return mask
 
 
+def roles(sequences):
+    """Boolean masks [n, length] of where each role sits: the pairs' keys and values, the bar, the
+    query keys (keys past the bar), their answers and the filler."""
+    pos = np.broadcast_to(np.arange(sequences.shape[1]), sequences.shape)
+    in_pairs, bar = pos < 2 * N_PAIRS, pos == 2 * N_PAIRS
+    query_keys = (sequences < len(KEYS)) & ~in_pairs & ~bar
+    answers = answer_mask(sequences)
+    return {"pair keys": in_pairs & (pos % 2 == 0), "pair values": in_pairs & (pos % 2 == 1), "bar": bar,
+            "query keys": query_keys, "answers": answers, "filler": ~in_pairs & ~bar & ~query_keys & ~answers}
+
+
 if __name__ == "__main__":
     for row in make_sequences(3, 128, VAL_SEED):
         print("".join(ALPHABET[i] for i in row))
