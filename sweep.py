@@ -134,11 +134,11 @@ def plot(rows, base, path):
         return
     metric = "val_accuracy" if base["dataset"] == "recall" else "val"
     fig, ax = plt.subplots(figsize=(7, 4))
-    markers = {"nats": "o", "fine-tuned": "D", "sliding": "s", "dense": "*"}  # a legend, not labels: nearby points overlap
+    markers = {"nats": "o", "fine-tuned": "D", "sliding": "s", "dense": "*"}
     for i, r in enumerate(sorted(rows, key=lambda r: r["kv_fraction"])):
         kind = "fine-tuned" if "fine-tuned" in r["run"] else r["run"].split()[0]
         ax.scatter(r["kv_fraction"], r[metric], color=f"C{i % 10}", marker=markers[kind], s=60, label=r["run"])
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # not point labels: they overlap
     ax.set_xlabel("KV share kept (kv_fraction)")
     ax.set_ylabel("recall accuracy" if metric == "val_accuracy" else "val loss")
     ax.set_title(f"{base['dataset']}: quality against KV cache")

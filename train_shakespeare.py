@@ -299,7 +299,8 @@ def show_token_types(model, tokens, decode, cfg):
     kinds = torch.stack([blk.attn.stats["token_types"][0].argmax(-1) for blk in model.transformer.h]).tolist()
     pieces = [decode([t]) for t in tokens.tolist()]
     layer, head = cfg["show_layer"] % len(kinds), cfg["show_head"]
-    terminal = "".join(f"{ANSI[k]}{p.replace(chr(10), '↵' + chr(10))}\033[0m" for p, k in zip(pieces, kinds[layer][head]))
+    terminal = "".join(f"{ANSI[k]}{p.replace(chr(10), '↵' + chr(10))}\033[0m"
+                       for p, k in zip(pieces, kinds[layer][head]))
     legend = "  ".join(f"{ANSI[k]}{name}\033[0m" for k, name in enumerate(TYPE_NAMES))
     print(f"\ntoken types, layer {layer} KV head {head} ({legend}):\n{terminal}\n")
     globals_per_head = " | ".join(f"layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads)
@@ -331,7 +332,8 @@ def print_types_by_role(model, val_data, cfg):
     for l, blk in enumerate(model.transformer.h):
         is_global = (blk.attn.stats["token_types"].argmax(-1) == GLOBAL).cpu().numpy()
         for h in range(is_global.shape[1]):
-            print(f"  layer {l} KV head {h}: " + " ".join(f"{is_global[:, h][m].mean():4.0%}" for m in roles.values()))
+            shares = " ".join(f"{is_global[:, h][m].mean():4.0%}" for m in roles.values())
+            print(f"  layer {l} KV head {h}: {shares}")
 
 
 # -----------------------------------------------------------------------------
