@@ -45,21 +45,25 @@ def make_sequences(n, length, seed):
     return np.concatenate([pairs, bar, rest], axis=1).astype(np.uint8)
 
 
-def answer_mask(sequences):
-    """True where a character is the answer to a query: the digit after a key, past the bar."""
+def query_mask(sequences):
+    """True where a character is a query: a key past the bar."""
     past_bar = np.cumsum(sequences == ALPHABET.index("|"), axis=1) > 0
+    return (sequences < len(KEYS)) & past_bar
+
+
+def answer_mask(sequences):
+    """True where a character is the answer to a query: the digit after it."""
     mask = np.zeros(sequences.shape, dtype=bool)
-    mask[:, 1:] = (sequences[:, :-1] < len(KEYS)) & past_bar[:, 1:]
+    mask[:, 1:] = query_mask(sequences)[:, :-1]
     return mask
 
 
 def roles(sequences):
     """Boolean masks [n, length] of where each role sits: the pairs' keys and values, the bar, the
-    query keys (keys past the bar), their answers and the filler."""
+    query keys, their answers and the filler."""
     pos = np.broadcast_to(np.arange(sequences.shape[1]), sequences.shape)
     in_pairs, bar = pos < 2 * N_PAIRS, pos == 2 * N_PAIRS
-    query_keys = (sequences < len(KEYS)) & ~in_pairs & ~bar
-    answers = answer_mask(sequences)
+    query_keys, answers = query_mask(sequences), answer_mask(sequences)
     return {"pair keys": in_pairs & (pos % 2 == 0), "pair values": in_pairs & (pos % 2 == 1), "bar": bar,
             "query keys": query_keys, "answers": answers, "filler": ~in_pairs & ~bar & ~query_keys & ~answers}
 
