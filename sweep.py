@@ -50,11 +50,13 @@ def variants(own, base):
     runs = [("dense", dict(attention="dense"), None)]
     runs += [(f"sliding W={w}", dict(attention="sliding", window=int(w)), None) for w in own["windows"].split(",")]
     runs += [(f"nats lambda={w}", dict(attention="nats", kv_weight=w), None) for w in kv_weights]
-    finetune_weights = own["finetune_weights"] or str(kv_weights[len(kv_weights) // 2])
-    for w in [float(w) for w in finetune_weights.split(",")] if own["finetune_iters"] > 0 else []:
-        runs.append((f"nats fine-tuned lambda={w}", dict(
-            finetune_scorer=True, kv_weight=w, max_iters=own["finetune_iters"],
-            lr_decay_iters=own["finetune_iters"], init_from=os.path.join(run_dir(base, "dense"), "ckpt.pt")), "dense"))
+    if own["finetune_iters"] > 0:
+        given = own["finetune_weights"]
+        for w in [float(w) for w in given.split(",")] if given else [kv_weights[len(kv_weights) // 2]]:
+            runs.append((f"nats fine-tuned lambda={w}", dict(
+                finetune_scorer=True, kv_weight=w, max_iters=own["finetune_iters"],
+                lr_decay_iters=own["finetune_iters"],
+                init_from=os.path.join(run_dir(base, "dense"), "ckpt.pt")), "dense"))
     return [(name, dict(base, **changes, out_dir=run_dir(base, name)), parent) for name, changes, parent in runs]
 
 
