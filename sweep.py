@@ -44,15 +44,24 @@ def split_args(argv):
     return own, rest
 
 
+def numbers(own, key, kind):
+    """The comma-separated list of --key as numbers of that kind, or an error saying what to pass."""
+    try:
+        return [kind(w) for w in own[key].split(",")]
+    except ValueError:
+        raise SystemExit(f"--{key}={own[key]}: expected {'whole ' if kind is int else ''}numbers separated by commas, "
+                         f"like --{key}={SWEEP_DEFAULTS[key] or '0.1,1'}") from None
+
+
 def variants(own, base):
     """(name, config, name of the run it starts from) of every run, dense first."""
-    kv_weights = [float(w) for w in own["kv_weights"].split(",")]
+    kv_weights = numbers(own, "kv_weights", float)
     runs = [("dense", dict(attention="dense"), None)]
-    runs += [(f"sliding W={w}", dict(attention="sliding", window=int(w)), None) for w in own["windows"].split(",")]
+    runs += [(f"sliding W={w}", dict(attention="sliding", window=w), None) for w in numbers(own, "windows", int)]
     runs += [(f"nats lambda={w}", dict(attention="nats", kv_weight=w), None) for w in kv_weights]
     if own["finetune_iters"] > 0:
         given = own["finetune_weights"]
-        for w in [float(w) for w in given.split(",")] if given else [kv_weights[len(kv_weights) // 2]]:
+        for w in numbers(own, "finetune_weights", float) if given else [kv_weights[len(kv_weights) // 2]]:
             runs.append((f"nats fine-tuned lambda={w}", dict(
                 finetune_scorer=True, kv_weight=w, max_iters=own["finetune_iters"],
                 lr_decay_iters=own["finetune_iters"],

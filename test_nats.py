@@ -623,6 +623,10 @@ def test_sweep_fine_tunes_at_the_middle_kv_weight_or_at_the_ones_given():
         runs = sweep.variants(own, base)
         assert [name for name, _, _ in runs if "fine-tuned" in name] == expected
         assert all(parent == "dense" and cfg["max_iters"] == 5 for name, cfg, parent in runs if "fine-tuned" in name)
+    for bad in ["--kv_weights=0.1,x", "--windows=16,wide", "--finetune_weights=a"]:
+        own, _ = sweep.split_args(["--finetune_iters=5", bad])
+        with pytest.raises(SystemExit, match=f"{bad}: expected (whole )?numbers separated by commas, like --"):
+            sweep.variants(own, base)
 
 
 def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_path, capsys):
