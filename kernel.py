@@ -1,8 +1,8 @@
 """
-NAtS sparse attention: the plain-PyTorch reference and the public entry point.
+NAtS sparse attention: the plain-PyTorch reference, the Triton kernel, and their benchmark.
 
 Every key j carries a one-hot type per KV head (0 Global, 1 Local, 2 Sliding) that decides
-which later queries may see it (../shared/NATS_SPEC.md, sections 2-3):
+which later queries may see it (README, "How NAtS works"):
 
     Global   seen by every later query
     Local    seen up to and including the next Global token's own query
@@ -10,15 +10,32 @@ which later queries may see it (../shared/NATS_SPEC.md, sections 2-3):
 
 So key j is visible to exactly the queries j .. last_visible_query[j]: one integer per key
 describes the whole mask. The reference below builds the full T x T relaxed mask instead, so
-that autograd gives the token types the gradient the spec defines.
+that autograd gives the token types the gradient the method defines; the kernel must return
+the same values and gradients from O(T) integers per (batch, KV head).
 """
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton wheels for macOS or Windows: the reference and the model still work
+
+    class _NoTriton:
+        """Stands in for triton and triton.language so the kernels below can be defined;
+        nats_attention(impl="triton") says what is missing before one is called."""
+        constexpr = None
+        jit = staticmethod(lambda fn: fn)
+        autotune = staticmethod(lambda *args, **kwargs: (lambda fn: fn))
+        Config = staticmethod(lambda *args, **kwargs: None)
+
+    triton = tl = _NoTriton
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
 
 GLOBAL, LOCAL, SLIDING = 0, 1, 2
 LOG2E = math.log2(math.e)
@@ -36,7 +53,7 @@ def next_global(is_global):
 
 
 def reach_by_type(token_types, window):
-    """The last query that would see key j as each type (spec section 2): long [..., T, 3].
+    """The last query that would see key j as each type (README, "The mask"): long [..., T, 3].
 
     Global: the end; Local: the next Global token (inclusive, from the hard types); Sliding: j + W.
     """
@@ -62,7 +79,7 @@ def visible_mask(token_types, window):
 
 
 def kv_lengths(token_types, window):
-    """Column lengths n_j of spec section 4: how many queries see key j.
+    """Column lengths n_j (README, "The sparsity loss"): how many queries see key j.
 
     The length of each type comes from the hard types (no gradient through f_j); the one-hot
     types carry the straight-through gradient, so the sparsity term trains the scorer.
@@ -73,11 +90,12 @@ def kv_lengths(token_types, window):
 
 
 # -----------------------------------------------------------------------------
-# The reference: spec sections 2-3 in plain PyTorch, O(T^2) memory
+# The reference: the method in plain PyTorch, O(T^2) memory
 
 
 def relaxed_mask(token_types, window):
-    """M_ij(y) = [i >= j] (g_j + l_j prod_{j<k<i} (1 - g_k) + s_j [i - j <= W]), spec section 3.
+    """M_ij(y) = [i >= j] (g_j + l_j prod_{j<k<i} (1 - g_k) + s_j [i - j <= W]) (README,
+    "Gradients for the types").
 
     Equals the hard mask at one-hot y. The product is one cumprod down the rows: row i
     multiplies in (1 - g_{i-1}) for every column j < i - 1.
@@ -97,35 +115,83 @@ def nats_attention_reference(q, k, v, token_types, window):
 
     q: [B, H, T, D]; k, v: [B, H_kv, T, D] with H % H_kv == 0 (query heads of a group share
     their KV head's types); token_types: one-hot float [B, H_kv, T, 3]. Returns [B, H, T, D].
-    Softmax and mask run in float32 (float64 for float64 inputs), the products in the input dtype.
+    The products run in the input dtype (q scaled by 1/sqrt(D) first, so float16 scores stay
+    finite as long as the true ones do), the softmax and the mask in float32 (float64 for
+    float64 inputs).
+
+    The output is a softmax over the visible keys alone, computed in log space: a masked key
+    whose score dwarfs the visible ones cannot underflow them. The relaxed mask M enters
+    through a term whose value is zero and whose gradient is the bounded form of dL/dM,
+    G_ij = pi_ij (dP_ij - Dl_i), with pi the causal softmax (README, "Gradients for the types").
     """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
-    q = q.reshape(B, H_kv, H // H_kv, T, D)  # grouped-query heads: [B, H_kv, group, T, D]
+    q = q.reshape(B, H_kv, H // H_kv, T, D) * D**-0.5  # grouped-query heads: [B, H_kv, group, T, D]
     k, v = k.unsqueeze(2), v.unsqueeze(2)
-    scores = (q @ k.transpose(-1, -2)).to(acc) * D**-0.5
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    pi = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # causal softmax
+    scores = (q @ k.transpose(-1, -2)).to(acc)
     mask = relaxed_mask(token_types.to(acc), window).unsqueeze(2)
-    # rho_i: the share of the causal mass row i keeps. Scaling the mask gradient by it turns the
-    # exact dL/dM (unbounded for masked keys with large scores) into pi_ij (dP_ij - Dl_i).
-    rho = (mask * pi).sum(-1, keepdim=True).detach()
-    mask = mask.detach() + rho * (mask - mask.detach())
-    kept = mask * pi
-    attn = kept / kept.sum(-1, keepdim=True)
+    visible = visible_mask(token_types, window).unsqueeze(2)  # from the argmax types, as the kernel
+    attn = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    pi = torch.softmax(scores.detach().masked_fill(~causal, float("-inf")), dim=-1)
+    # d/dM of (dm - attn * sum dm) summed against dP is pi_ij dP_ij - pi_ij sum_k attn_ik dP_ik
+    dm = (mask - mask.detach()) * pi
+    attn = attn + dm - attn.detach() * dm.sum(-1, keepdim=True)
     return (attn.to(v.dtype) @ v).reshape(B, H, T, D)
 
 
 # -----------------------------------------------------------------------------
-# The Triton kernel: never an N x N tensor in memory, only O(T) metadata per (batch, KV head)
+# The Triton kernel: never a T x T tensor in memory, only O(T) integers per (batch, KV head)
 #
-# Key j is visible to queries j .. last_q[j]. The forward keeps two log-sum-exps per query row
-# (log2 domain): LSE_M over the visible keys (the output's softmax) and, when gradients are
-# needed, LSE_F over all causal keys, whose softmax pi gives the mask gradient
-# G_ij = pi_ij (dP_ij - Dl_i) of spec section 3. Inference skips every tile with nothing
-# visible and visits the Global keys through a gathered list, so a query tile reads only the
-# Globals before it plus the few nearby tiles where Local and Sliding keys still live.
+# For a query i and a key j <= i the causal triangle splits into three regions:
+#   Global columns  j Global: seen by every later query. Few, so they are gathered into a list
+#                   and read like a short dense attention.
+#   the band        j not Global and i <= reach_j: Local keys up to their segment end, Sliding
+#                   keys up to j + W. It lies near the diagonal; per-tile maxima of reach_j tell
+#                   a query tile which key tiles can still hold something visible to it.
+#   far             the rest, most of the triangle at a low kv share. Only training visits it:
+#                   the forward for LSE_F, the log-sum-exp over all causal keys whose softmax
+#                   pi gives the mask gradient G_ij = pi_ij (dP_ij - Dl_i); the backward for the
+#                   column sums of G, which one tensor-core product per tile gives there:
+#                   sum_i G_ij = v_j . (pi^T dO)_j - (pi^T Dl)_j.
+# Softmaxes run in the log2 domain (exp2 with log2(e) folded into the scale). The visible sum
+# keeps its own running max (LSE_M), apart from LSE_F: a masked key with a huge score must not
+# underflow the visible ones.
+
+REACH_GROUP = 16  # keys per entry of the per-tile reach maxima; every BLOCK_N is a multiple
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(shapes):
+    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages): queries x keys per tile.
+    The interpreter runs one config, and small tiles there exercise every loop at test sizes."""
+    if INTERPRETING:
+        shapes = [(16, 16, 4, 1)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# Measured on an H200 (results/kernel.md). The forward and dQ walk key tiles for a query tile
+# and need BLOCK_M % BLOCK_N == 0; the dK/dV kernels walk query tiles for a key tile and need
+# BLOCK_N % BLOCK_M == 0, so one diagonal stretch of tiles holds every causal mask.
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
+DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)])
+DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)])
+
+
+@triton.jit
+def _rows(PTR, offs, stride_t, offs_d, T):
+    """Rows offs of a [T, D] matrix as a [len(offs), D] tile, zeros past T. int64 offsets:
+    row x stride can pass 2^31 for large or strided inputs."""
+    return tl.load(PTR + offs.to(tl.int64)[:, None] * stride_t + offs_d[None, :], mask=offs[:, None] < T,
+                   other=0.0)
+
+
+@triton.jit
+def _tile_max(BOUND, start_n, N_GROUPS, BLOCK_N: tl.constexpr):
+    """The largest per-key bound of the keys start_n .. start_n + BLOCK_N, from maxima per 16 keys."""
+    groups = start_n // 16 + tl.arange(0, BLOCK_N // 16)
+    return tl.max(tl.load(BOUND + groups, mask=groups < N_GROUPS, other=-1), 0)
 
 
 @triton.jit
@@ -141,283 +207,356 @@ def _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _nats_fwd_kernel(Q, K, V, O, LSE_M, LSE_F, LAST_Q, TILE_LAST_Q, GLOBAL_POS, N_GLOBAL_UPTO,
-                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-                     H, H_KV, T, N_TILES, scale_log2,
-                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     TRAINING: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_train_tile(acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m,
+                    offs_d, T, N_GROUPS, stride_kt, stride_vt, scale_log2,
+                    BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+    """A training forward's key tile: every causal entry into LSE_F (one product, one exp);
+    the visible Local and Sliding ones also into the output, if the tile reaches this far."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    s = tl.dot(q, tl.trans(_rows(K, offs_n, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
+    s_causal = s
+    if DIAGONAL:  # off the diagonal every key precedes every query: no mask there
+        s_causal = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    mf_new = tl.maximum(mf_i, tl.max(s_causal, 1))
+    lf_i = lf_i * tl.math.exp2(mf_i - mf_new) + tl.sum(tl.math.exp2(s_causal - mf_new[:, None]), 1)
+    if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
+        last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
+        visible = offs_m[:, None] <= last_q[None, :]
+        if DIAGONAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, _rows(V, offs_n, stride_vt, offs_d, T),
+                                        PRECISION)
+    return acc, m_i, l_i, mf_new, lf_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["T_BUCKET", "D", "TRAINING"])
+@triton.jit
+def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, GLOBAL_POS, N_GLOBAL_UPTO,
+              stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
+              stride_vz, stride_vh, stride_vt, stride_oz, stride_oh, stride_ot,
+              H, H_KV, T, N_GROUPS, T_BUCKET, scale_log2,
+              D: tl.constexpr, TRAINING: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """O and LSE_M (log2) for one query tile of one head; LSE_F too when TRAINING."""
     start_m = tl.program_id(0) * BLOCK_M
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    hkv = h // (H // H_KV)  # the KV head of this query head
-    kv = b * H_KV + hkv  # its row in the [B, H_kv, ...] metadata
+    end_m = tl.minimum(start_m + BLOCK_M, T)
+    z, h = tl.program_id(1) // H, tl.program_id(1) % H
+    h_kv = h // (H // H_KV)
+    zh_kv = (z * H_KV + h_kv).to(tl.int64)  # this KV head's row of the metadata
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-    K += b * sk_b + hkv * sk_h
-    V += b * sv_b + hkv * sv_h
-    LAST_Q += kv * T
+    q = _rows(Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh, offs_m, stride_qt, offs_d, T)
+    K += z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh
+    V += z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh
+    LAST_Q_LOCAL += zh_kv * T
+    REACH_LOCAL += zh_kv * N_GROUPS
+    GLOBAL_POS += zh_kv * T
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    end_m = tl.minimum(start_m + BLOCK_M, T)
-    if TRAINING:  # every causal tile: LSE_F needs all of them, P @ V only the visible ones
+    # 1. the Global keys before this tile's last query, from their gathered list
+    n_global = tl.load(N_GLOBAL_UPTO + zh_kv * T + end_m - 1)
+    for start_g in range(0, n_global, BLOCK_N):
+        offs_g = start_g + tl.arange(0, BLOCK_N)
+        pos = tl.load(GLOBAL_POS + offs_g, mask=offs_g < n_global, other=T)  # T: never visible
+        s = tl.dot(q, tl.trans(_rows(K, pos, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, pos[None, :] <= offs_m[:, None],
+                                        _rows(V, pos, stride_vt, offs_d, T), PRECISION)
+    # 2. the band: Local and Sliding keys (LAST_Q_LOCAL is -1 for Globals); training also
+    #    sweeps the far tiles for LSE_F
+    if TRAINING:
         mf_i = tl.full([BLOCK_M], -1e30, tl.float32)
         lf_i = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, end_m, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(K + offs_n[None, :] * sk_t + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-            causal = offs_n[None, :] <= offs_m[:, None]
-            s_causal = tl.where(causal, s, float("-inf"))
-            mf_new = tl.maximum(mf_i, tl.max(s_causal, 1))
-            lf_i = lf_i * tl.math.exp2(mf_i - mf_new) + tl.sum(tl.math.exp2(s_causal - mf_new[:, None]), 1)
-            mf_i = mf_new
-            if tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m:
-                last_q = tl.load(LAST_Q + offs_n, mask=offs_n < T, other=-1)
-                v = tl.load(V + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-                visible = causal & (offs_m[:, None] <= last_q[None, :])
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION)
-        tl.store(LSE_F + (b * H + h) * T + offs_m, mf_i + tl.math.log2(lf_i), mask=offs_m < T)
+        for start_n in range(0, start_m, BLOCK_N):
+            acc, m_i, l_i, mf_i, lf_i = _fwd_train_tile(
+                acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m, offs_d,
+                T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, False, PRECISION)
+        for start_n in range(start_m, end_m, BLOCK_N):
+            acc, m_i, l_i, mf_i, lf_i = _fwd_train_tile(
+                acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m, offs_d,
+                T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, True, PRECISION)
+        tl.store(LSE_F + (z * H + h).to(tl.int64) * T + offs_m, mf_i + tl.math.log2(lf_i), mask=offs_m < T)
     else:
-        # Global keys before this tile's last query, gathered from their list
-        n_global = tl.load(N_GLOBAL_UPTO + kv * T + end_m - 1)
-        for start_g in range(0, n_global, BLOCK_N):
-            offs_g = start_g + tl.arange(0, BLOCK_N)
-            pos = tl.load(GLOBAL_POS + kv * T + offs_g, mask=offs_g < n_global, other=T)
-            k = tl.load(K + pos[None, :] * sk_t + offs_d[:, None], mask=pos[None, :] < T, other=0.0)
-            v = tl.load(V + pos[:, None] * sv_t + offs_d[None, :], mask=pos[:, None] < T, other=0.0)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, pos[None, :] <= offs_m[:, None], v, PRECISION)
-        # Local and Sliding keys (LAST_Q is -1 for Globals here): only tiles that reach this one
         for start_n in range(0, end_m, BLOCK_N):
-            if tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m:
+            if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                last_q = tl.load(LAST_Q + offs_n, mask=offs_n < T, other=-1)
-                k = tl.load(K + offs_n[None, :] * sk_t + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
-                v = tl.load(V + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-                s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+                last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
+                s = tl.dot(q, tl.trans(_rows(K, offs_n, stride_kt, offs_d, T)), input_precision=PRECISION)
                 visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION)
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s * scale_log2, visible,
+                                                _rows(V, offs_n, stride_vt, offs_d, T), PRECISION)
     l_i = tl.where(offs_m < T, l_i, 1.0)  # rows past the end see nothing
-    o = acc / l_i[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :], o.to(O.dtype.element_ty),
+    O += z.to(tl.int64) * stride_oz + tl.cast(h, tl.int64) * stride_oh
+    tl.store(O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=offs_m[:, None] < T)
-    tl.store(LSE_M + (b * H + h) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+    tl.store(LSE_M + (z * H + h).to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
 @triton.jit
-def _nats_bwd_dkdv_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
-                          LAST_Q, SEG_END, NEXT_SEG_END,
-                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                          H, H_KV, T, window, scale_log2, scale,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """dK, dV and four column sums of G for one key tile, over all query heads of its group.
+def _dq_update(dq, q, do, lse_m, delta, k, v, visible, scale_log2, PRECISION: tl.constexpr):
+    """dQ += dS K over one key tile: dS = P (dP - Dl) on the visible entries. Returns dQ, the
+    scores and dP - Dl (the Local row sums reuse them)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
+    ds = tl.where(visible, tl.math.exp2(s - lse_m[:, None]), 0.0) * dp
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION), s, dp
 
-    The column sums c(limit) = sum_{i=j}^{limit} G_ij give the token-type gradients: rows up to
-    the segment end (Local), the next segment's end (the cross term X of a Global), j + W
-    (Sliding) and T - 1 (Global). They need every causal tile; dK and dV only the visible ones.
-    """
+
+@triton.autotune(configs=DQ_CONFIGS, key=["T_BUCKET", "D"])
+@triton.jit
+def _nats_bwd_dq(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
+                 KIND, LAST_Q_LOCAL, REACH_LOCAL, GLOBAL_POS, N_GLOBAL_UPTO,
+                 stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
+                 stride_vz, stride_vh, stride_vt, stride_doz, stride_doh, stride_dot,
+                 H, H_KV, T, N_GROUPS, T_BUCKET, scale_log2, scale,
+                 D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query tile (Global keys and the band only), and R_i: the sum of G_ij over the
+    visible Local keys of row i, for the cross term of the types' gradients."""
+    start_m = tl.program_id(0) * BLOCK_M
+    end_m = tl.minimum(start_m + BLOCK_M, T)
+    z, h = tl.program_id(1) // H, tl.program_id(1) % H
+    h_kv = h // (H // H_KV)
+    zh_kv = (z * H_KV + h_kv).to(tl.int64)
+    row = (z * H + h).to(tl.int64) * T
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = _rows(Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh, offs_m, stride_qt, offs_d, T)
+    do = _rows(DO + z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh, offs_m, stride_dot, offs_d, T)
+    lse_m = tl.load(LSE_M + row + offs_m, mask=offs_m < T, other=float("inf"))
+    lse_f = tl.load(LSE_F + row + offs_m, mask=offs_m < T, other=float("inf"))
+    delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
+    K += z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh
+    V += z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh
+    KIND += zh_kv * T
+    LAST_Q_LOCAL += zh_kv * T
+    REACH_LOCAL += zh_kv * N_GROUPS
+    GLOBAL_POS += zh_kv * T
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    local_rowsum = tl.zeros([BLOCK_M], tl.float32)
+    n_global = tl.load(N_GLOBAL_UPTO + zh_kv * T + end_m - 1)
+    for start_g in range(0, n_global, BLOCK_N):
+        offs_g = start_g + tl.arange(0, BLOCK_N)
+        pos = tl.load(GLOBAL_POS + offs_g, mask=offs_g < n_global, other=T)
+        dq, s, dp = _dq_update(dq, q, do, lse_m, delta, _rows(K, pos, stride_kt, offs_d, T),
+                               _rows(V, pos, stride_vt, offs_d, T), pos[None, :] <= offs_m[:, None],
+                               scale_log2, PRECISION)
+    for start_n in range(0, end_m, BLOCK_N):
+        if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
+            is_local = tl.load(KIND + offs_n, mask=offs_n < T, other=-1) == 1
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
+            dq, s, dp = _dq_update(dq, q, do, lse_m, delta, _rows(K, offs_n, stride_kt, offs_d, T),
+                                   _rows(V, offs_n, stride_vt, offs_d, T), visible, scale_log2, PRECISION)
+            pi_local = tl.where(visible & is_local[None, :], tl.math.exp2(s - lse_f[:, None]), 0.0)
+            local_rowsum += tl.sum(pi_local * dp, 1)
+    DQ += (z * H + h).to(tl.int64) * T * D
+    tl.store(DQ + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=offs_m[:, None] < T)
+    tl.store(LOCAL_ROWSUM + row + offs_m, local_rowsum, mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_band_tile(dk, dv, c_all, c_seg, c_next, c_slide, c_diag, k, v, Q, DO, LSE_M, LSE_F, DELTA,
+                    start_m, offs_n, offs_d, last_q, seg_end, next_seg_end, slide_end, reach, T,
+                    stride_qt, stride_dot, scale_log2,
+                    BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+    """A query tile in the band of a key tile, transposed ([keys, queries]): G on every causal
+    entry into the column sums up to each limit; dK and dV from the visible Local and Sliding
+    entries, if the tile's keys reach these queries."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _rows(Q, offs_m, stride_qt, offs_d, T)
+    do = _rows(DO, offs_m, stride_dot, offs_d, T)
+    lse_f = tl.load(LSE_F + offs_m, mask=offs_m < T, other=float("inf"))  # rows past T: pi = 0
+    delta = tl.load(DELTA + offs_m, mask=offs_m < T, other=0.0)
+    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+    dp = tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :]
+    g = tl.math.exp2(s - lse_f[None, :]) * dp
+    if DIAGONAL:
+        g = tl.where(offs_n[:, None] <= offs_m[None, :], g, 0.0)
+        c_diag += tl.sum(tl.where(offs_n[:, None] == offs_m[None, :], g, 0.0), 1)
+    c_all += tl.sum(g, 1)
+    c_seg += tl.sum(tl.where(offs_m[None, :] <= seg_end[:, None], g, 0.0), 1)
+    c_next += tl.sum(tl.where(offs_m[None, :] <= next_seg_end[:, None], g, 0.0), 1)
+    c_slide += tl.sum(tl.where(offs_m[None, :] <= slide_end[:, None], g, 0.0), 1)
+    if reach >= start_m:
+        lse_m = tl.load(LSE_M + offs_m, mask=offs_m < T, other=float("inf"))
+        visible = offs_m[None, :] <= last_q[:, None]
+        if DIAGONAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :])
+        p = tl.where(visible, tl.math.exp2(s - lse_m[None, :]), 0.0)
+        dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot((p * dp).to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv, c_all, c_seg, c_next, c_slide, c_diag
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=["T_BUCKET", "D"])
+@triton.jit
+def _nats_bwd_dkdv(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
+                   KIND, LAST_Q_LOCAL, SEG_END, NEXT_SEG_END, REACH_LOCAL, BAND_END,
+                   stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
+                   stride_vz, stride_vh, stride_vt, stride_doz, stride_doh, stride_dot,
+                   H, H_KV, T, N_GROUPS, T_BUCKET, window, scale_log2, scale,
+                   D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one key tile, over all query heads of its group: dK and dV of its Local and Sliding
+    keys, and five column sums of G that give the types' gradients: up to T - 1 (c_all), the
+    segment end (c_seg), the next segment's end (c_next), j + W (c_slide), and the diagonal.
+    Diagonal and band tiles compute G entry by entry; far tiles add to c_all only, through
+    pi^T [dO | Dl]: two products and one exp per entry."""
     start_n = tl.program_id(0) * BLOCK_N
-    b, hkv = tl.program_id(1) // H_KV, tl.program_id(1) % H_KV
-    kv = b * H_KV + hkv
+    z, h_kv = tl.program_id(1) // H_KV, tl.program_id(1) % H_KV
+    zh_kv = (z * H_KV + h_kv).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    k = tl.load(K + b * sk_b + hkv * sk_h + offs_n[:, None] * sk_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-    v = tl.load(V + b * sv_b + hkv * sv_h + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-    last_q = tl.load(LAST_Q + kv * T + offs_n, mask=offs_n < T, other=-1)
-    seg_end = tl.load(SEG_END + kv * T + offs_n, mask=offs_n < T, other=-1)
-    next_seg_end = tl.load(NEXT_SEG_END + kv * T + offs_n, mask=offs_n < T, other=-1)
-    slide_end = offs_n + window
-    tile_last_q = tl.max(last_q, 0)
+    k = _rows(K + z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh, offs_n, stride_kt, offs_d, T)
+    v = _rows(V + z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh, offs_n, stride_vt, offs_d, T)
+    last_q = tl.load(LAST_Q_LOCAL + zh_kv * T + offs_n, mask=offs_n < T, other=-1)
+    seg_end = tl.load(SEG_END + zh_kv * T + offs_n, mask=offs_n < T, other=-1)
+    next_seg_end = tl.load(NEXT_SEG_END + zh_kv * T + offs_n, mask=offs_n < T, other=-1)
+    slide_end = offs_n + window  # window <= T, so no overflow
+    reach = _tile_max(REACH_LOCAL + zh_kv * N_GROUPS, start_n, N_GROUPS, BLOCK_N)
+    band_end = _tile_max(BAND_END + zh_kv * N_GROUPS, start_n, N_GROUPS, BLOCK_N)
+    far_start = tl.maximum((band_end // BLOCK_M + 1) * BLOCK_M, start_n + BLOCK_N)  # a query tile boundary
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
+    w = tl.zeros([BLOCK_N, D], tl.float32)  # far rows: pi^T dO
+    u = tl.zeros([BLOCK_N], tl.float32)  # far rows: pi^T Dl
     c_all = tl.zeros([BLOCK_N], tl.float32)
     c_seg = tl.zeros([BLOCK_N], tl.float32)
     c_next = tl.zeros([BLOCK_N], tl.float32)
     c_slide = tl.zeros([BLOCK_N], tl.float32)
+    c_diag = tl.zeros([BLOCK_N], tl.float32)
     group = H // H_KV
-    for h in range(hkv * group, hkv * group + group):
-        row = (b * H + h) * T
-        for start_m in range(start_n // BLOCK_M * BLOCK_M, T, BLOCK_M):
+    for h in range(h_kv * group, h_kv * group + group):
+        Qh = Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh
+        DOh = DO + z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh
+        row = (z * H + h).to(tl.int64) * T
+        for start_m in range(start_n, start_n + BLOCK_N, BLOCK_M):
+            dk, dv, c_all, c_seg, c_next, c_slide, c_diag = _dkdv_band_tile(
+                dk, dv, c_all, c_seg, c_next, c_slide, c_diag, k, v, Qh, DOh, LSE_M + row, LSE_F + row,
+                DELTA + row, start_m, offs_n, offs_d, last_q, seg_end, next_seg_end, slide_end, reach, T,
+                stride_qt, stride_dot, scale_log2, BLOCK_M, True, PRECISION)
+        for start_m in range(start_n + BLOCK_N, far_start, BLOCK_M):
+            dk, dv, c_all, c_seg, c_next, c_slide, c_diag = _dkdv_band_tile(
+                dk, dv, c_all, c_seg, c_next, c_slide, c_diag, k, v, Qh, DOh, LSE_M + row, LSE_F + row,
+                DELTA + row, start_m, offs_n, offs_d, last_q, seg_end, next_seg_end, slide_end, reach, T,
+                stride_qt, stride_dot, scale_log2, BLOCK_M, False, PRECISION)
+        for start_m in range(far_start, T, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            in_rows = offs_m < T
-            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-            lse_f = tl.load(LSE_F + row + offs_m, mask=in_rows, other=0.0)
-            delta = tl.load(DELTA + row + offs_m, mask=in_rows, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            causal = (offs_n[None, :] <= offs_m[:, None]) & in_rows[:, None]
-            dp_minus_delta = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
-            g = tl.where(causal, tl.math.exp2(s - lse_f[:, None]), 0.0) * dp_minus_delta
-            c_all += tl.sum(g, 0)
-            c_seg += tl.sum(tl.where(offs_m[:, None] <= seg_end[None, :], g, 0.0), 0)
-            c_next += tl.sum(tl.where(offs_m[:, None] <= next_seg_end[None, :], g, 0.0), 0)
-            c_slide += tl.sum(tl.where(offs_m[:, None] <= slide_end[None, :], g, 0.0), 0)
-            if tile_last_q >= start_m:
-                lse_m = tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0)
-                visible = causal & (offs_m[:, None] <= last_q[None, :])
-                p = tl.where(visible, tl.math.exp2(s - lse_m[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                ds = p * dp_minus_delta
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    in_keys = offs_n < T
-    tl.store(DK + kv * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=in_keys[:, None])
-    tl.store(DV + kv * T * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_keys[:, None])
-    tl.store(COLSUM + (kv * 4 + 0) * T + offs_n, c_all, mask=in_keys)
-    tl.store(COLSUM + (kv * 4 + 1) * T + offs_n, c_seg, mask=in_keys)
-    tl.store(COLSUM + (kv * 4 + 2) * T + offs_n, c_next, mask=in_keys)
-    tl.store(COLSUM + (kv * 4 + 3) * T + offs_n, c_slide, mask=in_keys)
+            q = _rows(Qh, offs_m, stride_qt, offs_d, T)
+            do = _rows(DOh, offs_m, stride_dot, offs_d, T)
+            lse_f = tl.load(LSE_F + row + offs_m, mask=offs_m < T, other=float("inf"))
+            delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
+            pi = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 - lse_f[None, :])
+            w += tl.dot(pi.to(do.dtype), do, input_precision=PRECISION)
+            u += tl.sum(pi * delta[None, :], 1)
+    c_all += tl.sum(v.to(tl.float32) * w, 1) - u
+    # Globals' dK and dV come from _nats_bwd_dkdv_global
+    store = tl.load(KIND + zh_kv * T + offs_n, mask=offs_n < T, other=0) != 0  # 0: Global
+    out = zh_kv * T * D + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=store[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store[:, None])
+    COLSUM += zh_kv * 5 * T + offs_n
+    tl.store(COLSUM, c_all, mask=offs_n < T)
+    tl.store(COLSUM + T, c_seg, mask=offs_n < T)
+    tl.store(COLSUM + 2 * T, c_next, mask=offs_n < T)
+    tl.store(COLSUM + 3 * T, c_slide, mask=offs_n < T)
+    tl.store(COLSUM + 4 * T, c_diag, mask=offs_n < T)
 
 
+@triton.autotune(configs=DKDV_CONFIGS, key=["T_BUCKET", "D"])
 @triton.jit
-def _nats_bwd_dq_kernel(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
-                        LAST_Q, TILE_LAST_Q, KIND,
-                        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-                        H, H_KV, T, N_TILES, scale_log2, scale,
-                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """dQ for one query tile, and R_i = sum of G_ij over the visible Local keys of row i
-    (for the cross term X of non-Global tokens). Only tiles with something visible."""
-    start_m = tl.program_id(0) * BLOCK_M
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    hkv = h // (H // H_KV)
-    kv = b * H_KV + hkv
-    row = (b * H + h) * T
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    in_rows = offs_m < T
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-    lse_m = tl.load(LSE_M + row + offs_m, mask=in_rows, other=0.0)
-    lse_f = tl.load(LSE_F + row + offs_m, mask=in_rows, other=0.0)
-    delta = tl.load(DELTA + row + offs_m, mask=in_rows, other=0.0)
-    K += b * sk_b + hkv * sk_h
-    V += b * sv_b + hkv * sv_h
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    local_rowsum = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
-        if tl.load(TILE_LAST_Q + kv * N_TILES + start_n // BLOCK_N) >= start_m:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(K + offs_n[:, None] * sk_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-            v = tl.load(V + offs_n[:, None] * sv_t + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-            last_q = tl.load(LAST_Q + kv * T + offs_n, mask=offs_n < T, other=-1)
-            is_local = tl.load(KIND + kv * T + offs_n, mask=offs_n < T, other=-1) == 1
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
-            dp_minus_delta = tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]
-            ds = tl.where(visible, tl.math.exp2(s - lse_m[:, None]), 0.0) * dp_minus_delta
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-            pi_local = tl.where(visible & is_local[None, :], tl.math.exp2(s - lse_f[:, None]), 0.0)
-            local_rowsum += tl.sum(pi_local * dp_minus_delta, 1)
-    tl.store(DQ + (b * H + h) * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=in_rows[:, None])
-    tl.store(LOCAL_ROWSUM + row + offs_m, local_rowsum, mask=in_rows)
+def _nats_bwd_dkdv_global(Q, K, V, DO, LSE_M, DELTA, DK, DV, GLOBAL_POS, N_GLOBAL_UPTO,
+                          stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
+                          stride_vz, stride_vh, stride_vt, stride_doz, stride_doh, stride_dot,
+                          H, H_KV, T, T_BUCKET, scale_log2, scale,
+                          D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of BLOCK_N gathered Global keys, over every query after the first of them and
+    all query heads of the group: a short dense backward."""
+    start_g = tl.program_id(0) * BLOCK_N
+    z, h_kv = tl.program_id(1) // H_KV, tl.program_id(1) % H_KV
+    zh_kv = (z * H_KV + h_kv).to(tl.int64)
+    n_global = tl.load(N_GLOBAL_UPTO + zh_kv * T + T - 1)
+    if start_g < n_global:
+        offs_g = start_g + tl.arange(0, BLOCK_N)
+        pos = tl.load(GLOBAL_POS + zh_kv * T + offs_g, mask=offs_g < n_global, other=T)  # sorted
+        offs_d = tl.arange(0, D)
+        k = _rows(K + z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh, pos, stride_kt, offs_d, T)
+        v = _rows(V + z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh, pos, stride_vt, offs_d, T)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        group = H // H_KV
+        for h in range(h_kv * group, h_kv * group + group):
+            Qh = Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh
+            DOh = DO + z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh
+            row = (z * H + h).to(tl.int64) * T
+            for start_m in range(tl.min(pos, 0) // BLOCK_M * BLOCK_M, T, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                q = _rows(Qh, offs_m, stride_qt, offs_d, T)
+                do = _rows(DOh, offs_m, stride_dot, offs_d, T)
+                lse_m = tl.load(LSE_M + row + offs_m, mask=offs_m < T, other=float("inf"))
+                delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
+                s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+                p = tl.where(pos[:, None] <= offs_m[None, :], tl.math.exp2(s - lse_m[None, :]), 0.0)
+                dp = tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :]
+                dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+                dk += tl.dot((p * dp).to(q.dtype), q, input_precision=PRECISION)
+        out = zh_kv * T * D + pos.to(tl.int64)[:, None] * D + offs_d[None, :]
+        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=pos[:, None] < T)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=pos[:, None] < T)
 
 
 # -----------------------------------------------------------------------------
-# The autograd wrapper: O(T) metadata in, the kernels, the type gradients out
+# The kernels' inputs and outputs: O(T) metadata in, the types' gradients out
 
-BLOCK_M, BLOCK_N = 64, 64
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+META_FIELDS = ("kind", "last_q_local", "seg_end", "next_seg_end", "reach_local", "band_end", "global_pos",
+               "n_global_upto")
 
 
 def key_metadata(token_types, window):
-    """Per (batch, KV head, key) integers the kernels rebuild the mask and the type gradients from."""
-    B, H_kv, T, _ = token_types.shape
+    """Per (batch, KV head) integers the kernels rebuild the mask and the types' gradients from:
+    a list of int32 tensors in META_FIELDS order, [B, H_kv, T] or [B, H_kv, ceil(T / 16)].
+
+    kind: 0 G, 1 L, 2 S. last_q_local: the last query that sees a Local or Sliding key (-1 for
+    Globals, which the kernels read from the gathered global_pos instead). seg_end: the next
+    Global strictly after j (T-1 if none), the last row a Local j would see; next_seg_end: where
+    the following segment ends, when seg_end is a Global that closes j's segment. band_end: the
+    last row where the backward needs G entry by entry. reach_local, band_end: maxima per 16 keys.
+    global_pos: the Global positions, sorted, padded with T; n_global_upto: Globals at or before j.
+    """
+    T = token_types.shape[-2]
     kind = token_types.detach().argmax(-1)
-    is_global = kind == GLOBAL
+    is_global, is_local = kind == GLOBAL, kind == LOCAL
     pos = torch.arange(T, device=kind.device)
-    last_q = last_visible_query(token_types.detach(), window)
-    # seg_end: the next Global strictly after j (T-1 if none), the last row a Local j would see;
-    # next_seg_end: where the following segment ends, if seg_end is a Global that closes it.
-    f = next_global(is_global)
-    seg_end = F.pad(f[..., 1:], (0, 1), value=T).clamp(max=T - 1)
-    seg_end_is_global = is_global.gather(-1, seg_end) & (seg_end > pos)
-    next_seg_end = torch.where(seg_end_is_global, seg_end.gather(-1, seg_end), seg_end)
-    # inference: Global keys gathered into a sorted list, Local/Sliding keys in their tiles
-    global_pos = torch.where(is_global, pos, T).sort(-1).values
-    n_global_upto = is_global.cumsum(-1)
-    last_q_local = torch.where(is_global, -1, last_q)
-    as_int = lambda t: t.to(torch.int32).contiguous()
-    return dict(kind=as_int(kind), last_q=as_int(last_q), seg_end=as_int(seg_end),
-                next_seg_end=as_int(next_seg_end), tile_last_q=as_int(tile_max(last_q)),
-                global_pos=as_int(global_pos), n_global_upto=as_int(n_global_upto),
-                last_q_local=as_int(last_q_local), tile_last_q_local=as_int(tile_max(last_q_local)))
+    seg_end = F.pad(next_global(is_global)[..., 1:], (0, 1), value=T).clamp(max=T - 1)
+    closes = is_global.gather(-1, seg_end) & (seg_end > pos)
+    next_seg_end = torch.where(closes, seg_end.gather(-1, seg_end), seg_end)
+    slide_end = (pos + window).clamp(max=T - 1)
+    last_q_local = torch.where(is_global, -1, torch.where(is_local, seg_end, slide_end))
+    band_end = torch.maximum(torch.maximum(seg_end, slide_end), torch.where(is_local, next_seg_end, -1))
+    group_max = lambda x: F.pad(x, (0, -T % REACH_GROUP), value=-1).unflatten(-1, (-1, REACH_GROUP)).amax(-1)
+    meta = dict(kind=kind, last_q_local=last_q_local, seg_end=seg_end, next_seg_end=next_seg_end,
+                reach_local=group_max(last_q_local), band_end=group_max(band_end),
+                global_pos=torch.where(is_global, pos, T).sort(-1).values, n_global_upto=is_global.cumsum(-1))
+    return [meta[name].to(torch.int32).contiguous() for name in META_FIELDS]
 
 
-def tile_max(last_q):
-    """The latest query any key of each BLOCK_N tile reaches: tiles before a query tile whose
-    value is smaller hold nothing visible to it."""
-    T = last_q.shape[-1]
-    padded = F.pad(last_q, (0, -T % BLOCK_N), value=-1)
-    return padded.view(*last_q.shape[:-1], -1, BLOCK_N).amax(-1)
+def type_gradients(colsum, local_rowsum, meta):
+    """The per-token gradients of the types (README, "Gradients for the types") from the O(T)
+    sums the kernels produced: float64 [B, H_kv, T, 3].
 
-
-def _launch_forward(q, k, v, meta, training):
-    B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse_m = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    lse_f = torch.empty_like(lse_m) if training else lse_m
-    last_q, tile_last_q = ((meta["last_q"], meta["tile_last_q"]) if training
-                           else (meta["last_q_local"], meta["tile_last_q_local"]))
-    grid = (triton.cdiv(T, BLOCK_M), B * H)
-    _nats_fwd_kernel[grid](
-        q, k, v, o, lse_m, lse_f, last_q, tile_last_q, meta["global_pos"], meta["n_global_upto"],
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, H_kv, T, tile_last_q.shape[-1], D**-0.5 * LOG2E,
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, TRAINING=training, PRECISION=_precision(q),
-        num_warps=4, num_stages=2)
-    return o, lse_m, lse_f
-
-
-def _launch_backward(q, k, v, o, do, lse_m, lse_f, meta, window):
-    B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    delta = (do.float() * o.float()).sum(-1)  # Dl_i = dO_i . O_i
-    dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    dk = torch.empty(B, H_kv, T, D, device=q.device, dtype=k.dtype)
-    dv = torch.empty_like(dk)
-    colsum = torch.empty(B, H_kv, 4, T, device=q.device, dtype=torch.float32)
-    local_rowsum = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    common = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q), num_warps=4, num_stages=2)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    _nats_bwd_dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H_kv)](
-        q, k, v, do, lse_m, lse_f, delta, dk, dv, colsum, meta["last_q"], meta["seg_end"], meta["next_seg_end"],
-        *strides, H, H_kv, T, window, D**-0.5 * LOG2E, D**-0.5, **common)
-    _nats_bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](
-        q, k, v, do, lse_m, lse_f, delta, dq, local_rowsum, meta["last_q"], meta["tile_last_q"], meta["kind"],
-        *strides, H, H_kv, T, meta["tile_last_q"].shape[-1], D**-0.5 * LOG2E, D**-0.5, **common)
-    diag = _diagonal_of_g(q, k, v, do, delta, lse_f)
-    return dq, dk, dv, type_gradients(colsum, local_rowsum.view(B, H_kv, H // H_kv, T).sum(2), diag, meta)
-
-
-def _diagonal_of_g(q, k, v, do, delta, lse_f):
-    """G_jj = pi_jj (dP_jj - Dl_j), summed over each KV head's query heads: [B, H_kv, T]."""
-    B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    shape = (B, H_kv, H // H_kv, T, D)
-    s_diag = (q.float().view(shape) * k.float().unsqueeze(2)).sum(-1) * (D**-0.5 * LOG2E)
-    dp_diag = (do.float().view(shape) * v.float().unsqueeze(2)).sum(-1)
-    g = torch.exp2(s_diag - lse_f.view(shape[:4])) * (dp_diag - delta.view(shape[:4]))
-    return g.sum(2)
-
-
-def type_gradients(colsum, local_rowsum, diag, meta):
-    """Spec section 3's per-token gradients from O(T) sums the kernels produced.
-
-    c_all, c_seg, c_next, c_slide: column sums of G up to T-1, the segment end F_j, the next
-    segment's end, and j + W. dl = c_seg, ds = c_slide, dg = c_all - X with the cross term
+    colsum [B, H_kv, 5, T]: c_all, c_seg, c_next, c_slide, diag: sums of G down column j up to
+    T-1, the segment end F_j, the next segment's end, j + W, and G_jj alone. dl = c_seg,
+    ds = c_slide, dg = c_all - X with the cross term
       Global j:      X_j = sum over the Local j' it closes of (c_next - c_seg)_j'
       non-Global j:  X_j = sum_{j' in (p_j, j)} l_j' c_seg_j' - sum_{i in (p_j, j]} R_i + l_j G_jj
-    where p_j is the last Global before j and R_i sums G over the visible Local keys of row i
-    (an inclusion-exclusion of the entries with j' < j < i inside j's segment).
+    where p_j is the last Global before j and R_i (local_rowsum) sums G over the visible Local
+    keys of row i: an inclusion-exclusion of the entries with j' < j < i inside j's segment.
     """
-    c_all, c_seg, c_next, c_slide = colsum.double().unbind(2)
-    kind, seg_end = meta["kind"].long(), meta["seg_end"].long()
+    c_all, c_seg, c_next, c_slide, diag = colsum.double().unbind(2)
+    kind, seg_end = meta[0].long(), meta[2].long()
     is_global, is_local = kind == GLOBAL, kind == LOCAL
     T = kind.shape[-1]
     pos = torch.arange(T, device=kind.device)
@@ -428,7 +567,7 @@ def type_gradients(colsum, local_rowsum, diag, meta):
     col, row = prefix(torch.where(is_local, c_seg, 0.0)), prefix(local_rowsum.double())
     start = prev_global + 1
     x_other = (col[..., :T] - col.gather(-1, start)) - (row[..., 1:] - row.gather(-1, start)) \
-        + torch.where(is_local, diag.double(), 0.0)
+        + torch.where(is_local, diag, 0.0)
     cross = torch.where(is_global, x_global, x_other)
     return torch.stack([c_all - cross, c_seg, c_slide], dim=-1)
 
@@ -437,28 +576,103 @@ def _precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-class NAtSAttention(torch.autograd.Function):
+def _common_args(q, k):
+    B, H, T, D = q.shape
+    return dict(H=H, H_KV=k.shape[1], T=T, T_BUCKET=triton.next_power_of_2(T), scale_log2=D**-0.5 * LOG2E,
+                D=D, PRECISION=_precision(q))
 
-    @staticmethod
-    def forward(ctx, q, k, v, token_types, window):
-        meta = key_metadata(token_types, window)
-        o, lse_m, lse_f = _launch_forward(q, k, v, meta, training=True)
-        ctx.save_for_backward(q, k, v, o, lse_m, lse_f)
-        ctx.meta, ctx.window, ctx.types_dtype = meta, window, token_types.dtype
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse_m, lse_f = ctx.saved_tensors
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        dq, dk, dv, dtypes = _launch_backward(q, k, v, o, do, lse_m, lse_f, ctx.meta, ctx.window)
-        return dq, dk, dv, dtypes.to(ctx.types_dtype), None
+# Custom ops, so that torch.compile traces through the kernel (and the metadata and type-gradient
+# glue around it, which it can fuse) without a graph break.
+@torch.library.custom_op("nats::forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_types: torch.Tensor,
+             meta: list[torch.Tensor], window: int, training: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """O [B, H, T, D]; LSE_M and (training) LSE_F [B, H, T] float32, log2 domain. token_types
+    and window are here for the backward: the kernel reads the mask from meta."""
+    B, H, T, D = q.shape
+    o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+    lse_m = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    lse_f = torch.empty(B, H, T if training else 0, device=q.device, dtype=torch.float32)
+    m = dict(zip(META_FIELDS, meta))
+    grid = lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+    _nats_fwd[grid](q, k, v, o, lse_m, lse_f if training else lse_m, m["last_q_local"], m["reach_local"],
+                    m["global_pos"], m["n_global_upto"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                    *o.stride()[:3], N_GROUPS=m["reach_local"].shape[-1], TRAINING=training,
+                    **_common_args(q, k))
+    return o, lse_m, lse_f
+
+
+@_forward.register_fake
+def _(q, k, v, token_types, meta, window, training):
+    B, H, T, D = q.shape
+    lse = lambda n: q.new_empty(B, H, n, dtype=torch.float32)
+    return q.new_empty(B, H, T, D), lse(T), lse(T if training else 0)
+
+
+@torch.library.custom_op("nats::backward", mutates_args=())
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+              lse_m: torch.Tensor, lse_f: torch.Tensor, meta: list[torch.Tensor], window: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, the column sums of G [B, H_kv, 5, T] and the Local row sums [B, H, T]."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    delta = (do.float() * o.float()).sum(-1)  # Dl_i = dO_i . O_i
+    dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, H_kv, T, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty_like(dk)
+    colsum = torch.empty(B, H_kv, 5, T, device=q.device, dtype=torch.float32)
+    local_rowsum = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    m = dict(zip(META_FIELDS, meta))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    common = dict(_common_args(q, k), scale=D**-0.5)
+    n_groups = m["reach_local"].shape[-1]
+    _nats_bwd_dkdv[lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
+        q, k, v, do, lse_m, lse_f, delta, dk, dv, colsum, m["kind"], m["last_q_local"], m["seg_end"],
+        m["next_seg_end"], m["reach_local"], m["band_end"], *strides, N_GROUPS=n_groups, window=window, **common)
+    _nats_bwd_dkdv_global[lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
+        q, k, v, do, lse_m, delta, dk, dv, m["global_pos"], m["n_global_upto"], *strides, **common)
+    _nats_bwd_dq[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, lse_m, lse_f, delta, dq, local_rowsum, m["kind"], m["last_q_local"], m["reach_local"],
+        m["global_pos"], m["n_global_upto"], *strides, N_GROUPS=n_groups, **common)
+    return dq, dk, dv, colsum, local_rowsum
+
+
+@_backward.register_fake
+def _(q, k, v, o, do, lse_m, lse_f, meta, window):
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, H, T, D), k.new_empty(B, H_kv, T, D), v.new_empty(B, H_kv, T, D),
+            q.new_empty(B, H_kv, 5, T, **f32), q.new_empty(B, H, T, **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, token_types, meta, window, training = inputs
+    o, lse_m, lse_f = output
+    ctx.save_for_backward(q, k, v, o, lse_m, lse_f, *meta)
+    ctx.window, ctx.types_dtype = window, token_types.dtype
+
+
+def _forward_backward(ctx, do, _dlse_m, _dlse_f):
+    q, k, v, o, lse_m, lse_f, *meta = ctx.saved_tensors
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    dq, dk, dv, colsum, local_rowsum = _backward(q, k, v, o, do.contiguous(), lse_m, lse_f, meta, ctx.window)
+    dtypes = type_gradients(colsum, local_rowsum.view(B, H_kv, H // H_kv, T).sum(2), meta)
+    return dq, dk, dv, dtypes.to(ctx.types_dtype), [None] * len(meta), None, None
+
+
+_forward.register_autograd(_forward_backward, setup_context=_setup_context)
 
 
 def nats_attention_triton(q, k, v, token_types, window):
-    """The Triton kernel behind nats_attention: training forward + backward, or inference forward."""
+    """The Triton kernel behind nats_attention: a training forward (and its backward) when
+    anything needs a gradient, else the inference forward, which skips the far region."""
     B, H, T, D = q.shape
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton kernel needs the triton package (Linux, pip install triton); "
+                           "pass impl='reference' to run NAtS attention in plain PyTorch")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"the Triton kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got {D}; "
                          f"pass impl='reference' for other sizes")
@@ -470,10 +684,13 @@ def nats_attention_triton(q, k, v, token_types, window):
                          "pass impl='reference' on CPU")
     if INTERPRETING and q.dtype == torch.bfloat16:  # the interpreter's bf16 arithmetic is wrong
         return nats_attention_triton(q.float(), k.float(), v.float(), token_types, window).to(q.dtype)
+    if T == 0:
+        return q.new_empty(q.shape)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, token_types)):
-        return NAtSAttention.apply(q, k, v, token_types, window)
-    return _launch_forward(q, k, v, key_metadata(token_types, window), training=False)[0]
+    window = min(window, T)  # the same mask, and j + W stays far from int32's limit
+    meta = key_metadata(token_types, window)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, token_types))
+    return _forward(q, k, v, token_types, meta, window, training)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -504,13 +721,27 @@ def check_inputs(q, k, v, token_types, window):
                          f"v {v.device}, token_types {token_types.device}")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
+    if not torch.compiler.is_compiling() and not _is_one_hot(token_types.detach()):
+        raise ValueError("token_types must be one-hot along the last dim (a straight-through estimate such as "
+                         "F.gumbel_softmax(logits, hard=True) is one); for probabilities pass "
+                         "F.one_hot(probs.argmax(-1), 3).float()")
+
+
+def _is_one_hot(token_types):
+    """One-hot up to rounding (a straight-through y_hard - y_soft + y_soft can miss 1 by an ulp);
+    NaNs pass, to surface as a NaN loss like in any other attention."""
+    hard = F.one_hot(token_types.argmax(-1), 3).to(token_types.dtype)
+    return not bool(((token_types - hard).abs() >= 1e-3).any())
 
 
 def nats_attention(q, k, v, token_types, window, impl="auto"):
-    """NAtS attention: see nats_attention_reference for the arguments.
+    """NAtS attention (README, "How NAtS works"): see nats_attention_reference for the arguments.
 
     impl: "triton" (the kernel), "reference" (plain PyTorch, O(T^2) memory), or "auto": the
-    kernel on CUDA, the reference elsewhere.
+    kernel on CUDA, the reference elsewhere. Both return the same values and the same
+    gradients for q, k, v and the types. Raises ValueError for malformed inputs (wrong shapes,
+    dtypes, devices, types that are not one-hot, a negative window) and, on the kernel path,
+    for what the kernel does not support; RuntimeError where triton is not installed.
     """
     check_inputs(q, k, v, token_types, window)
     if impl == "auto":
