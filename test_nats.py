@@ -533,7 +533,6 @@ def tiny_run(tmp_path, **overrides):
     return ts.train(tiny_config_dict(tmp_path, **overrides))
 
 
-@pytest.mark.slow
 def test_training_loss_falls_and_types_are_reported(tmp_path):
     history = tiny_run(tmp_path)
     first, last = history["evals"][0], history["evals"][-1]
