@@ -618,10 +618,10 @@ def train(cfg):
                 history["evals"].append(dict(iter=it, **result))
                 best_val = min(best_val, result["val"])
                 if rank == 0:
-                    save_history(history, cfg)
                     if it > start_it:
                         save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, history, cfg)
                         saved_at = it
+                    save_history(history, cfg)
             if it >= cfg["max_iters"]:
                 break
 
