@@ -11,9 +11,10 @@ loss (or recall accuracy) against the share of the KV cache each keeps.
 scorers of the dense run for that many iterations), --finetune_weights (the kv_weights of those
 fine-tuning runs; by default the middle one of --kv_weights) and --jobs (runs at a time, each its
 own process, spread over the visible GPUs) belong to the sweep; config files and every other
---key=value go to train_shakespeare.py (--overwrite to run again into the same out_dir). Writes out_dir/sweep.md and sweep.json, and sweep.png if
-matplotlib is installed; each run keeps its own folder under out_dir, with its log (train.log when
---jobs > 1), history.json, checkpoint and token-type picture.
+--key=value go to train_shakespeare.py (--overwrite to run again into the same out_dir). Writes
+out_dir/sweep.md and sweep.json, and sweep.png if matplotlib is installed; each run keeps its own
+folder under out_dir, with its log (train.log when --jobs > 1), history.json, checkpoint and
+token-type picture.
 """
 import json
 import os

@@ -69,6 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
 CPU_RECIPE = os.path.join(HERE, "config", "cpu.py")  # applied first when the run is on the CPU
 MODEL_KEYS = [key for key in asdict(GPTConfig()) if key != "vocab_size"]  # the data sets vocab_size
+TEACHER_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base"]  # fine-tuning keeps them
 
 
 def defaults():
@@ -482,21 +483,20 @@ def model_args_for(cfg, checkpoint, teacher):
     setting of the config that disagrees with the model it continues stops the run."""
     wanted = {key: cfg[key] for key in MODEL_KEYS if key != "attention_impl"}
     if checkpoint is not None:
-        given, fixed, flag = checkpoint["model_args"], list(wanted), "--resume"
-        source = os.path.join(cfg["out_dir"], "ckpt.pt")
+        flag, source, given, fixed = "--resume", os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint["model_args"], \
+            wanted
     elif teacher is not None:
-        given = asdict(teacher.config)
-        fixed, flag, source = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base"], \
-            "--finetune_scorer", cfg["init_from"]
+        flag, source, given, fixed = "--finetune_scorer", cfg["init_from"], asdict(teacher.config), TEACHER_KEYS
     else:
         return wanted
     conflicts = [key for key in fixed if key in given and given[key] != wanted[key]]
     if conflicts:
-        raise SystemExit(f"{flag}: {source} holds a model with "
-                         + ", ".join(f"{key}={given[key]!r}" for key in conflicts) + "; this run asks for "
-                         + ", ".join(f"{key}={wanted[key]!r}" for key in conflicts) + " (a flag, a config "
-                         f"file or config/cpu.py): pass " + " ".join(f"--{key}={given[key]}" for key in conflicts)
-                         + " or another --out_dir")
+        has = ", ".join(f"{key}={given[key]!r}" for key in conflicts)
+        asks = ", ".join(f"{key}={wanted[key]!r}" for key in conflicts)
+        fix = " ".join(f"--{key}={given[key]}" for key in conflicts)
+        raise SystemExit(f"{flag}: {source} holds a model with {has}; this run asks for {asks} (from a flag, "
+                         f"a config file or config/cpu.py): pass {fix}"
+                         + (" or another --out_dir" if checkpoint is not None else ""))
     return {**wanted, **{key: given[key] for key in fixed if key in given}}
 
 
