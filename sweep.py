@@ -4,16 +4,17 @@ NAtS variants with the same data, config and seed, then write a table and a Pare
 loss (or recall accuracy) against the share of the KV cache each keeps.
 
     python sweep.py                                         # Shakespeare, the hardware's default config
-    python sweep.py --dataset=recall --max_iters=2000
+    python sweep.py config/recall.py --windows=16 --finetune_iters=1000
     python sweep.py --kv_weights=0.01,0.03,0.1 --windows=16,64 --finetune_iters=1000 --jobs=8
 
 --kv_weights (NAtS runs), --windows (sliding runs), --finetune_iters (if > 0, also fine-tune the
 scorers of the dense run for that many iterations), --finetune_weights (the kv_weights of those
 fine-tuning runs; by default the middle one of --kv_weights) and --jobs (runs at a time, each its
-own process, spread over the visible GPUs) belong to the sweep; every other
---key=value goes to train_shakespeare.py. Writes out_dir/sweep.md and sweep.json, and sweep.png if
-matplotlib is installed; each run keeps its own folder under out_dir, with its log (train.log when
---jobs > 1), history.json, checkpoint and token-type picture.
+own process, spread over the visible GPUs) belong to the sweep; config files and every other
+--key=value go to train_shakespeare.py (--overwrite to run again into the same out_dir). Writes
+out_dir/sweep.md and sweep.json, and sweep.png if matplotlib is installed; each run keeps its own
+folder under out_dir, with its log (train.log when --jobs > 1), history.json, checkpoint and
+token-type picture.
 """
 import json
 import os
@@ -159,6 +160,7 @@ def plot(rows, base, path):
 
 
 def main(argv):
+    """Run the sweep; returns the table's rows (a dict per finished run)."""
     own, rest = split_args(argv)
     base, why = ts.make_config(rest)
     print(f"sweep: {why}")
@@ -180,6 +182,7 @@ def main(argv):
     write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))
     if rows:  # no run finished: nothing to plot
         plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """
 Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
 
-    python train_shakespeare.py                      # baby GPT on a GPU, a small config on CPU
+    python train_shakespeare.py                      # baby GPT on a GPU, config/cpu.py on a CPU
     python train_shakespeare.py --attention=dense    # the causal baseline
     python train_shakespeare.py --kv_weight=0.3 --max_iters=2000 --out_dir=out-sparse
     python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt
+    python train_shakespeare.py config/recall.py     # a recipe: a file of key = value lines
     torchrun --standalone --nproc_per_node=2 train_shakespeare.py --gradient_accumulation_steps=2
 
-Every module-level default below can be overridden with --key=value (nanoGPT style).
+Every default below, and every field of the model's GPTConfig (nats.py) but vocab_size, can be
+overridden by a config file or by --key=value, in the order given (nanoGPT style).
 """
 import ast
+import hashlib
 import html
 import json
 import math
@@ -24,97 +27,163 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import recall
-from nats import GLOBAL, LOCAL, GPT, GPTConfig, eval_mode
+from nats import GLOBAL, LOCAL, GPT, GPTConfig, eval_mode, load_checkpoint
 
 # -----------------------------------------------------------------------------
-# defaults: the baby GPT of nanoGPT's shakespeare_char, used when CUDA is available
-out_dir = "out-shakespeare"
-resume = False
-eval_interval = 250
-eval_iters = 200
-log_interval = 50
+# defaults (the model's are GPTConfig's, in nats.py): the baby GPT of nanoGPT's shakespeare_char
+# I/O
+out_dir = "out-shakespeare"  # ckpt.pt, history.json and token_types.html go here
+resume = False  # continue out_dir/ckpt.pt exactly where it stopped
+overwrite = False  # start over in an out_dir that holds a run: its checkpoint and history are deleted
+eval_interval = 250  # steps between evals; every eval also writes the checkpoint
+eval_iters = 200  # batches per eval, the same ones every time
+log_interval = 50  # steps between progress lines
+sample_tokens = 300  # tokens sampled at the end (0: no sample)
+show_layer = -1  # the layer and KV head whose token types the terminal shows at the end
+show_head = 0
+# data
 dataset = "shakespeare"  # or "recall": the synthetic associative-recall task of data/recall.py
 tokenizer = "char"  # Shakespeare: "char" or "gpt2" (tiktoken's GPT-2 BPE)
-attention = "nats"  # "nats", "dense", or "sliding" (the StreamingLLM baseline: a sink plus a window)
-attention_impl = "auto"  # NAtS attention: "triton", "reference", or "auto" (the kernel on CUDA)
-init_from = ""  # with finetune_scorer: a checkpoint (out_dir/ckpt.pt) of a trained model to add NAtS to
-finetune_scorer = False  # freeze that model, train only the scorers to match its hidden states (paper's recipe 2)
-n_layer = 6
-n_head = 6
-n_kv_head = 6
-n_embd = 384
-block_size = 256
-dropout = 0.2
-init_std = 0.02  # initial weights ~ N(0, init_std); the recall task needs about 1 / sqrt(n_embd)
-window = 16
-kv_weight = 0.1
-batch_size = 64
-gradient_accumulation_steps = 1
-max_iters = 5000
-learning_rate = 1e-3
-min_lr = 1e-4
+batch_size = 64  # sequences per micro-batch
+gradient_accumulation_steps = 1  # micro-batches per step, over all processes under torchrun
+# fine-tuning only the scorers of a trained model, the authors' second recipe
+init_from = ""  # with finetune_scorer: the checkpoint (out_dir/ckpt.pt) of a trained model
+finetune_scorer = False  # freeze that model, train the scorers to keep its final hidden states
+# AdamW with a linear warmup and a cosine decay
+max_iters = 5000  # optimizer steps
+learning_rate = 1e-3  # the baby GPT's: small models take a large rate
+min_lr = 1e-4  # learning_rate / 10, as in Chinchilla
 warmup_iters = 100
-lr_decay_iters = 5000
+lr_decay_iters = 5000  # usually max_iters
 weight_decay = 0.1
 beta1 = 0.9
-beta2 = 0.99
-grad_clip = 1.0
-seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16"  # autocast dtype on CUDA; CPU runs in float32
-sample_tokens = 300
-show_layer = -1  # layer and KV head whose token types are drawn at the end
-show_head = 0
-
-# without CUDA: small enough to finish in a few minutes on 2 cores, large enough to learn types
-CPU_CONFIG = dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=64, dropout=0.0,
-                  batch_size=32, max_iters=600, lr_decay_iters=600, warmup_iters=50, learning_rate=2e-3,
-                  eval_interval=100, eval_iters=20, log_interval=25, dtype="float32", window=8)
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+beta2 = 0.99  # above GPT-2's 0.95: few tokens per step
+grad_clip = 1.0  # clip the gradient norm at this value; 0: no clipping
+# system
+seed = 1337  # every batch and its noise are seeded from it (see seed_of)
+device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
+dtype = "bfloat16"  # autocast dtype on CUDA: "bfloat16", "float16" or "float32"; CPU runs float32
 # -----------------------------------------------------------------------------
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(HERE, "data")
+CPU_RECIPE = os.path.join(HERE, "config", "cpu.py")  # applied first when the run is on the CPU
+MODEL_KEYS = [key for key in asdict(GPTConfig()) if key != "vocab_size"]  # the data sets vocab_size
+TEACHER_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base"]  # fine-tuning keeps them
 
-def parse_args(argv, defaults):
-    """--key=value overrides of the defaults, each checked against the default's type."""
-    overrides = {}
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else (None, "", "")
-        if key is None or key not in defaults:
-            raise SystemExit(f"unknown argument {arg!r}; use --key=value with key one of: {', '.join(defaults)}")
-        if not eq:  # a bare --flag means True
-            value = "True"
-        default = defaults[key]
-        if isinstance(default, str):
-            overrides[key] = value
-            continue
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}")
-        if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-            parsed = float(parsed)
-        if type(parsed) is not type(default):
-            raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}")
-        overrides[key] = parsed
-    return overrides
+
+def defaults():
+    """Every setting and its default: this file's and the model's."""
+    own = {k: v for k, v in globals().items()
+           if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
+    return {**{k: getattr(GPTConfig, k) for k in MODEL_KEYS}, **own}
+
+
+def read_recipe(path, known):
+    """The key = value lines of a config file, as a dict; every key must be a known setting."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py")
+    values = {}
+    with open(path) as f:
+        exec(f.read(), {}, values)
+    for key in values:
+        if key not in known:
+            raise SystemExit(f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
+    return values
+
+
+def parse_value(key, value, default):
+    """The text of --key=value as the type of its default, or an error saying what to pass."""
+    if isinstance(default, str):
+        return value
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}") from None
+    if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+        parsed = float(parsed)
+    if type(parsed) is not type(default):
+        raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}")
+    return parsed
 
 
 def make_config(argv):
-    """Defaults, then the CPU config if the run has no GPU, then the command line."""
-    defaults = {k: v for k, v in globals().items()
-                if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
-    overrides = parse_args(argv, defaults)
-    config = dict(defaults)
-    run_device = overrides.get("device", config["device"])
-    if run_device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device={run_device} but CUDA is not available; pass --device=cpu")
-    if run_device == "cpu":
-        config.update(CPU_CONFIG)
-        why = "small CPU config (no CUDA device" + (")" if not torch.cuda.is_available() else " chosen)")
-    else:
-        why = "baby-GPT config (CUDA device found)"
+    """The defaults, then config/cpu.py if the run is on the CPU, then the config files and
+    --key=value flags of argv in their order. Returns the checked config and what it is based on."""
+    known = defaults()
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            overrides.update(read_recipe(arg, known))
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if key not in known:
+            raise SystemExit(f"unknown argument {arg!r}; use --key=value with key one of: {', '.join(known)}")
+        overrides[key] = parse_value(key, value if eq else "True", known[key])  # a bare --flag means True
+    config = dict(known)
+    run_device = str(overrides.get("device", config["device"]))
+    on_cpu = device_type(run_device) == "cpu"
+    if on_cpu:
+        config.update(read_recipe(CPU_RECIPE, known))
     config.update(overrides)
+    check_config(config)
+    why = "config/cpu.py (no CUDA device)" if on_cpu and not torch.cuda.is_available() else \
+        "config/cpu.py (--device=cpu)" if on_cpu else "the baby GPT"
     return config, why
+
+
+def device_type(name):
+    """'cpu' or 'cuda' for a device string this script can train on, else a SystemExit."""
+    try:
+        kind = torch.device(name)
+    except RuntimeError:
+        kind = None
+    if kind is not None and kind.type == "cpu":
+        return "cpu"
+    if kind is None or kind.type != "cuda":
+        raise SystemExit(f"--device={name}: this script trains on 'cpu' or 'cuda' ('cuda:N' for one GPU)")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device={name} but CUDA is not available; pass --device=cpu")
+    if kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device={name}: there are {torch.cuda.device_count()} CUDA devices; "
+                         f"pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return "cuda"
+
+
+def check_config(cfg):
+    """Stop with a message naming the setting and what to pass, before any data is loaded or
+    any file written, for a config that cannot train or would silently do something else."""
+    device_type(cfg["device"])
+    for key in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps"):
+        if cfg[key] < 1:
+            raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "grad_clip", "min_lr"):
+        if not cfg[key] >= 0:
+            raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
+    if not cfg["learning_rate"] > 0:
+        raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be > 0")
+    for key, allowed in (("dataset", ("shakespeare", "recall")), ("tokenizer", ("char", "gpt2")),
+                         ("dtype", ("bfloat16", "float16", "float32"))):
+        if cfg[key] not in allowed:
+            raise SystemExit(f"--{key}={cfg[key]}: pass one of {', '.join(allowed)}")
+    try:
+        GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
+    if cfg["init_from"] and not cfg["finetune_scorer"]:
+        raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
+                         f"trained model); to continue a run, pass --resume with its --out_dir")
+    if cfg["finetune_scorer"] and not os.path.isfile(cfg["init_from"]):
+        raise SystemExit(f"--finetune_scorer needs --init_from=<checkpoint of a trained model>, "
+                         f"got {cfg['init_from']!r}")
+    if cfg["finetune_scorer"] and cfg["attention"] != "nats":
+        raise SystemExit(f"--finetune_scorer trains NAtS scorers; drop --attention={cfg['attention']}")
+    if cfg["resume"] and cfg["overwrite"]:
+        raise SystemExit("--resume continues the run in out_dir, --overwrite deletes it: pass one of them")
+    if not (-cfg["n_layer"] <= cfg["show_layer"] < cfg["n_layer"] and 0 <= cfg["show_head"] < cfg["n_kv_head"]):
+        raise SystemExit(f"--show_layer={cfg['show_layer']} --show_head={cfg['show_head']}: the model has "
+                         f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
+                         f"[-{cfg['n_layer']}, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}]")
 
 
 # -----------------------------------------------------------------------------
@@ -134,14 +203,12 @@ def load_corpus(tokenizer):
         encode = lambda s: [stoi[c] for c in s]
         decode = lambda ids: "".join(chars[i] for i in ids)
         vocab_size = len(chars)
-    elif tokenizer == "gpt2":
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
-        encode, decode = enc.encode_ordinary, enc.decode
-        vocab_size = 50304  # 50257 rounded up to a multiple of 64
     else:
-        raise SystemExit(f"--tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
-    cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}.npy")
+        encode, decode = gpt2_tokenizer()
+        vocab_size = 50304  # 50257 rounded up to a multiple of 64
+    # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy")
     if os.path.exists(cache):
         tokens = np.load(cache)
     else:  # built on first use, never committed
@@ -151,6 +218,18 @@ def load_corpus(tokenizer):
         os.replace(cache + f".{os.getpid()}.tmp.npy", cache)
     split = int(0.9 * len(tokens))
     return tokens[:split], tokens[split:], encode, decode, vocab_size
+
+
+def gpt2_tokenizer():
+    """encode, decode of tiktoken's GPT-2 BPE, whose files tiktoken downloads on first use."""
+    import tiktoken
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' connection errors, a hash mismatch of a partial download, ...
+        raise SystemExit(f"--tokenizer=gpt2: tiktoken could not get the GPT-2 BPE files ({type(e).__name__}). "
+                         f"It downloads them on first use; offline, copy a tiktoken cache folder from a "
+                         f"machine that has one and set TIKTOKEN_CACHE_DIR=<that folder>") from None
+    return enc.encode_ordinary, enc.decode
 
 
 def load_recall(length, n_val=2000):
@@ -166,12 +245,10 @@ def load_recall(length, n_val=2000):
 def load_dataset(cfg):
     if cfg["dataset"] == "shakespeare":
         return load_corpus(cfg["tokenizer"])
-    if cfg["dataset"] == "recall":
-        try:
-            return load_recall(cfg["block_size"] + 1)
-        except ValueError as e:
-            raise SystemExit(f"--dataset=recall: {e}")
-    raise SystemExit(f"--dataset must be 'shakespeare' or 'recall', got {cfg['dataset']!r}")
+    try:
+        return load_recall(cfg["block_size"] + 1)
+    except ValueError as e:
+        raise SystemExit(f"--dataset=recall: {e}") from None
 
 
 TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH = 0, 1, 2  # the random streams seed_of names
@@ -208,52 +285,57 @@ def get_batch(data, batch_size, block_size, seed, device):
 
 
 @torch.no_grad()
-def evaluate(model, splits, cfg, autocast, rank, world):
+def evaluate(model, splits, cfg, device, autocast, rank, world):
     """Mean cross-entropy (and accuracy on the scored targets) per split in eval() mode (argmax
     types), on the same batches every time, plus the NAtS statistics averaged over the val batches."""
-    n_layer = len(model.transformer.h)
+    n_layer = model.config.n_layer
     result = {}
     with eval_mode(model):
         for name, data in splits.items():
-            totals = eval_totals(model, data, cfg, autocast, rank, world) / cfg["eval_iters"]
+            totals = eval_totals(model, data, cfg, device, autocast, rank, world) / cfg["eval_iters"]
             result[name], result[name + "_accuracy"] = totals[0].item(), (totals[1] / totals[2]).item()
-            if name == "val" and cfg["attention"] != "dense":
+            if name == "val" and model.config.attention != "dense":
                 result["kv_fraction"] = totals[3:3 + n_layer].tolist()
                 result["cache_size"] = totals[3 + n_layer:3 + 2 * n_layer].tolist()
                 result["type_share"] = totals[-3:].tolist()
     return result
 
 
-def eval_totals(model, data, cfg, autocast, rank, world):
+def eval_totals(model, data, cfg, device, autocast, rank, world):
     """Sums over the eval batches (each rank takes a share, then all are added): cross-entropy,
     correct and scored predictions, kv_fraction and cache size per layer, type shares."""
-    n_layer = len(model.transformer.h)
+    n_layer = model.config.n_layer
     totals = torch.zeros(3 + 2 * n_layer + 3, dtype=torch.float64)
     for i in range(rank, cfg["eval_iters"], world):
-        x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i), cfg["device"])
+        x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i), device)
         with autocast:
-            logits, _ = model(x, y)
+            logits, _, stats = model(x, y)
         scored = y != -1
-        totals[:3] += torch.tensor([model.stats["ce"].item(), (logits.argmax(-1) == y)[scored].sum().item(),
+        totals[:3] += torch.tensor([stats["ce"].item(), (logits.argmax(-1) == y)[scored].sum().item(),
                                     scored.sum().item()])
-        if cfg["attention"] != "dense":
-            layers = model.layer_stats()
-            totals[3:3 + n_layer] += torch.tensor([l["kv_fraction"] for l in layers], dtype=torch.float64)
-            totals[3 + n_layer:3 + 2 * n_layer] += torch.tensor([l["cache_size"] for l in layers], dtype=torch.float64)
-            totals[-3:] += torch.tensor([l["type_share"] for l in layers], dtype=torch.float64).mean(0)
-    return all_ranks_sum(totals, cfg["device"])
+        if "kv_fraction" in stats:
+            totals[3:3 + n_layer] += stats["kv_fraction"].double().cpu()
+            totals[3 + n_layer:3 + 2 * n_layer] += stats["cache_size"].double().cpu()
+            totals[-3:] += stats["type_share"].double().mean(0).cpu()
+    return all_ranks_sum(totals, device)
 
 
-def format_eval(it, cfg, result, elapsed, eta):
-    line = f"step {it:5d}/{cfg['max_iters']} | train {result['train']:.4f} val {result['val']:.4f}"
+def format_step(it, cfg, loss, kv, tokens_per_s, eta):
+    """The progress line of a log interval: loss and kv share of the last step, speed, time left."""
+    kv_text = f" | kv {kv:.3f}" if kv is not None else ""
+    return (f"step {it:5d}/{cfg['max_iters']} | loss {loss:.4f}{kv_text} | {tokens_per_s / 1e3:6.1f}k tok/s"
+            f" | ETA {hms(eta)}")
+
+
+def format_eval(it, cfg, result, elapsed):
+    """The line of an eval: losses (and recall accuracy), the mean kv share and type mix on val."""
+    line = f"eval {it:5d}/{cfg['max_iters']} | train {result['train']:.4f} val {result['val']:.4f}"
     if cfg["dataset"] == "recall":
-        line += f" (recall accuracy {result['val_accuracy']:.1%})"
+        line += f" | recall {result['val_accuracy']:.1%}"
     if "kv_fraction" in result:
-        kv = result["kv_fraction"]
         g, l, s = result["type_share"]
-        line += (f" | kv {np.mean(kv):.3f} [{' '.join(f'{x:.2f}' for x in kv)}]"
-                 f" | G {g:.0%} L {l:.0%} S {s:.0%} | end cache {np.mean(result['cache_size']):.1f}/{cfg['block_size']}")
-    return line + f" | {hms(elapsed)} elapsed, ETA {hms(eta) if eta is not None else '?'}"
+        line += f" | kv {np.mean(result['kv_fraction']):.3f} G/L/S {g:.0%}/{l:.0%}/{s:.0%}".replace("%/", "/")
+    return line + f" | {hms(elapsed)}"
 
 
 def hms(seconds):
@@ -261,51 +343,54 @@ def hms(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def print_sample(model, val_data, encode, decode, vocab_size, autocast, cfg):
+def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, cfg):
     """Generate from a new line (Shakespeare) or from a val sequence up to its first answer
     (recall), then show what the evicting cache held."""
     first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] == "recall" else None
-    prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64),
-                          device=cfg["device"])
+    prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64), device=device)
     caches = model.new_caches()
     with autocast:
         sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size),
                                 caches=caches)
     print(f"\nsample:\n{decode(sample[0].tolist())}")
-    print_cache_stats(caches)
+    print(cache_report(caches, model.config.attention))
 
 
-def print_cache_stats(caches):
-    """What the sample's KV cache held at its end, per layer, against a dense cache."""
+def cache_report(caches, attention):
+    """What the sample's KV caches held at its end, per layer, and their memory against a dense cache."""
     stats = [c.stats() for c in caches]
+    seen, kept, dense = stats[0]["seen"], sum(s["bytes"] for s in stats), sum(s["dense_bytes"] for s in stats)
+    if attention == "dense":
+        return f"KV cache after {seen} tokens: dense, every token in every layer and head, {dense / 1e3:.1f} kB"
     held = " ".join(f"{s['tokens_mean']:.0f}/{s['tokens_max']:.0f}" for s in stats)
-    kept, dense = sum(s["bytes"] for s in stats), sum(s["dense_bytes"] for s in stats)
-    print(f"KV cache after {stats[0]['dense_tokens']} tokens: tokens held per layer (mean/max over heads) {held}; "
-          f"{kept / 1e3:.1f} kB, {kept / dense:.0%} of a dense cache ({dense / 1e3:.1f} kB)")
+    return (f"KV cache after {seen} tokens, tokens held per KV head in each layer (mean/max): {held}\n"
+            f"  {kept / 1e3:.1f} kB allocated, {kept / dense:.0%} of the {dense / 1e3:.1f} kB of a dense cache")
 
 
 TYPE_NAMES = ("Global", "Local", "Sliding")
 ANSI = ("\033[1;97;41m", "\033[30;43m", "\033[2m")  # Global: white on red, Local: on yellow, Sliding: dim
+BRACKETS = ("[{}]", "{{{}}}", "{}")  # without a terminal: [Global], {Local}, Sliding as it is
 HTML_STYLE = ("background:#d62728;color:white;font-weight:bold", "background:#ffd34d", "color:#999")
 
 
-@torch.no_grad()
-def show_token_types(model, tokens, decode, cfg):
-    """Colour every token of a val snippet by its type: one layer and KV head in the terminal
+def mark(piece, kind, colour):
+    """One token's text marked by its type: ANSI colours on a terminal, brackets in a file."""
+    return f"{ANSI[kind]}{piece}\033[0m" if colour else BRACKETS[kind].format(piece)
+
+
+def show_token_types(model, tokens, decode, device, cfg):
+    """Mark every token of a val snippet by its type: one layer and KV head in the terminal
     (--show_layer, --show_head), every layer and KV head in out_dir/token_types.html."""
-    x = torch.from_numpy(tokens.astype(np.int64))[None].to(cfg["device"])
-    with eval_mode(model):
-        model(x)
-    kinds = torch.stack([blk.attn.stats["token_types"][0].argmax(-1) for blk in model.transformer.h]).tolist()
+    kinds = model.token_types(torch.from_numpy(tokens.astype(np.int64))[None].to(device))[:, 0].tolist()
     pieces = [decode([t]) for t in tokens.tolist()]
     layer, head = cfg["show_layer"] % len(kinds), cfg["show_head"]
-    terminal = "".join(f"{ANSI[k]}{p.replace(chr(10), '↵' + chr(10))}\033[0m"
-                       for p, k in zip(pieces, kinds[layer][head]))
-    legend = "  ".join(f"{ANSI[k]}{name}\033[0m" for k, name in enumerate(TYPE_NAMES))
-    print(f"\ntoken types, layer {layer} KV head {head} ({legend}):\n{terminal}\n")
-    globals_per_head = " | ".join(f"layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads)
-                                  for l, heads in enumerate(kinds))
-    print(f"Global tokens per KV head in these {len(pieces)}: {globals_per_head}")
+    colour = sys.stdout.isatty()
+    text = "".join(mark(p.replace("\n", "↵\n"), k, colour) for p, k in zip(pieces, kinds[layer][head]))
+    legend = " ".join(mark(name, k, colour) for k, name in enumerate(TYPE_NAMES))
+    print(f"\ntoken types, layer {layer} KV head {head} ({legend}):\n{text}\n")
+    print(f"Global tokens of these {len(pieces)} per KV head:")
+    for l, heads in enumerate(kinds):
+        print(f"  layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads))
     legend_html = " ".join(f'<span style="{HTML_STYLE[k]}">{name}</span>' for k, name in enumerate(TYPE_NAMES))
     blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4>"
                      f"<pre style='font-size:14px;line-height:1.5;white-space:pre-wrap'>"
@@ -320,63 +405,125 @@ def show_token_types(model, tokens, decode, cfg):
     print(f"wrote {path}")
 
 
-@torch.no_grad()
-def print_types_by_role(model, val_data, cfg):
-    """Recall: the share of each role that every layer and KV head marks Global, over 512 val
-    sequences. The heads that do the lookup keep the pairs' values; the filler need not stay."""
+def global_share_by_role(model, val_data, device):
+    """Recall: the share of each role (recall.roles) that every layer and KV head marks Global,
+    over the first 512 val sequences: {role: array [n_layer, n_kv_head]}."""
     x = val_data[:512, :-1]
-    with eval_mode(model):
-        model(torch.from_numpy(x.astype(np.int64)).to(cfg["device"]))
-    roles = recall.roles(x)
-    print(f"share marked Global over {len(x)} val sequences, by role ({', '.join(roles)}):")
-    for l, blk in enumerate(model.transformer.h):
-        is_global = (blk.attn.stats["token_types"].argmax(-1) == GLOBAL).cpu().numpy()
-        for h in range(is_global.shape[1]):
-            shares = " ".join(f"{is_global[:, h][m].mean():4.0%}" for m in roles.values())
-            print(f"  layer {l} KV head {h}: {shares}")
+    is_global = (model.token_types(torch.from_numpy(x.astype(np.int64)).to(device)) == GLOBAL).cpu().numpy()
+    return {role: (is_global * mask[None, :, None, :]).sum((1, 3)) / mask.sum()
+            for role, mask in recall.roles(x).items()}
+
+
+def print_types_by_role(model, val_data, device):
+    """The heads that do the recall lookup keep the pairs' values; the filler need not stay."""
+    shares = global_share_by_role(model, val_data, device)
+    print(f"share marked Global over {min(512, len(val_data))} val sequences, by role:")
+    print("  layer/head " + " ".join(f"{role:>11}" for role in shares))
+    n_layer, n_kv_head = next(iter(shares.values())).shape
+    for l in range(n_layer):
+        for h in range(n_kv_head):
+            print(f"  {l:>5}/{h:<4} " + " ".join(f"{share[l, h]:>11.0%}" for share in shares.values()))
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# checkpoints and history
 
 
-def save_checkpoint(path, model, optimizer, model_args, it, best_val, cfg):
+def save_atomically(path, write):
+    """write(temp file), then rename it over path, so that path is always whole: the previous
+    version or the new one. If writing fails (a full disk) the temp file is removed and the run
+    stops with a sentence; path keeps its previous version."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"could not write {path} ({reason}); the previous version, if any, is unchanged. "
+                         f"Free some disk space, then continue with --resume") from None
+
+
+def save_checkpoint(path, model, optimizer, model_args, it, best_val, history, cfg):
     """Everything --resume needs to continue exactly (the randomness is seeded per batch, see
-    seed_of), written atomically: a temp file, then a rename."""
+    seed_of), and the history so far."""
     checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                      iter_num=it, best_val_loss=best_val, config=cfg)
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
+                      iter_num=it, best_val_loss=best_val, history=history, config=cfg)
+    save_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def save_history(history, cfg):
     """The losses and evals so far, as out_dir/history.json (rewritten at every eval)."""
-    with open(os.path.join(cfg["out_dir"], "history.json.tmp"), "w") as f:
-        json.dump(history, f)
-    os.replace(os.path.join(cfg["out_dir"], "history.json.tmp"), os.path.join(cfg["out_dir"], "history.json"))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(history, f)
+    save_atomically(os.path.join(cfg["out_dir"], "history.json"), write)
 
 
-def load_teacher(cfg):
+def read_checkpoint(path, device, flag):
+    """load_checkpoint, with its errors as a message naming the flag that asked for the file."""
+    try:
+        return load_checkpoint(path, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{flag}: {e}") from None
+
+
+def load_teacher(cfg, device):
     """The frozen model whose hidden states the scorers learn to keep (dense attention)."""
-    if not cfg["init_from"] or not os.path.exists(cfg["init_from"]):
-        raise SystemExit(f"--finetune_scorer needs --init_from=<checkpoint of a trained model>, got {cfg['init_from']!r}")
-    checkpoint = torch.load(cfg["init_from"], map_location=cfg["device"], weights_only=False)
+    checkpoint = read_checkpoint(cfg["init_from"], device, "--init_from")
     teacher = GPT(GPTConfig(**dict(checkpoint["model_args"], attention="dense")))
     teacher.load_state_dict({k: v for k, v in checkpoint["model"].items() if "scorer" not in k})
-    teacher.to(cfg["device"]).eval().requires_grad_(False)
-    return teacher
+    return teacher.to(device).eval().requires_grad_(False)
 
 
-def setup_distributed(cfg):
+def model_args_for(cfg, checkpoint, teacher):
+    """The model to build (GPTConfig's fields but vocab_size and attention_impl): the checkpoint's
+    (--resume), the teacher's shape with NAtS scorers (--finetune_scorer), or the config's. A
+    setting of the config that disagrees with the model it continues stops the run."""
+    wanted = {key: cfg[key] for key in MODEL_KEYS if key != "attention_impl"}
+    if checkpoint is not None:
+        flag, source, given, fixed = "--resume", os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint["model_args"], \
+            wanted
+    elif teacher is not None:
+        flag, source, given, fixed = "--finetune_scorer", cfg["init_from"], asdict(teacher.config), TEACHER_KEYS
+    else:
+        return wanted
+    conflicts = [key for key in fixed if key in given and given[key] != wanted[key]]
+    if conflicts:
+        has = ", ".join(f"{key}={given[key]!r}" for key in conflicts)
+        asks = ", ".join(f"{key}={wanted[key]!r}" for key in conflicts)
+        fix = " ".join(f"--{key}={given[key]}" for key in conflicts)
+        raise SystemExit(f"{flag}: {source} holds a model with {has}; this run asks for {asks} (from a flag, "
+                         f"a config file or config/cpu.py): pass {fix}"
+                         + (" or another --out_dir" if checkpoint is not None else ""))
+    return {**wanted, **{key: given[key] for key in fixed if key in given}}
+
+
+def check_out_dir(cfg):
+    """An out_dir that holds a run is continued with --resume or deleted with --overwrite, never
+    silently replaced."""
+    paths = [os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "history.json")]
+    existing = [path for path in paths if os.path.exists(path)]
+    if cfg["resume"] and not os.path.exists(paths[0]):
+        raise SystemExit(f"--resume: no checkpoint at {paths[0]}; pass the --out_dir of the run to continue")
+    if existing and not cfg["resume"] and not cfg["overwrite"]:
+        raise SystemExit(f"{cfg['out_dir']} holds a run ({', '.join(map(os.path.basename, existing))}): pass "
+                         f"--resume to continue it, --overwrite to start over, or another --out_dir")
+    return existing if cfg["overwrite"] else []
+
+
+def setup_distributed(device):
     """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) join the process group: NCCL and one GPU
-    per process on CUDA, gloo on CPU. Returns (rank, world size); a plain run is (0, 1)."""
+    per process on CUDA, gloo on CPU. Returns (rank, world size, this process's device); a plain
+    run is (0, 1, device)."""
     if "RANK" not in os.environ:
-        return 0, 1
-    if cfg["device"].startswith("cuda"):
-        cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(cfg["device"])
-    dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+        return 0, 1, device
+    if device_type(device) == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type(device) == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def all_ranks_sum(t, device):
@@ -402,132 +549,131 @@ def learning_rate_at(it, cfg):
 
 
 def train(cfg):
-    """Train with the config dict; return the history of losses and evals (used by the tests).
+    """Train with the config dict (it is not changed); return the history of losses and evals.
     Under torchrun every process runs this; rank 0 logs, checkpoints and samples."""
-    rank, world = setup_distributed(cfg)
+    check_config(cfg)
+    rank, world, device = setup_distributed(cfg["device"])
     log = print if rank == 0 else (lambda *args, **kwargs: None)
     gas = cfg["gradient_accumulation_steps"]
     if gas % world:
         raise SystemExit(f"--gradient_accumulation_steps={gas} must be a multiple of the {world} processes: "
                          f"each takes an equal share of the global batch; pass e.g. {world * max(1, gas // world)}")
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    device_type = "cuda" if cfg["device"].startswith("cuda") else "cpu"
-    if device_type == "cuda":
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    stale = check_out_dir(cfg)
+    checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
+    teacher = load_teacher(cfg, device) if cfg["finetune_scorer"] else None
+    model_args = model_args_for(cfg, checkpoint, teacher)
+    train_data, val_data, encode, decode, vocab_size = load_dataset(cfg)
+    if checkpoint is not None and checkpoint["model_args"].get("vocab_size", vocab_size) != vocab_size:
+        raise SystemExit(f"--resume: {ckpt_path} was trained on {checkpoint['model_args']['vocab_size']} token "
+                         f"ids, this data has {vocab_size}: pass the --dataset and --tokenizer it was trained with")
+    model_args["vocab_size"] = vocab_size
+    if rank == 0:
+        for path in stale:  # --overwrite: the old run goes now, not at the first checkpoint
+            os.remove(path)
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+
+    kind = device_type(device)
+    if kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = (torch.autocast(device_type="cuda", dtype=getattr(torch, cfg["dtype"]))
-                if device_type == "cuda" and cfg["dtype"] != "float32" else torch.autocast("cpu", enabled=False))
+                if kind == "cuda" and cfg["dtype"] != "float32" else torch.autocast("cpu", enabled=False))
     # float16 needs its gradients scaled against underflow; bfloat16 and float32 do not
-    scaler = torch.amp.GradScaler(device_type, enabled=device_type == "cuda" and cfg["dtype"] == "float16")
-    train_data, val_data, encode, decode, vocab_size = load_dataset(cfg)
-
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    model_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "attention", "window",
-                  "kv_weight", "init_std")
-    teacher = load_teacher(cfg) if cfg["finetune_scorer"] else None
-    if cfg["resume"]:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location=cfg["device"], weights_only=False)
-        model_args = checkpoint["model_args"]
-    elif teacher is not None:  # the teacher's shape, with NAtS attention
-        model_args = dict(asdict(teacher.config), attention="nats", window=cfg["window"], kv_weight=cfg["kv_weight"])
-        model_args.pop("attention_impl")
-    else:
-        model_args = {key: cfg[key] for key in model_keys}
-        model_args["vocab_size"] = vocab_size
-    for key in model_keys:  # what the model really is (checkpoints older than init_std lack it)
-        cfg[key] = model_args.get(key, cfg[key])
-    if not (-cfg["n_layer"] <= cfg["show_layer"] < cfg["n_layer"] and 0 <= cfg["show_head"] < cfg["n_kv_head"]):
-        raise SystemExit(f"--show_layer={cfg['show_layer']} --show_head={cfg['show_head']}: the model has "
-                         f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
-                         f"[-{cfg['n_layer']}, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}]")
+    scaler = torch.amp.GradScaler(kind, enabled=kind == "cuda" and cfg["dtype"] == "float16")
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-    model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(cfg["device"])
+    model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(device)
     if teacher is not None:
         missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
         assert not unexpected and all("scorer" in name for name in missing), (missing, unexpected)
         for name, p in model.named_parameters():
             p.requires_grad = "scorer" in name
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                           (cfg["beta1"], cfg["beta2"]), device_type)
-    it, best_val = 0, float("inf")
-    if cfg["resume"]:
+                                           (cfg["beta1"], cfg["beta2"]), kind)
+    it, best_val, history = 0, float("inf"), dict(loss={}, evals=[], elapsed=0.0)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         it, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        history = checkpoint.get("history", history)  # older checkpoints kept no history
         log(f"resumed from {ckpt_path} at step {it}")
     data_text = "fresh recall sequences" if callable(train_data) else f"{train_data.size:,} train tokens"
-    log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={cfg['attention']}, {data_text}, "
-        f"vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
+    log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={model.config.attention}, "
+        f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
     trainer = DDP(model) if world > 1 else model  # the scorers get gradients every step: no unused parameters
 
-    history = dict(loss={}, evals=[])
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * gas
-    start, start_it = time.time(), it
-    window_start, window_it = time.time(), it
-    while True:
-        lr = learning_rate_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-            result = evaluate(model, {"train": train_data, "val": val_data}, cfg, autocast, rank, world)
-            elapsed = time.time() - start
-            eta = elapsed / (it - start_it) * (cfg["max_iters"] - it) if it > start_it else None
-            log(format_eval(it, cfg, result, elapsed, eta))
-            history["evals"].append(dict(iter=it, **result))
-            history["elapsed"] = elapsed
-            best_val = min(best_val, result["val"])
-            if rank == 0:
-                save_history(history, cfg)
-                if it > start_it:
-                    save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, cfg)
-        if it >= cfg["max_iters"]:
-            break
+    start, start_it, elapsed_before = time.time(), it, history["elapsed"]
+    window_start, window_it, saved_at = time.time(), it, checkpoint["iter_num"] if checkpoint else None
+    try:
+        while True:
+            lr = learning_rate_at(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # an eval every eval_interval steps and at the end; a resumed run has its first in the history
+            if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and not (checkpoint and it == start_it):
+                result = evaluate(model, {"train": train_data, "val": val_data}, cfg, device, autocast, rank, world)
+                history["elapsed"] = elapsed_before + time.time() - start
+                log(format_eval(it, cfg, result, history["elapsed"]))
+                history["evals"].append(dict(iter=it, **result))
+                best_val = min(best_val, result["val"])
+                if rank == 0:
+                    if it > start_it:
+                        save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, history, cfg)
+                        saved_at = it
+                    save_history(history, cfg)
+            if it >= cfg["max_iters"]:
+                break
 
-        # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
-        step_totals = torch.zeros(2, dtype=torch.float64)  # loss, kv_fraction summed over micro-batches
-        for m in range(rank * gas // world, (rank + 1) * gas // world):
-            batch = it * gas + m
-            x, y = get_batch(train_data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], TRAIN_BATCH, batch),
-                             cfg["device"])
-            torch.manual_seed(seed_of(cfg["seed"], TRAIN_NOISE, batch))  # Gumbel and dropout noise
-            if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
-                trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
-            with autocast:
-                _, loss = trainer(x, y, teacher=teacher)
-            scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
-            step_totals += torch.tensor([loss.item(), model.stats.get("kv_fraction", torch.zeros(1)).mean().item()])
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
+            step_totals = torch.zeros(2, dtype=torch.float64)  # loss, kv_fraction summed over micro-batches
+            for m in range(rank * gas // world, (rank + 1) * gas // world):
+                batch = it * gas + m
+                x, y = get_batch(train_data, cfg["batch_size"], cfg["block_size"],
+                                 seed_of(cfg["seed"], TRAIN_BATCH, batch), device)
+                torch.manual_seed(seed_of(cfg["seed"], TRAIN_NOISE, batch))  # Gumbel and dropout noise
+                if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
+                    trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
+                with autocast:
+                    _, loss, stats = trainer(x, y, teacher=teacher)
+                scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
+                kv = stats["kv_fraction"].mean().item() if "kv_fraction" in stats else 0.0
+                step_totals += torch.tensor([loss.item(), kv])
+            if cfg["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
 
-        loss_value, kv_value = (all_ranks_sum(step_totals, cfg["device"]) / gas).tolist()
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"loss is {loss_value} at step {it}: stopping. Try a lower --learning_rate, "
-                             f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
-        history["loss"][it] = loss_value
-        it += 1
-        if it % cfg["log_interval"] == 0:
-            dt = time.time() - window_start
-            kv_text = f", kv {kv_value:.3f}" if cfg["attention"] != "dense" else ""
-            log(f"  iter {it}: loss {loss_value:.4f}{kv_text}, {tokens_per_iter * (it - window_it) / dt / 1e3:.1f}k tok/s, "
-                f"{(it - window_it) / dt:.2f} it/s, lr {lr:.2e}")
-            window_start, window_it = time.time(), it
+            loss_value, kv_value = (all_ranks_sum(step_totals, device) / gas).tolist()
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"loss is {loss_value} at step {it}: stopping. Try a lower --learning_rate, "
+                                 f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
+            history["loss"][it] = loss_value
+            it += 1
+            if it % cfg["log_interval"] == 0:
+                now = time.time()
+                eta = (now - start) / (it - start_it) * (cfg["max_iters"] - it)
+                log(format_step(it, cfg, loss_value, kv_value if model.config.attention != "dense" else None,
+                                tokens_per_iter * (it - window_it) / (now - window_start), eta))
+                window_start, window_it = now, it
+    except KeyboardInterrupt:
+        where = (f"the checkpoint of step {saved_at} is {ckpt_path}; continue with --resume "
+                 f"--out_dir={cfg['out_dir']} and the same other settings" if saved_at is not None else
+                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
+        raise SystemExit(f"\nstopped at step {it}: {where}") from None
 
-    history["elapsed"] = time.time() - start
+    history["elapsed"] = elapsed_before + time.time() - start
     if rank == 0:
         save_history(history, cfg)
         if cfg["sample_tokens"] > 0:
-            print_sample(model, val_data, encode, decode, vocab_size, autocast, cfg)
-        if cfg["attention"] == "nats":
+            print_sample(model, val_data, encode, decode, vocab_size, device, autocast, cfg)
+        if model.config.attention == "nats":
             snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
-            show_token_types(model, snippet, decode, cfg)
+            show_token_types(model, snippet, decode, device, cfg)
             if cfg["dataset"] == "recall":
-                print_types_by_role(model, val_data, cfg)
+                print_types_by_role(model, val_data, device)
     if world > 1:
         dist.destroy_process_group()
     return history
@@ -536,7 +682,6 @@ def train(cfg):
 if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
-        print(f"config: {why}: {config['n_layer']} layers x {config['n_head']} heads x {config['n_embd']} wide, "
-              f"context {config['block_size']}, batch {config['batch_size']}, {config['max_iters']} iterations "
-              f"on {config['device']}")
+        print(f"config: {why}: {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
+              f"batch {config['batch_size']}, {config['max_iters']} steps on {config['device']}")
     train(config)

@@ -1,0 +1,19 @@
+# The CPU run: small enough to finish in a few minutes on 2 cores, large enough to learn types.
+# train_shakespeare.py applies this file by itself when the run's device is the CPU; config files
+# and flags given on the command line come after it.
+n_layer = 4
+n_head = 4
+n_kv_head = 4
+n_embd = 128
+block_size = 64
+window = 8  # an eighth of the context, as W = 16 is of 256 (a wider window leaves nothing to learn)
+dropout = 0.0  # too few steps to overfit
+batch_size = 32
+max_iters = 600
+lr_decay_iters = 600
+warmup_iters = 50
+learning_rate = 2e-3
+eval_interval = 100
+eval_iters = 20
+log_interval = 25
+dtype = "float32"
