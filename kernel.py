@@ -207,18 +207,24 @@ def _softmax_update(acc, m_i, l_i, s, visible, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _lse_update(mf_i, lf_i, s):
+    """Online log-sum-exp (log2) of the scores s [BLOCK_M, BLOCK_N] into the running max and sum."""
+    mf_new = tl.maximum(mf_i, tl.max(s, 1))
+    return mf_new, lf_i * tl.math.exp2(mf_i - mf_new) + tl.sum(tl.math.exp2(s - mf_new[:, None]), 1)
+
+
+@triton.jit
 def _fwd_train_tile(acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m,
                     offs_d, T, N_GROUPS, stride_kt, stride_vt, scale_log2,
                     BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
-    """A training forward's key tile: every causal entry into LSE_F (one product, one exp);
-    the visible Local and Sliding ones also into the output, if the tile reaches this far."""
+    """A training forward's key tile in the band: every causal entry into LSE_F; the visible
+    Local and Sliding ones also into the output, if the tile reaches this far."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s = tl.dot(q, tl.trans(_rows(K, offs_n, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
-    s_causal = s
     if DIAGONAL:  # off the diagonal every key precedes every query: no mask there
-        s_causal = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-    mf_new = tl.maximum(mf_i, tl.max(s_causal, 1))
-    lf_i = lf_i * tl.math.exp2(mf_i - mf_new) + tl.sum(tl.math.exp2(s_causal - mf_new[:, None]), 1)
+        mf_i, lf_i = _lse_update(mf_i, lf_i, tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf")))
+    else:
+        mf_i, lf_i = _lse_update(mf_i, lf_i, s)
     if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
         last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
         visible = offs_m[:, None] <= last_q[None, :]
@@ -226,12 +232,12 @@ def _fwd_train_tile(acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCA
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, _rows(V, offs_n, stride_vt, offs_d, T),
                                         PRECISION)
-    return acc, m_i, l_i, mf_new, lf_i
+    return acc, m_i, l_i, mf_i, lf_i
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["T_BUCKET", "D", "TRAINING"])
 @triton.jit
-def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, GLOBAL_POS, N_GLOBAL_UPTO,
+def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, GLOBAL_POS, N_GLOBAL_UPTO,
               stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
               stride_vz, stride_vh, stride_vt, stride_oz, stride_oh, stride_ot,
               H, H_KV, T, N_GROUPS, T_BUCKET, scale_log2,
@@ -262,12 +268,17 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, GLOBAL_POS, N
         s = tl.dot(q, tl.trans(_rows(K, pos, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, pos[None, :] <= offs_m[:, None],
                                         _rows(V, pos, stride_vt, offs_d, T), PRECISION)
-    # 2. the band: Local and Sliding keys (LAST_Q_LOCAL is -1 for Globals); training also
-    #    sweeps the far tiles for LSE_F
+    # 2. the band: Local and Sliding keys (LAST_Q_LOCAL is -1 for Globals), from the first key
+    #    tile any of them reaches this query tile from; training also sweeps the far tiles
+    #    before it, for LSE_F only: one product and one exp per entry, no mask, no branch
+    band_lo = tl.minimum(tl.load(BAND_START + zh_kv * T + start_m) // BLOCK_N * BLOCK_N, start_m)
     if TRAINING:
         mf_i = tl.full([BLOCK_M], -1e30, tl.float32)
         lf_i = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, start_m, BLOCK_N):
+        for start_n in range(0, band_lo, BLOCK_N):
+            k = _rows(K, start_n + tl.arange(0, BLOCK_N), stride_kt, offs_d, T)
+            mf_i, lf_i = _lse_update(mf_i, lf_i, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2)
+        for start_n in range(band_lo, start_m, BLOCK_N):
             acc, m_i, l_i, mf_i, lf_i = _fwd_train_tile(
                 acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m, offs_d,
                 T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, False, PRECISION)
@@ -277,7 +288,7 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, GLOBAL_POS, N
                 T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, True, PRECISION)
         tl.store(LSE_F + (z * H + h).to(tl.int64) * T + offs_m, mf_i + tl.math.log2(lf_i), mask=offs_m < T)
     else:
-        for start_n in range(0, end_m, BLOCK_N):
+        for start_n in range(band_lo, end_m, BLOCK_N):
             if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
@@ -305,7 +316,7 @@ def _dq_update(dq, q, do, lse_m, delta, k, v, visible, scale_log2, PRECISION: tl
 @triton.autotune(configs=DQ_CONFIGS, key=["T_BUCKET", "D"])
 @triton.jit
 def _nats_bwd_dq(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
-                 KIND, LAST_Q_LOCAL, REACH_LOCAL, GLOBAL_POS, N_GLOBAL_UPTO,
+                 KIND, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, GLOBAL_POS, N_GLOBAL_UPTO,
                  stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
                  stride_vz, stride_vh, stride_vt, stride_doz, stride_doh, stride_dot,
                  H, H_KV, T, N_GROUPS, T_BUCKET, scale_log2, scale,
@@ -340,7 +351,8 @@ def _nats_bwd_dq(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
         dq, s, dp = _dq_update(dq, q, do, lse_m, delta, _rows(K, pos, stride_kt, offs_d, T),
                                _rows(V, pos, stride_vt, offs_d, T), pos[None, :] <= offs_m[:, None],
                                scale_log2, PRECISION)
-    for start_n in range(0, end_m, BLOCK_N):
+    band_lo = tl.minimum(tl.load(BAND_START + zh_kv * T + start_m) // BLOCK_N * BLOCK_N, start_m)
+    for start_n in range(band_lo, end_m, BLOCK_N):
         if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
@@ -511,8 +523,8 @@ def _nats_bwd_dkdv_global(Q, K, V, DO, LSE_M, DELTA, DK, DV, GLOBAL_POS, N_GLOBA
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-META_FIELDS = ("kind", "last_q_local", "seg_end", "next_seg_end", "reach_local", "band_end", "global_pos",
-               "n_global_upto")
+META_FIELDS = ("kind", "last_q_local", "seg_end", "next_seg_end", "reach_local", "band_end", "band_start",
+               "global_pos", "n_global_upto")
 
 
 def key_metadata(token_types, window):
@@ -524,7 +536,9 @@ def key_metadata(token_types, window):
     Global strictly after j (T-1 if none), the last row a Local j would see; next_seg_end: where
     the following segment ends, when seg_end is a Global that closes j's segment. band_end: the
     last row where the backward needs G entry by entry. reach_local, band_end: maxima per 16 keys.
-    global_pos: the Global positions, sorted, padded with T; n_global_upto: Globals at or before j.
+    band_start: for query i, the first key j with last_q_local >= i (T if none): query tiles
+    start their band there. global_pos: the Global positions, sorted, padded with T;
+    n_global_upto: Globals at or before j.
     """
     T = token_types.shape[-2]
     kind = token_types.detach().argmax(-1)
@@ -537,8 +551,9 @@ def key_metadata(token_types, window):
     last_q_local = torch.where(is_global, -1, torch.where(is_local, seg_end, slide_end))
     band_end = torch.maximum(torch.maximum(seg_end, slide_end), torch.where(is_local, next_seg_end, -1))
     group_max = lambda x: F.pad(x, (0, -T % REACH_GROUP), value=-1).unflatten(-1, (-1, REACH_GROUP)).amax(-1)
+    band_start = torch.searchsorted(last_q_local.cummax(-1).values.contiguous(), pos.expand_as(kind).contiguous())
     meta = dict(kind=kind, last_q_local=last_q_local, seg_end=seg_end, next_seg_end=next_seg_end,
-                reach_local=group_max(last_q_local), band_end=group_max(band_end),
+                reach_local=group_max(last_q_local), band_end=group_max(band_end), band_start=band_start,
                 global_pos=torch.where(is_global, pos, T).sort(-1).values, n_global_upto=is_global.cumsum(-1))
     return [meta[name].to(torch.int32).contiguous() for name in META_FIELDS]
 
@@ -556,7 +571,8 @@ def type_gradients(colsum, local_rowsum, meta):
     keys of row i: an inclusion-exclusion of the entries with j' < j < i inside j's segment.
     """
     c_all, c_seg, c_next, c_slide, diag = colsum.double().unbind(2)
-    kind, seg_end = meta[0].long(), meta[2].long()
+    m = dict(zip(META_FIELDS, meta))
+    kind, seg_end = m["kind"].long(), m["seg_end"].long()
     is_global, is_local = kind == GLOBAL, kind == LOCAL
     T = kind.shape[-1]
     pos = torch.arange(T, device=kind.device)
@@ -597,7 +613,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_types: tor
     m = dict(zip(META_FIELDS, meta))
     grid = lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     _nats_fwd[grid](q, k, v, o, lse_m, lse_f if training else lse_m, m["last_q_local"], m["reach_local"],
-                    m["global_pos"], m["n_global_upto"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                    m["band_start"], m["global_pos"], m["n_global_upto"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                     *o.stride()[:3], N_GROUPS=m["reach_local"].shape[-1], TRAINING=training,
                     **_common_args(q, k))
     return o, lse_m, lse_f
@@ -634,7 +650,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
         q, k, v, do, lse_m, delta, dk, dv, m["global_pos"], m["n_global_upto"], *strides, **common)
     _nats_bwd_dq[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, lse_m, lse_f, delta, dq, local_rowsum, m["kind"], m["last_q_local"], m["reach_local"],
-        m["global_pos"], m["n_global_upto"], *strides, N_GROUPS=n_groups, **common)
+        m["band_start"], m["global_pos"], m["n_global_upto"], *strides, N_GROUPS=n_groups, **common)
     return dq, dk, dv, colsum, local_rowsum
 
 
@@ -721,15 +737,20 @@ def check_inputs(q, k, v, token_types, window):
                          f"v {v.device}, token_types {token_types.device}")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
-    if not torch.compiler.is_compiling() and not _is_one_hot(token_types.detach()):
+    # Reading the values needs a GPU sync, which would stall every call on CUDA: checked on the
+    # CPU, and on CUDA where the caller asks (is_one_hot).
+    if token_types.device.type == "cpu" and not torch.compiler.is_compiling() and not is_one_hot(token_types):
         raise ValueError("token_types must be one-hot along the last dim (a straight-through estimate such as "
                          "F.gumbel_softmax(logits, hard=True) is one); for probabilities pass "
                          "F.one_hot(probs.argmax(-1), 3).float()")
 
 
-def _is_one_hot(token_types):
-    """One-hot up to rounding (a straight-through y_hard - y_soft + y_soft can miss 1 by an ulp);
-    NaNs pass, to surface as a NaN loss like in any other attention."""
+def is_one_hot(token_types):
+    """Whether token_types [..., 3] is one-hot up to rounding (a straight-through y_hard - y_soft
+    + y_soft can miss 1 by an ulp), the only types nats_attention accepts; soft or all-zero rows
+    would make the kernel (argmax) and the reference (mask values) disagree. NaNs pass, to
+    surface as a NaN loss as in any other attention."""
+    token_types = token_types.detach()
     hard = F.one_hot(token_types.argmax(-1), 3).to(token_types.dtype)
     return not bool(((token_types - hard).abs() >= 1e-3).any())
 
@@ -740,7 +761,8 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     impl: "triton" (the kernel), "reference" (plain PyTorch, O(T^2) memory), or "auto": the
     kernel on CUDA, the reference elsewhere. Both return the same values and the same
     gradients for q, k, v and the types. Raises ValueError for malformed inputs (wrong shapes,
-    dtypes, devices, types that are not one-hot, a negative window) and, on the kernel path,
+    dtypes, devices, a negative window, types that are not one-hot on CPU: see is_one_hot) and,
+    on the kernel path,
     for what the kernel does not support; RuntimeError where triton is not installed.
     """
     check_inputs(q, k, v, token_types, window)
