@@ -53,7 +53,8 @@ def next_global(is_global):
 
 
 def reach_by_type(token_types, window):
-    """The last query that would see key j as each type (README, "The mask"): long [..., T, 3].
+    """The last query that would see key j as each type: long [..., T, 3] (README, How NAtS
+    works, "Mask").
 
     Global: the end; Local: the next Global token (inclusive, from the hard types); Sliding: j + W.
     """
@@ -79,7 +80,7 @@ def visible_mask(token_types, window):
 
 
 def kv_lengths(token_types, window):
-    """Column lengths n_j (README, "The sparsity loss"): how many queries see key j.
+    """Column lengths n_j (README, How NAtS works, "Regulariser"): how many queries see key j.
 
     The length of each type comes from the hard types (no gradient through f_j); the one-hot
     types carry the straight-through gradient, so the sparsity term trains the scorer.
@@ -94,8 +95,8 @@ def kv_lengths(token_types, window):
 
 
 def relaxed_mask(token_types, window):
-    """M_ij(y) = [i >= j] (g_j + l_j prod_{j<k<i} (1 - g_k) + s_j [i - j <= W]) (README,
-    "Gradients for the types").
+    """M_ij(y) = [i >= j] (g_j + l_j prod_{j<k<i} (1 - g_k) + s_j [i - j <= W]) (README, How NAtS
+    works, "Relaxation").
 
     Equals the hard mask at one-hot y. The product is one cumprod down the rows: row i
     multiplies in (1 - g_{i-1}) for every column j < i - 1.
@@ -122,7 +123,8 @@ def nats_attention_reference(q, k, v, token_types, window):
     The output is a softmax over the visible keys alone, computed in log space: a masked key
     whose score dwarfs the visible ones cannot underflow them. The relaxed mask M enters
     through a term whose value is zero and whose gradient is the bounded form of dL/dM,
-    G_ij = pi_ij (dP_ij - Dl_i), with pi the causal softmax (README, "Gradients for the types").
+    G_ij = pi_ij (dP_ij - Dl_i), with pi the causal softmax (README, How NAtS works,
+    "Relaxation").
     """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
@@ -159,7 +161,8 @@ def nats_attention_reference(q, k, v, token_types, window):
 # keeps its own running max (LSE_M), apart from LSE_F: a masked key with a huge score must not
 # underflow the visible ones.
 
-REACH_GROUP = 16  # keys per entry of the per-tile reach maxima; every BLOCK_N is a multiple
+REACH_GROUP = 16  # keys per entry of the per-tile reach maxima (_tile_max spells it out: jit code
+                  # reads no Python globals); every BLOCK_N is a multiple of it
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -299,8 +302,8 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, G
                                                 _rows(V, offs_n, stride_vt, offs_d, T), PRECISION)
     l_i = tl.where(offs_m < T, l_i, 1.0)  # rows past the end see nothing
     O += z.to(tl.int64) * stride_oz + tl.cast(h, tl.int64) * stride_oh
-    tl.store(O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=offs_m[:, None] < T)
+    tl.store(O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=offs_m[:, None] < T)
     tl.store(LSE_M + (z * H + h).to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
@@ -560,8 +563,8 @@ def key_metadata(token_types, window):
 
 
 def type_gradients(colsum, local_rowsum, meta):
-    """The per-token gradients of the types (README, "Gradients for the types") from the O(T)
-    sums the kernels produced: float64 [B, H_kv, T, 3].
+    """The per-token gradients of the types from the O(T) sums the kernels produced: float64
+    [B, H_kv, T, 3] (README, How NAtS works, "Type gradients").
 
     colsum [B, H_kv, 5, T]: c_all, c_seg, c_next, c_slide, diag: sums of G down column j up to
     T-1, the segment end F_j, the next segment's end, j + W, and G_jj alone. dl = c_seg,
@@ -614,9 +617,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_types: tor
     m = dict(zip(META_FIELDS, meta))
     grid = lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     _nats_fwd[grid](q, k, v, o, lse_m, lse_f if training else lse_m, m["last_q_local"], m["reach_local"],
-                    m["band_start"], m["global_pos"], m["n_global_upto"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                    *o.stride()[:3], N_GROUPS=m["reach_local"].shape[-1], TRAINING=training,
-                    **_common_args(q, k))
+                    m["band_start"], m["global_pos"], m["n_global_upto"],
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                    N_GROUPS=m["reach_local"].shape[-1], TRAINING=training, **_common_args(q, k))
     return o, lse_m, lse_f
 
 
@@ -781,7 +784,8 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
 
 
 def useful_flops(causal, visible, D, what):
-    """The matmul FLOPs a pass cannot avoid (README, "The kernel"): a product costs 2 D per entry.
+    """The matmul FLOPs a pass cannot avoid (README, How NAtS works, "The kernel"): a product
+    costs 2 D per entry.
     Dense attention does 2 products per causal entry forward and 7 forward+backward; NAtS needs
     q k^T on every causal entry for LSE_F (and one more product in the backward for G), and the
     rest (P V forward, dP, dS, dQ, dK, dV) only on visible entries."""

@@ -285,8 +285,10 @@ class GPT(nn.Module):
         """
         hidden, layers = self.hidden_states(idx)
         logits = self.lm_head(hidden)
-        stats = {} if self.config.attention == "dense" else dict(
-            kv_fraction=torch.stack([s["kv_fraction"] for s in layers]).detach(),
+        dense = self.config.attention == "dense"
+        kv_fraction = None if dense else torch.stack([s["kv_fraction"] for s in layers])
+        stats = {} if dense else dict(
+            kv_fraction=kv_fraction.detach(),
             type_share=torch.stack([s["type_share"] for s in layers]),
             cache_size=torch.stack([s["cache_size"] for s in layers]),
             token_types=torch.stack([s["token_types"].argmax(-1) for s in layers]))
@@ -300,7 +302,7 @@ class GPT(nn.Module):
                 target, _ = teacher.hidden_states(idx)
             loss = F.mse_loss(hidden.float(), target.float())
         if self.config.attention == "nats":  # the fixed patterns have nothing to learn
-            loss = loss + self.config.kv_weight * torch.stack([s["kv_fraction"] for s in layers]).mean()
+            loss = loss + self.config.kv_weight * kv_fraction.mean()
         return logits, loss, stats
 
     @torch.no_grad()

@@ -206,7 +206,8 @@ def assert_close_to_exact(got, same_dtype, exact, name, floor=1e-5):
     assert torch.isfinite(got).all(), f"{name}: not finite"
     ref_err = (same_dtype.double() - exact).abs().max().item()
     err = (got.double() - exact).abs().max().item()
-    assert err <= 2 * ref_err + floor * max(1.0, exact.abs().max().item()), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+    assert err <= 2 * ref_err + floor * max(1.0, exact.abs().max().item()), \
+        f"{name}: {err:.3g} vs reference {ref_err:.3g}"
 
 
 def check_kernel(B, H, H_kv, T, D, window, mix, dtype, seed=0):
