@@ -180,7 +180,7 @@ def _configs(shapes):
 # BLOCK_N % BLOCK_M == 0, so one diagonal stretch of tiles holds every causal mask.
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)])
-DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)])
+DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 3)])
 
 
 @triton.jit
@@ -305,6 +305,19 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, G
     tl.store(O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
              (acc / l_i[:, None]).to(O.dtype.element_ty), mask=offs_m[:, None] < T)
     tl.store(LSE_M + (z * H + h).to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+
+@triton.jit
+def _nats_bwd_delta(O, DO, DELTA, stride_oz, stride_oh, stride_ot, stride_doz, stride_doh, stride_dot, H, T,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Dl_i = dO_i . O_i [B, H, T] float32: the row term every backward product subtracts."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    z, h = tl.program_id(1) // H, tl.program_id(1) % H
+    offs_d = tl.arange(0, D)
+    o = _rows(O + z.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh, offs_m, stride_ot, offs_d, T)
+    do = _rows(DO + z.to(tl.int64) * stride_doz + h.to(tl.int64) * stride_doh, offs_m, stride_dot, offs_d, T)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + tl.program_id(1).to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
@@ -523,15 +536,123 @@ def _nats_bwd_dkdv_global(Q, K, V, DO, LSE_M, DELTA, DK, DV, GLOBAL_POS, N_GLOBA
 
 
 # -----------------------------------------------------------------------------
-# The kernels' inputs and outputs: O(T) metadata in, the types' gradients out
+# The kernels' inputs and outputs: O(T) metadata in, the types' gradients out. Each is one
+# program per (batch, KV head) that walks the keys in blocks, carrying running counts, maxima
+# and sums from block to block: a few microseconds of scans instead of a dozen PyTorch launches.
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 META_FIELDS = ("kind", "last_q_local", "seg_end", "next_seg_end", "reach_local", "band_end", "band_start",
                "global_pos", "n_global_upto")
+SCAN_BLOCK = 64 if INTERPRETING else 1024  # keys per step of the scans (small ones test the carries)
 
 
-def key_metadata(token_types, window):
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _segment_sum(start_a, sum_a, start_b, sum_b):
+    """A running sum that restarts at every element flagged as a segment's start."""
+    return start_a | start_b, tl.where(start_b, sum_b, sum_a + sum_b)
+
+
+@triton.jit
+def _last(x, BLOCK: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, x, 0), 0)
+
+
+@triton.jit
+def _kind(TYPES, pos, stride_tt, stride_tc, T):
+    """The argmax of the types [len(pos), 3] (the first of equal values, as torch.argmax)."""
+    ptr = TYPES + pos.to(tl.int64) * stride_tt
+    valid = (pos >= 0) & (pos < T)
+    g = tl.load(ptr, mask=valid, other=0.0)
+    l = tl.load(ptr + stride_tc, mask=valid, other=0.0)
+    s = tl.load(ptr + 2 * stride_tc, mask=valid, other=0.0)
+    return tl.where((g >= l) & (g >= s), 0, tl.where(l >= s, 1, 2))
+
+
+@triton.jit
+def _store_group_max(BOUND, x, start, valid, N_GROUPS, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """The maxima of x per GROUP keys, for the kernels' per-tile reach bounds (_tile_max)."""
+    groups = start // GROUP + tl.arange(0, BLOCK // GROUP)
+    x = tl.max(tl.reshape(tl.where(valid, x, -1), (BLOCK // GROUP, GROUP)), 1)
+    tl.store(BOUND + groups, x, mask=groups < N_GROUPS)
+
+
+@triton.jit
+def _key_metadata(TYPES, KIND, LAST_Q_LOCAL, SEG_END, NEXT_SEG_END, REACH_LOCAL, BAND_END, BAND_START,
+                  GLOBAL_POS, N_GLOBAL_UPTO, stride_tz, stride_th, stride_tt, stride_tc, H_KV, T, N_GROUPS,
+                  window, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """The META_FIELDS of one (batch, KV head) in three passes over its keys (see key_metadata)."""
+    zh = tl.program_id(0)
+    types = TYPES + (zh // H_KV).to(tl.int64) * stride_tz + (zh % H_KV).to(tl.int64) * stride_th
+    row = zh.to(tl.int64) * T
+    # 1. Kinds; the Globals counted and gathered in order; band_start starts at "none" (T).
+    n_global = 0
+    for start in range(0, T, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        valid = pos < T
+        kind = _kind(types, pos, stride_tt, stride_tc, T)
+        is_global = (kind == 0) & valid
+        upto = n_global + tl.cumsum(is_global.to(tl.int32), 0)
+        tl.store(KIND + row + pos, kind, mask=valid)
+        tl.store(N_GLOBAL_UPTO + row + pos, upto, mask=valid)
+        tl.store(GLOBAL_POS + row + upto - 1, pos, mask=is_global)
+        tl.store(BAND_START + row + pos, T, mask=valid)
+        n_global += tl.sum(is_global.to(tl.int32), 0)
+    for start in range(0, T, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        tl.store(GLOBAL_POS + row + pos, T, mask=(pos >= n_global) & (pos < T))
+    tl.debug_barrier()  # pass 2 reads what other threads wrote
+    # 2. Each key's segment end (the first Global after it: global_pos[n_global_upto]), the last
+    # query that sees it, and the rows the backward's band must cover.
+    running = (tl.zeros([], tl.int64) - 1 - T) * (T + 1)  # below every code
+    for start in range(0, T, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        valid = pos < T
+        kind = tl.load(KIND + row + pos, mask=valid, other=0)
+        upto = tl.load(N_GLOBAL_UPTO + row + pos, mask=valid, other=0)
+        first_after = tl.load(GLOBAL_POS + row + upto, mask=valid & (upto < T), other=T)
+        second_after = tl.load(GLOBAL_POS + row + upto + 1, mask=valid & (upto + 1 < T), other=T)
+        seg_end = tl.minimum(first_after, T - 1)
+        next_seg_end = tl.where(first_after < T, tl.minimum(second_after, T - 1), seg_end)
+        slide_end = tl.minimum(pos + window, T - 1)
+        last_q_local = tl.where(kind == 0, -1, tl.where(kind == 1, seg_end, slide_end))
+        band_end = tl.maximum(tl.maximum(seg_end, slide_end), tl.where(kind == 1, next_seg_end, -1))
+        tl.store(SEG_END + row + pos, seg_end, mask=valid)
+        tl.store(NEXT_SEG_END + row + pos, next_seg_end, mask=valid)
+        tl.store(LAST_Q_LOCAL + row + pos, last_q_local, mask=valid)
+        _store_group_max(REACH_LOCAL + zh.to(tl.int64) * N_GROUPS, last_q_local, start, valid, N_GROUPS,
+                         BLOCK, GROUP)
+        _store_group_max(BAND_END + zh.to(tl.int64) * N_GROUPS, band_end, start, valid, N_GROUPS, BLOCK, GROUP)
+        # band_start[i], the first key j with last_q_local[j] >= i, is a key whose reach beats
+        # every earlier key's: write j at i = last_q_local[j] for those (the encoding breaks
+        # ties towards the first key), then take minima from the right in pass 3.
+        code = tl.where(valid, last_q_local.to(tl.int64) * (T + 1) - pos, running)
+        best = tl.maximum(tl.associative_scan(code, 0, _maximum), running)
+        tl.store(BAND_START + row + last_q_local, pos, mask=(best == code) & (last_q_local >= 0) & valid)
+        running = tl.max(best, 0)
+    tl.debug_barrier()
+    # 3. band_start[i] = min over i' >= i: the keys walked from the right.
+    running = T
+    for start in range(0, T, BLOCK):
+        pos = T - 1 - start - tl.arange(0, BLOCK)
+        x = tl.minimum(tl.associative_scan(tl.load(BAND_START + row + pos, mask=pos >= 0, other=T), 0, _minimum),
+                       running)
+        tl.store(BAND_START + row + pos, x, mask=pos >= 0)
+        running = tl.min(x, 0)
+
+
+@torch.library.custom_op("nats::key_metadata", mutates_args=())
+def key_metadata(token_types: torch.Tensor, window: int) -> list[torch.Tensor]:
     """Per (batch, KV head) integers the kernels rebuild the mask and the types' gradients from:
     a list of int32 tensors in META_FIELDS order, [B, H_kv, T] or [B, H_kv, ceil(T / 16)].
 
@@ -544,52 +665,81 @@ def key_metadata(token_types, window):
     start their band there. global_pos: the Global positions, sorted, padded with T;
     n_global_upto: Globals at or before j.
     """
-    T = token_types.shape[-2]
-    kind = token_types.detach().argmax(-1)
-    is_global, is_local = kind == GLOBAL, kind == LOCAL
-    pos = torch.arange(T, device=kind.device)
-    seg_end = F.pad(next_global(is_global)[..., 1:], (0, 1), value=T).clamp(max=T - 1)
-    closes = is_global.gather(-1, seg_end) & (seg_end > pos)
-    next_seg_end = torch.where(closes, seg_end.gather(-1, seg_end), seg_end)
-    slide_end = (pos + window).clamp(max=T - 1)
-    last_q_local = torch.where(is_global, -1, torch.where(is_local, seg_end, slide_end))
-    band_end = torch.maximum(torch.maximum(seg_end, slide_end), torch.where(is_local, next_seg_end, -1))
-    group_max = lambda x: F.pad(x, (0, -T % REACH_GROUP), value=-1).unflatten(-1, (-1, REACH_GROUP)).amax(-1)
-    band_start = torch.searchsorted(last_q_local.cummax(-1).values.contiguous(), pos.expand_as(kind).contiguous())
-    meta = dict(kind=kind, last_q_local=last_q_local, seg_end=seg_end, next_seg_end=next_seg_end,
-                reach_local=group_max(last_q_local), band_end=group_max(band_end), band_start=band_start,
-                global_pos=torch.where(is_global, pos, T).sort(-1).values, n_global_upto=is_global.cumsum(-1))
-    return [meta[name].to(torch.int32).contiguous() for name in META_FIELDS]
+    B, H_kv, T, _ = token_types.shape
+    n_groups = triton.cdiv(T, REACH_GROUP)
+    meta = {name: token_types.new_empty(B, H_kv, n_groups if name in ("reach_local", "band_end") else T,
+                                        dtype=torch.int32) for name in META_FIELDS}
+    _key_metadata[(B * H_kv,)](token_types, *(meta[name] for name in META_FIELDS), *token_types.stride(),
+                               H_kv, T, n_groups, window, BLOCK=SCAN_BLOCK, GROUP=REACH_GROUP)
+    return [meta[name] for name in META_FIELDS]
 
 
-def type_gradients(colsum, local_rowsum, meta):
-    """The per-token gradients of the types from the O(T) sums the kernels produced: float64
-    [B, H_kv, T, 3] (README, How NAtS works, "Type gradients").
+@key_metadata.register_fake
+def _(token_types, window):
+    B, H_kv, T, _ = token_types.shape
+    n_groups = (T + REACH_GROUP - 1) // REACH_GROUP
+    return [token_types.new_empty(B, H_kv, n_groups if name in ("reach_local", "band_end") else T, dtype=torch.int32)
+            for name in META_FIELDS]
+
+
+@triton.jit
+def _type_gradients(COLSUM, LOCAL_ROWSUM, KIND, DTYPES, stride_dz, stride_dh, stride_dt, stride_dc,
+                    H_KV, GROUP_SIZE, T, BLOCK: tl.constexpr):
+    """dL/d(types) of one (batch, KV head) from its column sums and Local row sums (see type_gradients)."""
+    zh = tl.program_id(0)
+    colsum = COLSUM + zh.to(tl.int64) * 5 * T
+    dtypes = DTYPES + (zh // H_KV).to(tl.int64) * stride_dz + (zh % H_KV).to(tl.int64) * stride_dh
+    carry_global, carry_other = 0.0, 0.0
+    for start in range(0, T, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        valid = pos < T
+        c_all = tl.load(colsum + pos, mask=valid, other=0.0)
+        c_seg = tl.load(colsum + T + pos, mask=valid, other=0.0)
+        c_next = tl.load(colsum + 2 * T + pos, mask=valid, other=0.0)
+        c_slide = tl.load(colsum + 3 * T + pos, mask=valid, other=0.0)
+        diag = tl.load(colsum + 4 * T + pos, mask=valid, other=0.0)
+        rowsum = tl.zeros([BLOCK], tl.float32)
+        for g in range(GROUP_SIZE):
+            rowsum += tl.load(LOCAL_ROWSUM + (zh.to(tl.int64) * GROUP_SIZE + g) * T + pos, mask=valid, other=0.0)
+        kind = tl.load(KIND + zh.to(tl.int64) * T + pos, mask=valid, other=0)
+        is_global, is_local = kind == 0, kind == 1
+        # A segment runs from just after one Global to the next Global, inclusive.
+        starts = tl.load(KIND + zh.to(tl.int64) * T + pos - 1, mask=valid & (pos > 0), other=0) == 0
+        # Global g: sum over the Locals j' it closes of (c_next - c_seg)_j'.
+        opened, x_global = tl.associative_scan((starts, tl.where(is_local, c_next - c_seg, 0.0)), 0, _segment_sum)
+        x_global = tl.where(opened, x_global, x_global + carry_global)
+        # Others: sum_{j' in (p_j, j)} l_j' c_seg_j' - sum_{i in (p_j, j]} R_i + l_j G_jj.
+        local_seg = tl.where(is_local, c_seg, 0.0)
+        opened, x_other = tl.associative_scan((starts, local_seg - rowsum), 0, _segment_sum)
+        x_other = tl.where(opened, x_other, x_other + carry_other)
+        carry_global, carry_other = _last(x_global, BLOCK), _last(x_other, BLOCK)
+        cross = tl.where(is_global, x_global, x_other - local_seg + tl.where(is_local, diag, 0.0))
+        out = dtypes + pos.to(tl.int64) * stride_dt
+        ty = DTYPES.dtype.element_ty
+        tl.store(out, (c_all - cross).to(ty), mask=valid)
+        tl.store(out + stride_dc, c_seg.to(ty), mask=valid)
+        tl.store(out + 2 * stride_dc, c_slide.to(ty), mask=valid)
+
+
+def type_gradients(colsum, local_rowsum, meta, dtype):
+    """The per-token gradients of the types from the O(T) sums the kernels produced:
+    [B, H_kv, T, 3] in dtype (README, How NAtS works, "Type gradients").
 
     colsum [B, H_kv, 5, T]: c_all, c_seg, c_next, c_slide, diag: sums of G down column j up to
-    T-1, the segment end F_j, the next segment's end, j + W, and G_jj alone. dl = c_seg,
-    ds = c_slide, dg = c_all - X with the cross term
+    T-1, the segment end F_j, the next segment's end, j + W, and G_jj alone; local_rowsum
+    [B, H, T]: R_i, the sum of G over the visible Local keys of row i, per query head.
+    dl = c_seg, ds = c_slide, dg = c_all - X with the cross term
       Global j:      X_j = sum over the Local j' it closes of (c_next - c_seg)_j'
       non-Global j:  X_j = sum_{j' in (p_j, j)} l_j' c_seg_j' - sum_{i in (p_j, j]} R_i + l_j G_jj
-    where p_j is the last Global before j and R_i (local_rowsum) sums G over the visible Local
-    keys of row i: an inclusion-exclusion of the entries with j' < j < i inside j's segment.
+    where p_j is the last Global before j (the query heads of a group summed): an
+    inclusion-exclusion of the entries with j' < j < i inside j's segment.
     """
-    c_all, c_seg, c_next, c_slide, diag = colsum.double().unbind(2)
-    m = dict(zip(META_FIELDS, meta))
-    kind, seg_end = m["kind"].long(), m["seg_end"].long()
-    is_global, is_local = kind == GLOBAL, kind == LOCAL
-    T = kind.shape[-1]
-    pos = torch.arange(T, device=kind.device)
-    prev_global = F.pad(torch.where(is_global, pos, -1).cummax(-1).values[..., :-1], (1, 0), value=-1)
-    closes = is_local & is_global.gather(-1, seg_end) & (seg_end > pos)
-    x_global = torch.zeros_like(c_all).scatter_add(-1, seg_end, torch.where(closes, c_next - c_seg, 0.0))
-    prefix = lambda x: F.pad(x.cumsum(-1), (1, 0))  # prefix(x)[k] = sum_{t < k} x_t
-    col, row = prefix(torch.where(is_local, c_seg, 0.0)), prefix(local_rowsum.double())
-    start = prev_global + 1
-    x_other = (col[..., :T] - col.gather(-1, start)) - (row[..., 1:] - row.gather(-1, start)) \
-        + torch.where(is_local, diag, 0.0)
-    cross = torch.where(is_global, x_global, x_other)
-    return torch.stack([c_all - cross, c_seg, c_slide], dim=-1)
+    B, H_kv, _, T = colsum.shape
+    kind = meta[META_FIELDS.index("kind")]
+    dtypes = colsum.new_empty(B, H_kv, T, 3, dtype=dtype)
+    _type_gradients[(B * H_kv,)](colsum, local_rowsum, kind, dtypes, *dtypes.stride(), H_kv,
+                                 local_rowsum.shape[1] // H_kv, T, BLOCK=SCAN_BLOCK)
+    return dtypes
 
 
 def _precision(q):
@@ -632,12 +782,15 @@ def _(q, k, v, token_types, meta, window, training):
 
 @torch.library.custom_op("nats::backward", mutates_args=())
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
-              lse_m: torch.Tensor, lse_f: torch.Tensor, meta: list[torch.Tensor], window: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, the column sums of G [B, H_kv, 5, T] and the Local row sums [B, H, T]."""
+              lse_m: torch.Tensor, lse_f: torch.Tensor, meta: list[torch.Tensor], window: int,
+              types_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and the types' gradient [B, H_kv, T, 3] in types_dtype, from the column sums
+    of G and the Local row sums the kernels leave (type_gradients)."""
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    delta = (do.float() * o.float()).sum(-1)  # Dl_i = dO_i . O_i
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    _nats_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, D=D,
+                                                 BLOCK_M=64)
     dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H_kv, T, D, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
@@ -655,16 +808,15 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
     _nats_bwd_dq[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, lse_m, lse_f, delta, dq, local_rowsum, m["kind"], m["last_q_local"], m["reach_local"],
         m["band_start"], m["global_pos"], m["n_global_upto"], *strides, N_GROUPS=n_groups, **common)
-    return dq, dk, dv, colsum, local_rowsum
+    return dq, dk, dv, type_gradients(colsum, local_rowsum, meta, types_dtype)
 
 
 @_backward.register_fake
-def _(q, k, v, o, do, lse_m, lse_f, meta, window):
+def _(q, k, v, o, do, lse_m, lse_f, meta, window, types_dtype):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, H, T, D), k.new_empty(B, H_kv, T, D), v.new_empty(B, H_kv, T, D),
-            q.new_empty(B, H_kv, 5, T, **f32), q.new_empty(B, H, T, **f32))
+            q.new_empty(B, H_kv, T, 3, dtype=types_dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -676,11 +828,8 @@ def _setup_context(ctx, inputs, output):
 
 def _forward_backward(ctx, do, _dlse_m, _dlse_f):
     q, k, v, o, lse_m, lse_f, *meta = ctx.saved_tensors
-    B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    dq, dk, dv, colsum, local_rowsum = _backward(q, k, v, o, do.contiguous(), lse_m, lse_f, meta, ctx.window)
-    dtypes = type_gradients(colsum, local_rowsum.view(B, H_kv, H // H_kv, T).sum(2), meta)
-    return dq, dk, dv, dtypes.to(ctx.types_dtype), [None] * len(meta), None, None
+    dq, dk, dv, dtypes = _backward(q, k, v, o, do.contiguous(), lse_m, lse_f, meta, ctx.window, ctx.types_dtype)
+    return dq, dk, dv, dtypes, [None] * len(meta), None, None
 
 
 _forward.register_autograd(_forward_backward, setup_context=_setup_context)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 
+import kernel
 from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, is_one_hot, kv_lengths, last_visible_query, nats_attention,
                     nats_attention_reference, next_global, relaxed_mask, visible_mask)
 from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode, load_checkpoint
@@ -228,6 +229,40 @@ def check_kernel(B, H, H_kv, T, D, window, mix, dtype, seed=0):
     assert_close_to_exact(inference, same_dtype[0], exact[0], "inference out")
 
 
+def brute_force_metadata(kind, window, group=16):
+    """kernel.key_metadata's fields for one (batch, KV head), from their definitions; kind a list."""
+    T = len(kind)
+    globals_ = [p for p in range(T) if kind[p] == GLOBAL]
+    seg_end = [next((g for g in globals_ if g > j), T - 1) for j in range(T)]
+    closes = [kind[seg_end[j]] == GLOBAL and seg_end[j] > j for j in range(T)]
+    next_seg_end = [seg_end[seg_end[j]] if closes[j] else seg_end[j] for j in range(T)]
+    slide_end = [min(j + window, T - 1) for j in range(T)]
+    last_q_local = [-1 if kind[j] == GLOBAL else seg_end[j] if kind[j] == LOCAL else slide_end[j] for j in range(T)]
+    band_end = [max(seg_end[j], slide_end[j], next_seg_end[j] if kind[j] == LOCAL else -1) for j in range(T)]
+    group_max = lambda x: [max(x[g:g + group]) for g in range(0, T, group)]
+    return dict(kind=kind, last_q_local=last_q_local, seg_end=seg_end, next_seg_end=next_seg_end,
+                reach_local=group_max(last_q_local), band_end=group_max(band_end),
+                band_start=[next((j for j in range(T) if last_q_local[j] >= i), T) for i in range(T)],
+                global_pos=globals_ + [T] * (T - len(globals_)),
+                n_global_upto=[sum(k == GLOBAL for k in kind[:j + 1]) for j in range(T)])
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 16, 63, 64, 65, 200])  # the interpreter scans 64 keys a step
+@pytest.mark.parametrize("window", [0, 3, 1000])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_key_metadata_matches_definitions(T, window, mix):
+    types = random_types(2, 2, T, MIXES[mix], seed=T + window)
+    # a strided view, in the float16 the model may hand over
+    types = torch.stack([types, -types], dim=-2)[..., 0, :].half().to(DEVICE)
+    meta = kernel.key_metadata(types, window)
+    for b, h in [(0, 0), (1, 1)]:
+        expected = brute_force_metadata(types[b, h].argmax(-1).tolist(), window)
+        for name, field in zip(kernel.META_FIELDS, meta):
+            assert field.dtype == torch.int32
+            assert field[b, h].tolist() == expected[name], name
+
+
 @needs_triton
 @pytest.mark.parametrize("T", [1, 17, 100])
 @pytest.mark.parametrize("mix", list(MIXES))
@@ -372,7 +407,6 @@ def test_kernel_compiles_without_graph_breaks():
 def pin_config(monkeypatch, index):
     """Run every kernel with its index-th autotune config (modulo the list), as a bug that only
     one compiled config shows would otherwise hide behind the autotuner's choice."""
-    import kernel
     for tuner in (kernel._nats_fwd, kernel._nats_bwd_dq, kernel._nats_bwd_dkdv, kernel._nats_bwd_dkdv_global):
         monkeypatch.setattr(tuner, "configs", [tuner.configs[index % len(tuner.configs)]])
 
@@ -384,7 +418,8 @@ CUDA_CASES = [  # (B, H, H_kv, T, D, mix): every mix, GQA 1:1 / 4:1 / 8:1, D 64 
 
 
 @cuda
-@pytest.mark.parametrize("config", range(4), ids=lambda c: f"config{c}")
+@pytest.mark.parametrize("config", range(max(len(c) for c in (kernel.FWD_CONFIGS, kernel.DQ_CONFIGS,
+                                                                  kernel.DKDV_CONFIGS))), ids=lambda c: f"config{c}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: f"T{c[3]}-D{c[4]}-{c[5]}-gqa{c[1] // c[2]}")
 def test_kernel_every_config_on_cuda(config, dtype, case, monkeypatch):
