@@ -651,7 +651,21 @@ def _key_metadata(TYPES, KIND, LAST_Q_LOCAL, SEG_END, NEXT_SEG_END, REACH_LOCAL,
         running = tl.min(x, 0)
 
 
-@torch.library.custom_op("nats::key_metadata", mutates_args=())
+_LIB = torch.library.Library("nats", "DEF")
+
+
+def _operator(fn):
+    """fn as the operator torch.ops.nats.<its name>: one entry in PyTorch's dispatcher, which
+    torch.compile takes whole (its shapes come from the fake registered beside it). Registered
+    with define/impl rather than torch.library.custom_op, whose per-call checks cost more in eager
+    mode; the autograd lives outside, in NAtSAttention."""
+    name = fn.__name__.lstrip("_")
+    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    return getattr(torch.ops.nats, name).default
+
+
+@_operator
 def key_metadata(token_types: torch.Tensor, window: int) -> list[torch.Tensor]:
     """Per (batch, KV head) integers the kernels rebuild the mask and the types' gradients from:
     a list of int32 tensors in META_FIELDS order, [B, H_kv, T] or [B, H_kv, ceil(T / 16)].
@@ -674,7 +688,7 @@ def key_metadata(token_types: torch.Tensor, window: int) -> list[torch.Tensor]:
     return [meta[name] for name in META_FIELDS]
 
 
-@key_metadata.register_fake
+@torch.library.register_fake("nats::key_metadata")
 def _(token_types, window):
     B, H_kv, T, _ = token_types.shape
     n_groups = (T + REACH_GROUP - 1) // REACH_GROUP
@@ -752,10 +766,7 @@ def _common_args(q, k):
                 D=D, PRECISION=_precision(q))
 
 
-# Custom ops (with their shapes for tracing), so that torch.compile takes the kernels without a
-# graph break; the autograd around them is a plain autograd.Function (NAtSAttention), which costs
-# less per call in eager mode than an autograd registered on the op.
-@torch.library.custom_op("nats::forward", mutates_args=())
+@_operator
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch.Tensor], training: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """O [B, H, T, D]; LSE_M and (training) LSE_F [B, H, T] float32, log2 domain."""
@@ -772,14 +783,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch
     return o, lse_m, lse_f
 
 
-@_forward.register_fake
+@torch.library.register_fake("nats::forward")
 def _(q, k, v, meta, training):
     B, H, T, D = q.shape
     lse = lambda n: q.new_empty(B, H, n, dtype=torch.float32)
     return q.new_empty(B, H, T, D), lse(T), lse(T if training else 0)
 
 
-@torch.library.custom_op("nats::backward", mutates_args=())
+@_operator
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
               lse_m: torch.Tensor, lse_f: torch.Tensor, meta: list[torch.Tensor], window: int,
               types_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -810,7 +821,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
     return dq, dk, dv, type_gradients(colsum, local_rowsum, meta, types_dtype)
 
 
-@_backward.register_fake
+@torch.library.register_fake("nats::backward")
 def _(q, k, v, o, do, lse_m, lse_f, meta, window, types_dtype):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
