@@ -13,8 +13,12 @@ model learns to keep only the tokens it needs. attention="dense" gives the ordin
 baseline every result is compared with.
 
 Reading order: the model; generation through a KV cache of fixed slots that really evicts,
-with a decode step a CUDA graph can replay; the decode benchmark (python nats.py on a GPU).
+with a decode step a CUDA graph can replay; the decode benchmark; sampling from a checkpoint:
+
+    python nats.py --ckpt=out-shakespeare/ckpt.pt --start="ROMEO:"   # sample, and what the cache held
+    python nats.py --bench                                           # decode speed and memory (GPU)
 """
+import argparse
 import inspect
 import math
 import os
@@ -681,7 +685,7 @@ class Decoder:
 
 
 # -----------------------------------------------------------------------------
-# Decode benchmark: python nats.py on a GPU
+# Decode benchmark: python nats.py --bench (on a GPU)
 
 
 class FixedTypes(nn.Module):
@@ -779,9 +783,117 @@ def gpu_peak_mb(device):
     return peak
 
 
+# -----------------------------------------------------------------------------
+# Sampling from a checkpoint, or the decode benchmark: python nats.py
+
+DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
+
+
+def at_least(minimum, kind):
+    """An argparse type: a number of the given kind (int or float) >= minimum."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {minimum}, "
+                                              f"got {text!r}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    """The command line's settings. A bad value, device or path stops here, before anything is
+    loaded, with argparse's usage error (exit status 2) naming the flag and what to pass. The
+    prompt of --start=FILE:path is read into args.start."""
+    parser = argparse.ArgumentParser(
+        description="Sample from a checkpoint of train_shakespeare.py and show what the evicting KV cache held, "
+                    "or (--bench) time decoding against a dense cache on a CUDA GPU.")
+    parser.add_argument("--ckpt", default=os.path.join("out-shakespeare", "ckpt.pt"),
+                        help="the out_dir/ckpt.pt a train_shakespeare.py run wrote (default: %(default)s)")
+    parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a new line)")
+    parser.add_argument("--num_samples", type=at_least(1, int), default=1, help="samples, drawn at once as one batch")
+    parser.add_argument("--max_new_tokens", type=at_least(1, int), default=500, help="tokens sampled per sample")
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="0: always the most likely token")
+    parser.add_argument("--top_k", type=at_least(1, int), default=200,
+                        help="sample among the k most likely tokens (at most the vocabulary)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--bench", action="store_true",
+                        help="the decode benchmark instead: NAtS against dense, contexts 4k, 32k and 128k, batch 1 and 16")
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device={args.device!r} is not a device; pass cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device={args.device}: pass cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device={args.device}: no CUDA GPU is visible here; pass --device=cpu")
+    if args.bench:
+        if device.type != "cuda":
+            parser.error("--bench times decoding at 4k-128k context on a CUDA GPU; on a CPU call benchmark_decode("
+                         "contexts=(512,), batches=(1,), device='cpu', dtype=torch.float32) from Python instead")
+        return args
+    if not os.path.isfile(args.ckpt):
+        parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
+                     f"(it writes out-shakespeare/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
+    if args.start.startswith("FILE:"):
+        path = args.start[len("FILE:"):]
+        if not os.path.isfile(path):
+            parser.error(f"--start=FILE:{path}: no such file; pass the path of a text file, or the prompt itself")
+        with open(path, encoding="utf-8") as f:
+            args.start = f.read()
+    if not args.start:
+        parser.error("--start is empty; pass a prompt of at least one character (the default is a new line)")
+    return args
+
+
+def sample(args):
+    """nanoGPT's sample.py for a checkpoint of train_shakespeare.py: load it with the tokenizer it
+    was trained with, draw args.num_samples continuations of the prompt at once, print them and
+    what the evicting KV caches held at the end against a dense cache. Problems that need the
+    checkpoint to see (an unreadable file, a prompt outside the vocabulary or longer than the
+    model's block_size) stop with a message naming the flag."""
+    import train_shakespeare  # its data code defines the tokenizers and the cache report: reused, not copied
+    device = torch.device(args.device)
+    try:
+        checkpoint = load_checkpoint(args.ckpt, device)
+    except ValueError as e:
+        raise SystemExit(f"--ckpt: {e}") from None
+    cfg = checkpoint["config"]
+    model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
+    _, _, encode, decode, vocab_size = train_shakespeare.load_dataset(cfg)
+    if vocab_size != model.config.vocab_size:
+        raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
+                         f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since training")
+    try:
+        prompt = encode(args.start)
+    except (KeyError, ValueError):
+        raise SystemExit(f"--start: {args.start!r} has characters outside the vocabulary the model was trained "
+                         f"with ({cfg['dataset']}, tokenizer {cfg['tokenizer']}); pass a prompt without them") from None
+    if len(prompt) > model.config.block_size:
+        raise SystemExit(f"--start: the prompt has {len(prompt)} tokens, more than the model's block_size "
+                         f"{model.config.block_size}; pass a shorter one")
+    torch.manual_seed(args.seed)
+    idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
+    caches = model.new_caches()
+    out = model.generate(idx, args.max_new_tokens, args.temperature, min(args.top_k, vocab_size), caches=caches)
+    for row in out.tolist():
+        print(decode(row))
+        print("---------------")
+    print(train_shakespeare.cache_report(caches, model.config.attention))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench:
+        benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
+    else:
+        sample(args)
+
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        raise SystemExit("the decode benchmark needs a CUDA GPU; on CPU try benchmark_decode(contexts=(512,), "
-                         "batches=(1,), device='cpu', dtype=torch.float32)")
-    benchmark_decode()
+    main()

@@ -538,7 +538,7 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
 
 # -----------------------------------------------------------------------------
 # generation: a cache of fixed slots that evicts exactly what the mask hides, decoding equal to the
-# forward, CUDA graphs
+# forward, CUDA graphs, and the command line
 
 
 def per_row_types(model, B, length, probs=(1, 2, 4), seed=0):
@@ -725,6 +725,62 @@ def test_generate_in_a_cuda_graph_equals_eager_generate_on_cuda():
     with torch.autocast("cuda", dtype=torch.bfloat16):  # as train_shakespeare.py samples
         sample = model.generate(prompt, 50, temperature=0.8, top_k=10)
     assert sample.shape == (3, 57) and torch.equal(sample[:, :7], prompt)
+
+
+def tiny_checkpoint(tmp_path):
+    """A checkpoint as train_shakespeare.py writes one, of a tiny untrained char-level model."""
+    import train_shakespeare as ts
+    vocab_size = ts.load_corpus("char")[-1]
+    model_args = dict(tiny_config(vocab_size=vocab_size).__dict__)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                    config=dict(dataset="shakespeare", tokenizer="char")), path)
+    return path
+
+
+def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path)
+    nats.main([f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=40", "--num_samples=2", "--device=cpu",
+               "--dtype=float32"])
+    out = capsys.readouterr().out
+    assert out.count("ROMEO:") == 2 and out.count("---------------") == 2
+    assert "KV cache after 45 tokens" in out and "of a dense cache" in out
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("JULIET:\nO")
+    nats.main([f"--ckpt={ckpt}", f"--start=FILE:{prompt}", "--max_new_tokens=5", "--temperature=0", "--device=cpu",
+               "--dtype=float32"])
+    assert capsys.readouterr().out.startswith("JULIET:\nO")
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (["--ckpt={missing}"], "--ckpt"),
+    (["--top_k=0"], "--top_k"),
+    (["--temperature=-1"], "--temperature"),
+    (["--temperature=warm"], "--temperature"),
+    (["--max_new_tokens=many"], "--max_new_tokens"),
+    (["--num_samples=0"], "--num_samples"),
+    (["--start=FILE:{missing}"], "--start"),
+    (["--start="], "--start"),
+    (["--device=toaster"], "--device"),
+    (["--dtype=float8"], "--dtype"),
+    (["--devise=cpu"], "--devise"),
+] + ([] if torch.cuda.is_available() else [(["--device=cuda"], "--device"), (["--bench"], "--bench")]))
+def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys, monkeypatch, bad, flag):
+    monkeypatch.setattr(nats, "load_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
+    argv = [a.format(missing=tmp_path / "missing") for a in bad]
+    with pytest.raises(SystemExit) as stop:
+        nats.main(argv if bad[0].startswith("--ckpt") else [f"--ckpt={tiny_checkpoint(tmp_path)}"] + argv)
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("start, problem", [("é", "outside the vocabulary"), ("x" * 40, "block_size")])
+def test_command_line_checks_the_prompt_against_the_checkpoint(tmp_path, start, problem):
+    with pytest.raises(SystemExit, match=f"--start: .*{problem}"):
+        nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", f"--start={start}", "--device=cpu"])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="--ckpt: .*cannot be read as a checkpoint"):
+        nats.main([f"--ckpt={broken}", "--device=cpu"])
 
 
 # -----------------------------------------------------------------------------
