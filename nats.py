@@ -394,10 +394,11 @@ class GPT(nn.Module):
         return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
         then one token per step goes through the evicting caches (pass empty ones from
         new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
-        Decoder). temperature 0 is greedy decoding (the most likely token); top_k keeps the k
-        most likely. Past block_size positions keep counting; memory stays bounded as long as
-        Global tokens stay sparse. Raises ValueError for a malformed prompt, one longer than
-        block_size, or a negative temperature, max_new_tokens or top_k out of range."""
+        Decoder; cuda_graph=False runs it eagerly). temperature 0 is greedy decoding (the most
+        likely token); top_k keeps the k most likely. Past block_size positions keep counting;
+        memory stays bounded as long as Global tokens stay sparse. Raises ValueError for a
+        malformed prompt, one longer than block_size, or a negative temperature, max_new_tokens
+        or top_k out of range."""
         device = self.lm_head.weight.device
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
@@ -612,12 +613,13 @@ class CUDAGraphStep:
         self.fn, self.graph = fn, None
 
     def __call__(self, *inputs):
-        if self.graph is None:
-            return self.record(*inputs)
-        for recorded, x in zip(self.inputs, inputs):
-            recorded.copy_(x)
-        self.graph.replay()
-        return self.output.clone()
+        with torch.cuda.device(inputs[0].device):  # streams and graphs belong to one GPU: the inputs'
+            if self.graph is None:
+                return self.record(*inputs)
+            for recorded, x in zip(self.inputs, inputs):
+                recorded.copy_(x)
+            self.graph.replay()
+            return self.output.clone()
 
     def record(self, *inputs):
         side = torch.cuda.Stream()
@@ -714,7 +716,8 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
     step replays a CUDA graph. Prints a table and returns its rows (dicts: context, batch,
     attention, first_token_s, tokens_per_s, cache_mb, dense_cache_mb, prefill_peak_mb,
     decode_peak_mb; the peaks are nan off CUDA)."""
-    print(f"{torch.cuda.get_device_name() if device == 'cuda' else device}, {dtype}, G/L/S mix {mix}, "
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
+    print(f"{name}, {dtype}, G/L/S mix {mix}, "
           f"W = {GPTConfig.window}, {new_tokens} tokens decoded after the prompt, tokens/s over the last "
           f"{new_tokens - warmup} (all rows of the batch)")
     print("| context | batch | attention | first token s | tokens/s | cache MB | dense cache MB | share "
@@ -812,7 +815,8 @@ def parse_args(argv=None):
                     "or (--bench) time decoding against a dense cache on a CUDA GPU.")
     parser.add_argument("--ckpt", default=os.path.join("out-shakespeare", "ckpt.pt"),
                         help="the out_dir/ckpt.pt a train_shakespeare.py run wrote (default: %(default)s)")
-    parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a new line)")
+    parser.add_argument("--start", default="\n",
+                        help="the prompt, or FILE:path to read it from a file (default: a new line)")
     parser.add_argument("--num_samples", type=at_least(1, int), default=1, help="samples, drawn at once as one batch")
     parser.add_argument("--max_new_tokens", type=at_least(1, int), default=500, help="tokens sampled per sample")
     parser.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="0: always the most likely token")
@@ -822,7 +826,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--bench", action="store_true",
-                        help="the decode benchmark instead: NAtS against dense, contexts 4k, 32k and 128k, batch 1 and 16")
+                        help="the decode benchmark instead: NAtS against dense at contexts 4k, 32k and 128k, "
+                             "batch 1 and 16")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -868,7 +873,8 @@ def sample(args):
     _, _, encode, decode, vocab_size = train_shakespeare.load_dataset(cfg)
     if vocab_size != model.config.vocab_size:
         raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
-                         f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since training")
+                         f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "
+                         f"training")
     try:
         prompt = encode(args.start)
     except (KeyError, ValueError):

@@ -713,7 +713,8 @@ def test_decode_in_a_cuda_graph_equals_eager_decode_on_cuda(mix, dtype, monkeypa
     tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(graph, eager, **tolerance)
     if dtype == torch.float32:
-        torch.testing.assert_close(graph, model(idx)[0], rtol=0, atol=1e-4)
+        with torch.no_grad():  # the kernel's inference path, as the prefill, so no other kernel compiles
+            torch.testing.assert_close(graph, model(idx)[0], rtol=0, atol=1e-4)
 
 
 @cuda
