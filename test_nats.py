@@ -554,7 +554,7 @@ def decode_model(mix, seed=0, device="cpu", **overrides):
     """A tiny model in eval() whose types follow `mix` (see test_decode_equals_forward)."""
     torch.manual_seed(seed)
     attention = mix if mix in ("dense", "sliding") else "nats"
-    model = GPT(tiny_config(block_size=64, window=3, attention=attention, **overrides)).to(device).eval()
+    model = GPT(tiny_config(block_size=64, window=3, attention=attention, **overrides)).eval()
     if mix == "scorer":  # sharpen the random scorer so float noise cannot flip an argmax
         for blk in model.transformer.h:
             blk.attn.scorer.proj.weight.data *= 100
