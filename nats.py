@@ -82,19 +82,21 @@ class GPTConfig:
 
 
 def rope_table(pos, head_dim, base):
-    """RoPE's cos and sin [T, head_dim / 2] (float32) of the angles pos * base^(-2i / head_dim) at
-    positions pos [T] (integers). Built once per forward or generation and shared by every layer."""
+    """RoPE's cos and sin [T, head_dim] (float32) at positions pos [T] (integers): channel pair
+    (2i, 2i + 1) turns by the angle pos * base^(-2i / head_dim), so both channels of a pair get
+    its cos, and its sin with the sign rotary needs: -sin on the first, +sin on the second.
+    Built once per forward or generation and shared by every layer."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     angle = pos.to(torch.float32)[:, None] * inv_freq
-    return angle.cos(), angle.sin()
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
 def rotary(x, cos, sin):
-    """Rotate the channel pairs (2i, 2i + 1) of x [B, T, heads, D] by the angles of a rope_table,
-    cos and sin [T, D / 2] (RoPE)."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    """Rotate the channel pairs (x1, x2) = (2i, 2i + 1) of x [B, T, heads, D] by the angles of a
+    rope_table [T, D] (RoPE): (x1 cos - x2 sin, x2 cos + x1 sin), as x cos + (x2, x1) sin."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos[:, None].to(x.dtype) + swapped * sin[:, None].to(x.dtype)
 
 
 class TokenTypeScorer(nn.Module):
@@ -185,7 +187,7 @@ class CausalSelfAttention(nn.Module):
 
     def qkv(self, x, rope):
         """Queries [B, H, T, D] and keys, values [B, H_kv, T, D] of x [B, T, C], with RoPE from
-        rope = (cos, sin) [T, D / 2] (queries and keys rotated in one go)."""
+        rope = (cos, sin) [T, D] (queries and keys rotated in one go)."""
         B, T, _ = x.shape
         H, H_kv = self.config.n_head, self.config.n_kv_head
         qkv = self.c_attn(x).view(B, T, H + 2 * H_kv, self.head_dim)
@@ -367,7 +369,7 @@ class GPT(nn.Module):
     def decode_step(self, idx, pos, rope, caches):
         """Logits [B, vocab] after one more token per row, idx [B, 1] (long) at position pos [1]
         (int32), on the model's device, through filled caches, which it updates in place. rope:
-        the Decoder's rope_table (cos, sin) [length, D / 2]. Tensor operations only, the same every
+        the Decoder's rope_table (cos, sin) [length, D]. Tensor operations only, the same every
         call: what a CUDA graph records."""
         cos, sin = rope
         hidden, _ = self.hidden_states(idx, caches, pos, (cos[pos], sin[pos]))
