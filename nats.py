@@ -12,14 +12,19 @@ The loss adds kv_weight x (share of the causal attention entries that stay visib
 model learns to keep only the tokens it needs. attention="dense" gives the ordinary causal
 baseline every result is compared with.
 
-Reading order: the model, then generation through a KV cache that really evicts, then the
-decode benchmark (python nats.py on a GPU).
+Reading order: the model; generation through a KV cache of fixed slots that really evicts,
+with a decode step a CUDA graph can replay; the decode benchmark; sampling from a checkpoint:
+
+    python nats.py --ckpt=out-shakespeare/ckpt.pt --start="ROMEO:"   # sample, and what the cache held
+    python nats.py --bench                                           # decode speed and memory (GPU)
 """
+import argparse
 import inspect
 import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -76,18 +81,27 @@ class GPTConfig:
                              f"got {self.init_std}")
 
 
-def rotary(x, pos, base):
-    """Rotate pairs of channels of x [B, H, T, D] by angles pos * base^(-2i/D) (RoPE)."""
-    D = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    angle = pos.to(torch.float32)[:, None] * inv_freq  # [T, D/2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+def rope_table(pos, head_dim, base):
+    """RoPE's cos and sin [T, head_dim] (float32) at positions pos [T] (integers): channel pair
+    (2i, 2i + 1) turns by the angle pos * base^(-2i / head_dim), so both channels of a pair get
+    its cos, and its sin with the sign rotary needs: -sin on the first, +sin on the second.
+    Built once per forward or generation and shared by every layer."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos.to(torch.float32)[:, None] * inv_freq
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def rotary(x, cos, sin):
+    """Rotate the channel pairs (x1, x2) = (2i, 2i + 1) of x [B, T, heads, D] by the angles of a
+    rope_table [T, D] (RoPE): (x1 cos - x2 sin, x2 cos + x1 sin), as x cos + (x2, x1) sin."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos[:, None].to(x.dtype) + swapped * sin[:, None].to(x.dtype)
 
 
 class TokenTypeScorer(nn.Module):
-    """One bias-free linear layer giving each token a type per KV head."""
+    """One bias-free linear layer giving each token a type per KV head. Position 0 is always
+    Global (an attention sink); no gradient reaches its logits."""
 
     def __init__(self, config):
         super().__init__()
@@ -95,17 +109,22 @@ class TokenTypeScorer(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_kv_head * 3, bias=False)
 
     def forward(self, x, pos):
-        """x: the normalised block input [B, T, C] at positions pos [T] -> one-hot types [B, H_kv, T, 3]."""
+        """x: the normalised block input [B, T, C] at positions pos [T] -> one-hot types [B, H_kv,
+        T, 3]: in training straight-through Gumbel-softmax samples (one-hot forward, soft
+        backward), in eval() the argmax."""
+        if not self.training:
+            return F.one_hot(self.kinds(x, pos), 3).float()
+        types = F.gumbel_softmax(self.logits(x), tau=1.0, hard=True)
+        return torch.where((pos == 0)[:, None], torch.eye(3, device=x.device)[GLOBAL], types)
+
+    def kinds(self, x, pos):
+        """The types of eval() as indices: long [B, H_kv, T], 0 Global, 1 Local, 2 Sliding."""
+        return torch.where(pos == 0, GLOBAL, self.logits(x).argmax(-1))
+
+    def logits(self, x):
         B, T, _ = x.shape
         # Detached input: the mask gradient trains only the scorer, not the backbone.
-        logits = self.proj(x.detach()).float().view(B, T, self.n_kv_head, 3).transpose(1, 2)
-        if self.training:  # straight-through Gumbel-softmax: one-hot forward, soft backward
-            types = F.gumbel_softmax(logits, tau=1.0, hard=True)
-        else:
-            types = F.one_hot(logits.argmax(-1), 3).float()
-        # Position 0 is always Global (an attention sink); no gradient reaches its logits.
-        first = F.one_hot(torch.tensor(GLOBAL, device=x.device), 3).float()
-        return torch.where((pos == 0)[:, None], first, types)
+        return self.proj(x.detach()).float().view(B, T, self.n_kv_head, 3).transpose(1, 2)
 
 
 def attention_stats(token_types, window):
@@ -136,25 +155,44 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
 
-    def forward(self, x, pos):
-        """Attention over x [B, T, C] at positions pos [T]. Returns the output [B, T, C] and the
-        layer's statistics (attention_stats plus its one-hot token_types [B, H_kv, T, 3]), or
-        None for dense attention."""
-        q, k, v = self.qkv(x, pos)
-        token_types = self.token_types(x, pos)
-        y = self.attend(q, k, v, token_types)
-        if token_types is None:
-            return y, None
-        return y, dict(attention_stats(token_types, self.config.window), token_types=token_types.detach())
+    def forward(self, x, pos, rope, cache=None):
+        """Attention over x [B, T, C] at positions pos [T] (integers), rope = rope_table(pos, ...).
+        Returns the output [B, T, C] and the layer's statistics (attention_stats plus its one-hot
+        token_types [B, H_kv, T, 3]; None for dense attention or through a cache).
 
-    def qkv(self, x, pos):
-        """Queries [B, H, T, D] and keys, values [B, H_kv, T, D], RoPE at positions pos."""
-        B, T, C = x.shape
-        cfg = self.config
-        q, k, v = self.c_attn(x).split([C, cfg.n_kv_head * self.head_dim, cfg.n_kv_head * self.head_dim], dim=2)
-        q = rotary(q.view(B, T, cfg.n_head, self.head_dim).transpose(1, 2), pos, cfg.rope_base)
-        k = rotary(k.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2), pos, cfg.rope_base)
-        return q, k, v.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2)
+        With a KVCache (generation): on an empty one, x is a prompt; it runs the ordinary
+        attention (the kernel's inference path under no_grad) and the cache keeps what later
+        queries read. On a filled one, x is one token per row (T = 1): it is written into the
+        cache, attends over it, and the cache frees what no later query reads. That step is
+        tensor operations only, the same every call, so a CUDA graph can replay it.
+        """
+        q, k, v = self.qkv(x, rope)
+        if cache is None:
+            token_types = self.token_types(x, pos)
+            y = self.attend(q, k, v, token_types)
+            if token_types is None:
+                return y, None
+            return y, dict(attention_stats(token_types, self.config.window), token_types=token_types.detach())
+        kind = self.token_kinds(x, pos)
+        if cache.k is None:
+            cache.fill(k, v, kind)
+            return self.attend(q, k, v, self.token_types(x, pos)), None
+        if x.shape[1] != 1:
+            raise ValueError(f"a filled cache takes one token at a time, got {x.shape[1]}")
+        cache.append(k, v, kind, pos)
+        y = self.project(cache.attend(q))
+        if self.config.attention != "dense":  # dense caches every token as Global: nothing to evict
+            cache.evict(kind, pos)
+        return y, None
+
+    def qkv(self, x, rope):
+        """Queries [B, H, T, D] and keys, values [B, H_kv, T, D] of x [B, T, C], with RoPE from
+        rope = (cos, sin) [T, D] (queries and keys rotated in one go)."""
+        B, T, _ = x.shape
+        H, H_kv = self.config.n_head, self.config.n_kv_head
+        qkv = self.c_attn(x).view(B, T, H + 2 * H_kv, self.head_dim)
+        q, k = rotary(qkv[:, :, :H + H_kv], *rope).split([H, H_kv], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + H_kv:].transpose(1, 2)
 
     def token_types(self, x, pos):
         """One-hot types [B, H_kv, T, 3]: the scorer's (nats), the fixed StreamingLLM pattern of an
@@ -162,9 +200,16 @@ class CausalSelfAttention(nn.Module):
         if self.scorer is not None:
             return self.scorer(x, pos)
         if self.config.attention == "sliding":
-            kind = torch.where(pos == 0, GLOBAL, SLIDING).expand(x.shape[0], self.config.n_kv_head, -1)
-            return F.one_hot(kind, 3).float()
+            return F.one_hot(self.token_kinds(x, pos), 3).float()
         return None
+
+    def token_kinds(self, x, pos):
+        """The types of eval() as indices, long [B, H_kv, T] (0 Global, 1 Local, 2 Sliding): what a
+        KVCache keeps. Dense attention keeps every token, as if Global."""
+        if self.scorer is not None:
+            return self.scorer.kinds(x, pos)
+        rest = SLIDING if self.config.attention == "sliding" else GLOBAL
+        return torch.where(pos == 0, GLOBAL, rest).expand(x.shape[0], self.config.n_kv_head, -1)
 
     def attend(self, q, k, v, token_types):
         """Causal attention with the NAtS mask of token_types (None: dense), projected: [B, T, C]."""
@@ -173,28 +218,12 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_head < cfg.n_head)
         else:
             y = nats_attention(q, k, v, token_types.to(q.dtype), cfg.window, impl=cfg.attention_impl)
+        return self.project(y)
+
+    def project(self, y):
+        """The heads' outputs y [B, H, T, D] side by side, through the output projection: [B, T, C]."""
         B, H, T, D = y.shape
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
-
-    def forward_cached(self, x, pos, cache):
-        """The same attention through an evicting KVCache: on an empty cache a prompt x [B, T, C]
-        runs the ordinary attention and the cache keeps what later queries will see; after that
-        one token at a time (T = 1) attends over the cache. Returns [B, T, C]."""
-        if cache.seen and x.shape[1] != 1:
-            raise ValueError(f"a filled cache takes one token at a time, got {x.shape[1]}")
-        q, k, v = self.qkv(x, pos)
-        token_types = self.token_types(x, pos)
-        # dense attention caches every token as Global, so it never evicts
-        kind = token_types.argmax(-1) if token_types is not None else pos.new_full(k.shape[:3], GLOBAL)
-        prompt = cache.seen == 0
-        cache.append(k, v, kind)
-        if prompt:
-            y = self.attend(q, k, v, token_types)
-        else:
-            B, H, _, D = q.shape
-            y = self.c_proj(cache.attend(q).transpose(1, 2).reshape(B, 1, H * D))
-        cache.evict()
-        return y
 
 
 class MLP(nn.Module):
@@ -218,15 +247,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, pos):
-        """x [B, T, C] -> the block's output [B, T, C] and its attention statistics (or None)."""
-        y, stats = self.attn(self.ln_1(x), pos)
+    def forward(self, x, pos, rope, cache=None):
+        """x [B, T, C] -> the block's output [B, T, C] and its attention statistics (or None); see
+        CausalSelfAttention.forward for the arguments."""
+        y, stats = self.attn(self.ln_1(x), pos, rope, cache)
         x = x + self.dropout(y)
         return x + self.dropout(self.mlp(self.ln_2(x))), stats
-
-    def forward_cached(self, x, pos, cache):
-        x = x + self.dropout(self.attn.forward_cached(self.ln_1(x), pos, cache))
-        return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -254,20 +280,22 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, idx, start=0):
-        """Token embeddings [B, T, C] of idx [B, T] and their positions start .. start + T - 1."""
+    def hidden_states(self, idx, caches=None, pos=None, rope=None):
+        """The final normalised hidden states [B, T, n_embd] of idx [B, T], and the attention
+        statistics of every layer (a list; None entries for dense attention or with caches).
+
+        pos [T] (integers): the positions, 0 .. T - 1 by default; rope: their rope_table, built here
+        by default. caches: one KVCache per layer for generation (see Decoder). Raises ValueError
+        for a sequence longer than block_size."""
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx)), pos
-
-    def hidden_states(self, idx):
-        """The final normalised hidden states [B, T, n_embd] of idx [B, T], and the attention
-        statistics of every layer (a list; None entries for dense attention)."""
-        x, pos = self.embed(idx)
+        if pos is None:
+            pos = torch.arange(idx.shape[1], device=idx.device)
+            rope = rope_table(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        x = self.transformer.drop(self.transformer.wte(idx))
         layers = []
-        for block in self.transformer.h:
-            x, stats = block(x, pos)
+        for i, block in enumerate(self.transformer.h):
+            x, stats = block(x, pos, rope, None if caches is None else caches[i])
             layers.append(stats)
         return self.transformer.ln_f(x), layers
 
@@ -323,9 +351,11 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        """The model saved in a checkpoint of train_shakespeare.py (see load_checkpoint)."""
-        checkpoint = load_checkpoint(path, device)
+    def from_checkpoint(cls, checkpoint, device="cpu"):
+        """The model saved by train_shakespeare.py: checkpoint is the file's path (read with
+        load_checkpoint, whose errors it raises) or the dict load_checkpoint returned."""
+        if not isinstance(checkpoint, dict):
+            checkpoint = load_checkpoint(checkpoint, device)
         model = cls(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(checkpoint["model"])
         return model.to(device)
@@ -333,36 +363,44 @@ class GPT(nn.Module):
     # generation: the prompt in one forward, then one token at a time through evicting caches
 
     def new_caches(self):
+        """Empty KV caches, one per layer, for generate or decode (they fill at the prompt)."""
         return [KVCache(self.config.window) for _ in self.transformer.h]
 
-    def forward_cached(self, idx, caches):
-        """Logits [B, T, vocab] of idx [B, T] continuing the sequence the caches hold (one per
-        layer, from new_caches): a prompt on empty caches, then one token at a time. RoPE
-        positions keep counting past block_size."""
-        x, pos = self.embed(idx, start=caches[0].seen)
-        for block, cache in zip(self.transformer.h, caches):
-            x = block.forward_cached(x, pos, cache)
-        return self.lm_head(self.transformer.ln_f(x))
+    def decode_step(self, idx, pos, rope, caches):
+        """Logits [B, vocab] after one more token per row, idx [B, 1] (long) at position pos [1]
+        (int32), on the model's device, through filled caches, which it updates in place. rope:
+        the Decoder's rope_table (cos, sin) [length, D]. Tensor operations only, the same every
+        call: what a CUDA graph records."""
+        cos, sin = rope
+        hidden, _ = self.hidden_states(idx, caches, pos, (cos[pos], sin[pos]))
+        return self.lm_head(hidden[:, -1])
 
     @torch.no_grad()
-    def decode(self, idx, prefill=0):
-        """Logits [B, T, vocab] of every step: the first `prefill` tokens in one forward, then one
-        token at a time through the evicting caches. Equals forward() in eval() mode; tests use it."""
-        caches = self.new_caches()
+    def decode(self, idx, prefill=1, caches=None, cuda_graph=None):
+        """Logits [B, T, vocab] of every position of idx [B, T]: the first `prefill` (>= 1) tokens
+        in one forward, then one token at a time through evicting caches (new_caches() unless
+        given). Equals forward() in eval() mode; tests use it. cuda_graph: see Decoder. Raises
+        ValueError for a prefill out of range."""
+        if not 1 <= prefill <= idx.shape[1]:
+            raise ValueError(f"prefill must be in 1..{idx.shape[1]} (the prompt's tokens), got {prefill}")
+        caches = self.new_caches() if caches is None else caches
         with eval_mode(self):
-            logits = [self.forward_cached(idx[:, :prefill], caches)] if prefill else []
-            logits += [self.forward_cached(idx[:, t:t + 1], caches) for t in range(prefill, idx.shape[1])]
+            decoder = Decoder(self, caches, idx.shape[1], cuda_graph)
+            logits = [self.lm_head(decoder.prefill(idx[:, :prefill]))]
+            logits += [decoder(idx[:, t:t + 1])[:, None] for t in range(prefill, idx.shape[1])]
         return torch.cat(logits, dim=1)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None, cuda_graph=None):
         """Sample max_new_tokens after the prompt idx [B, T] (long, on the model's device) and
         return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
-        then one token per step goes through the evicting caches (pass a list from new_caches()
-        to inspect them afterwards). temperature 0 is greedy decoding (the most likely token);
-        top_k keeps the k most likely. Past block_size positions keep counting; memory stays
-        bounded as long as Global tokens stay sparse. Raises ValueError for a malformed prompt
-        or a negative temperature, max_new_tokens or top_k out of range."""
+        then one token per step goes through the evicting caches (pass empty ones from
+        new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
+        Decoder; cuda_graph=False runs it eagerly). temperature 0 is greedy decoding (the most
+        likely token); top_k keeps the k most likely. Past block_size positions keep counting;
+        memory stays bounded as long as Global tokens stay sparse. Raises ValueError for a
+        malformed prompt, one longer than block_size, or a negative temperature, max_new_tokens
+        or top_k out of range."""
         device = self.lm_head.weight.device
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
@@ -374,21 +412,34 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be >= 0 (0: always the most likely token), got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"top_k must be in 1..vocab_size={self.config.vocab_size}, got {top_k}")
+        if max_new_tokens == 0:
+            return idx
         caches = self.new_caches() if caches is None else caches
-        new_tokens = idx  # the first step prefills the whole prompt
+        B, T = idx.shape
+        out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
         with eval_mode(self):
-            for _ in range(max_new_tokens):
-                logits = self.forward_cached(new_tokens, caches)[:, -1, :].float()
-                if temperature == 0:
-                    new_tokens = logits.argmax(-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        threshold = torch.topk(logits, top_k).values[:, [-1]]
-                        logits = logits.masked_fill(logits < threshold, -float("inf"))
-                    new_tokens = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-                idx = torch.cat((idx, new_tokens), dim=1)
-        return idx
+            decoder = Decoder(self, caches, T + max_new_tokens - 1, cuda_graph)  # the last token is not fed
+            logits = self.lm_head(decoder.prefill(idx)[:, -1])
+            for t in range(T, T + max_new_tokens):
+                out[:, t] = next_token(logits, temperature, top_k)
+                if t + 1 < out.shape[1]:
+                    logits = decoder(out[:, t:t + 1])
+        return out
+
+
+def next_token(logits, temperature, top_k):
+    """One token id per row [B] (long) from logits [B, vocab]: the most likely at temperature 0,
+    else a draw from softmax(logits / temperature) over the top_k most likely (all if None)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        threshold = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < threshold, -float("inf"))
+    # argmax of p / Exp(1) noise is a draw from p: how torch.multinomial draws one sample, without
+    # its check of the probabilities, which waits for the GPU
+    return (F.softmax(logits, dim=-1) / torch.empty_like(logits).exponential_()).argmax(-1)
 
 
 class eval_mode:
@@ -426,155 +477,431 @@ def load_checkpoint(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Generation: a KV cache that really evicts
+# Generation: a KV cache of fixed slots that evicts, and a decode step a CUDA graph replays
+
+MIN_ROOM = 64  # free slots a growing cache adds at least: its fill is looked at (a GPU sync) rarely
+
+
+def expired(kind, pos, t, last_global, window):
+    """Which cached keys no query after step t reads (README, How NAtS works, "Eviction"): Local
+    keys older than the latest Global one (whose query was the last to see them) and Sliding keys
+    j <= t - W; Globals stay. kind, pos [..., n] (free slots: pos -1, any result); t and
+    last_global broadcast against them. Returns bool [..., n]."""
+    return ((kind == LOCAL) & (pos < last_global)) | ((kind == SLIDING) & (pos <= t - window))
 
 
 class KVCache:
-    """One layer's KV cache for generation, evicting exactly as training masked.
+    """One layer's KV cache for generation: per (batch row, KV head) the same fixed number of
+    slots, each holding a key, a value, its token's position (-1: a free slot) and type.
 
-    After step t: a Global t drops the Local tokens of the segment it closes (they were visible
-    at t), Sliding tokens j <= t - W leave (the next query would not see them), Globals stay.
-    So once token t+1 is appended, the cache holds exactly row t+1 of the mask. Every (batch row,
-    KV head) keeps its own tokens: a padded buffer whose free slots have pos = -1, compacted
-    whenever more than half the slots are free, so the bytes held follow the tokens kept.
+    A new token goes into a free slot and the query attends over the valid slots; then the keys
+    no later query reads free their slots (see expired), so the cache holds exactly the next row
+    of the mask. Nothing moves and no shape changes from one token to the next, so a CUDA graph
+    can replay the step; only grow(), between steps, adds slots.
     """
 
     def __init__(self, window):
         self.window = window
-        self.k = self.v = None  # [B, H_kv, slots, D]
-        self.pos = self.kind = None  # [B, H_kv, slots]; pos -1 marks a free slot
-        self.seen = 0  # tokens appended so far: the position of the next one
-        self.last_global = None  # [B, H_kv]: the latest Global position, -1 before any
+        self.k = self.v = None  # [B, H_kv, slots, D], the model's dtype
+        self.pos = self.kind = None  # [B, H_kv, slots]: int32 position (-1: free), uint8 type
+        # tokens written so far, i.e. the next one's position: counted by fill and the Decoder on the
+        # host, since append runs inside a CUDA graph, where Python code does not run again
+        self.seen = 0
 
-    def append(self, k, v, kind):
-        """Add the next n tokens: k, v [B, H_kv, n, D], kind [B, H_kv, n] (0 G, 1 L, 2 S)."""
-        pos = torch.arange(self.seen, self.seen + k.shape[2], device=k.device, dtype=torch.int32).expand(kind.shape)
-        kind = kind.to(torch.uint8)
-        newest_global = torch.where(kind == GLOBAL, pos, -1).amax(-1)
-        if self.k is None:
-            self.k, self.v, self.pos, self.kind, self.last_global = k, v, pos, kind, newest_global
-        else:
-            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
-            self.pos, self.kind = torch.cat([self.pos, pos], 2), torch.cat([self.kind, kind], 2)
-            self.last_global = torch.maximum(self.last_global, newest_global)
-        self.seen += k.shape[2]
+    @property
+    def slots(self):
+        return self.pos.shape[-1]
+
+    def fill(self, k, v, kind):
+        """Start from a prompt at positions 0 .. T-1: k, v [B, H_kv, T, D], kind [B, H_kv, T] (long,
+        0 G, 1 L, 2 S). Keeps what the next query reads, in order, in as many slots as the fullest
+        row needs (one GPU sync); grow() adds room."""
+        T, D = k.shape[2:]
+        pos = torch.arange(T, device=k.device).expand(kind.shape)
+        last_global = torch.where(kind == GLOBAL, pos, -1).amax(-1, keepdim=True)
+        keep = ~expired(kind, pos, T - 1, last_global, self.window)
+        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices  # kept tokens first
+        order = order[..., :int(keep.sum(-1).max())]
+        rows = order[..., None].expand(-1, -1, -1, D)
+        self.k, self.v = k.gather(2, rows), v.gather(2, rows)
+        self.pos = torch.where(keep.gather(-1, order), order, -1).to(torch.int32)
+        self.kind = kind.gather(-1, order).to(torch.uint8)
+        self.seen = T
+
+    def grow(self, slots):
+        """Add free slots, up to `slots` per row. Between steps only: the tensors are replaced, so
+        a CUDA graph of the step must be recorded again."""
+        def pad(t, value):
+            return torch.cat([t, t.new_full((*t.shape[:2], slots - self.slots, *t.shape[3:]), value)], dim=2)
+        # free slots hold zeros: their weight is 0, and 0 x NaN from uninitialised memory would not be
+        self.k, self.v, self.pos, self.kind = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1), pad(self.kind, 0)
+
+    def append(self, k, v, kind, pos):
+        """Write one token per row, k, v [B, H_kv, 1, D] of type kind [B, H_kv, 1] (long) at
+        position pos [1] (int32), into a free slot of its row; make_room has made sure there is one."""
+        slot = self.pos.argmin(-1, keepdim=True)  # free slots (-1) sort first
+        rows = slot[..., None].expand_as(k)
+        self.k.scatter_(2, rows, k)
+        self.v.scatter_(2, rows, v)
+        self.pos.scatter_(2, slot, pos.to(self.pos.dtype).expand_as(slot))
+        self.kind.scatter_(2, slot, kind.to(self.kind.dtype))
 
     def attend(self, q):
-        """Attention of the newest token's queries q [B, H, 1, D] over the cached tokens. Written
-        out, not through scaled_dot_product_attention: for one query it is two small matrix
-        products, and SDPA's cuDNN backend plans anew for every cache length (about 8 ms a call)."""
+        """Attention of one query per row, q [B, H, 1, D], over the valid slots: [B, H, 1, D], the
+        softmax in float32 over valid slots only. For one query it is two small matrix products,
+        written out (the mask is where the free slots are)."""
         B, H, _, D = q.shape
-        q = q.view(B, self.k.shape[1], H // self.k.shape[1], D)  # the query heads of each KV head
+        q = q.reshape(B, self.k.shape[1], H // self.k.shape[1], D)  # the query heads of each KV head
         scores = (q @ self.k.transpose(-2, -1)).float() / math.sqrt(D)  # [B, H_kv, group, slots]
         scores = scores.masked_fill((self.pos < 0)[:, :, None, :], -float("inf"))
         return (scores.softmax(-1).to(self.v.dtype) @ self.v).view(B, H, 1, D)
 
-    def evict(self):
-        """Drop what no later query sees, after step t = seen - 1."""
-        t = self.seen - 1
-        keep = ((self.kind == GLOBAL) | ((self.kind == LOCAL) & (self.pos > self.last_global[..., None]))
-                | ((self.kind == SLIDING) & (self.pos > t - self.window))) & (self.pos >= 0)
-        self.pos = torch.where(keep, self.pos, -1)
-        if 2 * keep.sum(-1).max() <= keep.shape[-1]:
-            self.compact()
+    def evict(self, kind, pos):
+        """Free the slots no later query reads, after the step at position pos [1] whose token had
+        type kind [B, H_kv, 1]: a Global token closes its segment, so the Locals held go."""
+        last_global = torch.where(kind == GLOBAL, pos, -1)
+        self.pos.masked_fill_(expired(self.kind, self.pos, pos, last_global, self.window), -1)
 
-    def compact(self):
-        """Move each row's kept tokens to the front, in order, and cut the buffer to the longest row."""
-        order = torch.sort((self.pos < 0).to(torch.uint8), dim=-1, stable=True).indices
-        order = order[..., :int((self.pos >= 0).sum(-1).max())]
-        self.pos, self.kind = self.pos.gather(-1, order), self.kind.gather(-1, order)
-        rows = order[..., None].expand(-1, -1, -1, self.k.shape[-1])
-        self.k, self.v = self.k.gather(2, rows), self.v.gather(2, rows)
+    def held(self):
+        """Tokens held per (batch row, KV head): long [B, H_kv], on the cache's device."""
+        return (self.pos >= 0).sum(-1)
 
     def stats(self):
         """What the cache holds now, as plain numbers:
 
         tokens_mean, tokens_max  tokens held per (batch row, KV head): mean and max
-        seen                     tokens appended so far (what a dense cache would hold)
+        seen                     tokens written so far (what a dense cache would hold)
+        slots                    slots per (batch row, KV head), free ones included
         bytes                    the buffers as allocated: k, v, int32 position and uint8 type
-                                 per slot, free slots included until the next compaction
+                                 per slot, free slots included
         dense_bytes              k and v of every token seen: a dense cache of the same sequence
         """
-        held = (self.pos >= 0).sum(-1).float()
-        per_token = 2 * self.k.shape[-1] * self.k.element_size()  # k and v
-        heads = self.k.shape[0] * self.k.shape[1]
-        return dict(tokens_mean=held.mean().item(), tokens_max=held.max().item(), seen=self.seen,
-                    bytes=self.pos.numel() * (per_token + 5), dense_bytes=heads * self.seen * per_token)
+        held = self.held().float()
+        B, H, slots, D = self.k.shape
+        per_token = 2 * D * self.k.element_size()  # k and v
+        return dict(tokens_mean=held.mean().item(), tokens_max=held.max().item(), seen=self.seen, slots=slots,
+                    bytes=B * H * slots * (per_token + 5), dense_bytes=B * H * self.seen * per_token)
+
+
+def make_room(caches, steps_left):
+    """Look at how full each layer's cache is (one GPU sync for all) and grow the ones with less
+    than about half the room they should have for the steps_left tokens still to come: all of
+    them when few, else half the tokens the fullest row holds, at least MIN_ROOM. So growth (and
+    recording a new CUDA graph) stays rare, and the bytes follow the tokens kept.
+
+    Returns how many more tokens surely fit in every cache (a step adds at most one per row) and
+    whether any cache grew."""
+    held = torch.stack([cache.held().amax() for cache in caches]).tolist()
+    grew = False
+    for cache, h in zip(caches, held):
+        want = min(steps_left, max(MIN_ROOM, h // 2))
+        if 2 * (cache.slots - h) <= want:
+            cache.grow(h + want)
+            grew = True
+    return min(cache.slots - h for cache, h in zip(caches, held)), grew
+
+
+class CUDAGraphStep:
+    """fn(*inputs) -> a tensor, recorded in a CUDA graph at the first call and replayed after
+    (PyTorch's "CUDA Graphs" notes): each call copies its inputs into the recorded ones, replays,
+    and returns a copy of the recorded output. fn must do the same tensor work every call: no
+    syncs with the host, no shapes that change, its state updated in place, nothing on the host.
+
+    The first call runs fn for real on a side stream, so that lazy initialisation (cuBLAS
+    handles, kernel loading) happens before the capture; recording runs nothing.
+    """
+
+    def __init__(self, fn):
+        self.fn, self.graph = fn, None
+
+    def __call__(self, *inputs):
+        with torch.cuda.device(inputs[0].device):  # streams and graphs belong to one GPU: the inputs'
+            if self.graph is None:
+                return self.record(*inputs)
+            for recorded, x in zip(self.inputs, inputs):
+                recorded.copy_(x)
+            self.graph.replay()
+            return self.output.clone()
+
+    def record(self, *inputs):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            output = self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.inputs = [x.clone() for x in inputs]
+        self.graph = torch.cuda.CUDAGraph()
+        # under autocast its cache of cast weights must stay off: the graph would keep pointers to
+        # casts that are freed when the autocast region ends
+        with torch.cuda.graph(self.graph), torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                                          enabled=torch.is_autocast_enabled("cuda"),
+                                                          cache_enabled=False):
+            self.output = self.fn(*self.inputs)
+        return output
+
+
+class Decoder:
+    """Feeds a model through its KV caches (one per layer, from GPT.new_caches), `length` tokens
+    in all: a prompt first (prefill), then one token per row at a time (calls).
+
+    RoPE's table is built once for all positions. The step's tensors keep their shapes, so with
+    cuda_graph (the default on CUDA) it is recorded in a CUDA graph once and replayed. Between
+    steps the host only counts down how many more tokens surely fit; when none, make_room looks
+    at the caches (one sync), grows them if they need it, and the graph is recorded again.
+    """
+
+    def __init__(self, model, caches, length, cuda_graph=None):
+        """model: a GPT in eval() mode; caches: its new_caches(); length: the tokens it will be
+        fed in all (RoPE's table covers their positions). cuda_graph: None for CUDA graphs on a
+        CUDA device. Raises ValueError for cuda_graph=True off CUDA."""
+        cfg = model.config
+        device = model.lm_head.weight.device
+        self.model, self.caches, self.length = model, caches, length
+        self.rope = rope_table(torch.arange(length, device=device), cfg.n_embd // cfg.n_head, cfg.rope_base)
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        self.step, self.room = None, 0
+
+    def prefill(self, idx):
+        """The final hidden states [B, T, n_embd] of the prompt idx [B, T] (long), through the
+        model's ordinary attention (the kernel's inference path); the empty caches fill."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        return self.model.hidden_states(idx, self.caches, pos, (self.rope[0][:T], self.rope[1][:T]))[0]
+
+    def __call__(self, idx):
+        """Logits [B, vocab] after the next token of every row, idx [B, 1] (long). Raises
+        ValueError past `length` tokens."""
+        seen = self.caches[0].seen
+        if seen >= self.length:
+            raise ValueError(f"the decoder was made for {self.length} tokens; make one with a larger length")
+        if self.room == 0:
+            self.room, grew = make_room(self.caches, self.length - seen)
+            if grew or self.step is None:
+                step = partial(self.model.decode_step, rope=self.rope, caches=self.caches)
+                self.step = CUDAGraphStep(step) if self.cuda_graph else step
+        logits = self.step(idx, torch.full((1,), seen, dtype=torch.int32, device=idx.device))
+        for cache in self.caches:
+            cache.seen += 1
+        self.room -= 1
+        return logits
 
 
 # -----------------------------------------------------------------------------
-# Decode benchmark: python nats.py on a GPU
+# Decode benchmark: python nats.py --bench (on a GPU)
 
 
 class FixedTypes(nn.Module):
-    """A stand-in for the scorer with preset types by position, kinds [H_kv, length] (0 G, 1 L,
-    2 S): for benchmarks that need a realistic mix before any training, and for tests."""
+    """A stand-in for the scorer with preset types by position, kinds [H_kv, length] or, a set for
+    each batch row, [B, H_kv, length] (long: 0 G, 1 L, 2 S): for benchmarks that need a
+    realistic mix before any training, and for tests."""
 
     def __init__(self, kinds):
         super().__init__()
-        self.register_buffer("kinds", kinds)
+        self.register_buffer("table", kinds)
 
     def forward(self, x, pos):
-        return F.one_hot(self.kinds[:, pos].expand(x.shape[0], -1, -1), 3).float()
+        return F.one_hot(self.kinds(x, pos), 3).float()
+
+    def kinds(self, x, pos):
+        return self.table[..., pos].expand(x.shape[0], -1, -1)
 
 
 @torch.no_grad()
-def benchmark_decode(contexts=(4096, 16384, 32768), mix=(0.05, 0.15, 0.80), new_tokens=256, warmup=16, batch=1,
-                     device="cuda", dtype=torch.bfloat16):
-    """Decode tokens/s and KV-cache memory after a long prompt: NAtS with its types fixed to a G/L/S
-    mix (an untrained scorer gives no realistic one) against a dense cache, same model of the
-    default width with random weights, measured in one run. Prints a table and returns its rows
-    (dicts: context, attention, tokens_per_s, cache_mb, dense_cache_mb, peak_mb)."""
+def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05, 0.15, 0.80), new_tokens=256,
+                     warmup=16, device="cuda", dtype=torch.bfloat16):
+    """Time to the first token (the prompt's forward), decode tokens/s and memory after prompts of
+    each length in contexts, for each batch size: NAtS with its types fixed to a G/L/S mix, drawn
+    per batch row (an untrained scorer gives no realistic one), against dense attention, the same
+    model of the default width with random weights, in one run. Greedy decoding; on CUDA the
+    step replays a CUDA graph. Prints a table and returns its rows (dicts: context, batch,
+    attention, first_token_s, tokens_per_s, cache_mb, dense_cache_mb, prefill_peak_mb,
+    decode_peak_mb; the peaks are nan off CUDA)."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
+    print(f"{name}, {dtype}, G/L/S mix {mix}, "
+          f"W = {GPTConfig.window}, {new_tokens} tokens decoded after the prompt, tokens/s over the last "
+          f"{new_tokens - warmup} (all rows of the batch)")
+    print("| context | batch | attention | first token s | tokens/s | cache MB | dense cache MB | share "
+          "| peak MB prefill | peak MB decode |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    print(f"{torch.cuda.get_device_name() if device == 'cuda' else device}, {dtype}, batch {batch}, "
-          f"G/L/S mix {mix}, W = {GPTConfig.window}, {new_tokens} tokens decoded after the prompt, "
-          f"tokens/s over the last {new_tokens - warmup}")
-    print("| context | cache | tokens/s | cache MB | dense cache MB | share | peak GPU MB |")
-    print("|---|---|---|---|---|---|---|")
     for T in contexts:
-        for attention in ("dense", "nats"):
-            config = GPTConfig(block_size=T, vocab_size=50304, attention=attention)
-            model = GPT(config)
-            if attention == "nats":
-                generator = torch.Generator().manual_seed(0)
-                kinds = torch.multinomial(torch.tensor(mix), config.n_kv_head * (T + new_tokens), replacement=True,
-                                          generator=generator).view(config.n_kv_head, -1)
-                kinds[:, 0] = GLOBAL
-                for block in model.transformer.h:
-                    block.attn.scorer = FixedTypes(kinds)
-            model = model.to(device, dtype).eval()
-            idx = torch.randint(config.vocab_size, (batch, T + new_tokens), device=device)
-            caches = model.new_caches()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            model.forward_cached(idx[:, :T], caches)
-            for t in range(T, T + warmup):  # first calls of each kernel out of the timing
-                model.forward_cached(idx[:, t:t + 1], caches)
-            _synchronize(device)
-            start = time.perf_counter()
-            for t in range(T + warmup, T + new_tokens):
-                model.forward_cached(idx[:, t:t + 1], caches)
-            _synchronize(device)
-            rate = batch * (new_tokens - warmup) / (time.perf_counter() - start)
-            stats = [c.stats() for c in caches]
-            held, dense = (sum(s[key] for s in stats) / 2**20 for key in ("bytes", "dense_bytes"))
-            peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-            print(f"| {T} | {attention} | {rate:.0f} | {held:.1f} | {dense:.1f} | {held / dense:.0%} | {peak:.0f} |",
-                  flush=True)
-            rows.append(dict(context=T, attention=attention, tokens_per_s=rate, cache_mb=held, dense_cache_mb=dense,
-                             peak_mb=peak))
-            del model, caches
+        for batch in batches:
+            for attention in ("dense", "nats"):
+                row = time_decode(attention, T, batch, mix, new_tokens, warmup, device, dtype)
+                print(f"| {T} | {batch} | {attention} | {row['first_token_s']:.3f} | {row['tokens_per_s']:.0f} "
+                      f"| {row['cache_mb']:.1f} | {row['dense_cache_mb']:.1f} "
+                      f"| {row['cache_mb'] / row['dense_cache_mb']:.0%} | {row['prefill_peak_mb']:.0f} "
+                      f"| {row['decode_peak_mb']:.0f} |", flush=True)
+                rows.append(row)
     return rows
 
 
-def _synchronize(device):
-    if device == "cuda":
+def time_decode(attention, T, batch, mix, new_tokens, warmup, device, dtype):
+    """One row of benchmark_decode: a fresh model, a prompt of T random tokens per row, then
+    new_tokens greedy steps, timed after the first `warmup` (they include recording the graph)."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=T, vocab_size=50304, attention=attention)
+    with torch.device(device):
+        model = GPT(config)
+    if attention == "nats":
+        kinds = torch.multinomial(torch.tensor(mix), batch * config.n_kv_head * (T + new_tokens), replacement=True)
+        kinds = kinds.view(batch, config.n_kv_head, -1)
+        kinds[..., 0] = GLOBAL
+        for block in model.transformer.h:
+            block.attn.scorer = FixedTypes(kinds.to(device))
+    model = model.to(dtype).eval()
+    idx = torch.randint(config.vocab_size, (batch, T), device=device)
+    caches = model.new_caches()
+    gpu_peak_mb(device)  # from here: the weights are in memory, the prompt's work is not
+    start = time.perf_counter()
+    decoder = Decoder(model, caches, T + new_tokens)
+    token = model.lm_head(decoder.prefill(idx)[:, -1]).argmax(-1, keepdim=True)
+    prefill_peak = gpu_peak_mb(device)
+    first_token_s = time.perf_counter() - start
+    for step in range(new_tokens):
+        if step == warmup:
+            gpu_synchronize(device)
+            start = time.perf_counter()
+        token = decoder(token).argmax(-1, keepdim=True)
+    gpu_synchronize(device)
+    seconds = time.perf_counter() - start
+    held, dense = (sum(c.stats()[key] for c in caches) / 2**20 for key in ("bytes", "dense_bytes"))
+    return dict(context=T, batch=batch, attention=attention, first_token_s=first_token_s,
+                tokens_per_s=batch * (new_tokens - warmup) / seconds, cache_mb=held, dense_cache_mb=dense,
+                prefill_peak_mb=prefill_peak, decode_peak_mb=gpu_peak_mb(device))
+
+
+def gpu_synchronize(device):
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
+def gpu_peak_mb(device):
+    """The most GPU memory allocated (MB) since the last call, once the GPU is done; nan off CUDA."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+# -----------------------------------------------------------------------------
+# Sampling from a checkpoint, or the decode benchmark: python nats.py
+
+DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
+
+
+def at_least(minimum, kind):
+    """An argparse type: a number of the given kind (int or float) >= minimum."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {minimum}, "
+                                              f"got {text!r}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    """The command line's settings. A bad value, device or path stops here, before anything is
+    loaded, with argparse's usage error (exit status 2) naming the flag and what to pass. The
+    prompt of --start=FILE:path is read into args.start."""
+    parser = argparse.ArgumentParser(
+        description="Sample from a checkpoint of train_shakespeare.py and show what the evicting KV cache held, "
+                    "or (--bench) time decoding against a dense cache on a CUDA GPU.")
+    parser.add_argument("--ckpt", default=os.path.join("out-shakespeare", "ckpt.pt"),
+                        help="the out_dir/ckpt.pt a train_shakespeare.py run wrote (default: %(default)s)")
+    parser.add_argument("--start", default="\n",
+                        help="the prompt, or FILE:path to read it from a file (default: a new line)")
+    parser.add_argument("--num_samples", type=at_least(1, int), default=1, help="samples, drawn at once as one batch")
+    parser.add_argument("--max_new_tokens", type=at_least(1, int), default=500, help="tokens sampled per sample")
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="0: always the most likely token")
+    parser.add_argument("--top_k", type=at_least(1, int), default=200,
+                        help="sample among the k most likely tokens (at most the vocabulary)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--bench", action="store_true",
+                        help="the decode benchmark instead: NAtS against dense at contexts 4k, 32k and 128k, "
+                             "batch 1 and 16")
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device={args.device!r} is not a device; pass cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device={args.device}: pass cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device={args.device}: no CUDA GPU is visible here; pass --device=cpu")
+    if args.bench:
+        if device.type != "cuda":
+            parser.error("--bench times decoding at 4k-128k context on a CUDA GPU; on a CPU call benchmark_decode("
+                         "contexts=(512,), batches=(1,), device='cpu', dtype=torch.float32) from Python instead")
+        return args
+    if not os.path.isfile(args.ckpt):
+        parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
+                     f"(it writes out-shakespeare/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
+    if args.start.startswith("FILE:"):
+        path = args.start[len("FILE:"):]
+        if not os.path.isfile(path):
+            parser.error(f"--start=FILE:{path}: no such file; pass the path of a text file, or the prompt itself")
+        with open(path, encoding="utf-8") as f:
+            args.start = f.read()
+    if not args.start:
+        parser.error("--start is empty; pass a prompt of at least one character (the default is a new line)")
+    return args
+
+
+def sample(args):
+    """nanoGPT's sample.py for a checkpoint of train_shakespeare.py: load it with the tokenizer it
+    was trained with, draw args.num_samples continuations of the prompt at once, print them and
+    what the evicting KV caches held at the end against a dense cache. Problems that need the
+    checkpoint to see (an unreadable file, a prompt outside the vocabulary or longer than the
+    model's block_size) stop with a message naming the flag."""
+    import train_shakespeare  # its data code defines the tokenizers and the cache report: reused, not copied
+    device = torch.device(args.device)
+    try:
+        checkpoint = load_checkpoint(args.ckpt, device)
+    except ValueError as e:
+        raise SystemExit(f"--ckpt: {e}") from None
+    cfg = checkpoint["config"]
+    model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
+    _, _, encode, decode, vocab_size = train_shakespeare.load_dataset(cfg)
+    if vocab_size != model.config.vocab_size:
+        raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
+                         f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "
+                         f"training")
+    try:
+        prompt = encode(args.start)
+    except (KeyError, ValueError):
+        raise SystemExit(f"--start: {args.start!r} has characters outside the vocabulary the model was trained "
+                         f"with ({cfg['dataset']}, tokenizer {cfg['tokenizer']}); pass a prompt without them") from None
+    if len(prompt) > model.config.block_size:
+        raise SystemExit(f"--start: the prompt has {len(prompt)} tokens, more than the model's block_size "
+                         f"{model.config.block_size}; pass a shorter one")
+    torch.manual_seed(args.seed)
+    idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
+    caches = model.new_caches()
+    out = model.generate(idx, args.max_new_tokens, args.temperature, min(args.top_k, vocab_size), caches=caches)
+    for row in out.tolist():
+        print(decode(row))
+        print("---------------")
+    print(train_shakespeare.cache_report(caches, model.config.attention))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench:
+        benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
+    else:
+        sample(args)
+
+
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        raise SystemExit("the decode benchmark needs a CUDA GPU; on CPU try "
-                         "benchmark_decode(contexts=(512,), device='cpu', dtype=torch.float32)")
-    benchmark_decode()
+    main()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import kernel
 from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, is_one_hot, kv_lengths, last_visible_query, nats_attention,
                     nats_attention_reference, next_global, relaxed_mask, visible_mask)
+import nats
 from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -571,28 +572,66 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# generation: a cache that evicts exactly what the mask hides, decoding equal to the forward
+# generation: a cache of fixed slots that evicts exactly what the mask hides, decoding equal to the
+# forward, CUDA graphs, and the command line
 
 
-@pytest.mark.parametrize("prefill", [0, 1, 13])
-@pytest.mark.parametrize("mix", ["scorer", "all_global", "all_local", "all_sliding", "dense", "sliding"])
-def test_decode_equals_forward(prefill, mix):
-    torch.manual_seed(prefill)
-    model = GPT(tiny_config(block_size=64, window=3, attention=mix if mix in ("dense", "sliding") else "nats")).eval()
+def per_row_types(model, B, length, probs=(1, 2, 4), seed=0):
+    """Make every scorer give preset random types, different in every batch row and KV head
+    (position 0 Global): long [B, H_kv, length]."""
+    kinds = random_types(B, model.config.n_kv_head, length, probs, seed=seed).argmax(-1)
+    for blk in model.transformer.h:
+        blk.attn.scorer = FixedTypes(kinds)
+    return kinds
+
+
+def decode_model(mix, seed=0, device="cpu", **overrides):
+    """A tiny model in eval() whose types follow `mix` (see test_decode_equals_forward)."""
+    torch.manual_seed(seed)
+    attention = mix if mix in ("dense", "sliding") else "nats"
+    model = GPT(tiny_config(block_size=64, window=3, attention=attention, **overrides)).eval()
     if mix == "scorer":  # sharpen the random scorer so float noise cannot flip an argmax
         for blk in model.transformer.h:
             blk.attn.scorer.proj.weight.data *= 100
+    elif mix == "per_row":
+        per_row_types(model, 3, 64, seed=seed)
     elif mix.startswith("all_"):
         force_types(model, [GLOBAL, LOCAL, SLIDING][["all_global", "all_local", "all_sliding"].index(mix)])
+    return model.to(device)
+
+
+@pytest.mark.parametrize("prefill", [1, 13])
+@pytest.mark.parametrize("mix", ["scorer", "per_row", "all_global", "all_local", "all_sliding", "dense", "sliding"])
+def test_decode_equals_forward(prefill, mix):
+    model = decode_model(mix, seed=prefill)  # 4 query heads share 2 KV heads: grouped-query attention
     idx = torch.randint(50, (3, 64))
     full = model(idx)[0]
-    if mix == "scorer":  # rows differ, and every type occurs
+    if mix in ("scorer", "per_row"):  # rows differ, and every type occurs
         kinds = model.token_types(idx)[1]
         assert not torch.equal(kinds[0], kinds[1]) and set(kinds.unique().tolist()) == {0, 1, 2}
     torch.testing.assert_close(model.decode(idx, prefill=prefill), full, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prefill", [0, 9])
+@pytest.mark.parametrize("n_kv_head", [1, 4])  # multi-query and multi-head attention
+def test_decode_equals_forward_for_other_head_groupings(n_kv_head):
+    model = decode_model("per_row", seed=n_kv_head, n_kv_head=n_kv_head)
+    idx = torch.randint(50, (3, 64))
+    torch.testing.assert_close(model.decode(idx, prefill=5), model(idx)[0], rtol=0, atol=1e-5)
+
+
+def test_capacity_growth_keeps_decode_exact(monkeypatch):
+    monkeypatch.setattr(nats, "MIN_ROOM", 1)  # room for only a few more tokens at a time
+    sizes = []
+    grow = KVCache.grow
+    monkeypatch.setattr(KVCache, "grow", lambda cache, slots: (sizes.append(slots), grow(cache, slots)))
+    for mix in ("dense", "per_row"):
+        model = decode_model(mix)
+        idx = torch.randint(50, (3, 64))
+        torch.testing.assert_close(model.decode(idx, prefill=2), model(idx)[0], rtol=0, atol=1e-5)
+    assert len(sizes) > 10 and max(sizes) == 64  # dense: grown again and again, up to every token
+
+
+@pytest.mark.parametrize("prefill", [1, 9])
 @pytest.mark.parametrize("window", [0, 4])
 def test_cache_holds_row_t_of_the_mask(prefill, window):
     B, H_kv, T, D = 2, 3, 80, 4
@@ -601,31 +640,42 @@ def test_cache_holds_row_t_of_the_mask(prefill, window):
     mask = visible_mask(types, window)
     k, v = torch.randn(2, B, H_kv, T, D).unbind(0)
     cache = KVCache(window)
-    if prefill:
-        cache.append(k[:, :, :prefill], v[:, :, :prefill], kind[..., :prefill])
-        cache.evict()
+    cache.fill(k[:, :, :prefill], v[:, :, :prefill], kind[..., :prefill])
     for t in range(prefill, T):
-        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1])
+        nats.make_room([cache], T - t)
+        pos = torch.tensor([t], dtype=torch.int32)
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1], pos)
         for b in range(B):
             for h in range(H_kv):
-                held = sorted(p for p in cache.pos[b, h].tolist() if p >= 0)
-                assert held == mask[b, h, t].nonzero().flatten().tolist(), (t, b, h)
                 slots = cache.pos[b, h] >= 0
-                assert torch.equal(cache.k[b, h][slots], k[b, h, held])  # the right vectors, in order
-        cache.evict()
+                held = cache.pos[b, h][slots].long()
+                assert sorted(held.tolist()) == mask[b, h, t].nonzero().flatten().tolist(), (t, b, h)
+                assert torch.equal(cache.k[b, h][slots], k[b, h, held])  # each slot holds its token's vectors
+                assert torch.equal(cache.v[b, h][slots], v[b, h, held])
+        cache.evict(kind[..., t:t + 1], pos)
 
 
-def test_cache_bytes_follow_the_tokens_kept():
-    window, D = 4, 8
+def test_slots_are_reused_after_eviction():
+    window, D, T = 4, 8, 300
     cache = KVCache(window)
-    for t in range(300):
-        kind = torch.full((1, 2, 1), GLOBAL if t == 0 else SLIDING)
-        cache.append(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D), kind)
-        cache.evict()
+    kind = torch.full((1, 2, T), SLIDING)
+    kind[..., 0] = GLOBAL
+    k = torch.randn(1, 2, T, D)
+    cache.fill(k[:, :, :1], k[:, :, :1], kind[..., :1])
+    used = set()
+    for t in range(1, T):
+        grew = nats.make_room([cache], T - t)[1]
+        assert not grew or t == 1  # the sink and the W newest tokens always fit in the first slots
+        pos = torch.tensor([t], dtype=torch.int32)
+        cache.append(k[:, :, t:t + 1], k[:, :, t:t + 1], kind[..., t:t + 1], pos)
+        used.add(int((cache.pos[0, 0] == t).nonzero()))
+        cache.evict(kind[..., t:t + 1], pos)
+        cache.seen += 1  # as the Decoder counts
     stats = cache.stats()
-    assert stats["tokens_max"] == window + 1 and stats["seen"] == 300  # the sink and the W newest tokens
-    assert cache.k.shape[2] <= 2 * (window + 1) + 1  # compaction really frees the dead slots
-    assert stats["bytes"] < stats["dense_bytes"] / 10
+    assert stats["tokens_max"] == window + 1 and stats["seen"] == T  # the sink and the W newest tokens
+    assert cache.slots == 1 + nats.MIN_ROOM  # grown once, at the first step
+    assert used == set(range(1, window + 2))  # after the sink's slot, the same W + 1 slots again and again
+    assert stats["bytes"] < stats["dense_bytes"] / 2
 
 
 def test_generate_past_block_size_with_bounded_cache():
@@ -633,7 +683,7 @@ def test_generate_past_block_size_with_bounded_cache():
     model = GPT(tiny_config(block_size=16, window=3))
     force_types(model, SLIDING)
     caches = model.new_caches()
-    out = model.generate(torch.zeros(2, 5, dtype=torch.long), 60, top_k=5, caches=caches)
+    out = model.generate(torch.randint(50, (2, 5)), 60, top_k=5, caches=caches)
     assert out.shape == (2, 65) and caches[0].seen == 64 and model.training
     assert all(c.stats()["tokens_max"] == 3 + 1 for c in caches)  # the sink and the W newest tokens
 
@@ -646,6 +696,14 @@ def test_generate_at_temperature_zero_is_greedy():
     logits = model.decode(out, prefill=5)  # the same prefill and steps as generate
     assert torch.equal(out[:, 5:], logits[:, 4:-1].argmax(-1))
     assert torch.equal(out, model.generate(prompt, 20, temperature=0.0, top_k=3))
+
+
+def test_sampling_draws_from_the_top_k_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6).expand(20000, -1) * 2
+    draws = nats.next_token(logits, temperature=1.5, top_k=4)
+    expected = torch.zeros(6).index_copy(0, logits[0].topk(4).indices, (logits[0].topk(4).values / 1.5).softmax(-1))
+    torch.testing.assert_close(torch.bincount(draws, minlength=6) / 20000.0, expected, rtol=0, atol=0.015)
 
 
 def test_generate_rejects_bad_input():
@@ -661,13 +719,104 @@ def test_generate_rejects_bad_input():
         model.generate(prompt, 5, top_k=51)
     with pytest.raises(ValueError, match="pass idx.to"):
         model.generate(prompt.to("meta"), 5)
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 33, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="prefill"):
+        model.decode(prompt, prefill=0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        model.decode(prompt, cuda_graph=True)  # the model is on the CPU
 
 
 def test_decode_benchmark_runs_on_cpu():
-    rows = benchmark_decode(contexts=(300,), new_tokens=4, warmup=1, device="cpu", dtype=torch.float32)
-    dense, nats_row = rows
-    assert dense["cache_mb"] > dense["dense_cache_mb"] * 0.99  # every token kept (plus position and type)
-    assert nats_row["cache_mb"] < 0.5 * nats_row["dense_cache_mb"]  # NAtS keeps a fraction of it
+    rows = benchmark_decode(contexts=(300,), batches=(1, 2), new_tokens=4, warmup=1, device="cpu", dtype=torch.float32)
+    assert [(r["batch"], r["attention"]) for r in rows] == [(1, "dense"), (1, "nats"), (2, "dense"), (2, "nats")]
+    for dense, nats_row in (rows[:2], rows[2:]):
+        assert dense["cache_mb"] > dense["dense_cache_mb"] * 0.99  # every token kept (plus position and type)
+        assert nats_row["cache_mb"] < 0.5 * nats_row["dense_cache_mb"]  # NAtS keeps a fraction of it
+        assert nats_row["tokens_per_s"] > 0 and nats_row["first_token_s"] > 0
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", ["scorer", "per_row", "dense", "sliding"])
+def test_decode_in_a_cuda_graph_equals_eager_decode_on_cuda(mix, dtype, monkeypatch):
+    monkeypatch.setattr(nats, "MIN_ROOM", 4)  # the caches grow, and the graph is recorded again, several times
+    model = decode_model(mix, device="cuda", n_embd=64).to(dtype)  # head size 16: the kernel fills the caches
+    idx = torch.randint(50, (3, 64), device="cuda")
+    eager = model.decode(idx, prefill=9, cuda_graph=False)
+    graph = model.decode(idx, prefill=9, cuda_graph=True)
+    tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(graph, eager, **tolerance)
+    if dtype == torch.float32:
+        with torch.no_grad():  # the kernel's inference path, as the prefill, so no other kernel compiles
+            torch.testing.assert_close(graph, model(idx)[0], rtol=0, atol=1e-4)
+
+
+@cuda
+def test_generate_in_a_cuda_graph_equals_eager_generate_on_cuda():
+    model = decode_model("per_row", device="cuda", n_embd=64)
+    prompt = torch.randint(50, (3, 7), device="cuda")
+    eager = model.generate(prompt, 50, temperature=0.0, cuda_graph=False)
+    assert torch.equal(model.generate(prompt, 50, temperature=0.0, cuda_graph=True), eager)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as train_shakespeare.py samples
+        sample = model.generate(prompt, 50, temperature=0.8, top_k=10)
+    assert sample.shape == (3, 57) and torch.equal(sample[:, :7], prompt)
+
+
+def tiny_checkpoint(tmp_path):
+    """A checkpoint as train_shakespeare.py writes one, of a tiny untrained char-level model."""
+    import train_shakespeare as ts
+    vocab_size = ts.load_corpus("char")[-1]
+    model_args = dict(tiny_config(vocab_size=vocab_size).__dict__)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                    config=dict(dataset="shakespeare", tokenizer="char")), path)
+    return path
+
+
+def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path)
+    nats.main([f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=40", "--num_samples=2", "--device=cpu",
+               "--dtype=float32"])
+    out = capsys.readouterr().out
+    assert out.count("ROMEO:") == 2 and out.count("---------------") == 2
+    assert "KV cache after 45 tokens" in out and "of a dense cache" in out
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("JULIET:\nO")
+    nats.main([f"--ckpt={ckpt}", f"--start=FILE:{prompt}", "--max_new_tokens=5", "--temperature=0", "--device=cpu",
+               "--dtype=float32"])
+    assert capsys.readouterr().out.startswith("JULIET:\nO")
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (["--ckpt={missing}"], "--ckpt"),
+    (["--top_k=0"], "--top_k"),
+    (["--temperature=-1"], "--temperature"),
+    (["--temperature=warm"], "--temperature"),
+    (["--max_new_tokens=many"], "--max_new_tokens"),
+    (["--num_samples=0"], "--num_samples"),
+    (["--start=FILE:{missing}"], "--start"),
+    (["--start="], "--start"),
+    (["--device=toaster"], "--device"),
+    (["--dtype=float8"], "--dtype"),
+    (["--devise=cpu"], "--devise"),
+] + ([] if torch.cuda.is_available() else [(["--device=cuda"], "--device"), (["--bench"], "--bench")]))
+def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys, monkeypatch, bad, flag):
+    monkeypatch.setattr(nats, "load_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
+    argv = [a.format(missing=tmp_path / "missing") for a in bad]
+    with pytest.raises(SystemExit) as stop:
+        nats.main(argv if bad[0].startswith("--ckpt") else [f"--ckpt={tiny_checkpoint(tmp_path)}"] + argv)
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("start, problem", [("é", "outside the vocabulary"), ("x" * 40, "block_size")])
+def test_command_line_checks_the_prompt_against_the_checkpoint(tmp_path, start, problem):
+    with pytest.raises(SystemExit, match=f"--start: .*{problem}"):
+        nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", f"--start={start}", "--device=cpu"])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="--ckpt: .*cannot be read as a checkpoint"):
+        nats.main([f"--ckpt={broken}", "--device=cpu"])
 
 
 # -----------------------------------------------------------------------------
