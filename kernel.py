@@ -180,7 +180,7 @@ def _configs(shapes):
 # BLOCK_N % BLOCK_M == 0, so one diagonal stretch of tiles holds every causal mask.
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)])
-DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 3)])
+DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)])
 
 
 @triton.jit
