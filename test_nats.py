@@ -388,8 +388,8 @@ def test_kernel_rejects_what_it_does_not_support():
 
 @needs_triton
 def test_kernel_compiles_without_graph_breaks():
-    """torch.compile(fullgraph=True) takes the kernel's custom ops, metadata and type-gradient
-    glue in one graph, with the same values and gradients as eager. On CPU the aot_eager
+    """torch.compile(fullgraph=True) takes the kernel's operators (metadata, forward, backward with
+    the type gradients) in one graph, with the same values and gradients as eager. On CPU the aot_eager
     backend traces it (inductor would need a C++ toolchain and minutes)."""
     q, k, v = (t.detach().float().to(DEVICE) for t in qkv(1, 4, 2, 40, 16, seed=5))
     types = random_types(1, 2, 40, seed=5).float().to(DEVICE)

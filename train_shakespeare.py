@@ -602,7 +602,7 @@ def train(cfg):
     log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={model.config.attention}, "
         f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
     trainer = DDP(model) if world > 1 else model  # the scorers get gradients every step: no unused parameters
-    if cfg["compile"]:  # the kernel is a custom op: one graph, no breaks; evals run the plain model
+    if cfg["compile"]:  # the kernel is a PyTorch operator: one graph, no breaks; evals run the plain model
         trainer = torch.compile(trainer)
 
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * gas
