@@ -299,7 +299,10 @@ def test_masked_keys_with_huge_scores_underflow_nothing(gap, dtype):
     q, k, v, grad_out, types = (t.to(DEVICE) for t in (q, k, v, grad_out, types))
     exact = attention_and_grads(q, k, v, types, window, "reference", torch.float64, grad_out)
     for impl in IMPLS:
-        got = attention_and_grads(q, k, v, types, window, impl, dtype, grad_out)
+        # The interpreter evaluates exp2 on masked lanes too (the kernel discards them, as compiled
+        # code does): numpy's overflow warning there is expected, not a result.
+        with np.errstate(over="ignore"):
+            got = attention_and_grads(q, k, v, types, window, impl, dtype, grad_out)
         for name, want, g in zip(["out", "dq", "dk", "dv", "dtypes"], exact, got):
             assert torch.isfinite(g).all(), f"{impl} {name}: not finite"
             tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
