@@ -8,9 +8,9 @@ Every attention layer has a tiny scorer that gives each token, per KV head, one 
     Local    kept until the next Global token
     Sliding  kept for W more steps
 
-The loss adds kv_weight x (share of the causal attention entries that stay visible), so the
+The loss adds lambda x (share of the causal attention entries that stay visible), so the
 model learns to keep only the tokens it needs. attention="dense" gives the ordinary causal
-baseline every result is compared with.
+baseline every result is compared with, "sliding" and "random" the fixed patterns.
 
 Reading order: the model, then generation through a KV cache that really evicts, then the
 decode benchmark (python nats.py on a GPU).
@@ -39,10 +39,12 @@ class GPTConfig:
     n_kv_head: int = 6  # < n_head: grouped-query attention; token types are per KV head
     n_embd: int = 384
     dropout: float = 0.2  # residual dropout (no attention dropout); the baby GPT overfits without it
-    attention: str = "nats"  # "nats", "dense" (causal SDPA) or "sliding" (position 0 Global, the rest Sliding)
+    attention: str = "nats"  # "nats", "dense" (causal SDPA), "sliding" (position 0 Global, the rest Sliding)
+                             # or "random" (position 0 and a random_global share of the others Global, the rest Sliding)
     attention_impl: str = "auto"  # NAtS: "triton" kernel, "reference" PyTorch, "auto" = the kernel on CUDA
     window: int = 16  # W: a Sliding token is seen by the W+1 queries j .. j+W (the authors' from-scratch W)
-    kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss
+    kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss (forward() may be given another)
+    random_global: float = 0.0  # attention="random": the chance that a token is Global, drawn anew every forward
     rope_base: float = 10000.0  # RoPE's base, as in most RoPE models
     init_std: float = 0.02  # weights ~ N(0, init_std), GPT-2's 0.02; a small model learns lookups
                             # only from about 1 / sqrt(n_embd) (results/README.md, "Associative recall")
@@ -52,8 +54,8 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attention not in ("nats", "dense", "sliding"):
-            raise ValueError(f"attention must be 'nats', 'dense' or 'sliding', got {self.attention!r}")
+        if self.attention not in ("nats", "dense", "sliding", "random"):
+            raise ValueError(f"attention must be 'nats', 'dense', 'sliding' or 'random', got {self.attention!r}")
         if self.attention_impl not in ("auto", "triton", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'triton' or 'reference', got {self.attention_impl!r}")
         if self.n_embd % self.n_head:
@@ -69,6 +71,8 @@ class GPTConfig:
                              f"got {self.window}")
         if not self.kv_weight >= 0:
             raise ValueError(f"kv_weight must be >= 0 (a negative weight rewards keeping keys), got {self.kv_weight}")
+        if not 0 <= self.random_global <= 1:
+            raise ValueError(f"random_global must be a probability in [0, 1], got {self.random_global}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std > 0:
@@ -136,13 +140,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
 
-    def forward(self, x, pos):
+    def forward(self, x, pos, all_global=False):
         """Attention over x [B, T, C] at positions pos [T]. Returns the output [B, T, C] and the
         layer's statistics (attention_stats plus its one-hot token_types [B, H_kv, T, 3]), or
-        None for dense attention."""
+        None for dense attention. all_global: every token Global, dense causal attention, the
+        scorer not run (a dense warm-up; stats say kv_fraction 1)."""
         q, k, v = self.qkv(x, pos)
-        token_types = self.token_types(x, pos)
-        y = self.attend(q, k, v, token_types)
+        token_types = self.token_types(x, pos, all_global)
+        y = self.attend(q, k, v, None if all_global else token_types)
         if token_types is None:
             return y, None
         return y, dict(attention_stats(token_types, self.config.window), token_types=token_types.detach())
@@ -156,15 +161,22 @@ class CausalSelfAttention(nn.Module):
         k = rotary(k.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2), pos, cfg.rope_base)
         return q, k, v.view(B, T, cfg.n_kv_head, self.head_dim).transpose(1, 2)
 
-    def token_types(self, x, pos):
+    def token_types(self, x, pos, all_global=False):
         """One-hot types [B, H_kv, T, 3]: the scorer's (nats), the fixed StreamingLLM pattern of an
-        attention sink plus a sliding window (sliding), or None (dense)."""
+        attention sink plus a sliding window (sliding), that pattern with a random_global share of
+        Global tokens, drawn from torch's generator (random), all Global (all_global) or None (dense)."""
+        cfg = self.config
+        if cfg.attention == "dense":
+            return None
+        shape = (x.shape[0], cfg.n_kv_head, x.shape[1])
+        if all_global:
+            return F.one_hot(torch.full(shape, GLOBAL, device=x.device), 3).float()
         if self.scorer is not None:
             return self.scorer(x, pos)
-        if self.config.attention == "sliding":
-            kind = torch.where(pos == 0, GLOBAL, SLIDING).expand(x.shape[0], self.config.n_kv_head, -1)
-            return F.one_hot(kind, 3).float()
-        return None
+        is_global = pos == 0
+        if cfg.attention == "random":
+            is_global = is_global | (torch.rand(shape, device=x.device) < cfg.random_global)
+        return F.one_hot(torch.where(is_global, GLOBAL, SLIDING).expand(shape), 3).float()
 
     def attend(self, q, k, v, token_types):
         """Causal attention with the NAtS mask of token_types (None: dense), projected: [B, T, C]."""
@@ -218,9 +230,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, pos):
+    def forward(self, x, pos, all_global=False):
         """x [B, T, C] -> the block's output [B, T, C] and its attention statistics (or None)."""
-        y, stats = self.attn(self.ln_1(x), pos)
+        y, stats = self.attn(self.ln_1(x), pos, all_global)
         x = x + self.dropout(y)
         return x + self.dropout(self.mlp(self.ln_2(x))), stats
 
@@ -261,29 +273,32 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         return self.transformer.drop(self.transformer.wte(idx)), pos
 
-    def hidden_states(self, idx):
+    def hidden_states(self, idx, all_global=False):
         """The final normalised hidden states [B, T, n_embd] of idx [B, T], and the attention
-        statistics of every layer (a list; None entries for dense attention)."""
+        statistics of every layer (a list; None entries for dense attention). all_global: every
+        token Global in every layer (dense attention; the scorers are not run)."""
         x, pos = self.embed(idx)
         layers = []
         for block in self.transformer.h:
-            x, stats = block(x, pos)
+            x, stats = block(x, pos, all_global)
             layers.append(stats)
         return self.transformer.ln_f(x), layers
 
-    def forward(self, idx, targets=None, teacher=None):
+    def forward(self, idx, targets=None, teacher=None, kv_weight=None, all_global=False):
         """idx [B, T] -> (logits [B, T, vocab], loss, stats).
 
         With targets [B, T] (-1: not scored) the loss is the cross-entropy + kv_weight x the mean
-        kv_fraction over layers; with a teacher (a frozen dense GPT) the first term is instead
-        the authors' fine-tuning objective, the mean squared error between the final hidden
-        states and the teacher's. Without targets the loss is None.
+        kv_fraction over layers (NAtS only); kv_weight, a float >= 0, is config.kv_weight unless
+        given (the training loop passes the Lagrange multiplier of a KV budget). With a teacher (a
+        frozen dense GPT) the first term is instead the authors' fine-tuning objective, the mean
+        squared error between the final hidden states and the teacher's. Without targets the
+        loss is None. all_global: every token Global, the scorers not run (a dense warm-up).
 
         stats, detached, for logs and pictures: ce (with targets) and, unless the attention is
         dense, per layer kv_fraction [n_layer], type_share [n_layer, 3], cache_size [n_layer]
         and token_types [n_layer, B, H_kv, T] (long: 0 Global, 1 Local, 2 Sliding).
         """
-        hidden, layers = self.hidden_states(idx)
+        hidden, layers = self.hidden_states(idx, all_global)
         logits = self.lm_head(hidden)
         dense = self.config.attention == "dense"
         kv_fraction = None if dense else torch.stack([s["kv_fraction"] for s in layers])
@@ -302,7 +317,7 @@ class GPT(nn.Module):
                 target, _ = teacher.hidden_states(idx)
             loss = F.mse_loss(hidden.float(), target.float())
         if self.config.attention == "nats":  # the fixed patterns have nothing to learn
-            loss = loss + self.config.kv_weight * kv_fraction.mean()
+            loss = loss + (self.config.kv_weight if kv_weight is None else kv_weight) * kv_fraction.mean()
         return logits, loss, stats
 
     @torch.no_grad()
