@@ -772,6 +772,7 @@ def test_kv_budget_run_lands_near_its_budget(tmp_path, capsys):
 def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, capsys):
     history = tiny_run(tmp_path, dense_warmup=10, max_iters=10, eval_interval=10, log_interval=5, sample_tokens=0)
     assert "dense warm-up" in capsys.readouterr().out and history["loss"][9] < history["loss"][0]
+    assert all(e["kv_fraction"] == [1.0, 1.0] for e in history["evals"])  # the evals too see the dense model
     first = GPT.from_checkpoint(tmp_path / "ckpt.pt")
     torch.manual_seed(1337)  # the run's seed: the initial weights
     initial = GPT(first.config)

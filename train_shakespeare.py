@@ -277,7 +277,7 @@ def load_dataset(cfg):
         raise SystemExit(f"--dataset={cfg['dataset']}: {e}") from None
 
 
-TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH = 0, 1, 2  # the random streams seed_of names
+TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE = 0, 1, 2, 3  # the random streams seed_of names
 
 
 def seed_of(seed, stream, index):
@@ -311,14 +311,15 @@ def get_batch(data, batch_size, block_size, seed, device):
 
 
 @torch.no_grad()
-def evaluate(model, splits, cfg, device, autocast, rank, world):
+def evaluate(model, splits, cfg, device, autocast, rank, world, all_global=False):
     """Mean cross-entropy (and accuracy on the scored targets) per split in eval() mode (argmax
-    types), on the same batches every time, plus the NAtS statistics averaged over the val batches."""
+    types; all_global: every token Global, the model of a dense warm-up), on the same batches every
+    time, plus the NAtS statistics averaged over the val batches."""
     n_layer = model.config.n_layer
     result = {}
     with eval_mode(model):
         for name, data in splits.items():
-            totals = eval_totals(model, data, cfg, device, autocast, rank, world) / cfg["eval_iters"]
+            totals = eval_totals(model, data, cfg, device, autocast, rank, world, all_global) / cfg["eval_iters"]
             result[name], result[name + "_accuracy"] = totals[0].item(), (totals[1] / totals[2]).item()
             if name == "val" and model.config.attention != "dense":
                 result["kv_fraction"] = totals[3:3 + n_layer].tolist()
@@ -327,15 +328,16 @@ def evaluate(model, splits, cfg, device, autocast, rank, world):
     return result
 
 
-def eval_totals(model, data, cfg, device, autocast, rank, world):
+def eval_totals(model, data, cfg, device, autocast, rank, world, all_global):
     """Sums over the eval batches (each rank takes a share, then all are added): cross-entropy,
     correct and scored predictions, kv_fraction and cache size per layer, type shares."""
     n_layer = model.config.n_layer
     totals = torch.zeros(3 + 2 * n_layer + 3, dtype=torch.float64)
     for i in range(rank, cfg["eval_iters"], world):
         x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i), device)
+        torch.manual_seed(seed_of(cfg["seed"], EVAL_NOISE, i))  # attention="random" draws its types
         with autocast:
-            logits, _, stats = model(x, y)
+            logits, _, stats = model(x, y, all_global=all_global)
         scored = y != -1
         totals[:3] += torch.tensor([stats["ce"].item(), (logits.argmax(-1) == y)[scored].sum().item(),
                                     scored.sum().item()])
@@ -668,7 +670,9 @@ def train(cfg):
                 group["lr"] = lr
             # an eval every eval_interval steps and at the end; a resumed run has its first in the history
             if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and not (checkpoint and it == start_it):
-                result = evaluate(model, {"train": train_data, "val": val_data}, cfg, device, autocast, rank, world)
+                # to the end of a dense warm-up, the dense model it trains (the scorers are still untrained)
+                result = evaluate(model, {"train": train_data, "val": val_data}, cfg, device, autocast, rank, world,
+                                  all_global=it <= cfg["dense_warmup"])
                 history["elapsed"] = elapsed_before + time.time() - start
                 log(format_eval(it, cfg, result, history["elapsed"]))
                 history["evals"].append(dict(iter=it, **result))
