@@ -90,11 +90,12 @@ def seed_variants(own, base, tag):
         b, base["block_size"], base["window"])), None) for b in budgets]
     if own["finetune_iters"] > 0:
         given = numbers(own, "finetune_weights", float)
-        targets = [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in given] or nats[len(nats) // 2:][:1]
-        for target, changes in targets:
+        middle = [nats[len(nats) // 2]] if nats else []
+        dense = os.path.join(run_dir(base, "dense" + tag), "ckpt.pt")
+        for target, changes in [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in given] or middle:
             runs.append((f"nats fine-tuned {target}", dict(
                 changes, attention="nats", dense_warmup=0, finetune_scorer=True, max_iters=own["finetune_iters"],
-                lr_decay_iters=own["finetune_iters"], init_from=os.path.join(run_dir(base, "dense" + tag), "ckpt.pt")), "dense"))
+                lr_decay_iters=own["finetune_iters"], init_from=dense), "dense"))
     return runs
 
 

@@ -943,8 +943,8 @@ def test_far_recall_asks_far_after_the_pairs():
     assert np.array_equal(seqs, recall.make_far_sequences(200, 128, seed=3)) and seqs.shape == (200, 128)
     roles = recall.roles(seqs)
     assert (sum(m.astype(int) for m in roles.values()) == 1).all() and not roles["bar"].any()
-    for name, count in [("pair keys", recall.N_PAIRS), ("pair values", recall.N_PAIRS), ("query keys", recall.N_QUERIES),
-                        ("answers", recall.N_QUERIES)]:
+    for name, count in [("pair keys", recall.N_PAIRS), ("pair values", recall.N_PAIRS),
+                        ("query keys", recall.N_QUERIES), ("answers", recall.N_QUERIES)]:
         assert (roles[name].sum(1) == count).all(), name
     pos = np.broadcast_to(np.arange(128), seqs.shape)
     assert (pos[roles["pair values"]] < 32).all() and (pos[roles["query keys"]] >= 64).all()
@@ -1042,8 +1042,8 @@ def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
     import sweep
     rows = sweep.main(TINY_RUN + ["--max_iters=4", "--eval_interval=4", "--kv_budgets=0.5", "--kv_weights=0.1,1.0",
                                   "--windows=4", "--finetune_iters=2", f"--jobs={jobs}", f"--out_dir={tmp_path}"])
-    runs = ["dense", "sliding W=4", "nats budget=0.5", "nats lambda=0.1", "nats lambda=1.0", "random Globals budget=0.5",
-            "nats fine-tuned lambda=0.1"]
+    runs = ["dense", "sliding W=4", "nats budget=0.5", "nats lambda=0.1", "nats lambda=1.0",
+            "random Globals budget=0.5", "nats fine-tuned lambda=0.1"]
     assert sorted(row["run"] for row in rows) == sorted(runs)
     table = (tmp_path / "sweep.md").read_text()
     assert all(f"| {run} |" in table for run in runs)
@@ -1079,7 +1079,8 @@ def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
                          "nats fine-tuned budget=0.3 seed=1"]
     assert names[7:] == [name.replace("seed=1", "seed=2") for name in names[:7]]
     cfg = {name: c for name, c, _ in runs}
-    assert all(c["seed"] == int(name[-1]) for name, c in cfg.items()) and len({c["out_dir"] for c in cfg.values()}) == 14
+    assert all(c["seed"] == int(name[-1]) for name, c in cfg.items())
+    assert len({c["out_dir"] for c in cfg.values()}) == 14
     assert cfg["nats budget=0.3 seed=2"]["kv_budget"] == 0.3 and cfg["nats budget=0.3 seed=2"]["dense_warmup"] == 5
     assert all(cfg[f"{name} seed=1"]["kv_budget"] == cfg[f"{name} seed=1"]["dense_warmup"] == 0
                for name in ["dense", "sliding W=4", "random Globals budget=0.2"])

@@ -25,4 +25,4 @@ lr_decay_iters = 2000
 eval_interval = 500
 eval_iters = 10  # 10 batches of 128 held-out sequences
 kv_budget = 0.15
-dense_warmup = 500
+dense_warmup = 1000  # half the run: the warm-up must outlast the forming of the lookup (results/README.md)
