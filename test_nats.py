@@ -736,17 +736,22 @@ def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path, schedule):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and 2 micro-batches per step, one each, against one
-    process doing both: the same batches, noise and averaged gradients, so the same losses."""
+    process doing both: the same batches, noise and averaged gradients, so the same losses; with a
+    dense warm-up (scorers unused in its steps) and a KV budget (the same lambda on every rank)."""
     import subprocess
     import sys
+    schedule = dict(dense_warmup=2, kv_budget=0.3)
     args = TINY_RUN + ["--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
+    args += [f"--{key}={value}" for key, value in schedule.items()]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "train_shakespeare.py", *args, f"--out_dir={tmp_path / 'ddp'}"],
                    check=True, timeout=600, cwd=HERE, capture_output=True)
     with open(tmp_path / "ddp" / "history.json") as f:
         ddp = json.load(f)
-    single = tiny_run(tmp_path / "single", max_iters=6, eval_interval=3, gradient_accumulation_steps=2, dropout=0.1)
+    single = tiny_run(tmp_path / "single", max_iters=6, eval_interval=3, gradient_accumulation_steps=2, dropout=0.1,
+                      **schedule)
     assert [ddp["loss"][str(i)] for i in range(6)] == pytest.approx([single["loss"][i] for i in range(6)], rel=1e-5)
+    assert [ddp["kv_weight"][str(i)] for i in range(6)] == pytest.approx([single["kv_weight"][i] for i in range(6)])
     assert [e["val"] for e in ddp["evals"]] == pytest.approx([e["val"] for e in single["evals"]], rel=1e-5)
     assert ddp["evals"][-1]["kv_fraction"] == pytest.approx(single["evals"][-1]["kv_fraction"], rel=1e-5)
 
