@@ -993,8 +993,10 @@ def test_recall_global_share_by_role_counts_each_head():
 
 
 def test_far_recall_run_reports_each_role_kept_global(tmp_path, capsys):
-    history = tiny_run(tmp_path, dataset="far_recall", block_size=64, max_iters=4, eval_interval=4, sample_tokens=0)
+    history = tiny_run(tmp_path, dataset="far_recall", block_size=64, max_iters=4, eval_interval=2, sample_tokens=0,
+                       dense_warmup=2)
     assert "recall" in capsys.readouterr().out and 0 <= history["evals"][-1]["val_accuracy"] <= 1
+    assert ["global_share_by_role" in e for e in history["evals"]] == [False, False, True]  # after the warm-up
     with open(tmp_path / "history.json") as f:
         roles = json.load(f)["global_share_by_role"]
     assert set(roles) == {"pair keys", "pair values", "query keys", "answers", "filler", "Globals per sequence"}

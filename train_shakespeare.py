@@ -315,7 +315,8 @@ def get_batch(data, batch_size, block_size, seed, device):
 def evaluate(model, splits, cfg, device, autocast, rank, world, all_global=False):
     """Mean cross-entropy (and accuracy on the scored targets) per split in eval() mode (argmax
     types; all_global: every token Global, the model of a dense warm-up), on the same batches every
-    time, plus the NAtS statistics averaged over the val batches."""
+    time, plus the NAtS statistics averaged over the val batches and, for recall, which roles each
+    head keeps Global (role_table)."""
     n_layer = model.config.n_layer
     result = {}
     with eval_mode(model):
@@ -326,6 +327,8 @@ def evaluate(model, splits, cfg, device, autocast, rank, world, all_global=False
                 result["kv_fraction"] = totals[3:3 + n_layer].tolist()
                 result["cache_size"] = totals[3 + n_layer:3 + 2 * n_layer].tolist()
                 result["type_share"] = totals[-3:].tolist()
+    if cfg["dataset"] in RECALL_TASKS and model.config.attention != "dense" and not all_global:
+        result["global_share_by_role"] = role_table(model, splits["val"], device)
     return result
 
 
@@ -457,19 +460,22 @@ def global_share_by_role(model, val_data, device):
     return shares, is_global.sum(3).mean(1)
 
 
-def print_types_by_role(model, val_data, device):
-    """The heads that do the recall lookup keep the pairs' values; the filler need not stay.
-    Returns the table as lists ({role: [n_layer][n_kv_head]}, and "Globals per sequence"), for the history."""
+def role_table(model, val_data, device):
+    """global_share_by_role as lists, for the history: {role: [n_layer][n_kv_head]} and, under
+    "Globals per sequence", the mean number of Global tokens [n_layer][n_kv_head]."""
     shares, per_sequence = global_share_by_role(model, val_data, device)
-    print(f"share marked Global over {min(512, len(val_data))} val sequences, by role, and Globals per sequence:")
-    print("  layer/head " + " ".join(f"{role:>11}" for role in shares) + f" {'Globals':>11}")
-    n_layer, n_kv_head = per_sequence.shape
-    for l in range(n_layer):
-        for h in range(n_kv_head):
-            print(f"  {l:>5}/{h:<4} " + " ".join(f"{share[l, h]:>11.0%}" for share in shares.values())
-                  + f" {per_sequence[l, h]:>11.1f}")
     return dict({role: share.tolist() for role, share in shares.items()}, **{"Globals per sequence":
                                                                               per_sequence.tolist()})
+
+
+def print_types_by_role(table, n_sequences):
+    """The heads that do the recall lookup keep the pairs' values; the filler need not stay."""
+    *roles, per_sequence = table.values()
+    print(f"share marked Global over {n_sequences} val sequences, by role, and Globals per sequence:")
+    print("  layer/head " + " ".join(f"{role:>11}" for role in list(table)[:-1]) + f" {'Globals':>11}")
+    for l, heads in enumerate(per_sequence):
+        for h, count in enumerate(heads):
+            print(f"  {l:>5}/{h:<4} " + " ".join(f"{share[l][h]:>11.0%}" for share in roles) + f" {count:>11.1f}")
 
 
 # -----------------------------------------------------------------------------
@@ -740,7 +746,8 @@ def train(cfg):
             snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
             show_token_types(model, snippet, decode, device, cfg)
             if cfg["dataset"] in RECALL_TASKS:
-                history["global_share_by_role"] = print_types_by_role(model, val_data, device)
+                history["global_share_by_role"] = role_table(model, val_data, device)
+                print_types_by_role(history["global_share_by_role"], min(512, len(val_data)))
                 save_history(history, cfg)
     if world > 1:
         dist.destroy_process_group()
