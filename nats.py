@@ -8,9 +8,9 @@ Every attention layer has a tiny scorer that gives each token, per KV head, one 
     Local    kept until the next Global token
     Sliding  kept for W more steps
 
-The loss adds kv_weight x (share of the causal attention entries that stay visible), so the
+The loss adds lambda x (share of the causal attention entries that stay visible), so the
 model learns to keep only the tokens it needs. attention="dense" gives the ordinary causal
-baseline every result is compared with.
+baseline every result is compared with, "sliding" and "random" the fixed patterns.
 
 Reading order: the model; generation through a KV cache of fixed slots that really evicts,
 with a decode step a CUDA graph can replay; the decode benchmark; sampling from a checkpoint:
@@ -44,10 +44,12 @@ class GPTConfig:
     n_kv_head: int = 6  # < n_head: grouped-query attention; token types are per KV head
     n_embd: int = 384
     dropout: float = 0.2  # residual dropout (no attention dropout); the baby GPT overfits without it
-    attention: str = "nats"  # "nats", "dense" (causal SDPA) or "sliding" (position 0 Global, the rest Sliding)
+    attention: str = "nats"  # "nats", "dense" (causal SDPA), "sliding" (position 0 Global, the rest Sliding)
+                             # or "random" (position 0 and a random_global share of the others Global, the rest Sliding)
     attention_impl: str = "auto"  # NAtS: "triton" kernel, "reference" PyTorch, "auto" = the kernel on CUDA
     window: int = 16  # W: a Sliding token is seen by the W+1 queries j .. j+W (the authors' from-scratch W)
-    kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss
+    kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss (forward() may be given another)
+    random_global: float = 0.0  # attention="random": the chance that a token is Global, drawn anew every forward
     rope_base: float = 10000.0  # RoPE's base, as in most RoPE models
     init_std: float = 0.02  # weights ~ N(0, init_std), GPT-2's 0.02; a small model learns lookups
                             # only from about 1 / sqrt(n_embd) (results/README.md, "Associative recall")
@@ -57,8 +59,8 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attention not in ("nats", "dense", "sliding"):
-            raise ValueError(f"attention must be 'nats', 'dense' or 'sliding', got {self.attention!r}")
+        if self.attention not in ("nats", "dense", "sliding", "random"):
+            raise ValueError(f"attention must be 'nats', 'dense', 'sliding' or 'random', got {self.attention!r}")
         if self.attention_impl not in ("auto", "triton", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'triton' or 'reference', got {self.attention_impl!r}")
         if self.n_embd % self.n_head:
@@ -74,6 +76,8 @@ class GPTConfig:
                              f"got {self.window}")
         if not self.kv_weight >= 0:
             raise ValueError(f"kv_weight must be >= 0 (a negative weight rewards keeping keys), got {self.kv_weight}")
+        if not 0 <= self.random_global <= 1:
+            raise ValueError(f"random_global must be a probability in [0, 1], got {self.random_global}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std > 0:
@@ -155,10 +159,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
 
-    def forward(self, x, pos, rope, cache=None):
+    def forward(self, x, pos, rope, cache=None, all_global=False):
         """Attention over x [B, T, C] at positions pos [T] (integers), rope = rope_table(pos, ...).
         Returns the output [B, T, C] and the layer's statistics (attention_stats plus its one-hot
-        token_types [B, H_kv, T, 3]; None for dense attention or through a cache).
+        token_types [B, H_kv, T, 3]; None for dense attention or through a cache). all_global:
+        every token Global, dense causal attention, the scorer not run (a dense warm-up; the
+        stats say kv_fraction 1).
 
         With a KVCache (generation): on an empty one, x is a prompt; it runs the ordinary
         attention (the kernel's inference path under no_grad) and the cache keeps what later
@@ -168,15 +174,15 @@ class CausalSelfAttention(nn.Module):
         """
         q, k, v = self.qkv(x, rope)
         if cache is None:
-            token_types = self.token_types(x, pos)
-            y = self.attend(q, k, v, token_types)
+            token_types = self.token_types(x, pos, all_global)
+            y = self.attend(q, k, v, None if all_global else token_types)
             if token_types is None:
                 return y, None
             return y, dict(attention_stats(token_types, self.config.window), token_types=token_types.detach())
         kind = self.token_kinds(x, pos)
         if cache.k is None:
             cache.fill(k, v, kind)
-            return self.attend(q, k, v, self.token_types(x, pos)), None
+            return self.attend(q, k, v, None if self.config.attention == "dense" else F.one_hot(kind, 3).float()), None
         if x.shape[1] != 1:
             raise ValueError(f"a filled cache takes one token at a time, got {x.shape[1]}")
         cache.append(k, v, kind, pos)
@@ -194,22 +200,31 @@ class CausalSelfAttention(nn.Module):
         q, k = rotary(qkv[:, :, :H + H_kv], *rope).split([H, H_kv], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + H_kv:].transpose(1, 2)
 
-    def token_types(self, x, pos):
-        """One-hot types [B, H_kv, T, 3]: the scorer's (nats), the fixed StreamingLLM pattern of an
-        attention sink plus a sliding window (sliding), or None (dense)."""
-        if self.scorer is not None:
+    def token_types(self, x, pos, all_global=False):
+        """One-hot types [B, H_kv, T, 3] (see token_kinds): in training the scorer's straight-through
+        samples (nats); None for dense attention."""
+        if self.config.attention == "dense":
+            return None
+        if self.scorer is not None and not all_global:
             return self.scorer(x, pos)
-        if self.config.attention == "sliding":
-            return F.one_hot(self.token_kinds(x, pos), 3).float()
-        return None
+        return F.one_hot(self.token_kinds(x, pos, all_global), 3).float()
 
-    def token_kinds(self, x, pos):
-        """The types of eval() as indices, long [B, H_kv, T] (0 Global, 1 Local, 2 Sliding): what a
-        KVCache keeps. Dense attention keeps every token, as if Global."""
+    def token_kinds(self, x, pos, all_global=False):
+        """The types as indices, long [B, H_kv, T] (0 Global, 1 Local, 2 Sliding), what a KVCache
+        keeps: the scorer's of eval() (nats); the StreamingLLM pattern of an attention sink at
+        position 0 and the rest Sliding (sliding); that pattern with a random_global share of
+        Global tokens, drawn from torch's generator (random). Dense attention and all_global keep
+        every token, as Global."""
+        cfg = self.config
+        shape = (x.shape[0], cfg.n_kv_head, x.shape[1])
+        if cfg.attention == "dense" or all_global:
+            return torch.full(shape, GLOBAL, device=x.device)
         if self.scorer is not None:
             return self.scorer.kinds(x, pos)
-        rest = SLIDING if self.config.attention == "sliding" else GLOBAL
-        return torch.where(pos == 0, GLOBAL, rest).expand(x.shape[0], self.config.n_kv_head, -1)
+        is_global = pos == 0
+        if cfg.attention == "random":
+            is_global = is_global | (torch.rand(shape, device=x.device) < cfg.random_global)
+        return torch.where(is_global, GLOBAL, SLIDING).expand(shape)
 
     def attend(self, q, k, v, token_types):
         """Causal attention with the NAtS mask of token_types (None: dense), projected: [B, T, C]."""
@@ -247,10 +262,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, pos, rope, cache=None):
+    def forward(self, x, pos, rope, cache=None, all_global=False):
         """x [B, T, C] -> the block's output [B, T, C] and its attention statistics (or None); see
         CausalSelfAttention.forward for the arguments."""
-        y, stats = self.attn(self.ln_1(x), pos, rope, cache)
+        y, stats = self.attn(self.ln_1(x), pos, rope, cache, all_global)
         x = x + self.dropout(y)
         return x + self.dropout(self.mlp(self.ln_2(x))), stats
 
@@ -280,12 +295,13 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx, caches=None, pos=None, rope=None):
+    def hidden_states(self, idx, caches=None, pos=None, rope=None, all_global=False):
         """The final normalised hidden states [B, T, n_embd] of idx [B, T], and the attention
         statistics of every layer (a list; None entries for dense attention or with caches).
 
         pos [T] (integers): the positions, 0 .. T - 1 by default; rope: their rope_table, built here
-        by default. caches: one KVCache per layer for generation (see Decoder). Raises ValueError
+        by default. caches: one KVCache per layer for generation (see Decoder). all_global: every
+        token Global in every layer (dense attention; the scorers are not run). Raises ValueError
         for a sequence longer than block_size."""
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
@@ -295,23 +311,25 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx))
         layers = []
         for i, block in enumerate(self.transformer.h):
-            x, stats = block(x, pos, rope, None if caches is None else caches[i])
+            x, stats = block(x, pos, rope, None if caches is None else caches[i], all_global)
             layers.append(stats)
         return self.transformer.ln_f(x), layers
 
-    def forward(self, idx, targets=None, teacher=None):
+    def forward(self, idx, targets=None, teacher=None, kv_weight=None, all_global=False):
         """idx [B, T] -> (logits [B, T, vocab], loss, stats).
 
         With targets [B, T] (-1: not scored) the loss is the cross-entropy + kv_weight x the mean
-        kv_fraction over layers; with a teacher (a frozen dense GPT) the first term is instead
-        the authors' fine-tuning objective, the mean squared error between the final hidden
-        states and the teacher's. Without targets the loss is None.
+        kv_fraction over layers (NAtS only); kv_weight, a float >= 0, is config.kv_weight unless
+        given (the training loop passes the Lagrange multiplier of a KV budget). With a teacher (a
+        frozen dense GPT) the first term is instead the authors' fine-tuning objective, the mean
+        squared error between the final hidden states and the teacher's. Without targets the
+        loss is None. all_global: every token Global, the scorers not run (a dense warm-up).
 
         stats, detached, for logs and pictures: ce (with targets) and, unless the attention is
         dense, per layer kv_fraction [n_layer], type_share [n_layer, 3], cache_size [n_layer]
         and token_types [n_layer, B, H_kv, T] (long: 0 Global, 1 Local, 2 Sliding).
         """
-        hidden, layers = self.hidden_states(idx)
+        hidden, layers = self.hidden_states(idx, all_global=all_global)
         logits = self.lm_head(hidden)
         dense = self.config.attention == "dense"
         kv_fraction = None if dense else torch.stack([s["kv_fraction"] for s in layers])
@@ -330,7 +348,7 @@ class GPT(nn.Module):
                 target, _ = teacher.hidden_states(idx)
             loss = F.mse_loss(hidden.float(), target.float())
         if self.config.attention == "nats":  # the fixed patterns have nothing to learn
-            loss = loss + self.config.kv_weight * kv_fraction.mean()
+            loss = loss + (self.config.kv_weight if kv_weight is None else kv_weight) * kv_fraction.mean()
         return logits, loss, stats
 
     @torch.no_grad()

@@ -1,20 +1,29 @@
 """
-The quality / KV-cache trade-off in one command: train dense, sliding-window (StreamingLLM) and
-NAtS variants with the same data, config and seed, then write a table and a Pareto plot of val
-loss (or recall accuracy) against the share of the KV cache each keeps.
+The quality / KV-cache trade-off in one command: train dense, sliding-window (StreamingLLM), NAtS
+at matched KV budgets and random Global tokens at the same budgets, with the same data and config,
+over one or more seeds; then write a table and a Pareto plot of val loss (or recall accuracy)
+against the share of the KV cache each keeps.
 
     python sweep.py                                         # Shakespeare, the hardware's default config
-    python sweep.py config/recall.py --windows=16 --finetune_iters=1000
-    python sweep.py --kv_weights=0.01,0.03,0.1 --windows=16,64 --finetune_iters=1000 --jobs=8
+    python sweep.py config/far_recall.py --seeds=1,2,3 --jobs=12
+    python sweep.py --kv_budgets=0.15 --kv_weights=0.01,0.1 --windows=16,32 --finetune_iters=1000 --jobs=8
 
---kv_weights (NAtS runs), --windows (sliding runs), --finetune_iters (if > 0, also fine-tune the
-scorers of the dense run for that many iterations), --finetune_weights (the kv_weights of those
-fine-tuning runs; by default the middle one of --kv_weights) and --jobs (runs at a time, each its
-own process, spread over the visible GPUs) belong to the sweep; config files and every other
---key=value go to train_shakespeare.py (--overwrite to run again into the same out_dir). Writes
-out_dir/sweep.md and sweep.json, and sweep.png if matplotlib is installed; each run keeps its own
-folder under out_dir, with its log (train.log when --jobs > 1), history.json, checkpoint and
-token-type picture.
+The sweep's own flags:
+    --kv_budgets        NAtS runs, one per target kv share (--kv_budget), and for each a run of
+                        "random Globals": token 0 and a random share of the others Global, the rest
+                        Sliding, the share set so that the expected kv share is the budget
+    --kv_weights        NAtS runs at fixed lambdas (--kv_weight)
+    --windows           sliding-window runs, one per W
+    --seeds             every run once per seed (default: the config's seed); the table gives
+                        the mean and every seed's value
+    --finetune_iters    if > 0, also fine-tune the scorers of each dense run for that many steps,
+    --finetune_weights  at these lambdas (default: the middle NAtS run's budget or lambda)
+    --jobs              runs at a time, each its own process, spread over the visible GPUs
+Config files and every other --key=value go to train_shakespeare.py (--overwrite to run again into
+the same out_dir). Writes out_dir/sweep.md and sweep.json, and sweep.png if matplotlib is
+installed, also when the sweep is stopped (Ctrl-C, a timeout's SIGTERM): then with what every
+run reached, its last eval's step in the table. Each run keeps its own folder under out_dir, with
+its log (train.log when --jobs > 1), history.json, checkpoint and token-type picture.
 """
 import json
 import os
@@ -27,7 +36,9 @@ import torch
 
 import train_shakespeare as ts
 
-SWEEP_DEFAULTS = dict(kv_weights="0.01,0.03,0.1,0.3", windows="16,64", finetune_iters=0, finetune_weights="", jobs=1)
+SWEEP_DEFAULTS = dict(kv_budgets="0.15,0.25", kv_weights="", windows="16,64", seeds="", finetune_iters=0,
+                      finetune_weights="", jobs=1)
+FIXED = dict(kv_budget=0.0, dense_warmup=0)  # what a recipe's NAtS schedule becomes in runs without one
 
 
 def split_args(argv):
@@ -46,38 +57,73 @@ def split_args(argv):
 
 
 def numbers(own, key, kind):
-    """The comma-separated list of --key as numbers of that kind, or an error saying what to pass."""
+    """The comma-separated list of --key as numbers of that kind (empty: none), or an error saying what to pass."""
     try:
-        return [kind(w) for w in own[key].split(",")]
+        return [kind(w) for w in own[key].split(",")] if own[key] else []
     except ValueError:
         raise SystemExit(f"--{key}={own[key]}: expected {'whole ' if kind is int else ''}numbers separated by commas, "
                          f"like --{key}={SWEEP_DEFAULTS[key] or '0.1,1'}") from None
 
 
 def variants(own, base):
-    """(name, config, name of the run it starts from) of every run, dense first."""
-    kv_weights = numbers(own, "kv_weights", float)
-    runs = [("dense", dict(attention="dense"), None)]
-    runs += [(f"sliding W={w}", dict(attention="sliding", window=w), None) for w in numbers(own, "windows", int)]
-    runs += [(f"nats lambda={w}", dict(attention="nats", kv_weight=w), None) for w in kv_weights]
+    """(name, config, name of the run it starts from) of every run: for every seed, dense first."""
+    seeds = numbers(own, "seeds", int)
+    runs = []
+    for seed in seeds or [base["seed"]]:
+        tag = f" seed={seed}" if seeds else ""
+        for name, changes, parent in seed_variants(own, base, tag):
+            runs.append((name + tag, dict(base, **changes, seed=seed, out_dir=run_dir(base, name + tag)),
+                         parent and parent + tag))
+    return runs
+
+
+def seed_variants(own, base, tag):
+    """(name, changes to the base config, name of the run it starts from) of one seed's runs; tag
+    ends the name of that seed's dense run, whose checkpoint fine-tuning starts from."""
+    budgets, weights = numbers(own, "kv_budgets", float), numbers(own, "kv_weights", float)
+    nats = [(f"budget={b}", dict(kv_budget=b)) for b in budgets]  # a recipe's dense warm-up stays
+    nats += [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in weights]
+    runs = [("dense", dict(FIXED, attention="dense"), None)]
+    runs += [(f"sliding W={w}", dict(FIXED, attention="sliding", window=w), None) for w in numbers(own, "windows", int)]
+    runs += [(f"nats {target}", dict(changes, attention="nats"), None) for target, changes in nats]
+    runs += [(f"random Globals budget={b}", dict(FIXED, attention="random", random_global=random_global_share(
+        b, base["block_size"], base["window"])), None) for b in budgets]
     if own["finetune_iters"] > 0:
-        given = own["finetune_weights"]
-        for w in numbers(own, "finetune_weights", float) if given else [kv_weights[len(kv_weights) // 2]]:
-            runs.append((f"nats fine-tuned lambda={w}", dict(
-                finetune_scorer=True, kv_weight=w, max_iters=own["finetune_iters"],
-                lr_decay_iters=own["finetune_iters"],
-                init_from=os.path.join(run_dir(base, "dense"), "ckpt.pt")), "dense"))
-    return [(name, dict(base, **changes, out_dir=run_dir(base, name)), parent) for name, changes, parent in runs]
+        given = numbers(own, "finetune_weights", float)
+        middle = [nats[len(nats) // 2]] if nats else []
+        dense = os.path.join(run_dir(base, "dense" + tag), "ckpt.pt")
+        for target, changes in [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in given] or middle:
+            runs.append((f"nats fine-tuned {target}", dict(
+                changes, attention="nats", dense_warmup=0, finetune_scorer=True, max_iters=own["finetune_iters"],
+                lr_decay_iters=own["finetune_iters"], init_from=dense), "dense"))
+    return runs
+
+
+def random_global_share(budget, length, window):
+    """The chance p of each token but the first being Global (the rest Sliding, token 0 Global)
+    whose expected kv_fraction over sequences of `length` is `budget`: kv is linear in p, from
+    the sink-plus-window pattern's share at p = 0 to 1 at p = 1. Clipped to [0, 1]."""
+    causal = length * (length + 1) / 2
+    sliding = sum(min(window + 1, length - j) for j in range(1, length))  # the entries of keys 1 .. length-1
+    whole = sum(length - j for j in range(1, length))
+    p = (budget * causal - length - sliding) / max(1, whole - sliding)
+    return min(1.0, max(0.0, p))
 
 
 def run_dir(base, name):
     return os.path.join(base["out_dir"], name.replace(" ", "_"))
 
 
+def train_in_turn(runs):
+    """Train the runs one after another in this process."""
+    for name, cfg, _ in runs:
+        print(f"\n=== {name}")
+        ts.train(cfg)
+
+
 def train_in_processes(runs, jobs):
     """Train the runs `jobs` at a time, each in its own process (its log in out_dir/train.log), on
-    the visible GPU running the fewest of them; a run waits for the run it starts from. Returns the
-    names of the runs that finished."""
+    the visible GPU running the fewest of them; a run waits for the run it starts from."""
     gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     pending, running, finished = list(runs), {}, set()
     try:
@@ -101,7 +147,6 @@ def train_in_processes(runs, jobs):
     finally:  # stopped (Ctrl-C, a timeout): stop the runs too
         for process, _, _ in running.values():
             process.terminate()
-    return finished
 
 
 def start_run(cfg, gpu):
@@ -111,26 +156,70 @@ def start_run(cfg, gpu):
                                 stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu))
 
 
-def summarize(name, history):
+def collect(runs, since):
+    """A summary of every run whose history.json was written since the time `since` (this sweep's
+    runs, finished or stopped; not a failed run's leftover from an earlier sweep), with an eval."""
+    rows = []
+    for name, cfg, _ in runs:
+        path = os.path.join(cfg["out_dir"], "history.json")
+        if os.path.exists(path) and os.path.getmtime(path) >= int(since):
+            with open(path) as f:
+                history = json.load(f)
+            if history.get("evals"):
+                rows.append(summarize(name, cfg, history))
+    return rows
+
+
+def summarize(name, cfg, history):
+    """One run's last eval as a row of sweep.json."""
     last = history["evals"][-1]
     kv = last.get("kv_fraction")
-    return dict(run=name, val=last["val"], val_accuracy=last["val_accuracy"],
+    lambdas = history.get("kv_weight", {})
+    return dict(run=name, variant=name.split(" seed=")[0], seed=cfg["seed"], steps=last["iter"],
+                max_iters=cfg["max_iters"], val=last["val"], val_accuracy=last["val_accuracy"],
                 kv_fraction=sum(kv) / len(kv) if kv else 1.0,
                 cache_size=sum(last["cache_size"]) / len(last["cache_size"]) if kv else None,
-                type_share=last.get("type_share"), minutes=history["elapsed"] / 60)
+                type_share=last.get("type_share"), minutes=history["elapsed"] / 60,
+                kv_weight=lambdas[max(lambdas, key=int)] if lambdas else None,
+                global_share_by_role=history.get("global_share_by_role"))
+
+
+def by_variant(rows):
+    """The rows grouped by variant (its seeds together), the smallest mean kv share first."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["variant"], []).append(r)
+    return sorted(groups.items(), key=lambda item: sum(r["kv_fraction"] for r in item[1]) / len(item[1]))
+
+
+def spread(values, fmt):
+    """The mean of values, and each value (in seed order) after it when there are several."""
+    mean = fmt.format(sum(values) / len(values))
+    return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
 
 
 def write_table(rows, base, path):
-    recall = base["dataset"] == "recall"
+    """sweep.md: a row per variant, the mean over its seeds and every seed's value."""
+    recall = base["dataset"] in ts.RECALL_TASKS
+    seeds = sorted({r["seed"] for r in rows})
     lines = [f"{base['dataset']}, {base['n_layer']} layers x {base['n_embd']} wide, context {base['block_size']}, "
-             f"{base['max_iters']} iterations, seed {base['seed']}, device {base['device']}", "",
-             "| run | val loss |" + (" recall accuracy |" if recall else "") + " kv share | end cache | G / L / S | minutes |",
-             "|---|---|" + ("---|" if recall else "") + "---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: r["kv_fraction"]):
-        types = " / ".join(f"{x:.0%}" for x in r["type_share"]) if r["type_share"] else "-"
-        cache = f"{r['cache_size']:.1f}" if r["cache_size"] is not None else str(base["block_size"])
-        lines.append(f"| {r['run']} | {r['val']:.4f} |" + (f" {r['val_accuracy']:.1%} |" if recall else "")
-                     + f" {r['kv_fraction']:.3f} | {cache} | {types} | {r['minutes']:.1f} |")
+             f"W = {base['window']}, {base['max_iters']} iterations, seeds {', '.join(map(str, seeds))}, "
+             f"device {base['device']}", "",
+             "| run | val loss |" + (" recall accuracy |" if recall else "")
+             + " kv share | end cache | G / L / S | steps | minutes |",
+             "|---|---|" + ("---|" if recall else "") + "---|---|---|---|---|"]
+    for variant, group in by_variant(rows):
+        group = sorted(group, key=lambda r: r["seed"])
+        shares = [r["type_share"] for r in group if r["type_share"]]
+        types = " / ".join(f"{sum(s[k] for s in shares) / len(shares):.0%}" for k in range(3)) if shares else "-"
+        caches = [r["cache_size"] for r in group if r["cache_size"] is not None]
+        cache = f"{sum(caches) / len(caches):.1f}" if caches else str(base["block_size"])
+        kvs = [r["kv_fraction"] for r in group]
+        kv = f"{sum(kvs) / len(kvs):.3f}" + (f" ({min(kvs):.3f}-{max(kvs):.3f})" if len(kvs) > 1 else "")
+        lines.append(f"| {variant} | {spread([r['val'] for r in group], '{:.4f}')} |"
+                     + (f" {spread([100 * r['val_accuracy'] for r in group], '{:.1f}')} % |" if recall else "")
+                     + f" {kv} | {cache} | {types} | {min(r['steps'] for r in group)} |"
+                     + f" {sum(r['minutes'] for r in group) / len(group):.1f} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -144,12 +233,13 @@ def plot(rows, base, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    metric = "val_accuracy" if base["dataset"] == "recall" else "val"
+    metric = "val_accuracy" if base["dataset"] in ts.RECALL_TASKS else "val"
     fig, ax = plt.subplots(figsize=(7, 4))
-    markers = {"nats": "o", "fine-tuned": "D", "sliding": "s", "dense": "*"}
-    for i, r in enumerate(sorted(rows, key=lambda r: r["kv_fraction"])):
-        kind = "fine-tuned" if "fine-tuned" in r["run"] else r["run"].split()[0]
-        ax.scatter(r["kv_fraction"], r[metric], color=f"C{i % 10}", marker=markers[kind], s=60, label=r["run"])
+    markers = {"nats": "o", "fine-tuned": "D", "sliding": "s", "dense": "*", "random": "X"}
+    for i, (variant, group) in enumerate(by_variant(rows)):
+        kind = "fine-tuned" if "fine-tuned" in variant else variant.split()[0]
+        ax.scatter([r["kv_fraction"] for r in group], [r[metric] for r in group], color=f"C{i % 10}",
+                   marker=markers[kind], s=60, label=variant)  # one point per seed
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # not point labels: they overlap
     ax.set_xlabel("KV share kept (kv_fraction)")
     ax.set_ylabel("recall accuracy" if metric == "val_accuracy" else "val loss")
@@ -160,28 +250,28 @@ def plot(rows, base, path):
 
 
 def main(argv):
-    """Run the sweep; returns the table's rows (a dict per finished run)."""
+    """Run the sweep; returns the table's rows (a dict per run that has an eval). Stopped by
+    Ctrl-C or SIGTERM, it still writes the outputs of what the runs reached, then stops."""
     own, rest = split_args(argv)
     base, why = ts.make_config(rest)
     print(f"sweep: {why}")
     runs = variants(own, base)
-    rows = []
-    if own["jobs"] > 1:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
-        finished = train_in_processes(runs, own["jobs"])
-        for name, cfg, _ in runs:
-            if name in finished:
-                with open(os.path.join(cfg["out_dir"], "history.json")) as f:
-                    rows.append(summarize(name, json.load(f)))
-    else:
-        for name, cfg, _ in runs:
-            print(f"\n=== {name}")
-            rows.append(summarize(name, ts.train(cfg)))
-    with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))
-    if rows:  # no run finished: nothing to plot
-        plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
+    started = time.time()
+    on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
+    try:
+        if own["jobs"] > 1:
+            train_in_processes(runs, own["jobs"])
+        else:
+            train_in_turn(runs)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
+        rows = collect(runs, started)
+        os.makedirs(base["out_dir"], exist_ok=True)
+        with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))
+        if rows:  # no run has an eval: nothing to plot
+            plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
     return rows
 
 

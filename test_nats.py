@@ -505,6 +505,45 @@ def test_loss_adds_kv_weight_times_the_mean_kv_fraction():
     assert no_loss is None and logits.shape == (2, 32, 50)
 
 
+def test_loss_takes_the_kv_weight_it_is_given():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(kv_weight=0.5)).eval()
+    idx = torch.randint(50, (2, 32))
+    _, loss, stats = model(idx, idx, kv_weight=2.0)
+    assert loss.item() == pytest.approx(stats["ce"].item() + 2.0 * stats["kv_fraction"].mean().item(), rel=1e-6)
+    assert model(idx, idx, kv_weight=0.0)[1].item() == pytest.approx(stats["ce"].item(), rel=1e-6)
+
+
+def test_all_global_forward_is_dense_attention_without_the_scorers():
+    torch.manual_seed(0)
+    dense = GPT(tiny_config(attention="dense", dropout=0.0))
+    nats_model = GPT(tiny_config(attention="nats", dropout=0.0))  # in training mode: no Gumbel noise either
+    nats_model.load_state_dict({**nats_model.state_dict(), **dense.state_dict()})
+    idx = torch.randint(50, (2, 32))
+    logits, loss, stats = nats_model(idx, idx, all_global=True)
+    torch.testing.assert_close(logits, dense(idx)[0], rtol=1e-5, atol=1e-5)
+    assert (stats["kv_fraction"] == 1).all() and (stats["token_types"] == GLOBAL).all()
+    loss.backward()
+    assert all(blk.attn.scorer.proj.weight.grad is None for blk in nats_model.transformer.h)  # not run: frozen
+
+
+def test_random_globals_keep_their_share_drawn_anew_each_forward():
+    import sweep
+    budget = 0.3
+    p = sweep.random_global_share(budget, 32, 3)
+    model = GPT(tiny_config(attention="random", random_global=p))
+    assert not any("scorer" in name for name, _ in model.named_parameters())
+    idx = torch.randint(50, (64, 32))
+    torch.manual_seed(0)
+    _, loss, stats = model(idx, idx)
+    kinds = stats["token_types"]
+    assert (kinds[..., 0] == GLOBAL).all() and set(kinds.unique().tolist()) == {GLOBAL, SLIDING}
+    assert (kinds[..., 1:] == GLOBAL).float().mean().item() == pytest.approx(p, abs=0.02)
+    assert stats["kv_fraction"].mean().item() == pytest.approx(budget, abs=0.01)  # the share that gives the budget
+    assert not torch.equal(model(idx)[2]["token_types"], kinds) and loss.item() == stats["ce"].item()
+    assert sweep.random_global_share(0.01, 32, 3) == 0.0 and sweep.random_global_share(1.0, 32, 3) == 1.0
+
+
 def test_forced_global_nats_model_equals_dense_model():
     torch.manual_seed(0)
     dense = GPT(tiny_config(attention="dense")).eval()
@@ -860,17 +899,21 @@ def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
     cfg = dict(tiny_config_dict(tmp_path), dataset="recall", max_iters=50000)
     widest = dict(train=12.3456, val=12.3456, val_accuracy=1.0, kv_fraction=[0.123] * 12, type_share=[0.333] * 3)
     assert len(ts.format_eval(50000, cfg, widest, 99 * 3600.0)) < 100
-    assert len(ts.format_step(50000, cfg, 12.3456, 0.123, 12345678.9, 99 * 3600.0)) < 100
+    assert len(ts.format_step(50000, cfg, 12.3456, 0.123, 12.3456, 12345678.9, 99 * 3600.0)) < 100
 
 
-def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path):
-    straight = tiny_run(tmp_path / "a", max_iters=12, eval_interval=6, dropout=0.1)
-    tiny_run(tmp_path / "b", max_iters=6, eval_interval=6, dropout=0.1)
+@pytest.mark.parametrize("schedule", [{}, dict(kv_budget=0.2, dual_lr=0.05, dense_warmup=3)],
+                         ids=["fixed-lambda", "budget-and-warmup"])
+def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path, schedule):
+    straight = tiny_run(tmp_path / "a", max_iters=12, eval_interval=6, dropout=0.1, **schedule)
+    tiny_run(tmp_path / "b", max_iters=6, eval_interval=6, dropout=0.1, **schedule)
     checkpoint = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     checkpoint["history"]["elapsed"] = 1000.0  # as if the first part had taken 1000 s
     torch.save(checkpoint, tmp_path / "b" / "ckpt.pt")
-    resumed = tiny_run(tmp_path / "b", max_iters=12, eval_interval=6, dropout=0.1, resume=True)
+    resumed = tiny_run(tmp_path / "b", max_iters=12, eval_interval=6, dropout=0.1, resume=True, **schedule)
     assert resumed["loss"] == straight["loss"]  # the steps before the resume too
+    assert resumed["kv_weight"] == straight["kv_weight"]  # the multiplier continues where it was
+    assert len(set(straight["kv_weight"].values())) == (9 if schedule else 1)  # frozen in the warm-up
     assert resumed["evals"] == straight["evals"]
     assert resumed["elapsed"] >= 1000.0  # the clock continues
     with open(tmp_path / "b" / "history.json") as f:
@@ -880,19 +923,56 @@ def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and 2 micro-batches per step, one each, against one
-    process doing both: the same batches, noise and averaged gradients, so the same losses."""
+    process doing both: the same batches, noise and averaged gradients, so the same losses; with a
+    dense warm-up (scorers unused in its steps) and a KV budget (the same lambda on every rank)."""
     import subprocess
     import sys
+    schedule = dict(dense_warmup=2, kv_budget=0.3)
     args = TINY_RUN + ["--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
+    args += [f"--{key}={value}" for key, value in schedule.items()]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "train_shakespeare.py", *args, f"--out_dir={tmp_path / 'ddp'}"],
                    check=True, timeout=600, cwd=HERE, capture_output=True)
     with open(tmp_path / "ddp" / "history.json") as f:
         ddp = json.load(f)
-    single = tiny_run(tmp_path / "single", max_iters=6, eval_interval=3, gradient_accumulation_steps=2, dropout=0.1)
+    single = tiny_run(tmp_path / "single", max_iters=6, eval_interval=3, gradient_accumulation_steps=2, dropout=0.1,
+                      **schedule)
     assert [ddp["loss"][str(i)] for i in range(6)] == pytest.approx([single["loss"][i] for i in range(6)], rel=1e-5)
+    assert [ddp["kv_weight"][str(i)] for i in range(6)] == pytest.approx([single["kv_weight"][i] for i in range(6)])
     assert [e["val"] for e in ddp["evals"]] == pytest.approx([e["val"] for e in single["evals"]], rel=1e-5)
     assert ddp["evals"][-1]["kv_fraction"] == pytest.approx(single["evals"][-1]["kv_fraction"], rel=1e-5)
+
+
+def test_dual_ascent_moves_lambda_toward_the_budget():
+    import train_shakespeare as ts
+    cfg = dict(kv_budget=0.2, dual_lr=0.5)
+    assert ts.dual_ascent(1.0, 0.4, cfg) == pytest.approx(1.1)  # above the budget: more pressure
+    assert ts.dual_ascent(1.0, 0.1, cfg) == pytest.approx(0.95)  # below: less
+    assert ts.dual_ascent(0.01, 0.0, cfg) == 0.0  # never a reward for keeping more
+
+
+def test_kv_budget_run_lands_near_its_budget(tmp_path, capsys):
+    """With lambda fixed at 0 this model keeps 0.39 of the entries (measured); a budget of 0.3 ends near 0.3."""
+    history = tiny_run(tmp_path, window=2, kv_budget=0.3, dual_lr=0.2, max_iters=200, lr_decay_iters=200,
+                       eval_interval=200, log_interval=100, sample_tokens=0)
+    lambdas = [history["kv_weight"][it] for it in range(200)]
+    assert lambdas[0] == 0.1 and max(lambdas) > 0.5  # from --kv_weight, up while kv was above the budget
+    assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03
+    assert re.search(r"kv 0\.\d{3} lambda \d", capsys.readouterr().out)  # the progress line shows lambda
+
+
+def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, capsys):
+    history = tiny_run(tmp_path, dense_warmup=10, max_iters=10, eval_interval=10, log_interval=5, sample_tokens=0)
+    assert "dense warm-up" in capsys.readouterr().out and history["loss"][9] < history["loss"][0]
+    assert all(e["kv_fraction"] == [1.0, 1.0] for e in history["evals"])  # the evals too see the dense model
+    first = GPT.from_checkpoint(tmp_path / "ckpt.pt")
+    torch.manual_seed(1337)  # the run's seed: the initial weights
+    initial = GPT(first.config)
+    for (name, p), p0 in zip(first.named_parameters(), initial.parameters()):
+        assert torch.equal(p, p0) == ("scorer" in name), name  # the scorers did not move, all else did
+    tiny_run(tmp_path, dense_warmup=10, max_iters=12, eval_interval=6, sample_tokens=0, resume=True)
+    assert not torch.equal(GPT.from_checkpoint(tmp_path / "ckpt.pt").transformer.h[0].attn.scorer.proj.weight,
+                           first.transformer.h[0].attn.scorer.proj.weight)  # joint training after it
 
 
 def test_nan_loss_stops_training_with_a_message(tmp_path):
@@ -927,6 +1007,10 @@ def test_command_line_and_config_files(tmp_path):
     (dict(attention="foo"), "--attention"), (dict(init_from="ckpt.pt"), "--finetune_scorer"),
     (dict(finetune_scorer=True), "--init_from"), (dict(show_head=1), "--show_head"),
     (dict(resume=True, overwrite=True), "--overwrite"), (dict(dataset="wiki"), "--dataset"),
+    (dict(kv_budget=1.5), "--kv_budget"), (dict(kv_budget=-0.1), "--kv_budget"), (dict(show_layer=-2), "--show_layer"),
+    (dict(kv_budget=0.2, attention="dense"), "--kv_budget"), (dict(kv_budget=0.2, dual_lr=0.0), "--dual_lr"),
+    (dict(dense_warmup=-1), "--dense_warmup"), (dict(dense_warmup=5, attention="sliding"), "--dense_warmup"),
+    (dict(attention="random", random_global=2.0), "random_global"),
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1045,9 +1129,30 @@ def test_recall_sequences_ask_for_values_given_earlier():
         recall.make_sequences(1, 25, seed=0)
 
 
+def test_far_recall_asks_far_after_the_pairs():
+    from data import recall
+    seqs = recall.make_far_sequences(200, 128, seed=3)
+    assert np.array_equal(seqs, recall.make_far_sequences(200, 128, seed=3)) and seqs.shape == (200, 128)
+    roles = recall.roles(seqs)
+    assert (sum(m.astype(int) for m in roles.values()) == 1).all() and not roles["bar"].any()
+    for name, count in [("pair keys", recall.N_PAIRS), ("pair values", recall.N_PAIRS),
+                        ("query keys", recall.N_QUERIES), ("answers", recall.N_QUERIES)]:
+        assert (roles[name].sum(1) == count).all(), name
+    pos = np.broadcast_to(np.arange(128), seqs.shape)
+    assert (pos[roles["pair values"]] < 32).all() and (pos[roles["query keys"]] >= 64).all()
+    for row in seqs:
+        text = "".join(recall.ALPHABET[i] for i in row)
+        for p in recall.answer_mask(row[None])[0].nonzero()[0]:  # the answer is the value given with the key
+            assert text[text.index(text[p - 1]) + 1] == text[p]
+    starts = pos[roles["pair keys"]].reshape(200, -1)
+    assert len(np.unique(starts[:, 0])) > 5  # the pairs sit at random places, not at fixed ones
+    with pytest.raises(ValueError, match="block_size"):
+        recall.make_far_sequences(1, 63, seed=0)
+
+
 def test_recall_batches_score_only_the_answers(tmp_path):
     import train_shakespeare as ts
-    train, val, _, decode, vocab = ts.load_recall(65, n_val=5)
+    train, val, _, decode, vocab = ts.load_recall(ts.recall.make_sequences, 65, n_val=5)
     x, y = ts.get_batch(train, 4, 64, seed=0, device="cpu")
     assert x.shape == y.shape == (4, 64) and vocab == len(set(decode(range(vocab))))
     assert torch.equal(ts.get_batch(train, 4, 64, seed=0, device="cpu")[0], x)  # reproducible from the seed
@@ -1066,9 +1171,37 @@ def test_recall_global_share_by_role_counts_each_head():
     model = GPT(tiny_config(block_size=64, vocab_size=len(recall.ALPHABET)))
     force_types(model, SLIDING)  # only position 0, the first pair key of every sequence, is Global
     val = recall.make_sequences(20, 65, seed=1)
-    shares = ts.global_share_by_role(model, val, "cpu")
+    shares, per_sequence = ts.global_share_by_role(model, val, "cpu")
     assert list(shares) == list(recall.roles(val)) and shares["pair keys"].shape == (2, 2)
     assert np.allclose(shares["pair keys"], 1 / recall.N_PAIRS) and np.allclose(shares["pair values"], 0)
+    assert np.allclose(per_sequence, 1)
+    far = recall.make_far_sequences(20, 65, seed=1)
+    assert "bar" not in ts.global_share_by_role(model, far, "cpu")[0]  # a role the task does not have
+
+
+def test_far_recall_run_reports_each_role_kept_global(tmp_path, capsys):
+    history = tiny_run(tmp_path, dataset="far_recall", block_size=64, max_iters=4, eval_interval=2, sample_tokens=0,
+                       dense_warmup=2)
+    assert "recall" in capsys.readouterr().out and 0 <= history["evals"][-1]["val_accuracy"] <= 1
+    assert ["global_share_by_role" in e for e in history["evals"]] == [False, False, True]  # after the warm-up
+    with open(tmp_path / "history.json") as f:
+        roles = json.load(f)["global_share_by_role"]
+    assert set(roles) == {"pair keys", "pair values", "query keys", "answers", "filler", "Globals per sequence"}
+    assert np.array(roles["pair values"]).shape == (2, 1)
+
+
+def test_the_picture_leads_with_the_head_that_keeps_the_most_globals(tmp_path, capsys):
+    import train_shakespeare as ts
+    kinds = [[[0, 2, 2, 2], [0, 0, 1, 2]], [[0, 0, 0, 2], [0, 2, 2, 2]]]
+    assert ts.most_global_first(kinds) == [(1, 0), (0, 1), (0, 0), (1, 1)]
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0, n_kv_head=2)
+    out = capsys.readouterr().out
+    heads = re.findall(r"layer (\d+), KV head (\d+): (\d+) Global", (tmp_path / "token_types.html").read_text())
+    counts = [int(count) for _, _, count in heads]
+    assert len(heads) == 4 and counts == sorted(counts, reverse=True)
+    assert f"token types, layer {heads[0][0]} KV head {heads[0][1]} " in out
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0, n_kv_head=2, overwrite=True, show_layer=0)
+    assert "token types, layer 0 KV head " in capsys.readouterr().out
 
 
 def test_finetune_scorer_trains_only_the_scorers(tmp_path):
@@ -1101,29 +1234,84 @@ def test_finetune_scorer_trains_only_the_scorers(tmp_path):
 @pytest.mark.parametrize("jobs", [1, 3])  # one after another in-process; three processes at a time
 def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
     import sweep
-    rows = sweep.main(TINY_RUN + ["--max_iters=4", "--eval_interval=4", "--kv_weights=0.1,1.0", "--windows=4",
-                                  "--finetune_iters=2", f"--jobs={jobs}", f"--out_dir={tmp_path}"])
-    runs = ["dense", "sliding W=4", "nats lambda=0.1", "nats lambda=1.0", "nats fine-tuned lambda=1.0"]
+    rows = sweep.main(TINY_RUN + ["--max_iters=4", "--eval_interval=4", "--kv_budgets=0.5", "--kv_weights=0.1,1.0",
+                                  "--windows=4", "--finetune_iters=2", f"--jobs={jobs}", f"--out_dir={tmp_path}"])
+    runs = ["dense", "sliding W=4", "nats budget=0.5", "nats lambda=0.1", "nats lambda=1.0",
+            "random Globals budget=0.5", "nats fine-tuned lambda=0.1"]
     assert sorted(row["run"] for row in rows) == sorted(runs)
     table = (tmp_path / "sweep.md").read_text()
     assert all(f"| {run} |" in table for run in runs)
     assert (tmp_path / "nats_lambda=0.1" / "token_types.html").exists()
 
 
-def test_sweep_fine_tunes_at_the_middle_kv_weight_or_at_the_ones_given():
+def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
     import sweep
-    base = dict(out_dir="o")
+    base = dict(out_dir="o", seed=1, block_size=32, window=3)
     for extra, expected in [([], ["nats fine-tuned lambda=0.1"]),
                             (["--finetune_weights=0.3,3"], ["nats fine-tuned lambda=0.3", "nats fine-tuned lambda=3.0"]),
-                            (["--finetune_iters=0"], [])]:
-        own, _ = sweep.split_args(["--kv_weights=0.01,0.1,1", "--finetune_iters=5"] + extra)
+                            (["--finetune_iters=0"], []),
+                            (["--kv_budgets=0.15", "--kv_weights="], ["nats fine-tuned budget=0.15"])]:
+        own, _ = sweep.split_args(["--kv_budgets=", "--kv_weights=0.01,0.1,1", "--finetune_iters=5"] + extra)
         runs = sweep.variants(own, base)
         assert [name for name, _, _ in runs if "fine-tuned" in name] == expected
-        assert all(parent == "dense" and cfg["max_iters"] == 5 for name, cfg, parent in runs if "fine-tuned" in name)
+        assert all(parent == "dense" and cfg["max_iters"] == 5 and cfg["finetune_scorer"] and cfg["dense_warmup"] == 0
+                   for name, cfg, parent in runs if "fine-tuned" in name)
     for bad in ["--kv_weights=0.1,x", "--windows=16,wide", "--finetune_weights=a"]:
         own, _ = sweep.split_args(["--finetune_iters=5", bad])
         with pytest.raises(SystemExit, match=re.escape(bad)):
             sweep.variants(own, base)
+
+
+def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
+    import sweep
+    base = dict(out_dir="o", seed=1, block_size=32, window=3, dense_warmup=5, kv_budget=0.2)  # a recipe's schedule
+    own, _ = sweep.split_args(["--kv_budgets=0.2,0.3", "--windows=4", "--seeds=1,2", "--finetune_iters=3"])
+    runs = sweep.variants(own, base)
+    names = [name for name, _, _ in runs]
+    assert names[:7] == ["dense seed=1", "sliding W=4 seed=1", "nats budget=0.2 seed=1", "nats budget=0.3 seed=1",
+                         "random Globals budget=0.2 seed=1", "random Globals budget=0.3 seed=1",
+                         "nats fine-tuned budget=0.3 seed=1"]
+    assert names[7:] == [name.replace("seed=1", "seed=2") for name in names[:7]]
+    cfg = {name: c for name, c, _ in runs}
+    assert all(c["seed"] == int(name[-1]) for name, c in cfg.items())
+    assert len({c["out_dir"] for c in cfg.values()}) == 14
+    assert cfg["nats budget=0.3 seed=2"]["kv_budget"] == 0.3 and cfg["nats budget=0.3 seed=2"]["dense_warmup"] == 5
+    assert all(cfg[f"{name} seed=1"]["kv_budget"] == cfg[f"{name} seed=1"]["dense_warmup"] == 0
+               for name in ["dense", "sliding W=4", "random Globals budget=0.2"])
+    assert cfg["random Globals budget=0.2 seed=1"]["random_global"] == sweep.random_global_share(0.2, 32, 3)
+    assert [parent for name, _, parent in runs if "fine-tuned" in name] == ["dense seed=1", "dense seed=2"]
+    assert cfg["nats fine-tuned budget=0.3 seed=2"]["init_from"] == os.path.join("o", "dense_seed=2", "ckpt.pt")
+
+
+def test_sweep_tiny_far_recall_over_seeds_writes_one_row_per_variant(tmp_path):
+    import sweep
+    rows = sweep.main(TINY_RUN + ["--dataset=far_recall", "--block_size=64", "--max_iters=2", "--eval_interval=2",
+                                  "--sample_tokens=0", "--kv_budgets=0.3", "--windows=4", "--seeds=1,2",
+                                  f"--out_dir={tmp_path}"])
+    assert len(rows) == 8 and {row["seed"] for row in rows} == {1, 2}
+    table = (tmp_path / "sweep.md").read_text()
+    for variant in ["dense", "sliding W=4", "nats budget=0.3", "random Globals budget=0.3"]:
+        assert re.search(rf"\| {re.escape(variant)} \| \d\.\d{{4}} \(\d\.\d{{4}} / \d\.\d{{4}}\) \| [\d.]+ \(", table)
+    assert "seeds 1, 2" in table and "recall accuracy" in table
+
+
+def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeypatch):
+    import sweep
+    import train_shakespeare as ts
+    train, calls = ts.train, []
+
+    def stopped_at_the_second_run(cfg):
+        calls.append(cfg["out_dir"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(cfg)
+
+    monkeypatch.setattr(ts, "train", stopped_at_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--sample_tokens=0", "--kv_budgets=0.5",
+                               "--windows=4", f"--out_dir={tmp_path}"])
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [row["run"] for row in rows] == ["dense"] and "| dense |" in (tmp_path / "sweep.md").read_text()
 
 
 @pytest.mark.slow
@@ -1131,8 +1319,8 @@ def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_pa
     import sweep
     (tmp_path / "dense").mkdir(parents=True)
     (tmp_path / "dense" / "history.json").write_text("{}")  # a run already there: the dense run must not start
-    rows = sweep.main(TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--kv_weights=0.1", "--windows=4",
-                                  "--finetune_iters=2", "--jobs=2", f"--out_dir={tmp_path}"])
+    rows = sweep.main(TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--kv_budgets=", "--kv_weights=0.1",
+                                  "--windows=4", "--finetune_iters=2", "--jobs=2", f"--out_dir={tmp_path}"])
     assert sorted(row["run"] for row in rows) == ["nats lambda=0.1", "sliding W=4"]
     assert "--overwrite" in (tmp_path / "dense" / "train.log").read_text()
     assert not (tmp_path / "nats_fine-tuned_lambda=0.1").exists()  # never started: its dense run failed

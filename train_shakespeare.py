@@ -3,6 +3,7 @@ Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
 
     python train_shakespeare.py                      # baby GPT on a GPU, config/cpu.py on a CPU
     python train_shakespeare.py --attention=dense    # the causal baseline
+    python train_shakespeare.py --kv_budget=0.15 --out_dir=out-budget   # land on 15 % of the attention entries
     python train_shakespeare.py --kv_weight=0.3 --max_iters=2000 --out_dir=out-sparse
     python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt
     python train_shakespeare.py config/recall.py     # a recipe: a file of key = value lines
@@ -39,13 +40,20 @@ eval_interval = 250  # steps between evals; every eval also writes the checkpoin
 eval_iters = 200  # batches per eval, the same ones every time
 log_interval = 50  # steps between progress lines
 sample_tokens = 300  # tokens sampled at the end (0: no sample)
-show_layer = -1  # the layer and KV head whose token types the terminal shows at the end
-show_head = 0
+show_layer = -1  # the layer and KV head whose token types the terminal shows at the end; -1: of the layers
+show_head = -1  # (heads) the one whose head (layer) keeps the most Global tokens of the snippet
 # data
-dataset = "shakespeare"  # or "recall": the synthetic associative-recall task of data/recall.py
+dataset = "shakespeare"  # or "recall", "far_recall": the synthetic associative-recall tasks of data/recall.py
 tokenizer = "char"  # Shakespeare: "char" or "gpt2" (tiktoken's GPT-2 BPE)
 batch_size = 64  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes under torchrun
+# how hard NAtS prunes: lambda, the weight of the mean kv_fraction in the loss, starts at kv_weight (GPTConfig)
+kv_budget = 0.0  # a target mean kv_fraction in (0, 1]: lambda becomes a Lagrange multiplier, moved every
+                 # step by dual_lr x (kv_fraction - kv_budget), never below 0; 0: lambda stays kv_weight
+dual_lr = 0.03  # the multiplier's step per step and unit of kv_fraction above the budget (0.01 was slower to
+                # reach the budget: results/README.md, "Training from scratch")
+dense_warmup = 0  # steps at the start with every token Global (dense attention), the scorers and lambda frozen,
+                  # so the backbone learns long-range lookups before the scorers prune (results/README.md)
 # fine-tuning only the scorers of a trained model, the authors' second recipe
 init_from = ""  # with finetune_scorer: the checkpoint (out_dir/ckpt.pt) of a trained model
 finetune_scorer = False  # freeze that model, train the scorers to keep its final hidden states
@@ -70,6 +78,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
 CPU_RECIPE = os.path.join(HERE, "config", "cpu.py")  # applied first when the run is on the CPU
 MODEL_KEYS = [key for key in asdict(GPTConfig()) if key != "vocab_size"]  # the data sets vocab_size
+RECALL_TASKS = {"recall": recall.make_sequences, "far_recall": recall.make_far_sequences}  # --dataset: generator
 TEACHER_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base"]  # fine-tuning keeps them
 
 
@@ -158,12 +167,12 @@ def check_config(cfg):
     for key in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "grad_clip", "min_lr"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "grad_clip", "min_lr", "dense_warmup"):
         if not cfg[key] >= 0:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
     if not cfg["learning_rate"] > 0:
         raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be > 0")
-    for key, allowed in (("dataset", ("shakespeare", "recall")), ("tokenizer", ("char", "gpt2")),
+    for key, allowed in (("dataset", ("shakespeare", *RECALL_TASKS)), ("tokenizer", ("char", "gpt2")),
                          ("dtype", ("bfloat16", "float16", "float32"))):
         if cfg[key] not in allowed:
             raise SystemExit(f"--{key}={cfg[key]}: pass one of {', '.join(allowed)}")
@@ -171,6 +180,7 @@ def check_config(cfg):
         GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
+    check_sparsity_schedule(cfg)
     if cfg["init_from"] and not cfg["finetune_scorer"]:
         raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
                          f"trained model); to continue a run, pass --resume with its --out_dir")
@@ -181,10 +191,26 @@ def check_config(cfg):
         raise SystemExit(f"--finetune_scorer trains NAtS scorers; drop --attention={cfg['attention']}")
     if cfg["resume"] and cfg["overwrite"]:
         raise SystemExit("--resume continues the run in out_dir, --overwrite deletes it: pass one of them")
-    if not (-cfg["n_layer"] <= cfg["show_layer"] < cfg["n_layer"] and 0 <= cfg["show_head"] < cfg["n_kv_head"]):
+    if not (-1 <= cfg["show_layer"] < cfg["n_layer"] and -1 <= cfg["show_head"] < cfg["n_kv_head"]):
         raise SystemExit(f"--show_layer={cfg['show_layer']} --show_head={cfg['show_head']}: the model has "
                          f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
-                         f"[-{cfg['n_layer']}, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}]")
+                         f"[0, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}], or -1 for the one "
+                         f"that keeps the most Global tokens")
+
+
+def check_sparsity_schedule(cfg):
+    """The KV budget and the dense warm-up act on NAtS scorers; a budget is a share of the entries."""
+    if cfg["kv_budget"] and not 0 < cfg["kv_budget"] <= 1:
+        raise SystemExit(f"--kv_budget={cfg['kv_budget']}: pass the share of the attention entries to keep, in "
+                         f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
+    if cfg["kv_budget"] and not cfg["dual_lr"] > 0:
+        raise SystemExit(f"--dual_lr={cfg['dual_lr']}: the multiplier of --kv_budget needs a step size > 0, like 0.03")
+    for key in ("kv_budget", "dense_warmup"):
+        if cfg[key] and cfg["attention"] != "nats":
+            raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
+    if cfg["dense_warmup"] and cfg["finetune_scorer"]:
+        raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} trains the backbone densely first, but "
+                         f"--finetune_scorer keeps the backbone frozen: drop one of them")
 
 
 # -----------------------------------------------------------------------------
@@ -233,26 +259,26 @@ def gpt2_tokenizer():
     return enc.encode_ordinary, enc.decode
 
 
-def load_recall(length, n_val=2000):
-    """The recall task: a function drawing n fresh training sequences [n, length] from a seed (a
-    fixed pool gets memorized: on 20,000 sequences a 2-layer model learned their answers by heart
-    and not the rule), and a fixed held-out val set."""
-    train = lambda n, seed: recall.make_sequences(n, length, seed)
+def load_recall(make, length, n_val=2000):
+    """A recall task (make: one of RECALL_TASKS' generators): a function drawing n fresh training
+    sequences [n, length] from a seed (a fixed pool gets memorized: on 20,000 sequences a 2-layer
+    model learned their answers by heart and not the rule), and a fixed held-out val set."""
+    train = lambda n, seed: make(n, length, seed)
     encode = lambda s: [recall.ALPHABET.index(c) for c in s]
     decode = lambda ids: "".join(recall.ALPHABET[i] for i in ids)
-    return train, recall.make_sequences(n_val, length, recall.VAL_SEED), encode, decode, len(recall.ALPHABET)
+    return train, make(n_val, length, recall.VAL_SEED), encode, decode, len(recall.ALPHABET)
 
 
 def load_dataset(cfg):
     if cfg["dataset"] == "shakespeare":
         return load_corpus(cfg["tokenizer"])
     try:
-        return load_recall(cfg["block_size"] + 1)
+        return load_recall(RECALL_TASKS[cfg["dataset"]], cfg["block_size"] + 1)
     except ValueError as e:
-        raise SystemExit(f"--dataset=recall: {e}") from None
+        raise SystemExit(f"--dataset={cfg['dataset']}: {e}") from None
 
 
-TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH = 0, 1, 2  # the random streams seed_of names
+TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE = 0, 1, 2, 3  # the random streams seed_of names
 
 
 def seed_of(seed, stream, index):
@@ -286,31 +312,36 @@ def get_batch(data, batch_size, block_size, seed, device):
 
 
 @torch.no_grad()
-def evaluate(model, splits, cfg, device, autocast, rank, world):
+def evaluate(model, splits, cfg, device, autocast, rank, world, all_global=False):
     """Mean cross-entropy (and accuracy on the scored targets) per split in eval() mode (argmax
-    types), on the same batches every time, plus the NAtS statistics averaged over the val batches."""
+    types; all_global: every token Global, the model of a dense warm-up), on the same batches every
+    time, plus the NAtS statistics averaged over the val batches and, for recall, which roles each
+    head keeps Global (role_table)."""
     n_layer = model.config.n_layer
     result = {}
     with eval_mode(model):
         for name, data in splits.items():
-            totals = eval_totals(model, data, cfg, device, autocast, rank, world) / cfg["eval_iters"]
+            totals = eval_totals(model, data, cfg, device, autocast, rank, world, all_global) / cfg["eval_iters"]
             result[name], result[name + "_accuracy"] = totals[0].item(), (totals[1] / totals[2]).item()
             if name == "val" and model.config.attention != "dense":
                 result["kv_fraction"] = totals[3:3 + n_layer].tolist()
                 result["cache_size"] = totals[3 + n_layer:3 + 2 * n_layer].tolist()
                 result["type_share"] = totals[-3:].tolist()
+    if cfg["dataset"] in RECALL_TASKS and model.config.attention != "dense" and not all_global:
+        result["global_share_by_role"] = role_table(model, splits["val"], device)
     return result
 
 
-def eval_totals(model, data, cfg, device, autocast, rank, world):
+def eval_totals(model, data, cfg, device, autocast, rank, world, all_global):
     """Sums over the eval batches (each rank takes a share, then all are added): cross-entropy,
     correct and scored predictions, kv_fraction and cache size per layer, type shares."""
     n_layer = model.config.n_layer
     totals = torch.zeros(3 + 2 * n_layer + 3, dtype=torch.float64)
     for i in range(rank, cfg["eval_iters"], world):
         x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], EVAL_BATCH, i), device)
+        torch.manual_seed(seed_of(cfg["seed"], EVAL_NOISE, i))  # attention="random" draws its types
         with autocast:
-            logits, _, stats = model(x, y)
+            logits, _, stats = model(x, y, all_global=all_global)
         scored = y != -1
         totals[:3] += torch.tensor([stats["ce"].item(), (logits.argmax(-1) == y)[scored].sum().item(),
                                     scored.sum().item()])
@@ -321,9 +352,12 @@ def eval_totals(model, data, cfg, device, autocast, rank, world):
     return all_ranks_sum(totals, device)
 
 
-def format_step(it, cfg, loss, kv, tokens_per_s, eta):
-    """The progress line of a log interval: loss and kv share of the last step, speed, time left."""
+def format_step(it, cfg, loss, kv, kv_weight, tokens_per_s, eta):
+    """The progress line of a log interval: loss and kv share of the last step (None: dense) with
+    the lambda it was trained with (None: a fixed pattern), speed, time left."""
     kv_text = f" | kv {kv:.3f}" if kv is not None else ""
+    if kv_weight is not None:
+        kv_text += " dense warm-up" if it <= cfg["dense_warmup"] else f" lambda {kv_weight:.3g}"
     return (f"step {it:5d}/{cfg['max_iters']} | loss {loss:.4f}{kv_text} | {tokens_per_s / 1e3:6.1f}k tok/s"
             f" | ETA {hms(eta)}")
 
@@ -331,7 +365,7 @@ def format_step(it, cfg, loss, kv, tokens_per_s, eta):
 def format_eval(it, cfg, result, elapsed):
     """The line of an eval: losses (and recall accuracy), the mean kv share and type mix on val."""
     line = f"eval {it:5d}/{cfg['max_iters']} | train {result['train']:.4f} val {result['val']:.4f}"
-    if cfg["dataset"] == "recall":
+    if cfg["dataset"] in RECALL_TASKS:
         line += f" | recall {result['val_accuracy']:.1%}"
     if "kv_fraction" in result:
         g, l, s = result["type_share"]
@@ -347,7 +381,7 @@ def hms(seconds):
 def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, cfg):
     """Generate from a new line (Shakespeare) or from a val sequence up to its first answer
     (recall), then show what the evicting cache held."""
-    first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] == "recall" else None
+    first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] in RECALL_TASKS else None
     prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64), device=device)
     caches = model.new_caches()
     with autocast:
@@ -381,10 +415,12 @@ def mark(piece, kind, colour):
 
 def show_token_types(model, tokens, decode, device, cfg):
     """Mark every token of a val snippet by its type: one layer and KV head in the terminal
-    (--show_layer, --show_head), every layer and KV head in out_dir/token_types.html."""
+    (--show_layer, --show_head; by default the one with the most Global tokens), every layer and
+    KV head in out_dir/token_types.html, the most Globals first."""
     kinds = model.token_types(torch.from_numpy(tokens.astype(np.int64))[None].to(device))[:, 0].tolist()
     pieces = [decode([t]) for t in tokens.tolist()]
-    layer, head = cfg["show_layer"] % len(kinds), cfg["show_head"]
+    order = most_global_first(kinds)
+    layer, head = next((l, h) for l, h in order if cfg["show_layer"] in (-1, l) and cfg["show_head"] in (-1, h))
     colour = sys.stdout.isatty()
     text = "".join(mark(p.replace("\n", "↵\n"), k, colour) for p, k in zip(pieces, kinds[layer][head]))
     legend = " ".join(mark(name, k, colour) for k, name in enumerate(TYPE_NAMES))
@@ -397,33 +433,49 @@ def show_token_types(model, tokens, decode, device, cfg):
                      f"<pre style='font-size:14px;line-height:1.5;white-space:pre-wrap'>"
                      + "".join(f'<span style="{HTML_STYLE[k]}" title="{TYPE_NAMES[k]}">{html.escape(p)}</span>'
                                for p, k in zip(pieces, row)) + "</pre>"
-                     for l, heads in enumerate(kinds) for h, row in enumerate(heads))
+                     for l, h in order for row in [kinds[l][h]])
     page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>"
-            f"<h3>Token types of every layer and KV head ({legend_html})</h3>{blocks}")
+            f"<h3>Token types of every layer and KV head, the most Global tokens first ({legend_html})</h3>{blocks}")
     path = os.path.join(cfg["out_dir"], "token_types.html")
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     print(f"wrote {path}")
 
 
+def most_global_first(kinds):
+    """(layer, KV head) pairs of kinds [n_layer][n_kv_head][T] (lists of 0 G, 1 L, 2 S), the most
+    Global tokens first; among equals, in layer and head order."""
+    pairs = [(l, h) for l, heads in enumerate(kinds) for h in range(len(heads))]
+    return sorted(pairs, key=lambda lh: -kinds[lh[0]][lh[1]].count(GLOBAL))
+
+
 def global_share_by_role(model, val_data, device):
-    """Recall: the share of each role (recall.roles) that every layer and KV head marks Global,
-    over the first 512 val sequences: {role: array [n_layer, n_kv_head]}."""
+    """Recall: the share of each role (recall.roles; those the task has) that every layer and KV
+    head marks Global, over the first 512 val sequences, as {role: array [n_layer, n_kv_head]};
+    and the mean number of Global tokens per sequence [n_layer, n_kv_head]."""
     x = val_data[:512, :-1]
     is_global = (model.token_types(torch.from_numpy(x.astype(np.int64)).to(device)) == GLOBAL).cpu().numpy()
-    return {role: (is_global * mask[None, :, None, :]).sum((1, 3)) / mask.sum()
-            for role, mask in recall.roles(x).items()}
+    shares = {role: (is_global * mask[None, :, None, :]).sum((1, 3)) / mask.sum()
+              for role, mask in recall.roles(x).items() if mask.any()}
+    return shares, is_global.sum(3).mean(1)
 
 
-def print_types_by_role(model, val_data, device):
+def role_table(model, val_data, device):
+    """global_share_by_role as lists, for the history: {role: [n_layer][n_kv_head]} and, under
+    "Globals per sequence", the mean number of Global tokens [n_layer][n_kv_head]."""
+    shares, per_sequence = global_share_by_role(model, val_data, device)
+    return dict({role: share.tolist() for role, share in shares.items()}, **{"Globals per sequence":
+                                                                              per_sequence.tolist()})
+
+
+def print_types_by_role(table, n_sequences):
     """The heads that do the recall lookup keep the pairs' values; the filler need not stay."""
-    shares = global_share_by_role(model, val_data, device)
-    print(f"share marked Global over {min(512, len(val_data))} val sequences, by role:")
-    print("  layer/head " + " ".join(f"{role:>11}" for role in shares))
-    n_layer, n_kv_head = next(iter(shares.values())).shape
-    for l in range(n_layer):
-        for h in range(n_kv_head):
-            print(f"  {l:>5}/{h:<4} " + " ".join(f"{share[l, h]:>11.0%}" for share in shares.values()))
+    *roles, per_sequence = table.values()
+    print(f"share marked Global over {n_sequences} val sequences, by role, and Globals per sequence:")
+    print("  layer/head " + " ".join(f"{role:>11}" for role in list(table)[:-1]) + f" {'Globals':>11}")
+    for l, heads in enumerate(per_sequence):
+        for h, count in enumerate(heads):
+            print(f"  {l:>5}/{h:<4} " + " ".join(f"{share[l][h]:>11.0%}" for share in roles) + f" {count:>11.1f}")
 
 
 # -----------------------------------------------------------------------------
@@ -446,11 +498,11 @@ def save_atomically(path, write):
                          f"Free some disk space, then continue with --resume") from None
 
 
-def save_checkpoint(path, model, optimizer, model_args, it, best_val, history, cfg):
+def save_checkpoint(path, model, optimizer, model_args, it, best_val, kv_weight, history, cfg):
     """Everything --resume needs to continue exactly (the randomness is seeded per batch, see
-    seed_of), and the history so far."""
+    seed_of; kv_weight is lambda for the next step), and the history so far."""
     checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                      iter_num=it, best_val_loss=best_val, history=history, config=cfg)
+                      iter_num=it, best_val_loss=best_val, kv_weight=kv_weight, history=history, config=cfg)
     save_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -536,6 +588,12 @@ def all_ranks_sum(t, device):
     return t.cpu()
 
 
+def dual_ascent(kv_weight, kv, cfg):
+    """lambda after a step whose mean kv_fraction was kv: up while kv is above --kv_budget, down
+    while below, never below 0 (a constraint kv <= budget, so no reward for keeping more)."""
+    return max(0.0, kv_weight + cfg["dual_lr"] * (kv - cfg["kv_budget"]))
+
+
 def learning_rate_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr."""
     if it < cfg["warmup_iters"]:
@@ -591,17 +649,21 @@ def train(cfg):
             p.requires_grad = "scorer" in name
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), kind)
-    it, best_val, history = 0, float("inf"), dict(loss={}, evals=[], elapsed=0.0)
+    # history: the loss and the lambda of every step, the evals, the training time so far
+    it, best_val, kv_weight = 0, float("inf"), cfg["kv_weight"]
+    history = dict(loss={}, kv_weight={}, evals=[], elapsed=0.0)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         it, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        history = checkpoint.get("history", history)  # older checkpoints kept no history
+        kv_weight = checkpoint.get("kv_weight", kv_weight)  # older checkpoints: a fixed lambda
+        history = dict(history, **checkpoint.get("history", {}))  # older checkpoints kept no history
         log(f"resumed from {ckpt_path} at step {it}")
     data_text = "fresh recall sequences" if callable(train_data) else f"{train_data.size:,} train tokens"
     log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={model.config.attention}, "
         f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
-    trainer = DDP(model) if world > 1 else model  # the scorers get gradients every step: no unused parameters
+    # the scorers get gradients every step, except in a dense warm-up, where they are not run
+    trainer = DDP(model, find_unused_parameters=cfg["dense_warmup"] > 0) if world > 1 else model
     if cfg["compile"]:  # the kernel is a PyTorch operator: one graph, no breaks; evals run the plain model
         trainer = torch.compile(trainer)
 
@@ -615,20 +677,23 @@ def train(cfg):
                 group["lr"] = lr
             # an eval every eval_interval steps and at the end; a resumed run has its first in the history
             if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and not (checkpoint and it == start_it):
-                result = evaluate(model, {"train": train_data, "val": val_data}, cfg, device, autocast, rank, world)
+                # to the end of a dense warm-up, the dense model it trains (the scorers are still untrained)
+                result = evaluate(model, {"train": train_data, "val": val_data}, cfg, device, autocast, rank, world,
+                                  all_global=it <= cfg["dense_warmup"])
                 history["elapsed"] = elapsed_before + time.time() - start
                 log(format_eval(it, cfg, result, history["elapsed"]))
                 history["evals"].append(dict(iter=it, **result))
                 best_val = min(best_val, result["val"])
                 if rank == 0:
                     if it > start_it:
-                        save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, history, cfg)
+                        save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, kv_weight, history, cfg)
                         saved_at = it
                     save_history(history, cfg)
             if it >= cfg["max_iters"]:
                 break
 
             # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
+            dense_warmup = it < cfg["dense_warmup"]
             step_totals = torch.zeros(2, dtype=torch.float64)  # loss, kv_fraction summed over micro-batches
             for m in range(rank * gas // world, (rank + 1) * gas // world):
                 batch = it * gas + m
@@ -638,7 +703,7 @@ def train(cfg):
                 if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
                     trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
                 with autocast:
-                    _, loss, stats = trainer(x, y, teacher=teacher)
+                    _, loss, stats = trainer(x, y, teacher=teacher, kv_weight=kv_weight, all_global=dense_warmup)
                 scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
                 kv = stats["kv_fraction"].mean().item() if "kv_fraction" in stats else 0.0
                 step_totals += torch.tensor([loss.item(), kv])
@@ -654,12 +719,17 @@ def train(cfg):
                 raise SystemExit(f"loss is {loss_value} at step {it}: stopping. Try a lower --learning_rate, "
                                  f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
             history["loss"][it] = loss_value
+            if model.config.attention == "nats":
+                history["kv_weight"][it] = kv_weight
+                if cfg["kv_budget"] and not dense_warmup:
+                    kv_weight = dual_ascent(kv_weight, kv_value, cfg)
             it += 1
             if it % cfg["log_interval"] == 0:
                 now = time.time()
                 eta = (now - start) / (it - start_it) * (cfg["max_iters"] - it)
+                speed = tokens_per_iter * (it - window_it) / (now - window_start)
                 log(format_step(it, cfg, loss_value, kv_value if model.config.attention != "dense" else None,
-                                tokens_per_iter * (it - window_it) / (now - window_start), eta))
+                                history["kv_weight"].get(it - 1), speed, eta))
                 window_start, window_it = now, it
     except KeyboardInterrupt:
         where = (f"the checkpoint of step {saved_at} is {ckpt_path}; continue with --resume "
@@ -672,11 +742,13 @@ def train(cfg):
         save_history(history, cfg)
         if cfg["sample_tokens"] > 0:
             print_sample(model, val_data, encode, decode, vocab_size, device, autocast, cfg)
-        if model.config.attention == "nats":
+        if model.config.attention != "dense":
             snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
             show_token_types(model, snippet, decode, device, cfg)
-            if cfg["dataset"] == "recall":
-                print_types_by_role(model, val_data, device)
+            if cfg["dataset"] in RECALL_TASKS:
+                history["global_share_by_role"] = role_table(model, val_data, device)
+                print_types_by_role(history["global_share_by_role"], min(512, len(val_data)))
+                save_history(history, cfg)
     if world > 1:
         dist.destroy_process_group()
     return history
