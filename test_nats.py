@@ -984,7 +984,7 @@ def test_command_line_and_config_files(tmp_path):
     import train_shakespeare as ts
     with pytest.raises(SystemExit, match="unknown argument"):
         ts.make_config(["--n_layers=3"])
-    with pytest.raises(SystemExit, match="expected a int"):
+    with pytest.raises(SystemExit, match="expected an int"):
         ts.make_config(["--n_layer=three"])
     cfg, why = ts.make_config(["--device=cpu", "--kv_weight=1", "--attention=dense"])
     assert cfg["kv_weight"] == 1.0 and cfg["attention"] == "dense" and "cpu" in why
@@ -1011,6 +1011,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(kv_budget=0.2, attention="dense"), "--kv_budget"), (dict(kv_budget=0.2, dual_lr=0.0), "--dual_lr"),
     (dict(dense_warmup=-1), "--dense_warmup"), (dict(dense_warmup=5, attention="sliding"), "--dense_warmup"),
     (dict(attention="random", random_global=2.0), "random_global"),
+    (dict(attention_impl="triton", device="cpu"), "--attention_impl"),
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1019,6 +1020,25 @@ def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     with pytest.raises(SystemExit, match=re.escape(flag)):
         ts.train(tiny_config_dict(tmp_path / "run", **bad))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_iters", "10"], "--max_iters=<value>"),  # a space instead of '='
+    (["--max_iters=ten"], "expected an int like --max_iters="),
+])
+def test_command_line_mistakes_say_what_to_write(argv, message):
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        ts.make_config(argv)
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit) as stop:
+        ts.make_config(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{key}=" in out for key in ts.defaults())
 
 
 def test_resume_with_other_model_settings_stops(tmp_path):

@@ -109,18 +109,27 @@ def parse_value(key, value, default):
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}") from None
+        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r}") from None
     if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
         parsed = float(parsed)
     if type(parsed) is not type(default):
-        raise SystemExit(f"--{key}={value}: expected a {type(default).__name__} like {default!r}")
+        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r}")
     return parsed
+
+
+def _a(default):
+    name = type(default).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def make_config(argv):
     """The defaults, then config/cpu.py if the run is on the CPU, then the config files and
     --key=value flags of argv in their order. Returns the checked config and what it is based on."""
     known = defaults()
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__ + "\nSettings and their defaults (--key=value):\n" +
+              "\n".join(f"  --{key}={value!r}" for key, value in known.items()))
+        raise SystemExit(0)
     overrides = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -129,6 +138,9 @@ def make_config(argv):
         key, eq, value = arg[2:].partition("=")
         if key not in known:
             raise SystemExit(f"unknown argument {arg!r}; use --key=value with key one of: {', '.join(known)}")
+        if not eq and not isinstance(known[key], bool):
+            raise SystemExit(f"{arg} needs a value: write --{key}=<value>, like --{key}={known[key]!r} "
+                             f"(one word, with '=')")
         overrides[key] = parse_value(key, value if eq else "True", known[key])  # a bare --flag means True
     config = dict(known)
     run_device = str(overrides.get("device", config["device"]))
@@ -180,6 +192,9 @@ def check_config(cfg):
         GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
+    if cfg["attention_impl"] == "triton" and device_type(cfg["device"]) != "cuda":
+        raise SystemExit(f"--attention_impl=triton needs a CUDA device (--device={cfg['device']}); pass "
+                         f"--attention_impl=reference or auto on a CPU")
     check_sparsity_schedule(cfg)
     if cfg["init_from"] and not cfg["finetune_scorer"]:
         raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
