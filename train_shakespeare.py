@@ -192,6 +192,12 @@ def check_config(cfg):
         GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
+    if cfg["dtype"] != "float32" and device_type(cfg["device"]) == "cpu":
+        raise SystemExit(f"--dtype={cfg['dtype']}: a CPU run trains in float32; pass --dtype=float32 "
+                         f"(or a CUDA --device)")
+    if cfg["tokenizer"] != "char" and cfg["dataset"] != "shakespeare":
+        raise SystemExit(f"--tokenizer={cfg['tokenizer']} encodes the Shakespeare corpus; --dataset="
+                         f"{cfg['dataset']} has its own symbols: drop --tokenizer")
     if cfg["attention_impl"] == "triton" and device_type(cfg["device"]) != "cuda":
         raise SystemExit(f"--attention_impl=triton needs a CUDA device (--device={cfg['device']}); pass "
                          f"--attention_impl=reference or auto on a CPU")
