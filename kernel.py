@@ -679,17 +679,18 @@ def key_metadata(token_types: torch.Tensor, window: int) -> list[torch.Tensor]:
     start their band there. global_pos: the Global positions, sorted, padded with T;
     n_global_upto: Globals at or before j.
     """
+    meta = _empty_metadata(token_types)
     B, H_kv, T, _ = token_types.shape
-    n_groups = triton.cdiv(T, REACH_GROUP)
-    meta = {name: token_types.new_empty(B, H_kv, n_groups if name in ("reach_local", "band_end") else T,
-                                        dtype=torch.int32) for name in META_FIELDS}
-    _key_metadata[(B * H_kv,)](token_types, *(meta[name] for name in META_FIELDS), *token_types.stride(),
-                               H_kv, T, n_groups, window, BLOCK=SCAN_BLOCK, GROUP=REACH_GROUP)
-    return [meta[name] for name in META_FIELDS]
+    n_groups = dict(zip(META_FIELDS, meta))["reach_local"].shape[-1]
+    _key_metadata[(B * H_kv,)](token_types, *meta, *token_types.stride(), H_kv, T, n_groups, window,
+                               BLOCK=SCAN_BLOCK, GROUP=REACH_GROUP)
+    return meta
 
 
 @torch.library.register_fake("nats::key_metadata")
-def _(token_types, window):
+def _empty_metadata(token_types, window=None):
+    """The META_FIELDS tensors, unfilled: int32 [B, H_kv, T], the per-16-key maxima
+    [B, H_kv, ceil(T / 16)]."""
     B, H_kv, T, _ = token_types.shape
     n_groups = (T + REACH_GROUP - 1) // REACH_GROUP
     return [token_types.new_empty(B, H_kv, n_groups if name in ("reach_local", "band_end") else T, dtype=torch.int32)
@@ -799,8 +800,9 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    _nats_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, D=D,
-                                                 BLOCK_M=64)
+    rows = 64  # per program: a memory-bound dot product of two [rows, D] tiles
+    _nats_bwd_delta[(triton.cdiv(T, rows), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, D=D,
+                                                   BLOCK_M=rows)
     dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H_kv, T, D, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
