@@ -175,7 +175,7 @@ def device_type(name):
 def check_config(cfg):
     """Stop with a message naming the setting and what to pass, before any data is loaded or
     any file written, for a config that cannot train or would silently do something else."""
-    device_type(cfg["device"])
+    kind = device_type(cfg["device"])
     for key in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
@@ -192,13 +192,13 @@ def check_config(cfg):
         GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
-    if cfg["dtype"] != "float32" and device_type(cfg["device"]) == "cpu":
+    if cfg["dtype"] != "float32" and kind == "cpu":
         raise SystemExit(f"--dtype={cfg['dtype']}: a CPU run trains in float32; pass --dtype=float32 "
                          f"(or a CUDA --device)")
     if cfg["tokenizer"] != "char" and cfg["dataset"] != "shakespeare":
         raise SystemExit(f"--tokenizer={cfg['tokenizer']} encodes the Shakespeare corpus; --dataset="
                          f"{cfg['dataset']} has its own symbols: drop --tokenizer")
-    if cfg["attention_impl"] == "triton" and device_type(cfg["device"]) != "cuda":
+    if cfg["attention_impl"] == "triton" and kind != "cuda":
         raise SystemExit(f"--attention_impl=triton needs a CUDA device (--device={cfg['device']}); pass "
                          f"--attention_impl=reference or auto on a CPU")
     check_sparsity_schedule(cfg)
@@ -715,7 +715,8 @@ def train(cfg):
 
             # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
             dense_warmup = it < cfg["dense_warmup"]
-            step_totals = torch.zeros(2, dtype=torch.float64)  # loss, kv_fraction summed over micro-batches
+            # loss, kv_fraction summed over micro-batches on the device: one sync per step, not per micro-batch
+            step_totals = torch.zeros(2, dtype=torch.float64, device=device)
             for m in range(rank * gas // world, (rank + 1) * gas // world):
                 batch = it * gas + m
                 x, y = get_batch(train_data, cfg["batch_size"], cfg["block_size"],
@@ -726,8 +727,8 @@ def train(cfg):
                 with autocast:
                     _, loss, stats = trainer(x, y, teacher=teacher, kv_weight=kv_weight, all_global=dense_warmup)
                 scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
-                kv = stats["kv_fraction"].mean().item() if "kv_fraction" in stats else 0.0
-                step_totals += torch.tensor([loss.item(), kv])
+                kv = stats["kv_fraction"].mean() if "kv_fraction" in stats else torch.zeros_like(loss)
+                step_totals += torch.stack([loss.detach(), kv]).double()
             if cfg["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
