@@ -967,6 +967,10 @@ def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, h
     mixes = {"5/15/80": (0.05, 0.15, 0.80), "20/40/40": (0.2, 0.4, 0.4), "all G": (1.0, 0.0, 0.0)}
     bench = lambda fn, grads=(): triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=list(grads),
                                                         return_mode="median")
+    # The same pass replayed from a CUDA graph: the GPU's time alone, without the host's launches
+    # (what torch.compile's CUDA graphs or a captured training step pay).
+    graph_bench = lambda fn, grads=(): triton.testing.do_bench_cudagraph(fn, rep=200, grad_to_none=list(grads),
+                                                                        return_mode="median")
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ceiling = 2 * 8192**3 / bench(lambda: a @ b) / 1e9
     del a, b
@@ -990,8 +994,11 @@ def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, h
             sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
             dense_fwd = bench(sdpa)
             dense_fb = bench(lambda: sdpa().backward(do), (q, k, v))
+            dense_graph = graph_bench(lambda: sdpa().backward(do), (q, k, v))
             row("-", "1.00", "dense SDPA fwd", dense_fwd, dense_fwd, useful_flops(causal, causal, D, "dense_fwd"))
             row("-", "1.00", "dense SDPA fwd+bwd", dense_fb, dense_fb, useful_flops(causal, causal, D, "dense_fwd_bwd"))
+            row("-", "1.00", "dense SDPA fwd+bwd, graph", dense_graph, dense_graph,
+                useful_flops(causal, causal, D, "dense_fwd_bwd"))
             for mix, probs in mixes.items():
                 kind = torch.multinomial(torch.tensor(probs, device="cuda"), batch * heads * T, replacement=True,
                                          generator=gen).view(batch, heads, T)
@@ -1004,6 +1011,8 @@ def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, h
                 row(mix, kv, "NAtS train fwd", bench(nats), dense_fwd, flops("train_fwd"))
                 row(mix, kv, "NAtS fwd+bwd (with dtypes)", bench(lambda: nats().backward(do), (q, k, v, types)),
                     dense_fb, flops("fwd_bwd"))
+                row(mix, kv, "NAtS fwd+bwd, graph", graph_bench(lambda: nats().backward(do), (q, k, v, types)),
+                    dense_graph, flops("fwd_bwd"))
                 with torch.no_grad():
                     row(mix, kv, "NAtS inference fwd", bench(nats), dense_fwd, flops("inference"))
                 last_q = last_visible_query(types.detach(), window)
