@@ -936,6 +936,7 @@ def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path, schedule):
     torch.save(checkpoint, tmp_path / "b" / "ckpt.pt")
     resumed = tiny_run(tmp_path / "b", max_iters=12, eval_interval=6, dropout=0.1, resume=True, **schedule)
     assert resumed["loss"] == straight["loss"]  # the steps before the resume too
+    assert resumed["eval_kv_fraction"] == straight["eval_kv_fraction"] and len(straight["eval_kv_fraction"]) == 12
     assert resumed["kv_weight"] == straight["kv_weight"]  # the multiplier continues where it was
     assert len(set(straight["kv_weight"].values())) == (9 if schedule else 1)  # frozen in the warm-up
     assert resumed["evals"] == straight["evals"]
@@ -976,12 +977,15 @@ def test_dual_ascent_moves_lambda_toward_the_budget():
 
 
 def test_kv_budget_run_lands_near_its_budget(tmp_path, capsys):
-    """With lambda fixed at 0 this model keeps 0.39 of the entries (measured); a budget of 0.3 ends near 0.3."""
+    """With lambda fixed at 0 this model keeps 0.39 of the entries (measured); a budget of 0.3 ends near 0.3
+    in eval() (argmax types, what the KV cache keeps), which the multiplier aims at in every step."""
     history = tiny_run(tmp_path, window=2, kv_budget=0.3, dual_lr=0.2, max_iters=200, lr_decay_iters=200,
                        eval_interval=200, log_interval=100, sample_tokens=0)
     lambdas = [history["kv_weight"][it] for it in range(200)]
     assert lambdas[0] == 0.1 and max(lambdas) > 0.5  # from --kv_weight, up while kv was above the budget
-    assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03
+    assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03  # the eval's
+    steps = history["eval_kv_fraction"]  # the argmax kv of every step; the last 50 saw 400 sequences, the eval 16
+    assert len(steps) == 200 and abs(np.mean([steps[it] for it in range(150, 200)]) - 0.3) < 0.03
     assert re.search(r"kv 0\.\d{3} lambda \d", capsys.readouterr().out)  # the progress line shows lambda
 
 
