@@ -114,16 +114,25 @@ class TokenTypeScorer(nn.Module):
 
     def forward(self, x, pos):
         """x: the normalised block input [B, T, C] at positions pos [T] -> one-hot types [B, H_kv,
-        T, 3]: in training straight-through Gumbel-softmax samples (one-hot forward, soft
-        backward), in eval() the argmax."""
+        T, 3] and the argmax types [B, H_kv, T, 3] (or None). In training the types are
+        straight-through Gumbel-softmax samples (one-hot forward, soft backward) and the argmax
+        types, without gradient, what eval() and a KVCache would keep; in eval() the types are the
+        argmax, and the second is None."""
+        logits = self.logits(x)
+        argmax = F.one_hot(self.kinds_of(logits, pos), 3).float()
         if not self.training:
-            return F.one_hot(self.kinds(x, pos), 3).float()
-        types = F.gumbel_softmax(self.logits(x), tau=1.0, hard=True)
-        return torch.where((pos == 0)[:, None], torch.eye(3, device=x.device)[GLOBAL], types)
+            return argmax, None
+        types = F.gumbel_softmax(logits, tau=1.0, hard=True)
+        return torch.where((pos == 0)[:, None], torch.eye(3, device=x.device)[GLOBAL], types), argmax
 
     def kinds(self, x, pos):
         """The types of eval() as indices: long [B, H_kv, T], 0 Global, 1 Local, 2 Sliding."""
-        return torch.where(pos == 0, GLOBAL, self.logits(x).argmax(-1))
+        return self.kinds_of(self.logits(x), pos)
+
+    @staticmethod
+    def kinds_of(logits, pos):
+        """kinds from the logits [B, H_kv, T, 3]: the most likely type, Global at position 0."""
+        return torch.where(pos == 0, GLOBAL, logits.argmax(-1))
 
     def logits(self, x):
         B, T, _ = x.shape
@@ -131,21 +140,29 @@ class TokenTypeScorer(nn.Module):
         return self.proj(x.detach()).float().view(B, T, self.n_kv_head, 3).transpose(1, 2)
 
 
-def attention_stats(token_types, window):
+def attention_stats(token_types, window, argmax_types=None):
     """One layer's KV statistics from its one-hot types [B, H_kv, T, 3]:
 
-    kv_fraction  kept mask entries / causal entries, a differentiable scalar (the loss term)
-    type_share   the share of Global, Local and Sliding tokens [3]
-    cache_size   keys the last query reads (the cache at the end of the sequence), averaged
-                 over (batch, KV head)
+    kv_fraction       kept mask entries / causal entries, a differentiable scalar (the loss term)
+    eval_kv_fraction  the same of the argmax types [B, H_kv, T, 3] that a training scorer also
+                      gives, what eval() and a KVCache keep; a detached scalar, the value of
+                      kv_fraction when argmax_types is None (the types are the argmax, or fixed)
+    type_share        the share of Global, Local and Sliding tokens [3]
+    cache_size        keys the last query reads (the cache at the end of the sequence), averaged
+                      over (batch, KV head)
     """
     B, H_kv, T, _ = token_types.shape
+    causal = B * H_kv * T * (T + 1) / 2
     lengths = kv_lengths(token_types, window)
-    kv_fraction = lengths.sum() / (B * H_kv * T * (T + 1) / 2)
+    kv_fraction = lengths.sum() / causal
+    # the sampled types of training differ from the argmax while the scorer is unsure, and a KV
+    # budget is meant for the argmax ones; elsewhere the two are the same, counted once
+    eval_kv_fraction = (kv_fraction.detach() if argmax_types is None else
+                        kv_lengths(argmax_types, window).sum() / causal)
     # the last query still sees the keys whose column reaches row T - 1: length T - j
     ends = lengths.detach() == torch.arange(T, 0, -1, device=lengths.device)
-    return dict(kv_fraction=kv_fraction, type_share=token_types.detach().mean((0, 1, 2)),
-                cache_size=ends.float().sum(-1).mean())
+    return dict(kv_fraction=kv_fraction, eval_kv_fraction=eval_kv_fraction,
+                type_share=token_types.detach().mean((0, 1, 2)), cache_size=ends.float().sum(-1).mean())
 
 
 class CausalSelfAttention(nn.Module):
@@ -174,11 +191,12 @@ class CausalSelfAttention(nn.Module):
         """
         q, k, v = self.qkv(x, rope)
         if cache is None:
-            token_types = self.token_types(x, pos, all_global)
+            token_types, argmax_types = self.token_types(x, pos, all_global)
             y = self.attend(q, k, v, None if all_global else token_types)
             if token_types is None:
                 return y, None
-            return y, dict(attention_stats(token_types, self.config.window), token_types=token_types.detach())
+            stats = attention_stats(token_types, self.config.window, argmax_types)
+            return y, dict(stats, token_types=token_types.detach())
         kind = self.token_kinds(x, pos)
         if cache.k is None:
             cache.fill(k, v, kind)
@@ -201,13 +219,14 @@ class CausalSelfAttention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + H_kv:].transpose(1, 2)
 
     def token_types(self, x, pos, all_global=False):
-        """One-hot types [B, H_kv, T, 3] (see token_kinds): in training the scorer's straight-through
-        samples (nats); None for dense attention."""
+        """One-hot types [B, H_kv, T, 3] (see token_kinds), in training the scorer's straight-through
+        samples (nats), and the scorer's argmax types of training (see TokenTypeScorer), else None;
+        (None, None) for dense attention."""
         if self.config.attention == "dense":
-            return None
+            return None, None
         if self.scorer is not None and not all_global:
             return self.scorer(x, pos)
-        return F.one_hot(self.token_kinds(x, pos, all_global), 3).float()
+        return F.one_hot(self.token_kinds(x, pos, all_global), 3).float(), None
 
     def token_kinds(self, x, pos, all_global=False):
         """The types as indices, long [B, H_kv, T] (0 Global, 1 Local, 2 Sliding), what a KVCache
@@ -326,8 +345,10 @@ class GPT(nn.Module):
         loss is None. all_global: every token Global, the scorers not run (a dense warm-up).
 
         stats, detached, for logs and pictures: ce (with targets) and, unless the attention is
-        dense, per layer kv_fraction [n_layer], type_share [n_layer, 3], cache_size [n_layer]
-        and token_types [n_layer, B, H_kv, T] (long: 0 Global, 1 Local, 2 Sliding).
+        dense, per layer kv_fraction [n_layer], eval_kv_fraction [n_layer] (the kv share of the
+        argmax types, what eval() and a KVCache keep; in training NAtS's kv_fraction is that of
+        the sampled types), type_share [n_layer, 3], cache_size [n_layer] and token_types
+        [n_layer, B, H_kv, T] (long: 0 Global, 1 Local, 2 Sliding).
         """
         hidden, layers = self.hidden_states(idx, all_global=all_global)
         logits = self.lm_head(hidden)
@@ -335,6 +356,7 @@ class GPT(nn.Module):
         kv_fraction = None if dense else torch.stack([s["kv_fraction"] for s in layers])
         stats = {} if dense else dict(
             kv_fraction=kv_fraction.detach(),
+            eval_kv_fraction=torch.stack([s["eval_kv_fraction"] for s in layers]),
             type_share=torch.stack([s["type_share"] for s in layers]),
             cache_size=torch.stack([s["cache_size"] for s in layers]),
             token_types=torch.stack([s["token_types"].argmax(-1) for s in layers]))
@@ -720,7 +742,7 @@ class FixedTypes(nn.Module):
         self.register_buffer("table", kinds)
 
     def forward(self, x, pos):
-        return F.one_hot(self.kinds(x, pos), 3).float()
+        return F.one_hot(self.kinds(x, pos), 3).float(), None  # no noise: the types are the argmax
 
     def kinds(self, x, pos):
         return self.table[..., pos].expand(x.shape[0], -1, -1)

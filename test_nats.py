@@ -515,15 +515,39 @@ def test_scorer_types_one_hot_with_global_first_and_deterministic_in_eval():
     idx = torch.randint(50, (3, 32))
     scorer = model.transformer.h[0].attn.scorer
     x = torch.randn(3, 32, 32)
-    types = scorer(x, torch.arange(32))
-    assert types.shape == (3, 2, 32, 3)
+    types, argmax = scorer(x, torch.arange(32))
+    assert types.shape == argmax.shape == (3, 2, 32, 3)
     assert torch.equal(types.sum(-1), torch.ones(3, 2, 32)) and set(types.unique().tolist()) == {0.0, 1.0}
     assert (types[:, :, 0].argmax(-1) == GLOBAL).all()
-    assert not torch.equal(scorer(x, torch.arange(32)), types)  # Gumbel noise in training
+    assert not torch.equal(scorer(x, torch.arange(32))[0], types)  # Gumbel noise in training
+    assert torch.equal(scorer(x, torch.arange(32))[1], argmax)  # the argmax has none
+    assert torch.equal(scorer.eval()(x, torch.arange(32))[0], argmax) and scorer(x, torch.arange(32))[1] is None
     kinds = model.token_types(idx)
     assert kinds.shape == (2, 3, 2, 32) and model.training  # [n_layer, B, H_kv, T]; the mode is restored
     assert torch.equal(kinds, model.token_types(idx))  # argmax in evaluation: no noise
     assert torch.equal(kinds, model.eval()(idx)[2]["token_types"])
+
+
+def test_training_stats_carry_the_kv_share_of_the_eval_types():
+    """In training, eval_kv_fraction is the kv share of the types eval() gives the same layer input,
+    not that of the Gumbel samples the loss sees; in eval(), and for fixed patterns, it is kv_fraction."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(dropout=0.0))  # an untrained scorer: its samples are far from the argmax
+    attn, x, pos = model.transformer.h[0].attn, torch.randn(4, 32, 32), torch.arange(32)
+    rope = nats.rope_table(pos, 8, 10000.0)
+    train_stats = attn(x, pos, rope)[1]
+    eval_stats = attn.eval()(x, pos, rope)[1]
+    eval_kv = train_stats["eval_kv_fraction"]
+    assert eval_kv.shape == () and not eval_kv.requires_grad and train_stats["kv_fraction"].requires_grad
+    assert eval_kv.item() == pytest.approx(eval_stats["kv_fraction"].item(), rel=1e-6)
+    assert eval_kv.item() != pytest.approx(train_stats["kv_fraction"].item(), rel=1e-3)  # the samples differ
+    assert eval_stats["eval_kv_fraction"].item() == eval_stats["kv_fraction"].item()
+    idx = torch.randint(50, (4, 32))  # the model's stats: one per layer; layer 0 sees the same input in both modes
+    stats = model.train()(idx, idx)[2]
+    assert stats["eval_kv_fraction"].shape == (2,)
+    assert stats["eval_kv_fraction"][0].item() == pytest.approx(model.eval()(idx)[2]["kv_fraction"][0].item())
+    sliding = GPT(tiny_config(attention="sliding"))(idx, idx)[2]  # no scorer: nothing sampled
+    assert torch.equal(sliding["eval_kv_fraction"], sliding["kv_fraction"])
 
 
 def test_scorer_sees_a_detached_input_and_gets_the_type_gradient():
@@ -953,6 +977,7 @@ def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path, schedule):
     torch.save(checkpoint, tmp_path / "b" / "ckpt.pt")
     resumed = tiny_run(tmp_path / "b", max_iters=12, eval_interval=6, dropout=0.1, resume=True, **schedule)
     assert resumed["loss"] == straight["loss"]  # the steps before the resume too
+    assert resumed["eval_kv_fraction"] == straight["eval_kv_fraction"] and len(straight["eval_kv_fraction"]) == 12
     assert resumed["kv_weight"] == straight["kv_weight"]  # the multiplier continues where it was
     assert len(set(straight["kv_weight"].values())) == (9 if schedule else 1)  # frozen in the warm-up
     assert resumed["evals"] == straight["evals"]
@@ -993,12 +1018,15 @@ def test_dual_ascent_moves_lambda_toward_the_budget():
 
 
 def test_kv_budget_run_lands_near_its_budget(tmp_path, capsys):
-    """With lambda fixed at 0 this model keeps 0.39 of the entries (measured); a budget of 0.3 ends near 0.3."""
+    """With lambda fixed at 0 this model keeps 0.39 of the entries (measured); a budget of 0.3 ends near 0.3
+    in eval() (argmax types, what the KV cache keeps), which the multiplier aims at in every step."""
     history = tiny_run(tmp_path, window=2, kv_budget=0.3, dual_lr=0.2, max_iters=200, lr_decay_iters=200,
                        eval_interval=200, log_interval=100, sample_tokens=0)
     lambdas = [history["kv_weight"][it] for it in range(200)]
     assert lambdas[0] == 0.1 and max(lambdas) > 0.5  # from --kv_weight, up while kv was above the budget
-    assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03
+    assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03  # the eval's
+    steps = history["eval_kv_fraction"]  # the argmax kv of every step; the last 50 saw 400 sequences, the eval 16
+    assert len(steps) == 200 and abs(np.mean([steps[it] for it in range(150, 200)]) - 0.3) < 0.03
     assert re.search(r"kv 0\.\d{3} lambda \d", capsys.readouterr().out)  # the progress line shows lambda
 
 

@@ -48,9 +48,10 @@ tokenizer = "char"  # Shakespeare: "char" or "gpt2" (tiktoken's GPT-2 BPE)
 batch_size = 64  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes under torchrun
 # how hard NAtS prunes: lambda, the weight of the mean kv_fraction in the loss, starts at kv_weight (GPTConfig)
-kv_budget = 0.0  # a target mean kv_fraction in (0, 1]: lambda becomes a Lagrange multiplier, moved every
-                 # step by dual_lr x (kv_fraction - kv_budget), never below 0; 0: lambda stays kv_weight
-dual_lr = 0.03  # the multiplier's step per step and unit of kv_fraction above the budget (0.01 was slower to
+kv_budget = 0.0  # a target mean kv share in (0, 1]: lambda becomes a Lagrange multiplier, moved every step
+                 # by dual_lr x (kv - kv_budget), never below 0, kv the step's eval_kv_fraction (of the argmax
+                 # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight
+dual_lr = 0.03  # the multiplier's step per step and unit of kv share above the budget (0.01 was slower to
                 # reach the budget: results/README.md, "Training from scratch")
 dense_warmup = 0  # steps at the start with every token Global (dense attention), the scorers and lambda frozen,
                   # so the backbone learns long-range lookups before the scorers prune (results/README.md)
@@ -374,8 +375,9 @@ def eval_totals(model, data, cfg, device, autocast, rank, world, all_global):
 
 
 def format_step(it, cfg, loss, kv, kv_weight, tokens_per_s, eta):
-    """The progress line of a log interval: loss and kv share of the last step (None: dense) with
-    the lambda it was trained with (None: a fixed pattern), speed, time left."""
+    """The progress line of a log interval: loss and kv share of the last step (None: dense; the
+    train loop passes that of the argmax types, which a budget aims at) with the lambda it was
+    trained with (None: a fixed pattern), speed, time left."""
     kv_text = f" | kv {kv:.3f}" if kv is not None else ""
     if kv_weight is not None:
         kv_text += " dense warm-up" if it <= cfg["dense_warmup"] else f" lambda {kv_weight:.3g}"
@@ -610,8 +612,9 @@ def all_ranks_sum(t, device):
 
 
 def dual_ascent(kv_weight, kv, cfg):
-    """lambda after a step whose mean kv_fraction was kv: up while kv is above --kv_budget, down
-    while below, never below 0 (a constraint kv <= budget, so no reward for keeping more)."""
+    """lambda after a step whose mean kv share was kv (the train loop passes eval_kv_fraction, of the
+    argmax types that eval() and the KV cache keep): up while kv is above --kv_budget, down while
+    below, never below 0 (a constraint kv <= budget, so no reward for keeping more)."""
     return max(0.0, kv_weight + cfg["dual_lr"] * (kv - cfg["kv_budget"]))
 
 
@@ -670,9 +673,10 @@ def train(cfg):
             p.requires_grad = "scorer" in name
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), kind)
-    # history: the loss and the lambda of every step, the evals, the training time so far
+    # history: the loss, the kv share of the argmax types and the lambda of every step, the evals, the
+    # training time so far
     it, best_val, kv_weight = 0, float("inf"), cfg["kv_weight"]
-    history = dict(loss={}, kv_weight={}, evals=[], elapsed=0.0)
+    history = dict(loss={}, eval_kv_fraction={}, kv_weight={}, evals=[], elapsed=0.0)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -715,7 +719,10 @@ def train(cfg):
 
             # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
             dense_warmup = it < cfg["dense_warmup"]
-            # loss, kv_fraction summed over micro-batches on the device: one sync per step, not per micro-batch
+            # loss and kv share summed over micro-batches on the device: one sync per step, not per micro-batch.
+            # The kv share is that of the argmax types (eval_kv_fraction), what eval() and the KV cache keep
+            # and what the multiplier aims at; the loss's kv_fraction, of the sampled types, differs from it
+            # while the scorers are unsure.
             step_totals = torch.zeros(2, dtype=torch.float64, device=device)
             for m in range(rank * gas // world, (rank + 1) * gas // world):
                 batch = it * gas + m
@@ -727,7 +734,7 @@ def train(cfg):
                 with autocast:
                     _, loss, stats = trainer(x, y, teacher=teacher, kv_weight=kv_weight, all_global=dense_warmup)
                 scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
-                kv = stats["kv_fraction"].mean() if "kv_fraction" in stats else torch.zeros_like(loss)
+                kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)
                 step_totals += torch.stack([loss.detach(), kv]).double()
             if cfg["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
@@ -741,6 +748,8 @@ def train(cfg):
                 raise SystemExit(f"loss is {loss_value} at step {it}: stopping. Try a lower --learning_rate, "
                                  f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
             history["loss"][it] = loss_value
+            if model.config.attention != "dense":
+                history["eval_kv_fraction"][it] = kv_value
             if model.config.attention == "nats":
                 history["kv_weight"][it] = kv_weight
                 if cfg["kv_budget"] and not dense_warmup:
