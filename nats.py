@@ -338,8 +338,9 @@ class GPT(nn.Module):
         """idx [B, T] -> (logits [B, T, vocab], loss, stats).
 
         With targets [B, T] (-1: not scored) the loss is the cross-entropy + kv_weight x the mean
-        kv_fraction over layers (NAtS only); kv_weight, a float >= 0, is config.kv_weight unless
-        given (the training loop passes the Lagrange multiplier of a KV budget). With a teacher (a
+        kv_fraction over layers (NAtS only); kv_weight, a float or 0-d tensor >= 0, is
+        config.kv_weight unless given (the training loop passes the Lagrange multiplier of a KV
+        budget, as a tensor so that a compiled step does not recompile for each value). With a teacher (a
         frozen dense GPT) the first term is instead the authors' fine-tuning objective, the mean
         squared error between the final hidden states and the teacher's. Without targets the
         loss is None. all_global: every token Global, the scorers not run (a dense warm-up).

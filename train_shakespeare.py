@@ -72,7 +72,8 @@ grad_clip = 1.0  # clip the gradient norm at this value; 0: no clipping
 seed = 1337  # every batch and its noise are seeded from it (see seed_of)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
 dtype = "bfloat16"  # autocast dtype on CUDA: "bfloat16", "float16" or "float32"; CPU runs float32
-compile = False  # torch.compile the training forward and backward (results/kernel.md: 1.7x dense, 2.7x NAtS)
+compile = False  # torch.compile the training step, on one GPU replayed from CUDA graphs (results/kernel.md:
+                 # 2.3x dense, 3.8x NAtS on an H200; the first steps take a minute to compile)
 # -----------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -690,7 +691,10 @@ def train(cfg):
     # the scorers get gradients every step, except in a dense warm-up, where they are not run
     trainer = DDP(model, find_unused_parameters=cfg["dense_warmup"] > 0) if world > 1 else model
     if cfg["compile"]:  # the kernel is a PyTorch operator: one graph, no breaks; evals run the plain model
-        trainer = torch.compile(trainer)
+        # On one GPU the compiled step is replayed from CUDA graphs ("reduce-overhead"): the small model's
+        # step is bound by the host's launches, NAtS's more than dense's (results/kernel.md). DDP's
+        # gradient hooks run between the graphs, so several processes compile without them.
+        trainer = torch.compile(trainer, mode="reduce-overhead" if kind == "cuda" and world == 1 else None)
 
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * gas
     start, start_it, elapsed_before = time.time(), it, history["elapsed"]
@@ -732,7 +736,10 @@ def train(cfg):
                 if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
                     trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
                 with autocast:
-                    _, loss, stats = trainer(x, y, teacher=teacher, kv_weight=kv_weight, all_global=dense_warmup)
+                    # lambda as a tensor filled on the device (torch.tensor would copy and sync): a compiled step
+                    # takes each new value as an input, not as a constant
+                    _, loss, stats = trainer(x, y, teacher=teacher, kv_weight=torch.full((), kv_weight, device=device),
+                                             all_global=dense_warmup)
                 scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
                 kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)
                 step_totals += torch.stack([loss.detach(), kv]).double()
