@@ -118,6 +118,7 @@ def train_in_turn(runs):
     """Train the runs one after another in this process."""
     for name, cfg, _ in runs:
         print(f"\n=== {name}")
+        torch.compiler.reset()  # each run compiles its own model; the last run's graphs would only pile up
         ts.train(cfg)
 
 

@@ -72,8 +72,8 @@ grad_clip = 1.0  # clip the gradient norm at this value; 0: no clipping
 seed = 1337  # every batch and its noise are seeded from it (see seed_of)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
 dtype = "bfloat16"  # autocast dtype on CUDA: "bfloat16", "float16" or "float32"; CPU runs float32
-compile = False  # torch.compile the training step, on one GPU replayed from CUDA graphs (results/kernel.md:
-                 # 2.3x dense, 3.8x NAtS on an H200; the first steps take a minute to compile)
+compile = True  # torch.compile the training step, on one GPU replayed from CUDA graphs (results/kernel.md:
+                # 2.3x dense, 3.8x NAtS on an H200; the first steps compile, 10-60 s); config/cpu.py turns it off
 # -----------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))

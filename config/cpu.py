@@ -17,3 +17,4 @@ eval_interval = 100
 eval_iters = 20
 log_interval = 25
 dtype = "float32"
+compile = False  # inductor on a CPU needs a C++ compiler and minutes; these steps are short anyway
