@@ -174,7 +174,8 @@ class CausalSelfAttention(nn.Module):
         kv_dim = config.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
+        with torch.random.fork_rng(devices=[]):  # its construction's draws given back (see GPT.__init__)
+            self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
 
     def forward(self, x, pos, rope, cache=None, all_global=False):
         """Attention over x [B, T, C] at positions pos [T] (integers), rope = rope_table(pos, ...).
@@ -302,10 +303,18 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.apply(self._init_weights)
+        # The backbone first, in the order a model without scorers has; then the scorers, from draws
+        # given back afterwards. So a seed gives every attention pattern the same backbone and the
+        # same later draws, and a NAtS model's dense warm-up repeats the dense run of its seed
+        # (results/README.md, "From scratch on a GPU").
+        scorers = [m.proj for m in self.modules() if isinstance(m, TokenTypeScorer)]
+        self.apply(lambda module: None if any(module is proj for proj in scorers) else self._init_weights(module))
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+        with torch.random.fork_rng(devices=[]):
+            for proj in scorers:
+                self._init_weights(proj)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

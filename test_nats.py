@@ -1044,6 +1044,27 @@ def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, caps
                            first.transformer.h[0].attn.scorer.proj.weight)  # joint training after it
 
 
+def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_dense(tmp_path):
+    """The scorers' initial weights come from draws given back: the same seed gives a NAtS model
+    the backbone of a dense one (and the same later draws), so a dense warm-up repeats the dense
+    run of its seed step for step."""
+    models = {}
+    for attention in ("dense", "nats"):
+        torch.manual_seed(3)
+        models[attention] = dict(GPT(tiny_config(attention=attention)).named_parameters())
+        models[attention + " next draw"] = torch.rand(1)
+    assert torch.equal(models["dense next draw"], models["nats next draw"])
+    assert set(models["nats"]) - set(models["dense"]) == {f"transformer.h.{i}.attn.scorer.proj.weight" for i in (0, 1)}
+    for name, p in models["dense"].items():
+        assert torch.equal(p, models["nats"][name]), name
+    runs = {}
+    for attention, changes in (("dense", dict(kv_weight=0.0)), ("nats", dict(dense_warmup=10, kv_weight=0.0))):
+        tiny_run(tmp_path / attention, attention=attention, max_iters=10, eval_interval=10, sample_tokens=0, **changes)
+        runs[attention] = dict(GPT.from_checkpoint(tmp_path / attention / "ckpt.pt").named_parameters())
+    for name, p in runs["dense"].items():
+        assert torch.equal(p, runs["nats"][name]), name  # 10 steps of training, bit for bit
+
+
 def test_nan_loss_stops_training_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match=r"loss is nan at step \d+"):
         tiny_run(tmp_path, learning_rate=float("inf"), warmup_iters=0, grad_clip=0.0)
