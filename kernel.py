@@ -959,8 +959,9 @@ def useful_flops(causal, visible, D, what):
 
 
 def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, heads=16, window=16):
-    """One table, everything timed in this run with triton.testing.do_bench (median): this kernel,
-    dense causal SDPA, FlexAttention with the same mask, and the reference where it fits.
+    """One table, everything timed in this run with triton.testing.do_bench (median; the "graph"
+    rows with do_bench_cudagraph, replayed from a CUDA graph): this kernel, dense causal SDPA,
+    FlexAttention with the same mask.
     TFLOP/s counts useful_flops, against a bf16 matmul measured in the same run."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)

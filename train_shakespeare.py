@@ -129,7 +129,7 @@ def make_config(argv):
     --key=value flags of argv in their order. Returns the checked config and what it is based on."""
     known = defaults()
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__ + "\nSettings and their defaults (--key=value):\n" +
+        print(__doc__ + "\nSettings and their defaults (--key=value; a run on a CPU applies config/cpu.py over them):\n" +
               "\n".join(f"  --{key}={value!r}" for key, value in known.items()))
         raise SystemExit(0)
     overrides = {}
@@ -796,5 +796,6 @@ if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
         print(f"config: {why}: {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
-              f"batch {config['batch_size']}, {config['max_iters']} steps on {config['device']}")
+              f"batch {config['batch_size']}, {config['max_iters']} steps on {config['device']}"
+              + (", compiled (the first steps take 10-60 s)" if config["compile"] else ""))
     train(config)
