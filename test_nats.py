@@ -1072,7 +1072,7 @@ def test_nan_loss_stops_training_with_a_message(tmp_path):
 
 def test_command_line_and_config_files(tmp_path):
     import train_shakespeare as ts
-    with pytest.raises(SystemExit, match="unknown argument"):
+    with pytest.raises(SystemExit, match="unknown argument.*did you mean --n_layer\\?"):
         ts.make_config(["--n_layers=3"])
     with pytest.raises(SystemExit, match="expected an int"):
         ts.make_config(["--n_layer=three"])

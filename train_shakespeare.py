@@ -3,7 +3,7 @@ Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
 
     python train_shakespeare.py                      # baby GPT on a GPU, config/cpu.py on a CPU
     python train_shakespeare.py --attention=dense    # the causal baseline
-    python train_shakespeare.py --kv_budget=0.15 --out_dir=out-budget   # land on 15 % of the attention entries
+    python train_shakespeare.py --kv_budget=0.15 --out_dir=out-budget   # keep 15 % of the attention entries
     python train_shakespeare.py --kv_weight=0.3 --max_iters=2000 --out_dir=out-sparse
     python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt
     python train_shakespeare.py config/recall.py     # a recipe: a file of key = value lines
@@ -13,6 +13,7 @@ Every default below, and every field of the model's GPTConfig (nats.py) but voca
 overridden by a config file or by --key=value, in the order given (nanoGPT style).
 """
 import ast
+import difflib
 import hashlib
 import html
 import json
@@ -139,7 +140,9 @@ def make_config(argv):
             continue
         key, eq, value = arg[2:].partition("=")
         if key not in known:
-            raise SystemExit(f"unknown argument {arg!r}; use --key=value with key one of: {', '.join(known)}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            raise SystemExit(f"unknown argument {arg!r}; {hint}use --key=value with key one of: {', '.join(known)}")
         if not eq and not isinstance(known[key], bool):
             raise SystemExit(f"{arg} needs a value: write --{key}=<value>, like --{key}={known[key]!r} "
                              f"(one word, with '=')")
@@ -796,6 +799,7 @@ if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
         print(f"config: {why}: {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
-              f"batch {config['batch_size']}, {config['max_iters']} steps on {config['device']}"
-              + (", compiled (the first steps take 10-60 s)" if config["compile"] else ""))
+              f"batch {config['batch_size']}, {config['max_iters']} steps on {config['device']}")
+        if config["compile"]:
+            print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
     train(config)
