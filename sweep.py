@@ -103,11 +103,8 @@ def random_global_share(budget, length, window):
     """The chance p of each token but the first being Global (the rest Sliding, token 0 Global)
     whose expected kv_fraction over sequences of `length` is `budget`: kv is linear in p, from
     the sink-plus-window pattern's share at p = 0 to 1 at p = 1. Clipped to [0, 1]."""
-    causal = length * (length + 1) / 2
-    sliding = sum(min(window + 1, length - j) for j in range(1, length))  # the entries of keys 1 .. length-1
-    whole = sum(length - j for j in range(1, length))
-    p = (budget * causal - length - sliding) / max(1, whole - sliding)
-    return min(1.0, max(0.0, p))
+    floor = ts.sink_and_window_kv(length, window)
+    return min(1.0, max(0.0, (budget - floor) / (1 - floor))) if floor < 1 else 0.0  # the window sees all
 
 
 def run_dir(base, name):

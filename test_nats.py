@@ -946,13 +946,27 @@ def tiny_run(tmp_path, **overrides):
     return ts.train(tiny_config_dict(tmp_path, **overrides))
 
 
-def test_training_loss_falls_and_types_are_reported(tmp_path):
+def test_training_loss_falls_and_types_are_reported(tmp_path, capsys):
+    import train_shakespeare as ts
     history = tiny_run(tmp_path)
     first, last = history["evals"][0], history["evals"][-1]
     assert last["val"] < first["val"] - 0.5
     assert 0 < last["kv_fraction"][0] <= 1 and sum(last["type_share"]) == pytest.approx(1.0)
     page = (tmp_path / "token_types.html").read_text()
     assert page.count("<h4>") == 2 * 1  # every layer and KV head
+    w = ts.matching_window(np.mean(last["kv_fraction"]), 32)  # the end names the sliding run to compare with
+    assert f"--attention=sliding --window={w} " in capsys.readouterr().out
+
+
+def test_the_sliding_baseline_of_a_kv_share():
+    import train_shakespeare as ts
+    for T in (1, 2, 17, 64):
+        for W in range(T + 3):
+            causal = T * (T + 1) / 2  # the visible entries of the mask, counted
+            counted = brute_force_visible(F.one_hot(torch.tensor([GLOBAL] + [SLIDING] * (T - 1)), 3).float(), W)
+            assert ts.sink_and_window_kv(T, W) == pytest.approx(counted.sum().item() / causal)
+            if W < T - 1:  # beyond, every window keeps it all
+                assert ts.matching_window(ts.sink_and_window_kv(T, W), T) == W
 
 
 def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):

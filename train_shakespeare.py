@@ -440,6 +440,29 @@ def mark(piece, kind, colour):
     return f"{ANSI[kind]}{piece}\033[0m" if colour else BRACKETS[kind].format(piece)
 
 
+def sink_and_window_kv(length, window):
+    """The kv share of the sliding baseline (--attention=sliding: token 0 Global, the rest Sliding
+    with this window) at this sequence length: key 0 is seen by all `length` queries, key j > 0 by
+    min(W + 1, length - j) of them."""
+    m = min(window + 1, length - 1)
+    sliding = m * (m + 1) / 2 + (length - 1 - m) * (window + 1)  # sum over d = length - j of min(W + 1, d)
+    return (length + sliding) / (length * (length + 1) / 2)
+
+
+def matching_window(kv, length):
+    """The window whose sliding baseline keeps the kv share closest to kv at this length."""
+    return min(range(length), key=lambda w: abs(sink_and_window_kv(length, w) - kv))
+
+
+def print_sliding_match(result, cfg):
+    """What to compare a NAtS run with: the sink + sliding window that keeps the same kv share."""
+    kv = float(np.mean(result["kv_fraction"]))
+    w = matching_window(kv, cfg["block_size"])
+    print(f"kv share {kv:.3f} at the last eval (val loss {result['val']:.4f}): a sink + sliding window of "
+          f"W = {w} keeps {sink_and_window_kv(cfg['block_size'], w):.3f};\ntrain it with the same settings to compare:"
+          f"\n  python train_shakespeare.py --attention=sliding --window={w} --out_dir=out-sliding-{w} ...")
+
+
 def show_token_types(model, tokens, decode, device, cfg):
     """Mark every token of a val snippet by its type: one layer and KV head in the terminal
     (--show_layer, --show_head; by default the one with the most Global tokens), every layer and
@@ -786,6 +809,8 @@ def train(cfg):
         if model.config.attention != "dense":
             snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
             show_token_types(model, snippet, decode, device, cfg)
+            if model.config.attention == "nats" and history["evals"]:
+                print_sliding_match(history["evals"][-1], cfg)
             if cfg["dataset"] in RECALL_TASKS:
                 history["global_share_by_role"] = role_table(model, val_data, device)
                 print_types_by_role(history["global_share_by_role"], min(512, len(val_data)))
