@@ -153,12 +153,15 @@ def attention_stats(token_types, window, argmax_types=None):
     """
     B, H_kv, T, _ = token_types.shape
     causal = B * H_kv * T * (T + 1) / 2
-    lengths = kv_lengths(token_types, window)
-    kv_fraction = lengths.sum() / causal
     # the sampled types of training differ from the argmax while the scorer is unsure, and a KV
-    # budget is meant for the argmax ones; elsewhere the two are the same, counted once
-    eval_kv_fraction = (kv_fraction.detach() if argmax_types is None else
-                        kv_lengths(argmax_types, window).sum() / causal)
+    # budget is meant for the argmax ones: both counted in one pass; elsewhere they are the same
+    if argmax_types is None:
+        lengths = kv_lengths(token_types, window)
+        kv_fraction = lengths.sum() / causal
+        eval_kv_fraction = kv_fraction.detach()
+    else:
+        lengths, eval_lengths = kv_lengths(torch.stack([token_types, argmax_types.to(token_types.dtype)]), window)
+        kv_fraction, eval_kv_fraction = lengths.sum() / causal, eval_lengths.detach().sum() / causal
     # the last query still sees the keys whose column reaches row T - 1: length T - j
     ends = lengths.detach() == torch.arange(T, 0, -1, device=lengths.device)
     return dict(kv_fraction=kv_fraction, eval_kv_fraction=eval_kv_fraction,
