@@ -520,7 +520,10 @@ def load_checkpoint(path, device="cpu"):
         # tensors and plain Python values only: a checkpoint never needs to run code to load
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip()
+        if "WeightsUnpickler error:" in reason:  # torch.load's advice on weights_only wraps the actual reason
+            reason = reason.split("WeightsUnpickler error:", 1)[1].strip()
+        reason = reason.split("\n")[0].split(". ")[0] or type(e).__name__
         raise ValueError(f"{path} cannot be read as a checkpoint: it is truncated or not a PyTorch "
                          f"checkpoint ({reason})") from e
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
