@@ -1002,6 +1002,20 @@ def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path, schedule):
 
 
 @pytest.mark.slow
+def test_compiled_training_runs_learns_and_resumes(tmp_path):
+    """--compile (on by default on a GPU) through the whole script: a dense warm-up and a KV budget
+    (lambda a device tensor that changes every step), evals on the plain model, a checkpoint that a
+    compiled --resume continues. On a CPU inductor compiles without CUDA graphs."""
+    compiled = dict(compile=True, dense_warmup=5, kv_budget=0.3, max_iters=20, eval_interval=10, sample_tokens=0)
+    history = tiny_run(tmp_path, **compiled)
+    lambdas = [history["kv_weight"][it] for it in range(20)]
+    assert history["evals"][-1]["val"] < history["evals"][0]["val"] - 0.3
+    assert lambdas[4] == lambdas[0] != lambdas[19]  # frozen in the warm-up, moved after it
+    resumed = tiny_run(tmp_path, **dict(compiled, max_iters=25, resume=True))
+    assert len(resumed["loss"]) == 25 and resumed["evals"][-1]["iter"] == 25
+
+
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and 2 micro-batches per step, one each, against one
     process doing both: the same batches, noise and averaged gradients, so the same losses; with a
