@@ -1016,13 +1016,15 @@ def test_compiled_training_runs_learns_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_two_processes_match_one(tmp_path, compile):
     """torchrun with 2 CPU processes (gloo) and 2 micro-batches per step, one each, against one
     process doing both: the same batches, noise and averaged gradients, so the same losses; with a
-    dense warm-up (scorers unused in its steps) and a KV budget (the same lambda on every rank)."""
+    dense warm-up (scorers unused in its steps) and a KV budget (the same lambda on every rank);
+    eagerly and compiled (--compile is on by default on a GPU, under torchrun without CUDA graphs)."""
     import subprocess
     import sys
-    schedule = dict(dense_warmup=2, kv_budget=0.3)
+    schedule = dict(dense_warmup=2, kv_budget=0.3, compile=compile)
     args = TINY_RUN + ["--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
     args += [f"--{key}={value}" for key, value in schedule.items()]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
