@@ -1330,6 +1330,7 @@ def test_far_recall_run_reports_each_role_kept_global(tmp_path, capsys):
         roles = json.load(f)["global_share_by_role"]
     assert set(roles) == {"pair keys", "pair values", "query keys", "answers", "filler", "Globals per sequence"}
     assert np.array(roles["pair values"]).shape == (2, 1)
+    assert roles == history["evals"][-1]["global_share_by_role"]  # the end's table is the last eval's
 
 
 def test_the_picture_leads_with_the_head_that_keeps_the_most_globals(tmp_path, capsys):

@@ -811,8 +811,9 @@ def train(cfg):
             show_token_types(model, snippet, decode, device, cfg)
             if model.config.attention == "nats" and history["evals"]:
                 print_sliding_match(history["evals"][-1], cfg)
-            if cfg["dataset"] in RECALL_TASKS:
-                history["global_share_by_role"] = role_table(model, val_data, device)
+            if cfg["dataset"] in RECALL_TASKS:  # the last eval's, of this model, unless it saw the dense warm-up's
+                last = history["evals"][-1] if history["evals"] else {}
+                history["global_share_by_role"] = last.get("global_share_by_role") or role_table(model, val_data, device)
                 print_types_by_role(history["global_share_by_role"], min(512, len(val_data)))
                 save_history(history, cfg)
     if world > 1:
