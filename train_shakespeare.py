@@ -130,7 +130,8 @@ def make_config(argv):
     --key=value flags of argv in their order. Returns the checked config and what it is based on."""
     known = defaults()
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__ + "\nSettings and their defaults (--key=value; a run on a CPU applies config/cpu.py over them):\n" +
+        print(__doc__ + "\nSettings and their defaults (--key=value; a run on a CPU applies config/cpu.py "
+              "over them):\n" +
               "\n".join(f"  --{key}={value!r}" for key, value in known.items()))
         raise SystemExit(0)
     overrides = {}
@@ -813,7 +814,8 @@ def train(cfg):
                 print_sliding_match(history["evals"][-1], cfg)
             if cfg["dataset"] in RECALL_TASKS:  # the last eval's, of this model, unless it saw the dense warm-up's
                 last = history["evals"][-1] if history["evals"] else {}
-                history["global_share_by_role"] = last.get("global_share_by_role") or role_table(model, val_data, device)
+                table = last.get("global_share_by_role") or role_table(model, val_data, device)
+                history["global_share_by_role"] = table
                 print_types_by_role(history["global_share_by_role"], min(512, len(val_data)))
                 save_history(history, cfg)
     if world > 1:
