@@ -218,6 +218,23 @@ def _lse_update(mf_i, lf_i, s):
 
 
 @triton.jit
+def _globals_before(N_GLOBAL_UPTO, start_m):
+    """The number of Global keys before position start_m."""
+    return tl.load(N_GLOBAL_UPTO + tl.maximum(start_m - 1, 0), mask=start_m > 0, other=0)
+
+
+@triton.jit
+def _fwd_global_tile(acc, m_i, l_i, q, K, V, GLOBAL_POS, start_g, n_global, offs_m, offs_d, T, stride_kt, stride_vt,
+                     scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of gathered Global keys into the output; MASKED where it may hold keys after a query."""
+    offs_g = start_g + tl.arange(0, BLOCK_N)
+    pos = tl.load(GLOBAL_POS + offs_g, mask=offs_g < n_global, other=T)  # T: never visible
+    s = tl.dot(q, tl.trans(_rows(K, pos, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
+    visible = (pos[None, :] <= offs_m[:, None]) if MASKED else True
+    return _softmax_update(acc, m_i, l_i, s, visible, _rows(V, pos, stride_vt, offs_d, T), PRECISION)
+
+
+@triton.jit
 def _fwd_train_tile(acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m,
                     offs_d, T, N_GROUPS, stride_kt, stride_vt, scale_log2,
                     BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
@@ -248,7 +265,7 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, G
               D: tl.constexpr, TRAINING: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """O and LSE_M (log2) for one query tile of one head; LSE_F too when TRAINING."""
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest rows first: a shorter tail
     end_m = tl.minimum(start_m + BLOCK_M, T)
     z, h = tl.program_id(1) // H, tl.program_id(1) % H
     h_kv = h // (H // H_KV)
@@ -264,14 +281,16 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, G
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # 1. the Global keys before this tile's last query, from their gathered list
+    # 1. the Global keys before this tile's last query, from their gathered list; whole tiles of
+    #    Globals before its first query need no mask
+    n_masked_from = _globals_before(N_GLOBAL_UPTO + zh_kv * T, start_m) // BLOCK_N * BLOCK_N
     n_global = tl.load(N_GLOBAL_UPTO + zh_kv * T + end_m - 1)
-    for start_g in range(0, n_global, BLOCK_N):
-        offs_g = start_g + tl.arange(0, BLOCK_N)
-        pos = tl.load(GLOBAL_POS + offs_g, mask=offs_g < n_global, other=T)  # T: never visible
-        s = tl.dot(q, tl.trans(_rows(K, pos, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, pos[None, :] <= offs_m[:, None],
-                                        _rows(V, pos, stride_vt, offs_d, T), PRECISION)
+    for start_g in range(0, n_masked_from, BLOCK_N):
+        acc, m_i, l_i = _fwd_global_tile(acc, m_i, l_i, q, K, V, GLOBAL_POS, start_g, n_global, offs_m, offs_d,
+                                         T, stride_kt, stride_vt, scale_log2, BLOCK_N, False, PRECISION)
+    for start_g in range(n_masked_from, n_global, BLOCK_N):
+        acc, m_i, l_i = _fwd_global_tile(acc, m_i, l_i, q, K, V, GLOBAL_POS, start_g, n_global, offs_m, offs_d,
+                                         T, stride_kt, stride_vt, scale_log2, BLOCK_N, True, PRECISION)
     # 2. the band: Local and Sliding keys (LAST_Q_LOCAL is -1 for Globals), from the first key
     #    tile any of them reaches this query tile from; training also sweeps the far tiles
     #    before it, for LSE_F only: one product and one exp per entry, no mask, no branch
@@ -308,19 +327,6 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, G
 
 
 @triton.jit
-def _nats_bwd_delta(O, DO, DELTA, stride_oz, stride_oh, stride_ot, stride_doz, stride_doh, stride_dot, H, T,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Dl_i = dO_i . O_i [B, H, T] float32: the row term every backward product subtracts."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    z, h = tl.program_id(1) // H, tl.program_id(1) % H
-    offs_d = tl.arange(0, D)
-    o = _rows(O + z.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh, offs_m, stride_ot, offs_d, T)
-    do = _rows(DO + z.to(tl.int64) * stride_doz + h.to(tl.int64) * stride_doh, offs_m, stride_dot, offs_d, T)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + tl.program_id(1).to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
-
-
-@triton.jit
 def _dq_update(dq, q, do, lse_m, delta, k, v, visible, scale_log2, PRECISION: tl.constexpr):
     """dQ += dS K over one key tile: dS = P (dP - Dl) on the visible entries. Returns dQ, the
     scores and dP - Dl (the Local row sums reuse them)."""
@@ -332,15 +338,16 @@ def _dq_update(dq, q, do, lse_m, delta, k, v, visible, scale_log2, PRECISION: tl
 
 @triton.autotune(configs=DQ_CONFIGS, key=["T_BUCKET", "D"])
 @triton.jit
-def _nats_bwd_dq(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
+def _nats_bwd_dq(Q, K, V, O, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
                  KIND, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, GLOBAL_POS, N_GLOBAL_UPTO,
                  stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
                  stride_vz, stride_vh, stride_vt, stride_doz, stride_doh, stride_dot,
                  H, H_KV, T, N_GROUPS, T_BUCKET, scale_log2, scale,
                  D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of one query tile (Global keys and the band only), and R_i: the sum of G_ij over the
-    visible Local keys of row i, for the cross term of the types' gradients."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """dQ of one query tile (Global keys and the band only); Dl_i = dO_i . O_i, the row term every
+    backward product subtracts, for the dK/dV kernels (O has dO's strides); and R_i: the sum of
+    G_ij over the visible Local keys of row i, for the cross term of the types' gradients."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest rows first
     end_m = tl.minimum(start_m + BLOCK_M, T)
     z, h = tl.program_id(1) // H, tl.program_id(1) % H
     h_kv = h // (H // H_KV)
@@ -349,10 +356,12 @@ def _nats_bwd_dq(Q, K, V, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = _rows(Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh, offs_m, stride_qt, offs_d, T)
-    do = _rows(DO + z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh, offs_m, stride_dot, offs_d, T)
+    head_do = z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh
+    do = _rows(DO + head_do, offs_m, stride_dot, offs_d, T)
+    delta = tl.sum(do.to(tl.float32) * _rows(O + head_do, offs_m, stride_dot, offs_d, T).to(tl.float32), 1)
+    tl.store(DELTA + row + offs_m, delta, mask=offs_m < T)
     lse_m = tl.load(LSE_M + row + offs_m, mask=offs_m < T, other=float("inf"))
     lse_f = tl.load(LSE_F + row + offs_m, mask=offs_m < T, other=float("inf"))
-    delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
     K += z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh
     V += z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh
     KIND += zh_kv * T
@@ -761,6 +770,23 @@ def _precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+_CHOSEN = {}  # (kernel, dtype, its autotune key) -> the kwargs of the config the autotuner chose
+
+
+def _launch(kernel, grid, dtype, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) for an autotuned kernel, the autotuner's choice remembered
+    per key. Triton's Autotuner rebuilds its key from all ~40 arguments on every call (about
+    50 us of Python on the H200's host, results/kernel.md); after the first call of a key this
+    launches the chosen config directly. The key args (T_BUCKET, D, ...) come as kwargs."""
+    key = (kernel, dtype, *(kwargs[name] for name in kernel.keys))
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        kernel[grid](*args, **kwargs)
+        _CHOSEN[key] = kernel.best_config.all_kwargs()
+    else:
+        kernel.fn[grid](*args, **kwargs, **chosen)
+
+
 def _common_args(q, k):
     B, H, T, D = q.shape
     return dict(H=H, H_KV=k.shape[1], T=T, T_BUCKET=triton.next_power_of_2(T), scale_log2=D**-0.5 * LOG2E,
@@ -776,11 +802,11 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch
     lse_m = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     lse_f = torch.empty(B, H, T if training else 0, device=q.device, dtype=torch.float32)
     m = dict(zip(META_FIELDS, meta))
-    grid = lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
-    _nats_fwd[grid](q, k, v, o, lse_m, lse_f if training else lse_m, m["last_q_local"], m["reach_local"],
-                    m["band_start"], m["global_pos"], m["n_global_upto"],
-                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                    N_GROUPS=m["reach_local"].shape[-1], TRAINING=training, **_common_args(q, k))
+    _launch(_nats_fwd, lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H), q.dtype,
+            q, k, v, o, lse_m, lse_f if training else lse_m, m["last_q_local"], m["reach_local"],
+            m["band_start"], m["global_pos"], m["n_global_upto"],
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            N_GROUPS=m["reach_local"].shape[-1], TRAINING=training, **_common_args(q, k))
     return o, lse_m, lse_f
 
 
@@ -799,27 +825,26 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
     of G and the Local row sums the kernels leave (type_gradients)."""
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    rows = 64  # per program: a memory-bound dot product of two [rows, D] tiles
-    _nats_bwd_delta[(triton.cdiv(T, rows), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, D=D,
-                                                   BLOCK_M=rows)
+    o, do = o.contiguous(), do.contiguous()  # the dQ kernel reads O with dO's strides
     dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H_kv, T, D, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     colsum = torch.empty(B, H_kv, 5, T, device=q.device, dtype=torch.float32)
     local_rowsum = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     m = dict(zip(META_FIELDS, meta))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     common = dict(_common_args(q, k), scale=D**-0.5)
     n_groups = m["reach_local"].shape[-1]
-    _nats_bwd_dkdv[lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
-        q, k, v, do, lse_m, lse_f, delta, dk, dv, colsum, m["kind"], m["last_q_local"], m["seg_end"],
-        m["next_seg_end"], m["reach_local"], m["band_end"], *strides, N_GROUPS=n_groups, window=window, **common)
-    _nats_bwd_dkdv_global[lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv)](
-        q, k, v, do, lse_m, delta, dk, dv, m["global_pos"], m["n_global_upto"], *strides, **common)
-    _nats_bwd_dq[lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse_m, lse_f, delta, dq, local_rowsum, m["kind"], m["last_q_local"], m["reach_local"],
-        m["band_start"], m["global_pos"], m["n_global_upto"], *strides, N_GROUPS=n_groups, **common)
+    # dQ first: it writes Dl, which the dK/dV kernels read
+    _launch(_nats_bwd_dq, lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H), q.dtype,
+            q, k, v, o, do, lse_m, lse_f, delta, dq, local_rowsum, m["kind"], m["last_q_local"], m["reach_local"],
+            m["band_start"], m["global_pos"], m["n_global_upto"], *strides, N_GROUPS=n_groups, **common)
+    _launch(_nats_bwd_dkdv, lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv), q.dtype,
+            q, k, v, do, lse_m, lse_f, delta, dk, dv, colsum, m["kind"], m["last_q_local"], m["seg_end"],
+            m["next_seg_end"], m["reach_local"], m["band_end"], *strides, N_GROUPS=n_groups, window=window, **common)
+    _launch(_nats_bwd_dkdv_global, lambda cfg: (triton.cdiv(T, cfg["BLOCK_N"]), B * H_kv), q.dtype,
+            q, k, v, do, lse_m, delta, dk, dv, m["global_pos"], m["n_global_upto"], *strides, **common)
     return dq, dk, dv, type_gradients(colsum, local_rowsum, meta, types_dtype)
 
 

@@ -446,6 +446,7 @@ def test_kernel_training_pass_in_a_cuda_graph_on_cuda():
 def pin_config(monkeypatch, index):
     """Run every kernel with its index-th autotune config (modulo the list), as a bug that only
     one compiled config shows would otherwise hide behind the autotuner's choice."""
+    monkeypatch.setattr(kernel, "_CHOSEN", {})  # the choices remembered so far name other configs
     for tuner in (kernel._nats_fwd, kernel._nats_bwd_dq, kernel._nats_bwd_dkdv, kernel._nats_bwd_dkdv_global):
         monkeypatch.setattr(tuner, "configs", [tuner.configs[index % len(tuner.configs)]])
 
