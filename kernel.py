@@ -1049,6 +1049,7 @@ def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, h
                 row(mix, kv, "Flex fwd", bench(flex_fwd), dense_fwd, flops("inference"))
                 row(mix, kv, "Flex fwd+bwd (no dtypes)", bench(lambda: flex_fwd().backward(do), (q, k, v)),
                     dense_fb, useful_flops(visible, visible, D, "dense_fwd_bwd"))
+                torch.cuda.empty_cache()  # each build holds a [B, H, T, T] mask: 8.6 GB at T = 16384, its sum 64 GiB
                 row(mix, kv, "Flex block-mask build", bench(build), dense_fwd, 0)
                 del types, block_mask
             del q, k, v, do
