@@ -922,7 +922,8 @@ def check_inputs(q, k, v, token_types, window):
         raise ValueError(f"token_types must be one-hot [batch, kv_heads, seq, 3] = {(B, H_kv, T, 3)}; "
                          f"got {tuple(token_types.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share one floating-point dtype (float16, bfloat16, float32 or float64); "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if not token_types.dtype.is_floating_point:
         raise ValueError(f"token_types must be floating (one-hot, carrying gradients); got {token_types.dtype}")
     if len({q.device, k.device, v.device, token_types.device}) != 1:

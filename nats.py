@@ -900,6 +900,8 @@ def parse_args(argv=None):
             parser.error("--bench times decoding at 4k-128k context on a CUDA GPU; on a CPU call benchmark_decode("
                          "contexts=(512,), batches=(1,), device='cpu', dtype=torch.float32) from Python instead")
         return args
+    if os.path.isdir(args.ckpt):
+        parser.error(f"--ckpt: {args.ckpt} is a folder; pass the checkpoint in it, --ckpt={os.path.join(args.ckpt, 'ckpt.pt')}")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
                      f"(it writes out-shakespeare/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")

@@ -892,6 +892,7 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad, flag", [
     (["--ckpt={missing}"], "--ckpt"),
+    (["--ckpt={folder}"], "--ckpt=" + os.path.join("{folder}", "ckpt.pt")),
     (["--top_k=0"], "--top_k"),
     (["--temperature=-1"], "--temperature"),
     (["--temperature=warm"], "--temperature"),
@@ -905,10 +906,10 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
 ] + ([] if torch.cuda.is_available() else [(["--device=cuda"], "--device"), (["--bench"], "--bench")]))
 def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys, monkeypatch, bad, flag):
     monkeypatch.setattr(nats, "load_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
-    argv = [a.format(missing=tmp_path / "missing") for a in bad]
+    argv = [a.format(missing=tmp_path / "missing", folder=tmp_path) for a in bad]
     with pytest.raises(SystemExit) as stop:
         nats.main(argv if bad[0].startswith("--ckpt") else [f"--ckpt={tiny_checkpoint(tmp_path)}"] + argv)
-    assert stop.value.code == 2 and flag in capsys.readouterr().err
+    assert stop.value.code == 2 and flag.format(folder=tmp_path) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("start, problem", [("é", "outside the vocabulary"), ("x" * 40, "block_size")])
@@ -1171,12 +1172,15 @@ def test_resume_with_other_model_settings_stops(tmp_path):
         ts.train(tiny_config_dict(tmp_path / "empty", resume=True))
 
 
-def test_a_run_in_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(tmp_path):
+def test_a_run_in_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(tmp_path, capsys):
     tiny_run(tmp_path, max_iters=10, sample_tokens=0)
     before = (tmp_path / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match="--overwrite"):
         tiny_run(tmp_path, max_iters=5, eval_interval=5)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
+    capsys.readouterr()
+    tiny_run(tmp_path, max_iters=10, sample_tokens=0, resume=True)  # a finished run says so
+    assert "at step 10 of 10: nothing left to train (raise --max_iters" in capsys.readouterr().out
     tiny_run(tmp_path, max_iters=5, eval_interval=5, overwrite=True, sample_tokens=0)
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
 

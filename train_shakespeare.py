@@ -711,7 +711,8 @@ def train(cfg):
         it, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
         kv_weight = checkpoint.get("kv_weight", kv_weight)  # older checkpoints: a fixed lambda
         history = dict(history, **checkpoint.get("history", {}))  # older checkpoints kept no history
-        log(f"resumed from {ckpt_path} at step {it}")
+        finished = f" of {cfg['max_iters']}: nothing left to train (raise --max_iters to go on)"
+        log(f"resumed from {ckpt_path} at step {it}" + (finished if it >= cfg["max_iters"] else ""))
     data_text = "fresh recall sequences" if callable(train_data) else f"{train_data.size:,} train tokens"
     log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={model.config.attention}, "
         f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
