@@ -1023,10 +1023,17 @@ def test_two_processes_match_one(tmp_path, compile):
     schedule = dict(dense_warmup=2, kv_budget=0.3, compile=compile)
     args = TINY_RUN + ["--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
     args += [f"--{key}={value}" for key, value in schedule.items()]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "train_shakespeare.py", *args, f"--out_dir={tmp_path / 'ddp'}"],
-                   check=True, timeout=600, cwd=HERE, capture_output=True)
-    with open(tmp_path / "ddp" / "history.json") as f:
+    # Once in about twenty runs on a loaded 2-core machine torchrun failed before training, its output
+    # not kept: one more launch, into a fresh out_dir; an error of the code fails both the same way.
+    for attempt in range(2):
+        out_dir = tmp_path / f"ddp{attempt}"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train_shakespeare.py", *args, f"--out_dir={out_dir}"],
+                             timeout=600, cwd=HERE, capture_output=True, text=True)
+        if run.returncode == 0:
+            break
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    with open(out_dir / "history.json") as f:
         ddp = json.load(f)
     single = tiny_run(tmp_path / "single", max_iters=6, eval_interval=3, gradient_accumulation_steps=2, dropout=0.1,
                       **schedule)
