@@ -1150,6 +1150,7 @@ def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
 @pytest.mark.parametrize("argv, message", [
     (["--max_iters", "10"], "--max_iters=<value>"),  # a space instead of '='
     (["--max_iters=ten"], "expected an int like --max_iters="),
+    (["max_iters=10"], "a setting takes two dashes: --max_iters=10"),  # read as a config file's name
 ])
 def test_command_line_mistakes_say_what_to_write(argv, message):
     import train_shakespeare as ts

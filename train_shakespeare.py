@@ -95,7 +95,8 @@ def defaults():
 def read_recipe(path, known):
     """The key = value lines of a config file, as a dict; every key must be a known setting."""
     if not os.path.isfile(path):
-        raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py")
+        dashes = f" (a setting takes two dashes: --{path})" if "=" in path else ""
+        raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py{dashes}")
     values = {}
     with open(path) as f:
         exec(f.read(), {}, values)
@@ -112,11 +113,11 @@ def parse_value(key, value, default):
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r}") from None
+        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r} (its default)") from None
     if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
         parsed = float(parsed)
     if type(parsed) is not type(default):
-        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r}")
+        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r} (its default)")
     return parsed
 
 
