@@ -901,7 +901,8 @@ def parse_args(argv=None):
                          "contexts=(512,), batches=(1,), device='cpu', dtype=torch.float32) from Python instead")
         return args
     if os.path.isdir(args.ckpt):
-        parser.error(f"--ckpt: {args.ckpt} is a folder; pass the checkpoint in it, --ckpt={os.path.join(args.ckpt, 'ckpt.pt')}")
+        parser.error(f"--ckpt: {args.ckpt} is a folder; pass the checkpoint in it, "
+                     f"--ckpt={os.path.join(args.ckpt, 'ckpt.pt')}")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
                      f"(it writes out-shakespeare/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
