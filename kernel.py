@@ -870,8 +870,7 @@ class NAtSAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse_m, lse_f, *meta = ctx.saved_tensors
-        dq, dk, dv, dtypes = _backward(q, k, v, o, do.contiguous(), lse_m, lse_f, meta, ctx.window,
-                                       ctx.types_dtype)
+        dq, dk, dv, dtypes = _backward(q, k, v, o, do, lse_m, lse_f, meta, ctx.window, ctx.types_dtype)
         return dq, dk, dv, dtypes, None
 
 
