@@ -1045,10 +1045,18 @@ def test_two_processes_match_one(tmp_path, compile):
 
 def test_dual_ascent_moves_lambda_toward_the_budget():
     import train_shakespeare as ts
-    cfg = dict(kv_budget=0.2, dual_lr=0.5)
-    assert ts.dual_ascent(1.0, 0.4, cfg) == pytest.approx(1.1)  # above the budget: more pressure
-    assert ts.dual_ascent(1.0, 0.1, cfg) == pytest.approx(0.95)  # below: less
-    assert ts.dual_ascent(0.01, 0.0, cfg) == 0.0  # never a reward for keeping more
+    cfg = dict(kv_budget=0.2, dual_lr=0.5, dense_warmup=0, budget_anneal=0)
+    assert ts.dual_ascent(1.0, 0.4, 7, cfg) == pytest.approx(1.1)  # above the budget: more pressure
+    assert ts.dual_ascent(1.0, 0.1, 7, cfg) == pytest.approx(0.95)  # below: less
+    assert ts.dual_ascent(0.01, 0.0, 7, cfg) == 0.0  # never a reward for keeping more
+
+
+def test_annealed_budget_falls_from_one_after_the_warmup():
+    import train_shakespeare as ts
+    cfg = dict(kv_budget=0.2, dense_warmup=100, budget_anneal=400)
+    budgets = [ts.budget_at(it, cfg) for it in (0, 100, 300, 500, 900)]
+    assert budgets == pytest.approx([1.0, 1.0, 0.6, 0.2, 0.2])
+    assert ts.dual_ascent(1.0, 0.5, 300, dict(cfg, dual_lr=1.0)) == pytest.approx(0.9)  # under the step's budget
 
 
 def test_kv_budget_run_lands_near_its_budget(tmp_path, capsys):

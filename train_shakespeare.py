@@ -54,6 +54,8 @@ kv_budget = 0.0  # a target mean kv share in (0, 1]: lambda becomes a Lagrange m
                  # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight
 dual_lr = 0.03  # the multiplier's step per step and unit of kv share above the budget (0.01 was slower to
                 # reach the budget: results/README.md, "Training from scratch")
+budget_anneal = 0  # steps after the dense warm-up over which the budget falls linearly from 1 (all kept) to
+                   # kv_budget, so lambda rises only as fast as the scorers can follow
 dense_warmup = 0  # steps at the start with every token Global (dense attention), the scorers and lambda frozen,
                   # so the backbone learns long-range lookups before the scorers prune (results/README.md)
 # fine-tuning only the scorers of a trained model, the authors' second recipe
@@ -186,7 +188,8 @@ def check_config(cfg):
     for key in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "grad_clip", "min_lr", "dense_warmup"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "grad_clip", "min_lr", "dense_warmup",
+                "budget_anneal"):
         if not cfg[key] >= 0:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
     if not cfg["learning_rate"] > 0:
@@ -233,6 +236,8 @@ def check_sparsity_schedule(cfg):
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
     if cfg["kv_budget"] and not cfg["dual_lr"] > 0:
         raise SystemExit(f"--dual_lr={cfg['dual_lr']}: the multiplier of --kv_budget needs a step size > 0, like 0.03")
+    if cfg["budget_anneal"] and not cfg["kv_budget"]:
+        raise SystemExit(f"--budget_anneal={cfg['budget_anneal']} anneals a KV budget: pass --kv_budget too, like 0.15")
     for key in ("kv_budget", "dense_warmup"):
         if cfg[key] and cfg["attention"] != "nats":
             raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
@@ -640,11 +645,18 @@ def all_ranks_sum(t, device):
     return t.cpu()
 
 
-def dual_ascent(kv_weight, kv, cfg):
-    """lambda after a step whose mean kv share was kv (the train loop passes eval_kv_fraction, of the
-    argmax types that eval() and the KV cache keep): up while kv is above --kv_budget, down while
-    below, never below 0 (a constraint kv <= budget, so no reward for keeping more)."""
-    return max(0.0, kv_weight + cfg["dual_lr"] * (kv - cfg["kv_budget"]))
+def dual_ascent(kv_weight, kv, it, cfg):
+    """lambda after step it, whose mean kv share was kv (the train loop passes eval_kv_fraction, of
+    the argmax types that eval() and the KV cache keep): up while kv is above the step's budget, down
+    while below, never below 0 (a constraint kv <= budget, so no reward for keeping more)."""
+    return max(0.0, kv_weight + cfg["dual_lr"] * (kv - budget_at(it, cfg)))
+
+
+def budget_at(it, cfg):
+    """The kv budget of step it: 1 through the dense warm-up, then linearly down to --kv_budget over
+    --budget_anneal steps."""
+    done = (it - cfg["dense_warmup"]) / cfg["budget_anneal"] if cfg["budget_anneal"] else 1.0
+    return cfg["kv_budget"] + (1 - cfg["kv_budget"]) * (1 - min(1.0, max(0.0, done)))
 
 
 def learning_rate_at(it, cfg):
@@ -789,7 +801,7 @@ def train(cfg):
             if model.config.attention == "nats":
                 history["kv_weight"][it] = kv_weight
                 if cfg["kv_budget"] and not dense_warmup:
-                    kv_weight = dual_ascent(kv_weight, kv_value, cfg)
+                    kv_weight = dual_ascent(kv_weight, kv_value, it, cfg)
             it += 1
             if it % cfg["log_interval"] == 0:
                 now = time.time()
