@@ -35,10 +35,11 @@ from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, nats_attention
 
 @dataclass
 class GPTConfig:
-    """The model. The defaults are nanoGPT's baby GPT of shakespeare_char with NAtS attention:
-    what train_shakespeare.py trains on a GPU (config/cpu.py shrinks it for a CPU)."""
-    block_size: int = 256  # context length: the longest sequence forward() takes
-    vocab_size: int = 65  # the characters of data/shakespeare.txt; the training script sets it from the data
+    """The model. The defaults are nanoGPT's baby GPT of shakespeare_char with NAtS attention, at
+    context 512 on GPT-2's BPE: what train_shakespeare.py trains on a GPU (config/cpu.py shrinks
+    it for a CPU)."""
+    block_size: int = 512  # context length: the longest sequence forward() takes
+    vocab_size: int = 50257  # GPT-2's BPE; the training script sets it from the data
     n_layer: int = 6
     n_head: int = 6
     n_kv_head: int = 6  # < n_head: grouped-query attention; token types are per KV head

@@ -1144,7 +1144,8 @@ def test_command_line_and_config_files(tmp_path):
     (dict(dense_warmup=-1), "--dense_warmup"), (dict(dense_warmup=5, attention="sliding"), "--dense_warmup"),
     (dict(attention="random", random_global=2.0), "random_global"),
     (dict(attention_impl="triton", device="cpu"), "--attention_impl"),
-    (dict(dtype="bfloat16", device="cpu"), "--dtype"), (dict(tokenizer="gpt2", dataset="recall"), "--tokenizer"),
+    (dict(dtype="bfloat16", device="cpu"), "--dtype"), (dict(budget_anneal=-1), "--budget_anneal"),
+    (dict(kv_budget=0.2, budget_anneal=100), "--budget_anneal"),  # longer than the run's 40 steps
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts

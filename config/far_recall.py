@@ -28,3 +28,5 @@ eval_iters = 10  # 10 batches of 128 held-out sequences
 kv_budget = 0.15
 dense_warmup = 1500  # half the run: the warm-up must outlast the forming of the lookup, which at CPU size
                      # took far recall longer than 2000 steps (results/README.md, "Training from scratch")
+dual_lr = 0.03  # as measured (results/README.md); the budget not annealed
+budget_anneal = 0

@@ -26,3 +26,5 @@ log_interval = 50
 sample_tokens = 0
 kv_budget = 0.4
 dense_warmup = 1000  # the dense model of seeds 1 and 3 learned the lookup at steps 750-1000
+dual_lr = 0.03  # as measured (results/README.md); the budget not annealed
+budget_anneal = 0
