@@ -4,8 +4,8 @@ at matched KV budgets and random Global tokens at the same budgets, with the sam
 over one or more seeds; then write a table and a Pareto plot of val loss (or recall accuracy)
 against the share of the KV cache each keeps.
 
-    python sweep.py                                         # Shakespeare, the hardware's default config
-    python sweep.py config/far_recall.py --seeds=1,2,3 --jobs=12
+    python sweep.py --seeds=1,2,3 --jobs=8                  # the language-model table of results/README.md (GPU)
+    python sweep.py config/recall.py --kv_budgets=0.15 --windows=18 --seeds=1,2,3 --jobs=8
     python sweep.py --kv_budgets=0.15 --kv_weights=0.01,0.1 --windows=16,32 --finetune_iters=1000 --jobs=8
 
 The sweep's own flags:
@@ -13,7 +13,8 @@ The sweep's own flags:
                         "random Globals": token 0 and a random share of the others Global, the rest
                         Sliding, the share set so that the expected kv share is the budget
     --kv_weights        NAtS runs at fixed lambdas (--kv_weight)
-    --windows           sliding-window runs, one per W
+    --windows           sliding-window runs, one per W (the defaults, 24 and 38, keep 0.1 and 0.15
+                        of the entries at context 512, the default budgets)
     --seeds             every run once per seed (default: the config's seed); the table gives
                         the mean and every seed's value
     --finetune_iters    if > 0, also fine-tune the scorers of each dense run for that many steps,
@@ -36,7 +37,7 @@ import torch
 
 import train_shakespeare as ts
 
-SWEEP_DEFAULTS = dict(kv_budgets="0.15,0.25", kv_weights="", windows="16,64", seeds="", finetune_iters=0,
+SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
                       finetune_weights="", jobs=1)
 FIXED = dict(kv_budget=0.0, dense_warmup=0, budget_anneal=0)  # what a recipe's NAtS schedule becomes in runs without one
 

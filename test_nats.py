@@ -1072,6 +1072,17 @@ def test_kv_budget_run_lands_near_its_budget(tmp_path, capsys):
     assert re.search(r"kv 0\.\d{3} lambda \d", capsys.readouterr().out)  # the progress line shows lambda
 
 
+def test_annealed_budget_holds_lambda_at_zero_then_lands(tmp_path):
+    """The budget falls from 1 to 0.3 over 100 steps: no pressure while it is above what the model keeps
+    (kv 0.5-0.8 in the first 20 steps, the budget above 0.86), then the multiplier takes the run to 0.3
+    like the fixed budget above."""
+    history = tiny_run(tmp_path, window=2, kv_budget=0.3, budget_anneal=100, dual_lr=1.0, max_iters=200,
+                       lr_decay_iters=200, eval_interval=200, log_interval=100, sample_tokens=0)
+    lambdas = [history["kv_weight"][it] for it in range(200)]
+    assert lambdas[0] == 0.1 and max(lambdas[1:20]) == 0.0 and max(lambdas[100:]) > 0.1
+    assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03
+
+
 def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, capsys):
     history = tiny_run(tmp_path, dense_warmup=10, max_iters=10, eval_interval=10, log_interval=5, sample_tokens=0)
     assert "dense warm-up" in capsys.readouterr().out and history["loss"][9] < history["loss"][0]
@@ -1154,6 +1165,20 @@ def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     with pytest.raises(SystemExit, match=re.escape(flag)):
         ts.train(tiny_config_dict(tmp_path / "run", **bad))
     assert not (tmp_path / "run").exists()
+
+
+def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
+    """The GPU defaults (and recipes) carry a KV budget; --attention=dense or sliding has no scorers
+    for it, so it is dropped, while a budget given as a flag is an error that names it."""
+    import train_shakespeare as ts
+    recipe = tmp_path / "budget.py"
+    recipe.write_text("kv_budget = 0.2\ndense_warmup = 5\nbudget_anneal = 10\n")
+    cfg, _ = ts.make_config(TINY_RUN + [str(recipe)])
+    assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.2, 5, 10)
+    cfg, _ = ts.make_config(TINY_RUN + [str(recipe), "--attention=sliding"])
+    assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.0, 0, 0)
+    with pytest.raises(SystemExit, match="--kv_budget=0.2 steers NAtS"):
+        ts.make_config(TINY_RUN + [str(recipe), "--attention=dense", "--kv_budget=0.2"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,8 +3,8 @@ Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
 
     python train_shakespeare.py                      # baby GPT on BPE on a GPU, config/cpu.py on a CPU
     python train_shakespeare.py --attention=dense    # the causal baseline
-    python train_shakespeare.py --kv_budget=0.15 --out_dir=out-budget   # keep 15 % of the attention entries
-    python train_shakespeare.py --kv_weight=0.3 --max_iters=2000 --out_dir=out-sparse
+    python train_shakespeare.py --kv_budget=0.1 --out_dir=out-budget    # keep 10 % of the attention entries
+    python train_shakespeare.py --kv_budget=0 --kv_weight=0.3 --out_dir=out-sparse   # a fixed lambda
     python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt
     python train_shakespeare.py config/recall.py     # a recipe: a file of key = value lines
     torchrun --standalone --nproc_per_node=2 train_shakespeare.py --gradient_accumulation_steps=2
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import recall
-from nats import GLOBAL, LOCAL, GPT, GPTConfig, eval_mode, load_checkpoint
+from nats import GLOBAL, LOCAL, SLIDING, GPT, GPTConfig, eval_mode, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # defaults (the model's are GPTConfig's, in nats.py): the GPU run, nanoGPT's baby GPT on Shakespeare in GPT-2
@@ -87,6 +87,7 @@ DATA_DIR = os.path.join(HERE, "data")
 CPU_RECIPE = os.path.join(HERE, "config", "cpu.py")  # applied first when the run is on the CPU
 MODEL_KEYS = [key for key in asdict(GPTConfig()) if key != "vocab_size"]  # the data sets vocab_size
 RECALL_TASKS = {"recall": recall.make_sequences, "far_recall": recall.make_far_sequences}  # --dataset: generator
+NATS_SCHEDULE = ["kv_budget", "budget_anneal", "dense_warmup"]  # settings that act on NAtS scorers alone
 TEACHER_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base"]  # fine-tuning keeps them
 
 
@@ -140,7 +141,7 @@ def make_config(argv):
               "over them):\n" +
               "\n".join(f"  --{key}={value!r}" for key, value in known.items()))
         raise SystemExit(0)
-    overrides = {}
+    overrides, flags = {}, set()
     for arg in argv:
         if not arg.startswith("--"):
             overrides.update(read_recipe(arg, known))
@@ -154,12 +155,15 @@ def make_config(argv):
             raise SystemExit(f"{arg} needs a value: write --{key}=<value>, like --{key}={known[key]!r} "
                              f"(one word, with '=')")
         overrides[key] = parse_value(key, value if eq else "True", known[key])  # a bare --flag means True
+        flags.add(key)
     config = dict(known)
     run_device = str(overrides.get("device", config["device"]))
     on_cpu = device_type(run_device) == "cpu"
     if on_cpu:
         config.update(read_recipe(CPU_RECIPE, known))
     config.update(overrides)
+    if config["attention"] != "nats":  # the defaults' or a recipe's KV budget steers NAtS scorers, which this has not
+        config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     check_config(config)
     why = "config/cpu.py (no CUDA device)" if on_cpu and not torch.cuda.is_available() else \
         "config/cpu.py (--device=cpu)" if on_cpu else "the baby GPT on GPT-2 BPE"
@@ -241,7 +245,7 @@ def check_sparsity_schedule(cfg):
         raise SystemExit(f"--budget_anneal={cfg['budget_anneal']} is longer than the {steps} steps after the dense "
                          f"warm-up: the budget would not reach --kv_budget={cfg['kv_budget']}; pass --budget_anneal="
                          f"{int(0.6 * steps)} (60 % of them) or 0")
-    for key in ("kv_budget", "dense_warmup"):
+    for key in NATS_SCHEDULE:
         if cfg[key] and cfg["attention"] != "nats":
             raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
     if cfg["dense_warmup"] and cfg["finetune_scorer"]:
@@ -442,12 +446,19 @@ def cache_report(caches, attention):
 TYPE_NAMES = ("Global", "Local", "Sliding")
 ANSI = ("\033[1;97;41m", "\033[30;43m", "\033[2m")  # Global: white on red, Local: on yellow, Sliding: dim
 BRACKETS = ("[{}]", "{{{}}}", "{}")  # without a terminal: [Global], {Local}, Sliding as it is
-HTML_STYLE = ("background:#d62728;color:white;font-weight:bold", "background:#ffd34d", "color:#999")
+HTML_STYLE = ("<style>pre{font-size:14px;line-height:1.5;white-space:pre-wrap;color:#999}"  # Sliding: grey text
+              ".G{background:#d62728;color:white;font-weight:bold}.L{background:#ffd34d;color:black}.S{color:#999}</style>")
 
 
 def mark(piece, kind, colour):
     """One token's text marked by its type: ANSI colours on a terminal, brackets in a file."""
     return f"{ANSI[kind]}{piece}\033[0m" if colour else BRACKETS[kind].format(piece)
+
+
+def mark_html(piece, kind):
+    """One token's text in the page: Global and Local in a coloured span, Sliding as plain text."""
+    text = html.escape(piece)
+    return text if kind == SLIDING else f"<span class={'GL'[kind]}>{text}</span>"
 
 
 def sink_and_window_kv(length, window):
@@ -488,13 +499,11 @@ def show_token_types(model, tokens, decode, device, cfg):
     print(f"Global tokens of these {len(pieces)} per KV head:")
     for l, heads in enumerate(kinds):
         print(f"  layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads))
-    legend_html = " ".join(f'<span style="{HTML_STYLE[k]}">{name}</span>' for k, name in enumerate(TYPE_NAMES))
-    blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4>"
-                     f"<pre style='font-size:14px;line-height:1.5;white-space:pre-wrap'>"
-                     + "".join(f'<span style="{HTML_STYLE[k]}" title="{TYPE_NAMES[k]}">{html.escape(p)}</span>'
-                               for p, k in zip(pieces, row)) + "</pre>"
+    legend_html = " ".join(f"<span class={'GLS'[k]}>{name}</span>" for k, name in enumerate(TYPE_NAMES))
+    blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4><pre>"
+                     + "".join(mark_html(p, k) for p, k in zip(pieces, row)) + "</pre>"
                      for l, h in order for row in [kinds[l][h]])
-    page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>"
+    page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>{HTML_STYLE}"
             f"<h3>Token types of every layer and KV head, the most Global tokens first ({legend_html})</h3>{blocks}")
     path = os.path.join(cfg["out_dir"], "token_types.html")
     with open(path, "w", encoding="utf-8") as f:
