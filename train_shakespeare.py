@@ -33,8 +33,8 @@ from nats import GLOBAL, LOCAL, SLIDING, GPT, GPTConfig, eval_mode, load_checkpo
 
 # -----------------------------------------------------------------------------
 # defaults (the model's are GPTConfig's, in nats.py): the GPU run, nanoGPT's baby GPT on Shakespeare in GPT-2
-# BPE at context 512, where long context pays, at a KV budget of 0.15 (results/README.md, "Language
-# modelling"); config/cpu.py makes it the CPU run, on characters
+# BPE at context 512, where long context pays, at a KV budget of 0.15 (results/README.md, "From scratch on
+# a GPU"); config/cpu.py makes it the CPU run, on characters
 # I/O
 out_dir = "out-shakespeare"  # ckpt.pt, history.json and token_types.html go here
 resume = False  # continue out_dir/ckpt.pt exactly where it stopped
@@ -239,7 +239,7 @@ def check_sparsity_schedule(cfg):
         raise SystemExit(f"--kv_budget={cfg['kv_budget']}: pass the share of the attention entries to keep, in "
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
     if cfg["kv_budget"] and not cfg["dual_lr"] > 0:
-        raise SystemExit(f"--dual_lr={cfg['dual_lr']}: the multiplier of --kv_budget needs a step size > 0, like 0.03")
+        raise SystemExit(f"--dual_lr={cfg['dual_lr']}: the multiplier of --kv_budget needs a step size > 0, like 1.0")
     steps = cfg["max_iters"] - cfg["dense_warmup"]
     if cfg["kv_budget"] and cfg["budget_anneal"] > steps:
         raise SystemExit(f"--budget_anneal={cfg['budget_anneal']} is longer than the {steps} steps after the dense "
