@@ -4,7 +4,7 @@ at matched KV budgets and random Global tokens at the same budgets, with the sam
 over one or more seeds; then write a table and a Pareto plot of val loss (or recall accuracy)
 against the share of the KV cache each keeps.
 
-    python sweep.py --seeds=1,2,3 --jobs=8                  # the language-model table of results/README.md (GPU)
+    python sweep.py --seeds=1,2,3 --jobs=8                  # the language-model table (2 GPUs: 4 runs on each)
     python sweep.py config/recall.py --kv_budgets=0.15 --windows=18 --seeds=1,2,3 --jobs=8
     python sweep.py --kv_budgets=0.15 --kv_weights=0.01,0.1 --windows=16,32 --finetune_iters=1000 --jobs=8
 
@@ -95,8 +95,8 @@ def seed_variants(own, base, tag):
         dense = os.path.join(run_dir(base, "dense" + tag), "ckpt.pt")
         for target, changes in [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in given] or middle:
             runs.append((f"nats fine-tuned {target}", dict(
-                changes, attention="nats", dense_warmup=0, finetune_scorer=True, max_iters=own["finetune_iters"],
-                lr_decay_iters=own["finetune_iters"], init_from=dense), "dense"))
+                changes, attention="nats", dense_warmup=0, budget_anneal=0, finetune_scorer=True,
+                max_iters=own["finetune_iters"], lr_decay_iters=own["finetune_iters"], init_from=dense), "dense"))
     return runs
 
 

@@ -951,8 +951,9 @@ def test_training_loss_falls_and_types_are_reported(tmp_path, capsys):
     assert 0 < last["kv_fraction"][0] <= 1 and sum(last["type_share"]) == pytest.approx(1.0)
     page = (tmp_path / "token_types.html").read_text()
     assert page.count("<h4>") == 2 * 1  # every layer and KV head
-    w = ts.matching_window(np.mean(last["kv_fraction"]), 32)  # the end names the sliding run to compare with
-    assert f"--attention=sliding --window={w} " in capsys.readouterr().out
+    w = ts.matching_window(np.mean(last["kv_fraction"]), 32)  # the end names the sliding run to compare with,
+    command = re.search(r"python train_shakespeare.py .*", capsys.readouterr().out).group()  # with this run's settings
+    assert "--n_layer=2 " in command and command.endswith(f"--attention=sliding --window={w} --out_dir=out-sliding-{w}")
 
 
 def test_the_sliding_baseline_of_a_kv_share():
@@ -1157,6 +1158,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(attention_impl="triton", device="cpu"), "--attention_impl"),
     (dict(dtype="bfloat16", device="cpu"), "--dtype"), (dict(budget_anneal=-1), "--budget_anneal"),
     (dict(kv_budget=0.2, budget_anneal=100), "--budget_anneal"),  # longer than the run's 40 steps
+    (dict(kv_budget=0.2, dense_warmup=40), "--dense_warmup=40 lasts the whole run"),
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1179,6 +1181,8 @@ def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
     assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.0, 0, 0)
     with pytest.raises(SystemExit, match="--kv_budget=0.2 steers NAtS"):
         ts.make_config(TINY_RUN + [str(recipe), "--attention=dense", "--kv_budget=0.2"])
+    with pytest.raises(SystemExit, match="--budget_anneal=10 anneals a KV budget, and this run has none"):
+        ts.make_config(TINY_RUN + ["--budget_anneal=10"])  # the CPU run has no budget
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -137,14 +137,15 @@ def make_config(argv):
     --key=value flags of argv in their order. Returns the checked config and what it is based on."""
     known = defaults()
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__ + "\nSettings and their defaults (--key=value; a run on a CPU applies config/cpu.py "
-              "over them):\n" +
-              "\n".join(f"  --{key}={value!r}" for key, value in known.items()))
+        here = machine_defaults(known["device"])
+        print(__doc__ + f"\nSettings and their defaults on this machine, {describe_base(here['device'])}:\n" +
+              "\n".join(f"  --{key}={value!r}" for key, value in here.items()))
         raise SystemExit(0)
-    overrides, flags = {}, set()
+    overrides, flags, recipes = {}, set(), []
     for arg in argv:
         if not arg.startswith("--"):
             overrides.update(read_recipe(arg, known))
+            recipes.append(arg)
             continue
         key, eq, value = arg[2:].partition("=")
         if key not in known:
@@ -156,18 +157,30 @@ def make_config(argv):
                              f"(one word, with '=')")
         overrides[key] = parse_value(key, value if eq else "True", known[key])  # a bare --flag means True
         flags.add(key)
-    config = dict(known)
-    run_device = str(overrides.get("device", config["device"]))
-    on_cpu = device_type(run_device) == "cpu"
-    if on_cpu:
-        config.update(read_recipe(CPU_RECIPE, known))
+    config = machine_defaults(str(overrides.get("device", known["device"])))
     config.update(overrides)
+    if "budget_anneal" in flags and not config["kv_budget"]:
+        raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
+                         f"pass --kv_budget too, like --kv_budget=0.15")
     if config["attention"] != "nats":  # the defaults' or a recipe's KV budget steers NAtS scorers, which this has not
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     check_config(config)
-    why = "config/cpu.py (no CUDA device)" if on_cpu and not torch.cuda.is_available() else \
-        "config/cpu.py (--device=cpu)" if on_cpu else "the baby GPT on GPT-2 BPE"
-    return config, why
+    return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+def machine_defaults(device):
+    """Every setting's default for a run on this device: this file's and GPTConfig's, with
+    config/cpu.py over them on a CPU."""
+    config = defaults()
+    if device_type(device) == "cpu":
+        config.update(read_recipe(CPU_RECIPE, config))
+    return config
+
+
+def describe_base(device):
+    if device_type(device) == "cuda":
+        return "the GPU defaults, the baby GPT on GPT-2 BPE"
+    return "config/cpu.py (" + ("--device=cpu)" if torch.cuda.is_available() else "no CUDA device)")
 
 
 def device_type(name):
@@ -240,6 +253,10 @@ def check_sparsity_schedule(cfg):
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
     if cfg["kv_budget"] and not cfg["dual_lr"] > 0:
         raise SystemExit(f"--dual_lr={cfg['dual_lr']}: the multiplier of --kv_budget needs a step size > 0, like 1.0")
+    if cfg["kv_budget"] and cfg["dense_warmup"] >= cfg["max_iters"]:
+        raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} lasts the whole run of --max_iters={cfg['max_iters']} "
+                         f"steps, so --kv_budget={cfg['kv_budget']} never acts: pass a shorter warm-up, like "
+                         f"--dense_warmup={cfg['max_iters'] // 2}")
     steps = cfg["max_iters"] - cfg["dense_warmup"]
     if cfg["kv_budget"] and cfg["budget_anneal"] > steps:
         raise SystemExit(f"--budget_anneal={cfg['budget_anneal']} is longer than the {steps} steps after the dense "
@@ -481,7 +498,18 @@ def print_sliding_match(result, cfg):
     w = matching_window(kv, cfg["block_size"])
     print(f"kv share {kv:.3f} at the last eval (val loss {result['val']:.4f}): a sink + sliding window of "
           f"W = {w} keeps {sink_and_window_kv(cfg['block_size'], w):.3f};\ntrain it with the same settings to compare:"
-          f"\n  python train_shakespeare.py --attention=sliding --window={w} --out_dir=out-sliding-{w} ...")
+          f"\n  {sliding_command(cfg, w)}")
+
+
+def sliding_command(cfg, window):
+    """The command that trains the sink + sliding baseline of this window with the run's other
+    settings: those that differ from this machine's defaults, less the ones only NAtS has."""
+    base = machine_defaults(cfg["device"])
+    nats_only = {"attention", "window", "out_dir", "resume", "overwrite", "kv_weight", "dual_lr", "init_from",
+                 "finetune_scorer", *NATS_SCHEDULE}
+    same = [f"--{key}={value}" for key, value in cfg.items() if key not in nats_only and base.get(key, value) != value]
+    return " ".join(["python train_shakespeare.py", *same, "--attention=sliding", f"--window={window}",
+                     f"--out_dir=out-sliding-{window}"])
 
 
 def show_token_types(model, tokens, decode, device, cfg):
@@ -501,7 +529,7 @@ def show_token_types(model, tokens, decode, device, cfg):
         print(f"  layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads))
     legend_html = " ".join(f"<span class={'GLS'[k]}>{name}</span>" for k, name in enumerate(TYPE_NAMES))
     blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4><pre>"
-                     + "".join(mark_html(p, k) for p, k in zip(pieces, row)) + "</pre>"
+                     + "".join(mark_html(p.replace("\n", "↵\n"), k) for p, k in zip(pieces, row)) + "</pre>"
                      for l, h in order for row in [kinds[l][h]])
     page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>{HTML_STYLE}"
             f"<h3>Token types of every layer and KV head, the most Global tokens first ({legend_html})</h3>{blocks}")
@@ -854,7 +882,8 @@ def train(cfg):
 if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
-        print(f"config: {why}: {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
+        data = config["dataset"] + (f" ({config['tokenizer']})" if config["dataset"] == "shakespeare" else "")
+        print(f"config: {why}: {data}, {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
               f"batch {config['batch_size']}, {config['max_iters']} steps on {config['device']}")
         if config["compile"]:
             print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
