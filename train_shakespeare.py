@@ -159,7 +159,7 @@ def make_config(argv):
         flags.add(key)
     config = machine_defaults(str(overrides.get("device", known["device"])))
     config.update(overrides)
-    if "budget_anneal" in flags and not config["kv_budget"]:
+    if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
                          f"pass --kv_budget too, like --kv_budget=0.15")
     if config["attention"] != "nats":  # the defaults' or a recipe's KV budget steers NAtS scorers, which this has not
