@@ -134,7 +134,8 @@ def _a(default):
 
 def make_config(argv):
     """The defaults, then config/cpu.py if the run is on the CPU, then the config files and
-    --key=value flags of argv in their order. Returns the checked config and what it is based on."""
+    --key=value flags of argv in their order; with an attention other than NAtS, the NAtS schedule
+    (NATS_SCHEDULE) is 0 unless a flag sets it. Returns the checked config and what it is based on."""
     known = defaults()
     if any(arg in ("-h", "--help") for arg in argv):
         here = machine_defaults(known["device"])
@@ -178,6 +179,7 @@ def machine_defaults(device):
 
 
 def describe_base(device):
+    """What a run on this device starts from, for the banner and --help."""
     if device_type(device) == "cuda":
         return "the GPU defaults, the baby GPT on GPT-2 BPE"
     return "config/cpu.py (" + ("--device=cpu)" if torch.cuda.is_available() else "no CUDA device)")
