@@ -201,9 +201,12 @@ def write_table(rows, base, path):
     """sweep.md: a row per variant, the mean over its seeds and every seed's value."""
     recall = base["dataset"] in ts.RECALL_TASKS
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"{base['dataset']}, {base['n_layer']} layers x {base['n_embd']} wide, context {base['block_size']}, "
+    data = base["dataset"] + (f" ({base['tokenizer']})" if base["dataset"] == "shakespeare" else "")
+    card = (f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name()})"
+            if ts.device_type(base["device"]) == "cuda" else "")
+    lines = [f"{data}, {base['n_layer']} layers x {base['n_embd']} wide, context {base['block_size']}, "
              f"W = {base['window']}, {base['max_iters']} iterations, seeds {', '.join(map(str, seeds))}, "
-             f"device {base['device']}", "",
+             f"device {base['device']}{card}, {time.strftime('%Y-%m-%d')}", "",
              "| run | val loss |" + (" recall accuracy |" if recall else "")
              + " kv share | end cache | G / L / S | steps | minutes |",
              "|---|---|" + ("---|" if recall else "") + "---|---|---|---|---|"]

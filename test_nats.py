@@ -1428,7 +1428,7 @@ def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
             "random Globals budget=0.5", "nats fine-tuned lambda=0.1"]
     assert sorted(row["run"] for row in rows) == sorted(runs)
     table = (tmp_path / "sweep.md").read_text()
-    assert all(f"| {run} |" in table for run in runs)
+    assert all(f"| {run} |" in table for run in runs) and table.startswith("shakespeare (char), 2 layers x 32 wide")
     assert (tmp_path / "nats_lambda=0.1" / "token_types.html").exists()
 
 
