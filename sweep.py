@@ -39,7 +39,7 @@ import train_shakespeare as ts
 
 SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
                       finetune_weights="", jobs=1)
-FIXED = dict(kv_budget=0.0, dense_warmup=0, budget_anneal=0)  # what a recipe's NAtS schedule becomes in runs without one
+FIXED = dict.fromkeys(ts.NATS_SCHEDULE, 0)  # what a recipe's NAtS schedule becomes in runs without one
 
 
 def split_args(argv):

@@ -519,11 +519,11 @@ def show_token_types(model, tokens, decode, device, cfg):
     (--show_layer, --show_head; by default the one with the most Global tokens), every layer and
     KV head in out_dir/token_types.html, the most Globals first."""
     kinds = model.token_types(torch.from_numpy(tokens.astype(np.int64))[None].to(device))[:, 0].tolist()
-    pieces = [decode([t]) for t in tokens.tolist()]
+    pieces = [decode([t]).replace("\n", "↵\n") for t in tokens.tolist()]  # a marked newline stays visible
     order = most_global_first(kinds)
     layer, head = next((l, h) for l, h in order if cfg["show_layer"] in (-1, l) and cfg["show_head"] in (-1, h))
     colour = sys.stdout.isatty()
-    text = "".join(mark(p.replace("\n", "↵\n"), k, colour) for p, k in zip(pieces, kinds[layer][head]))
+    text = "".join(mark(p, k, colour) for p, k in zip(pieces, kinds[layer][head]))
     legend = " ".join(mark(name, k, colour) for k, name in enumerate(TYPE_NAMES))
     print(f"\ntoken types, layer {layer} KV head {head} ({legend}):\n{text}\n")
     print(f"Global tokens of these {len(pieces)} per KV head:")
@@ -531,7 +531,7 @@ def show_token_types(model, tokens, decode, device, cfg):
         print(f"  layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads))
     legend_html = " ".join(f"<span class={'GLS'[k]}>{name}</span>" for k, name in enumerate(TYPE_NAMES))
     blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4><pre>"
-                     + "".join(mark_html(p.replace("\n", "↵\n"), k) for p, k in zip(pieces, row)) + "</pre>"
+                     + "".join(mark_html(p, k) for p, k in zip(pieces, row)) + "</pre>"
                      for l, h in order for row in [kinds[l][h]])
     page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>{HTML_STYLE}"
             f"<h3>Token types of every layer and KV head, the most Global tokens first ({legend_html})</h3>{blocks}")
