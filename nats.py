@@ -12,8 +12,9 @@ The loss adds lambda x (share of the causal attention entries that stay visible)
 model learns to keep only the tokens it needs. attention="dense" gives the ordinary causal
 baseline every result is compared with, "sliding" and "random" the fixed patterns.
 
-Reading order: the model; generation through a KV cache of fixed slots that really evicts,
-with a decode step a CUDA graph can replay; the decode benchmark; sampling from a checkpoint:
+Reading order: the model (config, RoPE, scorer, attention with the fixed patterns' kv shares,
+blocks, GPT); checkpoints; generation (the KV cache of fixed slots that really evicts, the decode
+step a CUDA graph replays, the decoder, generate); the decode benchmark; the command line:
 
     python nats.py --ckpt=out-shakespeare/ckpt.pt --start="ROMEO:"   # sample, and what the cache held
     python nats.py --bench                                           # decode speed and memory (GPU)
@@ -30,7 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import load_dataset
+from data.tokenizers import GPT2_PADDED_VOCAB
 from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, nats_attention
+
+OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
+SEED = 1337  # the default seed of training and of sampling
 
 
 @dataclass
@@ -49,7 +55,6 @@ class GPTConfig:
                              # or "random" (position 0 and a random_global share of the others Global, the rest Sliding)
     attention_impl: str = "auto"  # NAtS: "triton" kernel, "reference" PyTorch, "auto" = the kernel on CUDA
     window: int = 16  # W: a Sliding token is seen by the W+1 queries j .. j+W (the authors' from-scratch W)
-    kv_weight: float = 0.1  # lambda: weight of the mean kv_fraction in the loss (forward() may be given another)
     random_global: float = 0.0  # attention="random": the chance that a token is Global, drawn anew every forward
     rope_base: float = 10000.0  # RoPE's base, as in most RoPE models
     init_std: float = 0.02  # weights ~ N(0, init_std), GPT-2's 0.02; a small model learns lookups
@@ -75,8 +80,6 @@ class GPTConfig:
         if self.window < 0:
             raise ValueError(f"window must be >= 0 (0: a Sliding token is seen by its own query only), "
                              f"got {self.window}")
-        if not self.kv_weight >= 0:
-            raise ValueError(f"kv_weight must be >= 0 (a negative weight rewards keeping keys), got {self.kv_weight}")
         if not 0 <= self.random_global <= 1:
             raise ValueError(f"random_global must be a probability in [0, 1], got {self.random_global}")
         if not 0 <= self.dropout < 1:
@@ -223,6 +226,20 @@ class CausalSelfAttention(nn.Module):
         q, k = rotary(qkv[:, :, :H + H_kv], *rope).split([H, H_kv], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + H_kv:].transpose(1, 2)
 
+    def attend(self, q, k, v, token_types):
+        """Causal attention with the NAtS mask of token_types (None: dense), projected: [B, T, C]."""
+        cfg = self.config
+        if token_types is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_head < cfg.n_head)
+        else:
+            y = nats_attention(q, k, v, token_types.to(q.dtype), cfg.window, impl=cfg.attention_impl)
+        return self.project(y)
+
+    def project(self, y):
+        """The heads' outputs y [B, H, T, D] side by side, through the output projection: [B, T, C]."""
+        B, H, T, D = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
     def token_types(self, x, pos, all_global=False):
         """One-hot types [B, H_kv, T, 3] (see token_kinds), in training the scorer's straight-through
         samples (nats), and the scorer's argmax types of training (see TokenTypeScorer), else None;
@@ -250,19 +267,30 @@ class CausalSelfAttention(nn.Module):
             is_global = is_global | (torch.rand(shape, device=x.device) < cfg.random_global)
         return torch.where(is_global, GLOBAL, SLIDING).expand(shape)
 
-    def attend(self, q, k, v, token_types):
-        """Causal attention with the NAtS mask of token_types (None: dense), projected: [B, T, C]."""
-        cfg = self.config
-        if token_types is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_head < cfg.n_head)
-        else:
-            y = nats_attention(q, k, v, token_types.to(q.dtype), cfg.window, impl=cfg.attention_impl)
-        return self.project(y)
 
-    def project(self, y):
-        """The heads' outputs y [B, H, T, D] side by side, through the output projection: [B, T, C]."""
-        B, H, T, D = y.shape
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+# The kv shares of the fixed patterns token_kinds makes: what a NAtS run is compared with at equal kv.
+
+
+def sink_and_window_kv(length, window):
+    """The kv share of the sliding baseline (attention="sliding": token 0 Global, the rest Sliding
+    with this window) at this sequence length: key 0 is seen by all `length` queries, key j > 0 by
+    min(W + 1, length - j) of them."""
+    m = min(window + 1, length - 1)
+    sliding = m * (m + 1) / 2 + (length - 1 - m) * (window + 1)  # sum over d = length - j of min(W + 1, d)
+    return (length + sliding) / (length * (length + 1) / 2)
+
+
+def matching_window(kv, length):
+    """The window whose sliding baseline keeps the kv share closest to kv at this length."""
+    return min(range(length), key=lambda w: abs(sink_and_window_kv(length, w) - kv))
+
+
+def random_global_share(budget, length, window):
+    """The chance p of each token but the first being Global (the rest Sliding, token 0 Global)
+    whose expected kv_fraction over sequences of `length` is `budget`: kv is linear in p, from
+    the sink-plus-window pattern's share at p = 0 to 1 at p = 1. Clipped to [0, 1]."""
+    floor = sink_and_window_kv(length, window)
+    return min(1.0, max(0.0, (budget - floor) / (1 - floor))) if floor < 1 else 0.0  # the window sees all
 
 
 class MLP(nn.Module):
@@ -347,16 +375,17 @@ class GPT(nn.Module):
             layers.append(stats)
         return self.transformer.ln_f(x), layers
 
-    def forward(self, idx, targets=None, teacher=None, kv_weight=None, all_global=False):
+    def forward(self, idx, targets=None, teacher=None, kv_weight=0.0, all_global=False):
         """idx [B, T] -> (logits [B, T, vocab], loss, stats).
 
         With targets [B, T] (-1: not scored) the loss is the cross-entropy + kv_weight x the mean
-        kv_fraction over layers (NAtS only); kv_weight, a float or 0-d tensor >= 0, is
-        config.kv_weight unless given (the training loop passes the Lagrange multiplier of a KV
-        budget, as a tensor so that a compiled step does not recompile for each value). With a teacher (a
-        frozen dense GPT) the first term is instead the authors' fine-tuning objective, the mean
-        squared error between the final hidden states and the teacher's. Without targets the
-        loss is None. all_global: every token Global, the scorers not run (a dense warm-up).
+        kv_fraction over layers (NAtS only); kv_weight is lambda, a float or 0-d tensor >= 0 (the
+        training loop passes a fixed one or the Lagrange multiplier of a KV budget, as a tensor so
+        that a compiled step does not recompile for each value). With a teacher (a frozen dense
+        GPT) the first term is instead the authors' fine-tuning objective, the mean squared error
+        between the final hidden states and the teacher's. Without targets the loss is None.
+        all_global: every token Global, the scorers not run (a dense warm-up). Raises ValueError
+        for a negative float kv_weight.
 
         stats, detached, for logs and pictures: ce (with targets) and, unless the attention is
         dense, per layer kv_fraction [n_layer], eval_kv_fraction [n_layer] (the kv share of the
@@ -364,6 +393,8 @@ class GPT(nn.Module):
         the sampled types), type_share [n_layer, 3], cache_size [n_layer] and token_types
         [n_layer, B, H_kv, T] (long: 0 Global, 1 Local, 2 Sliding).
         """
+        if isinstance(kv_weight, (int, float)) and not kv_weight >= 0:
+            raise ValueError(f"kv_weight must be >= 0 (a negative weight rewards keeping keys), got {kv_weight}")
         hidden, layers = self.hidden_states(idx, all_global=all_global)
         logits = self.lm_head(hidden)
         dense = self.config.attention == "dense"
@@ -384,7 +415,7 @@ class GPT(nn.Module):
                 target, _ = teacher.hidden_states(idx)
             loss = F.mse_loss(hidden.float(), target.float())
         if self.config.attention == "nats":  # the fixed patterns have nothing to learn
-            loss = loss + (self.config.kv_weight if kv_weight is None else kv_weight) * kv_fraction.mean()
+            loss = loss + kv_weight * kv_fraction.mean()
         return logits, loss, stats
 
     @torch.no_grad()
@@ -429,72 +460,6 @@ class GPT(nn.Module):
         hidden, _ = self.hidden_states(idx, caches, pos, (cos[pos], sin[pos]))
         return self.lm_head(hidden[:, -1])
 
-    @torch.no_grad()
-    def decode(self, idx, prefill=1, caches=None, cuda_graph=None):
-        """Logits [B, T, vocab] of every position of idx [B, T]: the first `prefill` (>= 1) tokens
-        in one forward, then one token at a time through evicting caches (new_caches() unless
-        given). Equals forward() in eval() mode; tests use it. cuda_graph: see Decoder. Raises
-        ValueError for a prefill out of range."""
-        if not 1 <= prefill <= idx.shape[1]:
-            raise ValueError(f"prefill must be in 1..{idx.shape[1]} (the prompt's tokens), got {prefill}")
-        caches = self.new_caches() if caches is None else caches
-        with eval_mode(self):
-            decoder = Decoder(self, caches, idx.shape[1], cuda_graph)
-            logits = [self.lm_head(decoder.prefill(idx[:, :prefill]))]
-            logits += [decoder(idx[:, t:t + 1])[:, None] for t in range(prefill, idx.shape[1])]
-        return torch.cat(logits, dim=1)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None, cuda_graph=None):
-        """Sample max_new_tokens after the prompt idx [B, T] (long, on the model's device) and
-        return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
-        then one token per step goes through the evicting caches (pass empty ones from
-        new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
-        Decoder; cuda_graph=False runs it eagerly). temperature 0 is greedy decoding (the most
-        likely token); top_k keeps the k most likely. Past block_size positions keep counting;
-        memory stays bounded as long as Global tokens stay sparse. Raises ValueError for a
-        malformed prompt, one longer than block_size, or a negative temperature, max_new_tokens
-        or top_k out of range."""
-        device = self.lm_head.weight.device
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
-        if idx.device != device:
-            raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0: always the most likely token), got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k must be in 1..vocab_size={self.config.vocab_size}, got {top_k}")
-        if max_new_tokens == 0:
-            return idx
-        caches = self.new_caches() if caches is None else caches
-        B, T = idx.shape
-        out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
-        with eval_mode(self):
-            decoder = Decoder(self, caches, T + max_new_tokens - 1, cuda_graph)  # the last token is not fed
-            logits = self.lm_head(decoder.prefill(idx)[:, -1])
-            for t in range(T, T + max_new_tokens):
-                out[:, t] = next_token(logits, temperature, top_k)
-                if t + 1 < out.shape[1]:
-                    logits = decoder(out[:, t:t + 1])
-        return out
-
-
-def next_token(logits, temperature, top_k):
-    """One token id per row [B] (long) from logits [B, vocab]: the most likely at temperature 0,
-    else a draw from softmax(logits / temperature) over the top_k most likely (all if None)."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        threshold = torch.topk(logits, top_k).values[:, [-1]]
-        logits = logits.masked_fill(logits < threshold, -float("inf"))
-    # argmax of p / Exp(1) noise is a draw from p: how torch.multinomial draws one sample, without
-    # its check of the probabilities, which waits for the GPU
-    return (F.softmax(logits, dim=-1) / torch.empty_like(logits).exponential_()).argmax(-1)
-
 
 class eval_mode:
     """with eval_mode(model): run the block in eval() mode (argmax types, no dropout), then
@@ -530,6 +495,7 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
         raise ValueError(f"{path} is a PyTorch file but not a checkpoint of train_shakespeare.py "
                          f"(it has no 'model' and 'model_args')")
+    checkpoint["model_args"].pop("kv_weight", None)  # lambda's start, a model field in checkpoints before 2026-12
     return checkpoint
 
 
@@ -537,6 +503,7 @@ def load_checkpoint(path, device="cpu"):
 # Generation: a KV cache of fixed slots that evicts, and a decode step a CUDA graph replays
 
 MIN_ROOM = 64  # free slots a growing cache adds at least: its fill is looked at (a GPU sync) rarely
+TEMPERATURE, TOP_K = 0.8, 200  # how samples are drawn by default, here and at the end of a training run
 
 
 def expired(kind, pos, t, last_global, window):
@@ -638,6 +605,18 @@ class KVCache:
         per_token = 2 * D * self.k.element_size()  # k and v
         return dict(tokens_mean=held.mean().item(), tokens_max=held.max().item(), seen=self.seen, slots=slots,
                     bytes=B * H * slots * (per_token + 5), dense_bytes=B * H * self.seen * per_token)
+
+
+def cache_report(caches, attention):
+    """What the caches (one KVCache per layer) held after generation, per layer, and their
+    memory against a dense cache: a line or two of text for the terminal."""
+    stats = [c.stats() for c in caches]
+    seen, kept, dense = stats[0]["seen"], sum(s["bytes"] for s in stats), sum(s["dense_bytes"] for s in stats)
+    if attention == "dense":
+        return f"KV cache after {seen} tokens: dense, every token in every layer and head, {dense / 1e3:.1f} kB"
+    held = " ".join(f"{s['tokens_mean']:.0f}/{s['tokens_max']:.0f}" for s in stats)
+    return (f"KV cache after {seen} tokens, tokens held per KV head in each layer (mean/max): {held}\n"
+            f"  {kept / 1e3:.1f} kB allocated, {kept / dense:.0%} of the {dense / 1e3:.1f} kB of a dense cache")
 
 
 def make_room(caches, steps_left):
@@ -745,6 +724,74 @@ class Decoder:
         return logits
 
 
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None, cuda_graph=None):
+    """Sample max_new_tokens after the prompt idx [B, T] (long, on the model's device) and
+    return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
+    then one token per step goes through the evicting caches (pass empty ones from
+    new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
+    Decoder; cuda_graph=False runs it eagerly). temperature 0 is greedy decoding (the most
+    likely token); top_k keeps the k most likely. Past block_size positions keep counting;
+    memory stays bounded as long as Global tokens stay sparse. Raises ValueError for a
+    malformed prompt, one longer than block_size, or a negative temperature, max_new_tokens
+    or top_k out of range."""
+    device = model.lm_head.weight.device
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: always the most likely token), got {temperature}")
+    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k must be in 1..vocab_size={model.config.vocab_size}, got {top_k}")
+    if max_new_tokens == 0:
+        return idx
+    caches = model.new_caches() if caches is None else caches
+    B, T = idx.shape
+    out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+    with eval_mode(model):
+        decoder = Decoder(model, caches, T + max_new_tokens - 1, cuda_graph)  # the last token is not fed
+        logits = model.lm_head(decoder.prefill(idx)[:, -1])
+        for t in range(T, T + max_new_tokens):
+            out[:, t] = next_token(logits, temperature, top_k)
+            if t + 1 < out.shape[1]:
+                logits = decoder(out[:, t:t + 1])
+    return out
+
+
+def next_token(logits, temperature, top_k):
+    """One token id per row [B] (long) from logits [B, vocab]: the most likely at temperature 0,
+    else a draw from softmax(logits / temperature) over the top_k most likely (all if None)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        threshold = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < threshold, -float("inf"))
+    # argmax of p / Exp(1) noise is a draw from p: how torch.multinomial draws one sample, without
+    # its check of the probabilities, which waits for the GPU
+    return (F.softmax(logits, dim=-1) / torch.empty_like(logits).exponential_()).argmax(-1)
+
+
+@torch.no_grad()
+def decode(model, idx, prefill=1, caches=None, cuda_graph=None):
+    """Logits [B, T, vocab] of every position of idx [B, T]: the first `prefill` (>= 1) tokens
+    in one forward, then one token at a time through evicting caches (new_caches() unless
+    given). Equals forward() in eval() mode; tests use it. cuda_graph: see Decoder. Raises
+    ValueError for a prefill out of range."""
+    if not 1 <= prefill <= idx.shape[1]:
+        raise ValueError(f"prefill must be in 1..{idx.shape[1]} (the prompt's tokens), got {prefill}")
+    caches = model.new_caches() if caches is None else caches
+    with eval_mode(model):
+        decoder = Decoder(model, caches, idx.shape[1], cuda_graph)
+        logits = [model.lm_head(decoder.prefill(idx[:, :prefill]))]
+        logits += [decoder(idx[:, t:t + 1])[:, None] for t in range(prefill, idx.shape[1])]
+    return torch.cat(logits, dim=1)
+
+
 # -----------------------------------------------------------------------------
 # Decode benchmark: python nats.py --bench (on a GPU)
 
@@ -799,7 +846,7 @@ def time_decode(attention, T, batch, mix, new_tokens, warmup, device, dtype):
     """One row of benchmark_decode: a fresh model, a prompt of T random tokens per row, then
     new_tokens greedy steps, timed after the first `warmup` (they include recording the graph)."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=T, vocab_size=50304, attention=attention)
+    config = GPTConfig(block_size=T, vocab_size=GPT2_PADDED_VOCAB, attention=attention)
     with torch.device(device):
         model = GPT(config)
     if attention == "nats":
@@ -872,16 +919,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Sample from a checkpoint of train_shakespeare.py and show what the evicting KV cache held, "
                     "or (--bench) time decoding against a dense cache on a CUDA GPU.")
-    parser.add_argument("--ckpt", default=os.path.join("out-shakespeare", "ckpt.pt"),
+    parser.add_argument("--ckpt", default=os.path.join(OUT_DIR, "ckpt.pt"),
                         help="the out_dir/ckpt.pt a train_shakespeare.py run wrote (default: %(default)s)")
     parser.add_argument("--start", default="\n",
                         help="the prompt, or FILE:path to read it from a file (default: a new line)")
     parser.add_argument("--num_samples", type=at_least(1, int), default=1, help="samples, drawn at once as one batch")
     parser.add_argument("--max_new_tokens", type=at_least(1, int), default=500, help="tokens sampled per sample")
-    parser.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="0: always the most likely token")
-    parser.add_argument("--top_k", type=at_least(1, int), default=200,
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=TEMPERATURE,
+                        help="0: always the most likely token")
+    parser.add_argument("--top_k", type=at_least(1, int), default=TOP_K,
                         help="sample among the k most likely tokens (at most the vocabulary)")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--bench", action="store_true",
@@ -906,7 +954,7 @@ def parse_args(argv=None):
                      f"--ckpt={os.path.join(args.ckpt, 'ckpt.pt')}")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
-                     f"(it writes out-shakespeare/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
+                     f"(it writes {OUT_DIR}/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
     if args.start.startswith("FILE:"):
         path = args.start[len("FILE:"):]
         if not os.path.isfile(path):
@@ -924,7 +972,6 @@ def sample(args):
     what the evicting KV caches held at the end against a dense cache. Problems that need the
     checkpoint to see (an unreadable file, a prompt outside the vocabulary or longer than the
     model's block_size) stop with a message naming the flag."""
-    import train_shakespeare  # its data code defines the tokenizers and the cache report: reused, not copied
     device = torch.device(args.device)
     try:
         checkpoint = load_checkpoint(args.ckpt, device)
@@ -932,7 +979,7 @@ def sample(args):
         raise SystemExit(f"--ckpt: {e}") from None
     cfg = checkpoint["config"]
     model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
-    _, _, encode, decode, vocab_size = train_shakespeare.load_dataset(cfg)
+    _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"], model.config.block_size)
     if vocab_size != model.config.vocab_size:
         raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
                          f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "
@@ -948,11 +995,11 @@ def sample(args):
     torch.manual_seed(args.seed)
     idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
     caches = model.new_caches()
-    out = model.generate(idx, args.max_new_tokens, args.temperature, min(args.top_k, vocab_size), caches=caches)
+    out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k, vocab_size), caches=caches)
     for row in out.tolist():
         print(decode(row))
         print("---------------")
-    print(train_shakespeare.cache_report(caches, model.config.attention))
+    print(cache_report(caches, model.config.attention))
 
 
 def main(argv=None):

@@ -36,6 +36,8 @@ import time
 import torch
 
 import train_shakespeare as ts
+from data import RECALL_TASKS
+from nats import random_global_share
 
 SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
                       finetune_weights="", jobs=1)
@@ -98,14 +100,6 @@ def seed_variants(own, base, tag):
                 changes, attention="nats", dense_warmup=0, budget_anneal=0, finetune_scorer=True,
                 max_iters=own["finetune_iters"], lr_decay_iters=own["finetune_iters"], init_from=dense), "dense"))
     return runs
-
-
-def random_global_share(budget, length, window):
-    """The chance p of each token but the first being Global (the rest Sliding, token 0 Global)
-    whose expected kv_fraction over sequences of `length` is `budget`: kv is linear in p, from
-    the sink-plus-window pattern's share at p = 0 to 1 at p = 1. Clipped to [0, 1]."""
-    floor = ts.sink_and_window_kv(length, window)
-    return min(1.0, max(0.0, (budget - floor) / (1 - floor))) if floor < 1 else 0.0  # the window sees all
 
 
 def run_dir(base, name):
@@ -199,7 +193,7 @@ def spread(values, fmt):
 
 def write_table(rows, base, path):
     """sweep.md: a row per variant, the mean over its seeds and every seed's value."""
-    recall = base["dataset"] in ts.RECALL_TASKS
+    recall = base["dataset"] in RECALL_TASKS
     seeds = sorted({r["seed"] for r in rows})
     data = base["dataset"] + (f" ({base['tokenizer']})" if base["dataset"] == "shakespeare" else "")
     card = (f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name()})"
@@ -235,7 +229,7 @@ def plot(rows, base, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    metric = "val_accuracy" if base["dataset"] in ts.RECALL_TASKS else "val"
+    metric = "val_accuracy" if base["dataset"] in RECALL_TASKS else "val"
     fig, ax = plt.subplots(figsize=(7, 4))
     markers = {"nats": "o", "fine-tuned": "D", "sliding": "s", "dense": "*", "random": "X"}
     for i, (variant, group) in enumerate(by_variant(rows)):

@@ -21,10 +21,23 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 
+import data
 import kernel
-from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, is_one_hot, kv_lengths, last_visible_query, nats_attention,
-                    nats_attention_reference, next_global, relaxed_mask, visible_mask)
 import nats
+from kernel import (
+    GLOBAL,
+    HAS_TRITON,
+    LOCAL,
+    SLIDING,
+    is_one_hot,
+    kv_lengths,
+    last_visible_query,
+    nats_attention,
+    nats_attention_reference,
+    next_global,
+    relaxed_mask,
+    visible_mask,
+)
 from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -556,9 +569,9 @@ def test_scorer_sees_a_detached_input_and_gets_the_type_gradient():
 
 def test_loss_adds_kv_weight_times_the_mean_kv_fraction():
     torch.manual_seed(0)
-    model = GPT(tiny_config(kv_weight=0.5)).eval()
+    model = GPT(tiny_config()).eval()
     idx = torch.randint(50, (2, 32))
-    _, loss, stats = model(idx, idx)
+    _, loss, stats = model(idx, idx, kv_weight=0.5)
     assert loss.item() == pytest.approx(stats["ce"].item() + 0.5 * stats["kv_fraction"].mean().item(), rel=1e-6)
     assert stats["kv_fraction"].shape == stats["cache_size"].shape == (2,) and stats["type_share"].shape == (2, 3)
     logits, no_loss, _ = model(idx)
@@ -567,11 +580,13 @@ def test_loss_adds_kv_weight_times_the_mean_kv_fraction():
 
 def test_loss_takes_the_kv_weight_it_is_given():
     torch.manual_seed(0)
-    model = GPT(tiny_config(kv_weight=0.5)).eval()
+    model = GPT(tiny_config()).eval()
     idx = torch.randint(50, (2, 32))
     _, loss, stats = model(idx, idx, kv_weight=2.0)
     assert loss.item() == pytest.approx(stats["ce"].item() + 2.0 * stats["kv_fraction"].mean().item(), rel=1e-6)
     assert model(idx, idx, kv_weight=0.0)[1].item() == pytest.approx(stats["ce"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="kv_weight"):
+        model(idx, idx, kv_weight=-1.0)
 
 
 def test_all_global_forward_is_dense_attention_without_the_scorers():
@@ -588,9 +603,8 @@ def test_all_global_forward_is_dense_attention_without_the_scorers():
 
 
 def test_random_globals_keep_their_share_drawn_anew_each_forward():
-    import sweep
     budget = 0.3
-    p = sweep.random_global_share(budget, 32, 3)
+    p = nats.random_global_share(budget, 32, 3)
     model = GPT(tiny_config(attention="random", random_global=p))
     assert not any("scorer" in name for name, _ in model.named_parameters())
     idx = torch.randint(50, (64, 32))
@@ -601,7 +615,7 @@ def test_random_globals_keep_their_share_drawn_anew_each_forward():
     assert (kinds[..., 1:] == GLOBAL).float().mean().item() == pytest.approx(p, abs=0.02)
     assert stats["kv_fraction"].mean().item() == pytest.approx(budget, abs=0.01)  # the share that gives the budget
     assert not torch.equal(model(idx)[2]["token_types"], kinds) and loss.item() == stats["ce"].item()
-    assert sweep.random_global_share(0.01, 32, 3) == 0.0 and sweep.random_global_share(1.0, 32, 3) == 1.0
+    assert nats.random_global_share(0.01, 32, 3) == 0.0 and nats.random_global_share(1.0, 32, 3) == 1.0
 
 
 def test_forced_global_nats_model_equals_dense_model():
@@ -644,7 +658,7 @@ def test_init_std_sets_the_initial_weights(std):
 @pytest.mark.parametrize("bad, field", [
     (dict(attention="sparse"), "attention"), (dict(attention_impl="flash"), "attention_impl"),
     (dict(n_kv_head=3), "n_kv_head"), (dict(n_head=5, n_embd=128), "n_head"), (dict(init_std=0.0), "init_std"),
-    (dict(window=-1), "window"), (dict(kv_weight=-1.0), "kv_weight"), (dict(block_size=0), "block_size"),
+    (dict(window=-1), "window"), (dict(block_size=0), "block_size"),
     (dict(dropout=1.0), "dropout"), (dict(n_layer=0), "n_layer"),
 ])
 def test_model_rejects_bad_configs(bad, field):
@@ -711,14 +725,14 @@ def test_decode_equals_forward(prefill, mix):
     if mix in ("scorer", "per_row"):  # rows differ, and every type occurs
         kinds = model.token_types(idx)[1]
         assert not torch.equal(kinds[0], kinds[1]) and set(kinds.unique().tolist()) == {0, 1, 2}
-    torch.testing.assert_close(model.decode(idx, prefill=prefill), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nats.decode(model, idx, prefill=prefill), full, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 4])  # multi-query and multi-head attention
 def test_decode_equals_forward_for_other_head_groupings(n_kv_head):
     model = decode_model("per_row", seed=n_kv_head, n_kv_head=n_kv_head)
     idx = torch.randint(50, (3, 64))
-    torch.testing.assert_close(model.decode(idx, prefill=5), model(idx)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(nats.decode(model, idx, prefill=5), model(idx)[0], rtol=0, atol=1e-5)
 
 
 def test_capacity_growth_keeps_decode_exact(monkeypatch):
@@ -729,7 +743,7 @@ def test_capacity_growth_keeps_decode_exact(monkeypatch):
     for mix in ("dense", "per_row"):
         model = decode_model(mix)
         idx = torch.randint(50, (3, 64))
-        torch.testing.assert_close(model.decode(idx, prefill=2), model(idx)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(nats.decode(model, idx, prefill=2), model(idx)[0], rtol=0, atol=1e-5)
     assert len(sizes) > 10 and max(sizes) == 64  # dense: grown again and again, up to every token
 
 
@@ -785,7 +799,7 @@ def test_generate_past_block_size_with_bounded_cache():
     model = GPT(tiny_config(block_size=16, window=3))
     force_types(model, SLIDING)
     caches = model.new_caches()
-    out = model.generate(torch.randint(50, (2, 5)), 60, top_k=5, caches=caches)
+    out = nats.generate(model, torch.randint(50, (2, 5)), 60, top_k=5, caches=caches)
     assert out.shape == (2, 65) and caches[0].seen == 64 and model.training
     assert all(c.stats()["tokens_max"] == 3 + 1 for c in caches)  # the sink and the W newest tokens
 
@@ -794,10 +808,10 @@ def test_generate_at_temperature_zero_is_greedy():
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=64))
     prompt = torch.randint(50, (2, 5))
-    out = model.generate(prompt, 20, temperature=0.0)
-    logits = model.decode(out, prefill=5)  # the same prefill and steps as generate
+    out = nats.generate(model, prompt, 20, temperature=0.0)
+    logits = nats.decode(model, out, prefill=5)  # the same prefill and steps as generate
     assert torch.equal(out[:, 5:], logits[:, 4:-1].argmax(-1))
-    assert torch.equal(out, model.generate(prompt, 20, temperature=0.0, top_k=3))
+    assert torch.equal(out, nats.generate(model, prompt, 20, temperature=0.0, top_k=3))
 
 
 def test_sampling_draws_from_the_top_k_softmax():
@@ -812,21 +826,21 @@ def test_generate_rejects_bad_input():
     model = GPT(tiny_config())
     prompt = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="at least one token"):
-        model.generate(prompt[:, :0], 5)
+        nats.generate(model, prompt[:, :0], 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate(prompt, -1)
+        nats.generate(model, prompt, -1)
     with pytest.raises(ValueError, match="temperature"):
-        model.generate(prompt, 5, temperature=-1.0)
+        nats.generate(model, prompt, 5, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
-        model.generate(prompt, 5, top_k=51)
+        nats.generate(model, prompt, 5, top_k=51)
     with pytest.raises(ValueError, match="pass idx.to"):
-        model.generate(prompt.to("meta"), 5)
+        nats.generate(model, prompt.to("meta"), 5)
     with pytest.raises(ValueError, match="block_size"):
-        model.generate(torch.zeros(1, 33, dtype=torch.long), 5)
+        nats.generate(model, torch.zeros(1, 33, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="prefill"):
-        model.decode(prompt, prefill=0)
+        nats.decode(model, prompt, prefill=0)
     with pytest.raises(ValueError, match="cuda_graph"):
-        model.decode(prompt, cuda_graph=True)  # the model is on the CPU
+        nats.decode(model, prompt, cuda_graph=True)  # the model is on the CPU
 
 
 def test_decode_benchmark_runs_on_cpu():
@@ -845,8 +859,8 @@ def test_decode_in_a_cuda_graph_equals_eager_decode_on_cuda(mix, dtype, monkeypa
     monkeypatch.setattr(nats, "MIN_ROOM", 4)  # the caches grow, and the graph is recorded again, several times
     model = decode_model(mix, device="cuda", n_embd=64).to(dtype)  # head size 16: the kernel fills the caches
     idx = torch.randint(50, (3, 64), device="cuda")
-    eager = model.decode(idx, prefill=9, cuda_graph=False)
-    graph = model.decode(idx, prefill=9, cuda_graph=True)
+    eager = nats.decode(model, idx, prefill=9, cuda_graph=False)
+    graph = nats.decode(model, idx, prefill=9, cuda_graph=True)
     tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(graph, eager, **tolerance)
     if dtype == torch.float32:
@@ -858,17 +872,16 @@ def test_decode_in_a_cuda_graph_equals_eager_decode_on_cuda(mix, dtype, monkeypa
 def test_generate_in_a_cuda_graph_equals_eager_generate_on_cuda():
     model = decode_model("per_row", device="cuda", n_embd=64)
     prompt = torch.randint(50, (3, 7), device="cuda")
-    eager = model.generate(prompt, 50, temperature=0.0, cuda_graph=False)
-    assert torch.equal(model.generate(prompt, 50, temperature=0.0, cuda_graph=True), eager)
+    eager = nats.generate(model, prompt, 50, temperature=0.0, cuda_graph=False)
+    assert torch.equal(nats.generate(model, prompt, 50, temperature=0.0, cuda_graph=True), eager)
     with torch.autocast("cuda", dtype=torch.bfloat16):  # as train_shakespeare.py samples
-        sample = model.generate(prompt, 50, temperature=0.8, top_k=10)
+        sample = nats.generate(model, prompt, 50, temperature=0.8, top_k=10)
     assert sample.shape == (3, 57) and torch.equal(sample[:, :7], prompt)
 
 
 def tiny_checkpoint(tmp_path):
     """A checkpoint as train_shakespeare.py writes one, of a tiny untrained char-level model."""
-    import train_shakespeare as ts
-    vocab_size = ts.load_corpus("char")[-1]
+    vocab_size = data.load_corpus("char")[-1]
     model_args = dict(tiny_config(vocab_size=vocab_size).__dict__)
     path = tmp_path / "ckpt.pt"
     torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
@@ -944,27 +957,25 @@ def tiny_run(tmp_path, **overrides):
 
 
 def test_training_loss_falls_and_types_are_reported(tmp_path, capsys):
-    import train_shakespeare as ts
     history = tiny_run(tmp_path)
     first, last = history["evals"][0], history["evals"][-1]
     assert last["val"] < first["val"] - 0.5
     assert 0 < last["kv_fraction"][0] <= 1 and sum(last["type_share"]) == pytest.approx(1.0)
     page = (tmp_path / "token_types.html").read_text()
     assert page.count("<h4>") == 2 * 1  # every layer and KV head
-    w = ts.matching_window(np.mean(last["kv_fraction"]), 32)  # the end names the sliding run to compare with,
+    w = nats.matching_window(np.mean(last["kv_fraction"]), 32)  # the end names the sliding run to compare with,
     command = re.search(r"python train_shakespeare.py .*", capsys.readouterr().out).group()  # with this run's settings
     assert "--n_layer=2 " in command and command.endswith(f"--attention=sliding --window={w} --out_dir=out-sliding-{w}")
 
 
 def test_the_sliding_baseline_of_a_kv_share():
-    import train_shakespeare as ts
     for T in (1, 2, 17, 64):
         for W in range(T + 3):
             causal = T * (T + 1) / 2  # the visible entries of the mask, counted
             counted = brute_force_visible(F.one_hot(torch.tensor([GLOBAL] + [SLIDING] * (T - 1)), 3).float(), W)
-            assert ts.sink_and_window_kv(T, W) == pytest.approx(counted.sum().item() / causal)
+            assert nats.sink_and_window_kv(T, W) == pytest.approx(counted.sum().item() / causal)
             if W < T - 1:  # beyond, every window keeps it all
-                assert ts.matching_window(ts.sink_and_window_kv(T, W), T) == W
+                assert nats.matching_window(nats.sink_and_window_kv(T, W), T) == W
 
 
 def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
@@ -1272,24 +1283,24 @@ def test_a_full_disk_while_saving_leaves_the_last_checkpoint(tmp_path, monkeypat
 
 
 def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
-    import train_shakespeare as ts
-    monkeypatch.setattr(ts, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
     for text in ["to be or not to be\n" * 20, "a horse! a horse! my kingdom for a horse!\n" * 20]:
         (tmp_path / "shakespeare.txt").write_text(text)
-        train, val, _, decode, vocab_size = ts.load_corpus("char")
+        train, val, _, decode, vocab_size = data.load_corpus("char")
         assert decode(np.concatenate([train, val]).tolist()) == text and vocab_size == len(set(text))
 
 
 def test_gpt2_tokenizer_offline_says_how_to_point_at_a_copy(monkeypatch):
     import tiktoken
-    import train_shakespeare as ts
+
+    from data.tokenizers import gpt2_tokenizer
 
     def offline(name):
         raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR"):
-        ts.gpt2_tokenizer()
+        gpt2_tokenizer()
 
 
 def test_recall_sequences_ask_for_values_given_earlier():
@@ -1338,14 +1349,14 @@ def test_far_recall_asks_far_after_the_pairs():
 
 
 def test_recall_batches_score_only_the_answers(tmp_path):
-    import train_shakespeare as ts
-    train, val, _, decode, vocab = ts.load_recall(ts.recall.make_sequences, 65, n_val=5)
-    x, y = ts.get_batch(train, 4, 64, seed=0, device="cpu")
+    train, val, _, decode, vocab = data.load_recall(data.recall.make_sequences, 65, n_val=5)
+    x, y = data.get_batch(train, 4, 64, seed=0, device="cpu")
     assert x.shape == y.shape == (4, 64) and vocab == len(set(decode(range(vocab))))
-    assert torch.equal(ts.get_batch(train, 4, 64, seed=0, device="cpu")[0], x)  # reproducible from the seed
-    assert not torch.equal(ts.get_batch(train, 4, 64, seed=1, device="cpu")[0], x)  # fresh for another batch
-    assert val.shape == (5, 65) and ts.get_batch(val, 4, 64, seed=0, device="cpu")[0].shape == (4, 64)
-    assert ((y != -1).sum(1) == ts.recall.N_QUERIES).all() and torch.equal(x[:, 1:][y[:, :-1] != -1], y[:, :-1][y[:, :-1] != -1])
+    assert torch.equal(data.get_batch(train, 4, 64, seed=0, device="cpu")[0], x)  # reproducible from the seed
+    assert not torch.equal(data.get_batch(train, 4, 64, seed=1, device="cpu")[0], x)  # fresh for another batch
+    assert val.shape == (5, 65) and data.get_batch(val, 4, 64, seed=0, device="cpu")[0].shape == (4, 64)
+    answered = y[:, :-1] != -1
+    assert ((y != -1).sum(1) == data.recall.N_QUERIES).all() and torch.equal(x[:, 1:][answered], y[:, :-1][answered])
     history = tiny_run(tmp_path, dataset="recall", block_size=64, max_iters=20, eval_interval=10, attention="sliding",
                        sample_tokens=0)  # no sample: no crash on an empty cache
     assert 0 <= history["evals"][-1]["val_accuracy"] <= 1 and history["evals"][-1]["kv_fraction"][0] < 0.5
@@ -1436,7 +1447,8 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
     import sweep
     base = dict(out_dir="o", seed=1, block_size=32, window=3)
     for extra, expected in [([], ["nats fine-tuned lambda=0.1"]),
-                            (["--finetune_weights=0.3,3"], ["nats fine-tuned lambda=0.3", "nats fine-tuned lambda=3.0"]),
+                            (["--finetune_weights=0.3,3"],
+                             ["nats fine-tuned lambda=0.3", "nats fine-tuned lambda=3.0"]),
                             (["--finetune_iters=0"], []),
                             (["--kv_budgets=0.15", "--kv_weights="], ["nats fine-tuned budget=0.15"])]:
         own, _ = sweep.split_args(["--kv_budgets=", "--kv_weights=0.01,0.1,1", "--finetune_iters=5"] + extra)
@@ -1466,7 +1478,7 @@ def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
     assert cfg["nats budget=0.3 seed=2"]["kv_budget"] == 0.3 and cfg["nats budget=0.3 seed=2"]["dense_warmup"] == 5
     assert all(cfg[f"{name} seed=1"]["kv_budget"] == cfg[f"{name} seed=1"]["dense_warmup"] == 0
                for name in ["dense", "sliding W=4", "random Globals budget=0.2"])
-    assert cfg["random Globals budget=0.2 seed=1"]["random_global"] == sweep.random_global_share(0.2, 32, 3)
+    assert cfg["random Globals budget=0.2 seed=1"]["random_global"] == nats.random_global_share(0.2, 32, 3)
     assert [parent for name, _, parent in runs if "fine-tuned" in name] == ["dense seed=1", "dense seed=2"]
     assert cfg["nats fine-tuned budget=0.3 seed=2"]["init_from"] == os.path.join("o", "dense_seed=2", "ckpt.pt")
 

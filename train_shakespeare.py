@@ -14,29 +14,56 @@ overridden by a config file or by --key=value, in the order given (nanoGPT style
 """
 import ast
 import difflib
-import hashlib
 import html
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import recall
-from nats import GLOBAL, LOCAL, SLIDING, GPT, GPTConfig, eval_mode, load_checkpoint
+from data import (
+    DATASETS,
+    EVAL_BATCH,
+    EVAL_NOISE,
+    RECALL_TASKS,
+    TOKENIZERS,
+    TRAIN_BATCH,
+    TRAIN_NOISE,
+    get_batch,
+    load_dataset,
+    recall,
+    seed_of,
+)
+from nats import (
+    GLOBAL,
+    GPT,
+    LOCAL,
+    OUT_DIR,
+    SEED,
+    SLIDING,
+    TEMPERATURE,
+    TOP_K,
+    GPTConfig,
+    cache_report,
+    eval_mode,
+    generate,
+    load_checkpoint,
+    matching_window,
+    sink_and_window_kv,
+)
 
 # -----------------------------------------------------------------------------
 # defaults (the model's are GPTConfig's, in nats.py): the GPU run, nanoGPT's baby GPT on Shakespeare in GPT-2
 # BPE at context 512, where long context pays, at a KV budget of 0.15 (results/README.md, "From scratch on
 # a GPU"); config/cpu.py makes it the CPU run, on characters
 # I/O
-out_dir = "out-shakespeare"  # ckpt.pt, history.json and token_types.html go here
+out_dir = OUT_DIR  # ckpt.pt, history.json and token_types.html go here
 resume = False  # continue out_dir/ckpt.pt exactly where it stopped
 overwrite = False  # start over in an out_dir that holds a run: its checkpoint and history are deleted
 eval_interval = 250  # steps between evals; every eval also writes the checkpoint
@@ -50,7 +77,8 @@ dataset = "shakespeare"  # or "recall", "far_recall": the synthetic associative-
 tokenizer = "gpt2"  # Shakespeare: "gpt2" (tiktoken's GPT-2 BPE, fetched once) or "char"; recall has its own symbols
 batch_size = 32  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes under torchrun
-# how hard NAtS prunes: lambda, the weight of the mean kv_fraction in the loss, starts at kv_weight (GPTConfig)
+# how hard NAtS prunes: lambda, the weight of the mean kv_fraction in the loss
+kv_weight = 0.1  # lambda at the start, and throughout without a budget
 kv_budget = 0.15  # a target mean kv share in (0, 1]: lambda becomes a Lagrange multiplier, moved every step
                   # by dual_lr x (kv - budget), never below 0, kv the step's eval_kv_fraction (of the argmax
                   # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight
@@ -75,7 +103,7 @@ beta1 = 0.9
 beta2 = 0.99  # above GPT-2's 0.95: few tokens per step
 grad_clip = 1.0  # clip the gradient norm at this value; 0: no clipping
 # system
-seed = 1337  # every batch and its noise are seeded from it (see seed_of)
+seed = SEED  # every batch and its noise are seeded from it (see seed_of)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
 dtype = "bfloat16"  # autocast dtype on CUDA: "bfloat16", "float16" or "float32"; CPU runs float32
 compile = True  # torch.compile the training step, on one GPU replayed from CUDA graphs (results/kernel.md:
@@ -83,10 +111,8 @@ compile = True  # torch.compile the training step, on one GPU replayed from CUDA
 # -----------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.path.join(HERE, "data")
 CPU_RECIPE = os.path.join(HERE, "config", "cpu.py")  # applied first when the run is on the CPU
 MODEL_KEYS = [key for key in asdict(GPTConfig()) if key != "vocab_size"]  # the data sets vocab_size
-RECALL_TASKS = {"recall": recall.make_sequences, "far_recall": recall.make_far_sequences}  # --dataset: generator
 NATS_SCHEDULE = ["kv_budget", "budget_anneal", "dense_warmup"]  # settings that act on NAtS scorers alone
 TEACHER_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base"]  # fine-tuning keeps them
 
@@ -214,9 +240,11 @@ def check_config(cfg):
                 "budget_anneal"):
         if not cfg[key] >= 0:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
+    if not cfg["kv_weight"] >= 0:
+        raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be >= 0 (a negative weight rewards keeping keys)")
     if not cfg["learning_rate"] > 0:
         raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be > 0")
-    for key, allowed in (("dataset", ("shakespeare", *RECALL_TASKS)), ("tokenizer", ("char", "gpt2")),
+    for key, allowed in (("dataset", DATASETS), ("tokenizer", TOKENIZERS),
                          ("dtype", ("bfloat16", "float16", "float32"))):
         if cfg[key] not in allowed:
             raise SystemExit(f"--{key}={cfg[key]}: pass one of {', '.join(allowed)}")
@@ -270,100 +298,6 @@ def check_sparsity_schedule(cfg):
     if cfg["dense_warmup"] and cfg["finetune_scorer"]:
         raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} trains the backbone densely first, but "
                          f"--finetune_scorer keeps the backbone frozen: drop one of them")
-
-
-# -----------------------------------------------------------------------------
-# data
-
-
-def load_corpus(tokenizer):
-    """Token arrays of the train and val splits (last 10 %), plus encode/decode and vocab size."""
-    path = os.path.join(DATA_DIR, "shakespeare.txt")
-    if not os.path.exists(path):
-        raise SystemExit(f"missing corpus {path}; rebuild it as data/README.md describes")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if tokenizer == "char":
-        chars = sorted(set(text))
-        stoi = {c: i for i, c in enumerate(chars)}
-        encode = lambda s: [stoi[c] for c in s]
-        decode = lambda ids: "".join(chars[i] for i in ids)
-        vocab_size = len(chars)
-    else:
-        encode, decode = gpt2_tokenizer()
-        vocab_size = 50304  # 50257 rounded up to a multiple of 64
-    # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy")
-    if os.path.exists(cache):
-        tokens = np.load(cache)
-    else:  # built on first use, never committed
-        tokens = np.array(encode(text), dtype=np.uint16)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.save(cache + f".{os.getpid()}.tmp.npy", tokens)  # parallel runs (sweep --jobs) each write their own
-        os.replace(cache + f".{os.getpid()}.tmp.npy", cache)
-    split = int(0.9 * len(tokens))
-    return tokens[:split], tokens[split:], encode, decode, vocab_size
-
-
-def gpt2_tokenizer():
-    """encode, decode of tiktoken's GPT-2 BPE, whose files tiktoken downloads on first use."""
-    import tiktoken
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' connection errors, a hash mismatch of a partial download, ...
-        raise SystemExit(f"--tokenizer=gpt2: tiktoken could not get the GPT-2 BPE files ({type(e).__name__}). "
-                         f"It downloads them on first use; offline, copy a tiktoken cache folder from a "
-                         f"machine that has one and set TIKTOKEN_CACHE_DIR=<that folder>") from None
-    return enc.encode_ordinary, enc.decode
-
-
-def load_recall(make, length, n_val=2000):
-    """A recall task (make: one of RECALL_TASKS' generators): a function drawing n fresh training
-    sequences [n, length] from a seed (a fixed pool gets memorized: on 20,000 sequences a 2-layer
-    model learned their answers by heart and not the rule), and a fixed held-out val set."""
-    train = lambda n, seed: make(n, length, seed)
-    encode = lambda s: [recall.ALPHABET.index(c) for c in s]
-    decode = lambda ids: "".join(recall.ALPHABET[i] for i in ids)
-    return train, make(n_val, length, recall.VAL_SEED), encode, decode, len(recall.ALPHABET)
-
-
-def load_dataset(cfg):
-    if cfg["dataset"] == "shakespeare":
-        return load_corpus(cfg["tokenizer"])
-    try:
-        return load_recall(RECALL_TASKS[cfg["dataset"]], cfg["block_size"] + 1)
-    except ValueError as e:
-        raise SystemExit(f"--dataset={cfg['dataset']}: {e}") from None
-
-
-TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE = 0, 1, 2, 3  # the random streams seed_of names
-
-
-def seed_of(seed, stream, index):
-    """The seed of batch `index` of one random stream: every micro-batch's data and Gumbel/dropout
-    noise depend on its index alone, so runs resume exactly and a multi-GPU run sees the batches
-    and noise a single-GPU run would."""
-    return ((seed * 4_000_037 + stream) * 1_000_000_007 + index) % 2**63
-
-
-def get_batch(data, batch_size, block_size, seed, device):
-    """Random windows of a token stream (1-d data); or recall sequences, drawn fresh from the seed
-    (data a function: training) or picked from a fixed set (2-d data, one a row: val), whose
-    targets are -1 (not scored) except at the answers."""
-    generator = torch.Generator().manual_seed(seed)
-    if callable(data):
-        rows = data(batch_size, seed)
-    elif data.ndim == 2:
-        rows = data[torch.randint(len(data), (batch_size,), generator=generator).numpy()]
-    else:
-        ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
-        return x.to(device), y.to(device)
-    x = torch.from_numpy(rows[:, :-1].astype(np.int64))
-    y = torch.from_numpy(np.where(recall.answer_mask(rows), rows.astype(np.int64), -1)[:, 1:])
-    return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -428,8 +362,8 @@ def format_eval(it, cfg, result, elapsed):
     if cfg["dataset"] in RECALL_TASKS:
         line += f" | recall {result['val_accuracy']:.1%}"
     if "kv_fraction" in result:
-        g, l, s = result["type_share"]
-        line += f" | kv {np.mean(result['kv_fraction']):.3f} G/L/S {g:.0%}/{l:.0%}/{s:.0%}".replace("%/", "/")
+        g, loc, s = result["type_share"]
+        line += f" | kv {np.mean(result['kv_fraction']):.3f} G/L/S {g:.0%}/{loc:.0%}/{s:.0%}".replace("%/", "/")
     return line + f" | {hms(elapsed)}"
 
 
@@ -445,21 +379,9 @@ def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, 
     prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64), device=device)
     caches = model.new_caches()
     with autocast:
-        sample = model.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=min(200, vocab_size),
-                                caches=caches)
+        sample = generate(model, prompt, cfg["sample_tokens"], TEMPERATURE, min(TOP_K, vocab_size), caches=caches)
     print(f"\nsample:\n{decode(sample[0].tolist())}")
     print(cache_report(caches, model.config.attention))
-
-
-def cache_report(caches, attention):
-    """What the sample's KV caches held at its end, per layer, and their memory against a dense cache."""
-    stats = [c.stats() for c in caches]
-    seen, kept, dense = stats[0]["seen"], sum(s["bytes"] for s in stats), sum(s["dense_bytes"] for s in stats)
-    if attention == "dense":
-        return f"KV cache after {seen} tokens: dense, every token in every layer and head, {dense / 1e3:.1f} kB"
-    held = " ".join(f"{s['tokens_mean']:.0f}/{s['tokens_max']:.0f}" for s in stats)
-    return (f"KV cache after {seen} tokens, tokens held per KV head in each layer (mean/max): {held}\n"
-            f"  {kept / 1e3:.1f} kB allocated, {kept / dense:.0%} of the {dense / 1e3:.1f} kB of a dense cache")
 
 
 TYPE_NAMES = ("Global", "Local", "Sliding")
@@ -478,20 +400,6 @@ def mark_html(piece, kind):
     """One token's text in the page: Global and Local in a coloured span, Sliding as plain text."""
     text = html.escape(piece)
     return text if kind == SLIDING else f"<span class={'GL'[kind]}>{text}</span>"
-
-
-def sink_and_window_kv(length, window):
-    """The kv share of the sliding baseline (--attention=sliding: token 0 Global, the rest Sliding
-    with this window) at this sequence length: key 0 is seen by all `length` queries, key j > 0 by
-    min(W + 1, length - j) of them."""
-    m = min(window + 1, length - 1)
-    sliding = m * (m + 1) / 2 + (length - 1 - m) * (window + 1)  # sum over d = length - j of min(W + 1, d)
-    return (length + sliding) / (length * (length + 1) / 2)
-
-
-def matching_window(kv, length):
-    """The window whose sliding baseline keeps the kv share closest to kv at this length."""
-    return min(range(length), key=lambda w: abs(sink_and_window_kv(length, w) - kv))
 
 
 def print_sliding_match(result, cfg):
@@ -521,18 +429,18 @@ def show_token_types(model, tokens, decode, device, cfg):
     kinds = model.token_types(torch.from_numpy(tokens.astype(np.int64))[None].to(device))[:, 0].tolist()
     pieces = [decode([t]).replace("\n", "↵\n") for t in tokens.tolist()]  # a marked newline stays visible
     order = most_global_first(kinds)
-    layer, head = next((l, h) for l, h in order if cfg["show_layer"] in (-1, l) and cfg["show_head"] in (-1, h))
+    layer, head = next((i, h) for i, h in order if cfg["show_layer"] in (-1, i) and cfg["show_head"] in (-1, h))
     colour = sys.stdout.isatty()
     text = "".join(mark(p, k, colour) for p, k in zip(pieces, kinds[layer][head]))
     legend = " ".join(mark(name, k, colour) for k, name in enumerate(TYPE_NAMES))
     print(f"\ntoken types, layer {layer} KV head {head} ({legend}):\n{text}\n")
     print(f"Global tokens of these {len(pieces)} per KV head:")
-    for l, heads in enumerate(kinds):
-        print(f"  layer {l}: " + " ".join(str(row.count(GLOBAL)) for row in heads))
+    for i, heads in enumerate(kinds):
+        print(f"  layer {i}: " + " ".join(str(row.count(GLOBAL)) for row in heads))
     legend_html = " ".join(f"<span class={'GLS'[k]}>{name}</span>" for k, name in enumerate(TYPE_NAMES))
-    blocks = "".join(f"<h4>layer {l}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4><pre>"
+    blocks = "".join(f"<h4>layer {i}, KV head {h}: {row.count(GLOBAL)} Global, {row.count(LOCAL)} Local</h4><pre>"
                      + "".join(mark_html(p, k) for p, k in zip(pieces, row)) + "</pre>"
-                     for l, h in order for row in [kinds[l][h]])
+                     for i, h in order for row in [kinds[i][h]])
     page = (f"<!doctype html><meta charset='utf-8'><title>NAtS token types</title>{HTML_STYLE}"
             f"<h3>Token types of every layer and KV head, the most Global tokens first ({legend_html})</h3>{blocks}")
     path = os.path.join(cfg["out_dir"], "token_types.html")
@@ -544,7 +452,7 @@ def show_token_types(model, tokens, decode, device, cfg):
 def most_global_first(kinds):
     """(layer, KV head) pairs of kinds [n_layer][n_kv_head][T] (lists of 0 G, 1 L, 2 S), the most
     Global tokens first; among equals, in layer and head order."""
-    pairs = [(l, h) for l, heads in enumerate(kinds) for h in range(len(heads))]
+    pairs = [(i, h) for i, heads in enumerate(kinds) for h in range(len(heads))]
     return sorted(pairs, key=lambda lh: -kinds[lh[0]][lh[1]].count(GLOBAL))
 
 
@@ -572,9 +480,9 @@ def print_types_by_role(table, n_sequences):
     *roles, per_sequence = table.values()
     print(f"share marked Global over {n_sequences} val sequences, by role, and Globals per sequence:")
     print("  layer/head " + " ".join(f"{role:>11}" for role in list(table)[:-1]) + f" {'Globals':>11}")
-    for l, heads in enumerate(per_sequence):
+    for i, heads in enumerate(per_sequence):
         for h, count in enumerate(heads):
-            print(f"  {l:>5}/{h:<4} " + " ".join(f"{share[l][h]:>11.0%}" for share in roles) + f" {count:>11.1f}")
+            print(f"  {i:>5}/{h:<4} " + " ".join(f"{share[i][h]:>11.0%}" for share in roles) + f" {count:>11.1f}")
 
 
 # -----------------------------------------------------------------------------
@@ -597,11 +505,12 @@ def save_atomically(path, write):
                          f"Free some disk space, then continue with --resume") from None
 
 
-def save_checkpoint(path, model, optimizer, model_args, it, best_val, kv_weight, history, cfg):
+def save_checkpoint(path, run):
     """Everything --resume needs to continue exactly (the randomness is seeded per batch, see
     seed_of; kv_weight is lambda for the next step), and the history so far."""
-    checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                      iter_num=it, best_val_loss=best_val, kv_weight=kv_weight, history=history, config=cfg)
+    checkpoint = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), model_args=run.model_args,
+                      iter_num=run.it, best_val_loss=run.best_val, kv_weight=run.kv_weight, history=run.history,
+                      config=run.cfg)
     save_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -712,14 +621,77 @@ def learning_rate_at(it, cfg):
 
 
 # -----------------------------------------------------------------------------
+# the training loop: set-up, one step, eval and checkpoint, the final report
+
+
+@dataclass
+class Run:
+    """What a training run carries from step to step."""
+    cfg: dict
+    rank: int  # this process under torchrun (0 logs, checkpoints and samples), of `world`
+    world: int
+    device: str
+    model: GPT
+    trainer: torch.nn.Module  # the model as the step calls it: wrapped by DDP and torch.compile where asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    teacher: GPT  # the frozen model of --finetune_scorer, else None
+    model_args: dict
+    data: tuple  # train, val, encode, decode, vocab_size (data.load_dataset)
+    it: int = 0  # the next step
+    best_val: float = float("inf")
+    kv_weight: float = 0.0  # lambda of the next step
+    history: dict = None  # per step the loss, the kv share of the argmax types and lambda; the evals; time so far
+    resumed_at: int = None  # the step --resume continued from
+    saved_at: int = None  # the step of the last checkpoint
+
+    def log(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs)
 
 
 def train(cfg):
     """Train with the config dict (it is not changed); return the history of losses and evals.
     Under torchrun every process runs this; rank 0 logs, checkpoints and samples."""
     check_config(cfg)
+    run = start(cfg)
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    start_time, start_it, elapsed_before = time.time(), run.it, run.history["elapsed"]
+    window_start, window_it = time.time(), run.it
+    try:
+        while True:
+            # an eval every eval_interval steps and at the end; a resumed run has its first in the history
+            if (run.it % cfg["eval_interval"] == 0 or run.it == cfg["max_iters"]) and run.it != run.resumed_at:
+                run.history["elapsed"] = elapsed_before + time.time() - start_time
+                eval_and_checkpoint(run)
+            if run.it >= cfg["max_iters"]:
+                break
+            loss, kv = train_step(run)
+            if run.it % cfg["log_interval"] == 0:
+                now = time.time()
+                eta = (now - start_time) / (run.it - start_it) * (cfg["max_iters"] - run.it)
+                speed = tokens_per_iter * (run.it - window_it) / (now - window_start)
+                run.log(format_step(run.it, cfg, loss, kv, run.history["kv_weight"].get(run.it - 1), speed, eta))
+                window_start, window_it = now, run.it
+    except KeyboardInterrupt:
+        ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
+                 f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
+                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
+        raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
+    run.history["elapsed"] = elapsed_before + time.time() - start_time
+    final_report(run)
+    if run.world > 1:
+        dist.destroy_process_group()
+    return run.history
+
+
+def start(cfg):
+    """Everything a run needs before its first step, checked before anything is written: the
+    processes, the checkpoint to resume or the model to fine-tune, the data, then the out_dir
+    (an --overwrite run's old files deleted only now), the model and its optimizer."""
     rank, world, device = setup_distributed(cfg["device"])
-    log = print if rank == 0 else (lambda *args, **kwargs: None)
     gas = cfg["gradient_accumulation_steps"]
     if gas % world:
         raise SystemExit(f"--gradient_accumulation_steps={gas} must be a multiple of the {world} processes: "
@@ -729,7 +701,8 @@ def train(cfg):
     checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
     teacher = load_teacher(cfg, device) if cfg["finetune_scorer"] else None
     model_args = model_args_for(cfg, checkpoint, teacher)
-    train_data, val_data, encode, decode, vocab_size = load_dataset(cfg)
+    data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"])
+    vocab_size = data[-1]
     if checkpoint is not None and checkpoint["model_args"].get("vocab_size", vocab_size) != vocab_size:
         raise SystemExit(f"--resume: {ckpt_path} was trained on {checkpoint['model_args']['vocab_size']} token "
                          f"ids, this data has {vocab_size}: pass the --dataset and --tokenizer it was trained with")
@@ -738,7 +711,18 @@ def train(cfg):
         for path in stale:  # --overwrite: the old run goes now, not at the first checkpoint
             os.remove(path)
         os.makedirs(cfg["out_dir"], exist_ok=True)
+    run = build(cfg, rank, world, device, model_args, teacher, data)
+    if checkpoint is not None:
+        resume_from(run, checkpoint)
+    data_text = "fresh recall sequences" if callable(data[0]) else f"{data[0].size:,} train tokens"
+    run.log(f"model: {run.model.get_num_params() / 1e6:.2f}M parameters, attention={run.model.config.attention}, "
+            f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
+    return run
 
+
+def build(cfg, rank, world, device, model_args, teacher, data):
+    """The model (the teacher's weights, frozen, under its new scorers for --finetune_scorer), its
+    optimizer, autocast and gradient scaler, and the step's view of it (DDP, torch.compile)."""
     kind = device_type(device)
     if kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -756,21 +740,6 @@ def train(cfg):
             p.requires_grad = "scorer" in name
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), kind)
-    # history: the loss, the kv share of the argmax types and the lambda of every step, the evals, the
-    # training time so far
-    it, best_val, kv_weight = 0, float("inf"), cfg["kv_weight"]
-    history = dict(loss={}, eval_kv_fraction={}, kv_weight={}, evals=[], elapsed=0.0)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        it, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        kv_weight = checkpoint.get("kv_weight", kv_weight)  # older checkpoints: a fixed lambda
-        history = dict(history, **checkpoint.get("history", {}))  # older checkpoints kept no history
-        finished = f" of {cfg['max_iters']}: nothing left to train (raise --max_iters to go on)"
-        log(f"resumed from {ckpt_path} at step {it}" + (finished if it >= cfg["max_iters"] else ""))
-    data_text = "fresh recall sequences" if callable(train_data) else f"{train_data.size:,} train tokens"
-    log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention={model.config.attention}, "
-        f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
     # the scorers get gradients every step, except in a dense warm-up, where they are not run
     trainer = DDP(model, find_unused_parameters=cfg["dense_warmup"] > 0) if world > 1 else model
     if cfg["compile"]:  # the kernel is a PyTorch operator: one graph, no breaks; evals run the plain model
@@ -778,115 +747,126 @@ def train(cfg):
         # step is bound by the host's launches, NAtS's more than dense's (results/kernel.md). DDP's
         # gradient hooks run between the graphs, so several processes compile without them.
         trainer = torch.compile(trainer, mode="reduce-overhead" if kind == "cuda" and world == 1 else None)
+    history = dict(loss={}, eval_kv_fraction={}, kv_weight={}, evals=[], elapsed=0.0)
+    return Run(cfg, rank, world, device, model, trainer, optimizer, scaler, autocast, teacher, model_args, data,
+               kv_weight=cfg["kv_weight"], history=history)
 
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * gas
-    start, start_it, elapsed_before = time.time(), it, history["elapsed"]
-    window_start, window_it, saved_at = time.time(), it, checkpoint["iter_num"] if checkpoint else None
-    try:
-        while True:
-            lr = learning_rate_at(it, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # an eval every eval_interval steps and at the end; a resumed run has its first in the history
-            if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and not (checkpoint and it == start_it):
-                # to the end of a dense warm-up, the dense model it trains (the scorers are still untrained)
-                result = evaluate(model, {"train": train_data, "val": val_data}, cfg, device, autocast, rank, world,
-                                  all_global=it <= cfg["dense_warmup"])
-                history["elapsed"] = elapsed_before + time.time() - start
-                log(format_eval(it, cfg, result, history["elapsed"]))
-                history["evals"].append(dict(iter=it, **result))
-                best_val = min(best_val, result["val"])
-                if rank == 0:
-                    if it > start_it:
-                        save_checkpoint(ckpt_path, model, optimizer, model_args, it, best_val, kv_weight, history, cfg)
-                        saved_at = it
-                    save_history(history, cfg)
-            if it >= cfg["max_iters"]:
-                break
 
-            # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
-            dense_warmup = it < cfg["dense_warmup"]
-            # loss and kv share summed over micro-batches on the device: one sync per step, not per micro-batch.
-            # The kv share is that of the argmax types (eval_kv_fraction), what eval() and the KV cache keep
-            # and what the multiplier aims at; the loss's kv_fraction, of the sampled types, differs from it
-            # while the scorers are unsure.
-            step_totals = torch.zeros(2, dtype=torch.float64, device=device)
-            for m in range(rank * gas // world, (rank + 1) * gas // world):
-                batch = it * gas + m
-                x, y = get_batch(train_data, cfg["batch_size"], cfg["block_size"],
-                                 seed_of(cfg["seed"], TRAIN_BATCH, batch), device)
-                torch.manual_seed(seed_of(cfg["seed"], TRAIN_NOISE, batch))  # Gumbel and dropout noise
-                if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
-                    trainer.require_backward_grad_sync = m == (rank + 1) * gas // world - 1
-                with autocast:
-                    # lambda as a tensor filled on the device (torch.tensor would copy and sync): a compiled step
-                    # takes each new value as an input, not as a constant
-                    _, loss, stats = trainer(x, y, teacher=teacher, kv_weight=torch.full((), kv_weight, device=device),
-                                             all_global=dense_warmup)
-                scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
-                kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)
-                step_totals += torch.stack([loss.detach(), kv]).double()
-            if cfg["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+def resume_from(run, checkpoint):
+    """Continue from a checkpoint: weights, optimizer, step, lambda and history."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.it, run.best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    run.resumed_at = run.saved_at = run.it
+    run.kv_weight = checkpoint.get("kv_weight", run.kv_weight)  # older checkpoints: a fixed lambda
+    run.history = dict(run.history, **checkpoint.get("history", {}))  # older checkpoints kept no history
+    max_iters = run.cfg["max_iters"]
+    finished = f" of {max_iters}: nothing left to train (raise --max_iters to go on)"
+    run.log(f"resumed from {os.path.join(run.cfg['out_dir'], 'ckpt.pt')} at step {run.it}"
+            + (finished if run.it >= max_iters else ""))
 
-            loss_value, kv_value = (all_ranks_sum(step_totals, device) / gas).tolist()
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"loss is {loss_value} at step {it}: stopping. Try a lower --learning_rate, "
-                                 f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
-            history["loss"][it] = loss_value
-            if model.config.attention != "dense":
-                history["eval_kv_fraction"][it] = kv_value
-            if model.config.attention == "nats":
-                history["kv_weight"][it] = kv_weight
-                if cfg["kv_budget"] and not dense_warmup:
-                    kv_weight = dual_ascent(kv_weight, kv_value, it, cfg)
-            it += 1
-            if it % cfg["log_interval"] == 0:
-                now = time.time()
-                eta = (now - start) / (it - start_it) * (cfg["max_iters"] - it)
-                speed = tokens_per_iter * (it - window_it) / (now - window_start)
-                log(format_step(it, cfg, loss_value, kv_value if model.config.attention != "dense" else None,
-                                history["kv_weight"].get(it - 1), speed, eta))
-                window_start, window_it = now, it
-    except KeyboardInterrupt:
-        where = (f"the checkpoint of step {saved_at} is {ckpt_path}; continue with --resume "
-                 f"--out_dir={cfg['out_dir']} and the same other settings" if saved_at is not None else
-                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
-        raise SystemExit(f"\nstopped at step {it}: {where}") from None
 
-    history["elapsed"] = elapsed_before + time.time() - start
-    if kind == "cuda":  # the sample and the pictures autotune the kernel for new shapes: the training step's
-        torch.cuda.empty_cache()  # cached blocks go back first (six runs sharing an H200 ran out of memory there)
-    if rank == 0:
-        save_history(history, cfg)
-        if cfg["sample_tokens"] > 0:
-            print_sample(model, val_data, encode, decode, vocab_size, device, autocast, cfg)
-        if model.config.attention != "dense":
-            snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
-            show_token_types(model, snippet, decode, device, cfg)
-            if model.config.attention == "nats" and history["evals"]:
-                print_sliding_match(history["evals"][-1], cfg)
-            if cfg["dataset"] in RECALL_TASKS:  # the last eval's, of this model, unless it saw the dense warm-up's
-                last = history["evals"][-1] if history["evals"] else {}
-                table = last.get("global_share_by_role") or role_table(model, val_data, device)
-                history["global_share_by_role"] = table
-                print_types_by_role(history["global_share_by_role"], min(512, len(val_data)))
-                save_history(history, cfg)
-    if world > 1:
-        dist.destroy_process_group()
-    return history
+def train_step(run):
+    """One optimizer step over the micro-batches of this rank, then lambda's step. Returns the
+    step's loss and kv share of the argmax types (None for dense attention), averaged over all."""
+    cfg, it, gas, world = run.cfg, run.it, run.cfg["gradient_accumulation_steps"], run.world
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate_at(it, cfg)
+    dense_warmup = it < cfg["dense_warmup"]
+    # loss and kv share summed over micro-batches on the device: one sync per step, not per micro-batch.
+    # The kv share is that of the argmax types (eval_kv_fraction), what eval() and the KV cache keep
+    # and what the multiplier aims at; the loss's kv_fraction, of the sampled types, differs from it
+    # while the scorers are unsure.
+    step_totals = torch.zeros(2, dtype=torch.float64, device=run.device)
+    # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
+    for m in range(run.rank * gas // world, (run.rank + 1) * gas // world):
+        batch = it * gas + m
+        x, y = get_batch(run.data[0], cfg["batch_size"], cfg["block_size"], seed_of(cfg["seed"], TRAIN_BATCH, batch),
+                         run.device)
+        torch.manual_seed(seed_of(cfg["seed"], TRAIN_NOISE, batch))  # Gumbel and dropout noise
+        if world > 1:  # all-reduce the gradients once, after this rank's last micro-batch
+            run.trainer.require_backward_grad_sync = m == (run.rank + 1) * gas // world - 1
+        with run.autocast:
+            # lambda as a tensor filled on the device (torch.tensor would copy and sync): a compiled step
+            # takes each new value as an input, not as a constant
+            _, loss, stats = run.trainer(x, y, teacher=run.teacher, all_global=dense_warmup,
+                                         kv_weight=torch.full((), run.kv_weight, device=run.device))
+        run.scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
+        kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)
+        step_totals += torch.stack([loss.detach(), kv]).double()
+    if cfg["grad_clip"] > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss, kv = (all_ranks_sum(step_totals, run.device) / gas).tolist()
+    if not math.isfinite(loss):
+        raise SystemExit(f"loss is {loss} at step {it}: stopping. Try a lower --learning_rate, "
+                         f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
+    attention = run.model.config.attention
+    run.history["loss"][it] = loss
+    if attention != "dense":
+        run.history["eval_kv_fraction"][it] = kv
+    if attention == "nats":
+        run.history["kv_weight"][it] = run.kv_weight
+        if cfg["kv_budget"] and not dense_warmup:
+            run.kv_weight = dual_ascent(run.kv_weight, kv, it, cfg)
+    run.it += 1
+    return loss, kv if attention != "dense" else None
+
+
+def eval_and_checkpoint(run):
+    """Evaluate (to the end of a dense warm-up, the dense model it trains: the scorers are still
+    untrained), log, and on rank 0 save the checkpoint (not of the step a run resumed at) and history."""
+    cfg = run.cfg
+    splits = {"train": run.data[0], "val": run.data[1]}
+    result = evaluate(run.model, splits, cfg, run.device, run.autocast, run.rank, run.world,
+                      all_global=run.it <= cfg["dense_warmup"])
+    run.log(format_eval(run.it, cfg, result, run.history["elapsed"]))
+    run.history["evals"].append(dict(iter=run.it, **result))
+    run.best_val = min(run.best_val, result["val"])
+    if run.rank == 0:
+        if run.it != (run.resumed_at or 0):
+            save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), run)
+            run.saved_at = run.it
+        save_history(run.history, cfg)
+
+
+def final_report(run):
+    """Rank 0 saves the history, samples with the evicting cache, shows the token types and, for
+    NAtS, the sliding window of equal kv share to compare with (for recall: the types by role)."""
+    cfg, model = run.cfg, run.model
+    _, val_data, encode, decode, vocab_size = run.data
+    if device_type(run.device) == "cuda":  # the sample and the pictures autotune the kernel for new shapes:
+        torch.cuda.empty_cache()  # the training step's cached blocks go back first (six runs sharing an H200
+        # ran out of memory there)
+    if run.rank != 0:
+        return
+    save_history(run.history, cfg)
+    if cfg["sample_tokens"] > 0:
+        print_sample(model, val_data, encode, decode, vocab_size, run.device, run.autocast, cfg)
+    if model.config.attention == "dense":
+        return
+    snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
+    show_token_types(model, snippet, decode, run.device, cfg)
+    if model.config.attention == "nats" and run.history["evals"]:
+        print_sliding_match(run.history["evals"][-1], cfg)
+    if cfg["dataset"] in RECALL_TASKS:  # the last eval's, of this model, unless it saw the dense warm-up's
+        last = run.history["evals"][-1] if run.history["evals"] else {}
+        run.history["global_share_by_role"] = last.get("global_share_by_role") or role_table(model, val_data,
+                                                                                             run.device)
+        print_types_by_role(run.history["global_share_by_role"], min(512, len(val_data)))
+        save_history(run.history, cfg)
 
 
 if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
         data = config["dataset"] + (f" ({config['tokenizer']})" if config["dataset"] == "shakespeare" else "")
-        print(f"config: {why}: {data}, {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
-              f"batch {config['batch_size']}, {config['max_iters']} steps on {config['device']}")
+        print(f"config: {why}: {data}, {config['n_layer']} layers x {config['n_embd']} wide, "
+              f"context {config['block_size']}, batch {config['batch_size']}, {config['max_iters']} steps "
+              f"on {config['device']}")
         if config["compile"]:
             print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
     train(config)

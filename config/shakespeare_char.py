@@ -4,7 +4,8 @@
 # mostly a sink and a window (one Global per KV head):
 #     python train_shakespeare.py config/shakespeare_char.py --out_dir=out-char
 #     python sweep.py config/shakespeare_char.py --jobs=10 --windows=16,32 --kv_budgets= \
-#         --kv_weights=0.01,0.03,0.1,0.3 --finetune_iters=1000 --eval_interval=500 --eval_iters=100 --out_dir=out-char-sweep
+#         --kv_weights=0.01,0.03,0.1,0.3 --finetune_iters=1000 --eval_interval=500 --eval_iters=100 \
+#         --out_dir=out-char-sweep
 tokenizer = "char"
 block_size = 256
 batch_size = 64

@@ -1,0 +1,100 @@
+"""
+The data room: the corpora and tasks a model trains on, their tokenizers, and the batches.
+
+    load_dataset(dataset, tokenizer, block_size)   train and val data, encode, decode, vocabulary size
+    get_batch(data, batch_size, block_size, seed, device)   one batch of inputs and targets
+    seed_of(seed, stream, index)                   the seed of one batch of one random stream
+
+Shakespeare (shakespeare.txt, see data/README.md) comes as a token stream, cached in data/cache/
+by tokenizer and text; the recall tasks (recall.py) are drawn from seeds.
+"""
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from data import recall
+from data.tokenizers import GPT2_PADDED_VOCAB, char_tokenizer, gpt2_tokenizer
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+DATASETS = ("shakespeare", "recall", "far_recall")
+TOKENIZERS = ("char", "gpt2")  # Shakespeare's; the recall tasks have their own symbols
+RECALL_TASKS = {"recall": recall.make_sequences, "far_recall": recall.make_far_sequences}  # dataset: generator
+
+
+def load_dataset(dataset, tokenizer, block_size):
+    """(train, val, encode, decode, vocab_size) of one of DATASETS: token arrays for Shakespeare
+    (load_corpus), a generator and a fixed val set for the recall tasks (load_recall, sequences of
+    block_size + 1). Raises SystemExit naming --dataset for a context the task cannot fill."""
+    if dataset == "shakespeare":
+        return load_corpus(tokenizer)
+    try:
+        return load_recall(RECALL_TASKS[dataset], block_size + 1)
+    except ValueError as e:
+        raise SystemExit(f"--dataset={dataset}: {e}") from None
+
+
+def load_corpus(tokenizer):
+    """Token arrays of the train and val splits (last 10 %), plus encode/decode and vocab size."""
+    path = os.path.join(DATA_DIR, "shakespeare.txt")
+    if not os.path.exists(path):
+        raise SystemExit(f"missing corpus {path}; rebuild it as data/README.md describes")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if tokenizer == "char":
+        encode, decode, vocab_size = char_tokenizer(text)
+    else:
+        encode, decode = gpt2_tokenizer()
+        vocab_size = GPT2_PADDED_VOCAB
+    # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy")
+    if os.path.exists(cache):
+        tokens = np.load(cache)
+    else:  # built on first use, never committed
+        tokens = np.array(encode(text), dtype=np.uint16)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        np.save(cache + f".{os.getpid()}.tmp.npy", tokens)  # parallel runs (sweep --jobs) each write their own
+        os.replace(cache + f".{os.getpid()}.tmp.npy", cache)
+    split = int(0.9 * len(tokens))
+    return tokens[:split], tokens[split:], encode, decode, vocab_size
+
+
+def load_recall(make, length, n_val=2000):
+    """A recall task (make: one of RECALL_TASKS' generators): a function drawing n fresh training
+    sequences [n, length] from a seed (a fixed pool gets memorized: on 20,000 sequences a 2-layer
+    model learned their answers by heart and not the rule), and a fixed held-out val set."""
+    train = lambda n, seed: make(n, length, seed)
+    encode = lambda s: [recall.ALPHABET.index(c) for c in s]
+    decode = lambda ids: "".join(recall.ALPHABET[i] for i in ids)
+    return train, make(n_val, length, recall.VAL_SEED), encode, decode, len(recall.ALPHABET)
+
+
+TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE = 0, 1, 2, 3  # the random streams seed_of names
+
+
+def seed_of(seed, stream, index):
+    """The seed of batch `index` of one random stream: every micro-batch's data and Gumbel/dropout
+    noise depend on its index alone, so runs resume exactly and a multi-GPU run sees the batches
+    and noise a single-GPU run would."""
+    return ((seed * 4_000_037 + stream) * 1_000_000_007 + index) % 2**63
+
+
+def get_batch(data, batch_size, block_size, seed, device):
+    """Random windows of a token stream (1-d data); or recall sequences, drawn fresh from the seed
+    (data a function: training) or picked from a fixed set (2-d data, one a row: val), whose
+    targets are -1 (not scored) except at the answers. Returns x, y: long [batch_size, block_size]."""
+    generator = torch.Generator().manual_seed(seed)
+    if callable(data):
+        rows = data(batch_size, seed)
+    elif data.ndim == 2:
+        rows = data[torch.randint(len(data), (batch_size,), generator=generator).numpy()]
+    else:
+        ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+        return x.to(device), y.to(device)
+    x = torch.from_numpy(rows[:, :-1].astype(np.int64))
+    y = torch.from_numpy(np.where(recall.answer_mask(rows), rows.astype(np.int64), -1)[:, 1:])
+    return x.to(device), y.to(device)
