@@ -23,21 +23,9 @@ import torch.nn.functional as F
 
 import data
 import kernel
+from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, is_one_hot, kv_lengths, last_visible_query, nats_attention,
+                    nats_attention_reference, next_global, relaxed_mask, visible_mask)
 import nats
-from kernel import (
-    GLOBAL,
-    HAS_TRITON,
-    LOCAL,
-    SLIDING,
-    is_one_hot,
-    kv_lengths,
-    last_visible_query,
-    nats_attention,
-    nats_attention_reference,
-    next_global,
-    relaxed_mask,
-    visible_mask,
-)
 from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -27,36 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (
-    DATASETS,
-    EVAL_BATCH,
-    EVAL_NOISE,
-    RECALL_TASKS,
-    TOKENIZERS,
-    TRAIN_BATCH,
-    TRAIN_NOISE,
-    get_batch,
-    load_dataset,
-    recall,
-    seed_of,
-)
-from nats import (
-    GLOBAL,
-    GPT,
-    LOCAL,
-    OUT_DIR,
-    SEED,
-    SLIDING,
-    TEMPERATURE,
-    TOP_K,
-    GPTConfig,
-    cache_report,
-    eval_mode,
-    generate,
-    load_checkpoint,
-    matching_window,
-    sink_and_window_kv,
-)
+from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE, get_batch,
+                  load_dataset, recall, seed_of)
+from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
+                  generate, load_checkpoint, matching_window, sink_and_window_kv)
 
 # -----------------------------------------------------------------------------
 # defaults (the model's are GPTConfig's, in nats.py): the GPU run, nanoGPT's baby GPT on Shakespeare in GPT-2
