@@ -7,6 +7,10 @@ against the share of the KV cache each keeps.
     python sweep.py --seeds=1,2,3 --jobs=8                  # the language-model table (2 GPUs: 4 runs on each)
     python sweep.py config/recall.py --kv_budgets=0.15 --windows=18 --seeds=1,2,3 --jobs=8
     python sweep.py --kv_budgets=0.15 --kv_weights=0.01,0.1 --windows=16,32 --finetune_iters=1000 --jobs=8
+    python sweep.py config/smollm2.py --kv_budgets=0.05,0.1,0.15 --windows=204,409,614 --gs_budgets=0.15
+
+With a pretrained model (config/smollm2.py) the NAtS runs retrofit its scorers and the other
+patterns evaluate its weights as they are (no training).
 
 The sweep's own flags:
     --kv_budgets        NAtS runs, one per target kv share (--kv_budget), and for each a run of
@@ -19,6 +23,7 @@ The sweep's own flags:
                         the mean and every seed's value
     --finetune_iters    if > 0, also fine-tune the scorers of each dense run for that many steps,
     --finetune_weights  at these lambdas (default: the middle NAtS run's budget or lambda)
+    --gs_budgets        NAtS runs whose scorers choose between Global and Sliding only (no Local)
     --jobs              runs at a time, each its own process, spread over the visible GPUs
 Config files and every other --key=value go to train_shakespeare.py (--overwrite to run again into
 the same out_dir). Writes out_dir/sweep.md and sweep.json, and sweep.png if matplotlib is
@@ -40,7 +45,7 @@ from data import RECALL_TASKS
 from nats import random_global_share
 
 SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
-                      finetune_weights="", jobs=1)
+                      finetune_weights="", gs_budgets="", jobs=1)
 FIXED = dict.fromkeys(ts.NATS_SCHEDULE, 0)  # what a recipe's NAtS schedule becomes in runs without one
 
 
@@ -89,8 +94,13 @@ def seed_variants(own, base, tag):
     runs = [("dense", dict(FIXED, attention="dense"), None)]
     runs += [(f"sliding W={w}", dict(FIXED, attention="sliding", window=w), None) for w in numbers(own, "windows", int)]
     runs += [(f"nats {target}", dict(changes, attention="nats"), None) for target, changes in nats]
+    runs += [(f"nats G+S budget={b}", dict(kv_budget=b, attention="nats", local_type=False), None)
+             for b in numbers(own, "gs_budgets", float)]
     runs += [(f"random Globals budget={b}", dict(FIXED, attention="random", random_global=random_global_share(
         b, base["block_size"], base["window"])), None) for b in budgets]
+    if ts.is_pretrained(base["init_from"]):  # the fixed patterns evaluate the pretrained weights as they are
+        runs = [(name, dict(changes, finetune_scorer=False, max_iters=0) if changes["attention"] != "nats" else changes,
+                 parent) for name, changes, parent in runs]
     if own["finetune_iters"] > 0:
         given = numbers(own, "finetune_weights", float)
         middle = [nats[len(nats) // 2]] if nats else []
@@ -174,7 +184,7 @@ def summarize(name, cfg, history):
                 cache_size=sum(last["cache_size"]) / len(last["cache_size"]) if kv else None,
                 type_share=last.get("type_share"), minutes=history["elapsed"] / 60,
                 kv_weight=lambdas[max(lambdas, key=int)] if lambdas else None,
-                global_share_by_role=history.get("global_share_by_role"))
+                global_share_by_role=history.get("global_share_by_role"), **history.get("long_context", {}))
 
 
 def by_variant(rows):
@@ -195,6 +205,7 @@ def write_table(rows, base, path):
     """sweep.md: a row per variant, the mean over its seeds and every seed's value."""
     recall = base["dataset"] in RECALL_TASKS
     seeds = sorted({r["seed"] for r in rows})
+    extra = long_context_keys(rows)
     data = base["dataset"] + (f" ({base['tokenizer']})" if base["dataset"] == "shakespeare" else "")
     card = (f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name()})"
             if ts.device_type(base["device"]) == "cuda" else "")
@@ -202,8 +213,8 @@ def write_table(rows, base, path):
              f"W = {base['window']}, {base['max_iters']} iterations, seeds {', '.join(map(str, seeds))}, "
              f"device {base['device']}{card}, {time.strftime('%Y-%m-%d')}", "",
              "| run | val loss |" + (" recall accuracy |" if recall else "")
-             + " kv share | end cache | G / L / S | steps | minutes |",
-             "|---|---|" + ("---|" if recall else "") + "---|---|---|---|---|"]
+             + " kv share | end cache | G / L / S | steps | minutes |" + "".join(f" {k} |" for k in extra),
+             "|---|---|" + ("---|" if recall else "") + "---|---|---|---|---|" + "---|" * len(extra)]
     for variant, group in by_variant(rows):
         group = sorted(group, key=lambda r: r["seed"])
         shares = [r["type_share"] for r in group if r["type_share"]]
@@ -215,10 +226,21 @@ def write_table(rows, base, path):
         lines.append(f"| {variant} | {spread([r['val'] for r in group], '{:.4f}')} |"
                      + (f" {spread([100 * r['val_accuracy'] for r in group], '{:.1f}')} % |" if recall else "")
                      + f" {kv} | {cache} | {types} | {min(r['steps'] for r in group)} |"
-                     + f" {sum(r['minutes'] for r in group) / len(group):.1f} |")
+                     + f" {sum(r['minutes'] for r in group) / len(group):.1f} |"
+                     + "".join(f" {spread([r[k] for r in group], LONG_CONTEXT[k.split('@')[0]])} |" for k in extra))
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+LONG_CONTEXT = {"ppl": "{:.2f}", "kv": "{:.3f}", "passkey": "{:.0%}"}  # train_shakespeare.long_context_eval's
+
+
+def long_context_keys(rows):
+    """The long-context measures the runs have (train_shakespeare.long_context_eval): perplexity and
+    kv share at each context, passkey accuracy at each length, in that order."""
+    keys = {k for r in rows for k in r if k.split("@")[0] in LONG_CONTEXT}
+    return sorted(keys, key=lambda k: (list(LONG_CONTEXT).index(k.split("@")[0]), int(k.split("@")[1])))
 
 
 def plot(rows, base, path):
@@ -229,16 +251,18 @@ def plot(rows, base, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    metric = "val_accuracy" if base["dataset"] in RECALL_TASKS else "val"
+    contexts = [k for k in long_context_keys(rows) if k.startswith("ppl@")]
+    metric = "val_accuracy" if base["dataset"] in RECALL_TASKS else contexts[-1] if contexts else "val"
+    share = f"kv@{metric[4:]}" if contexts else "kv_fraction"  # the kv share where the perplexity is measured
     fig, ax = plt.subplots(figsize=(7, 4))
     markers = {"nats": "o", "fine-tuned": "D", "sliding": "s", "dense": "*", "random": "X"}
     for i, (variant, group) in enumerate(by_variant(rows)):
         kind = "fine-tuned" if "fine-tuned" in variant else variant.split()[0]
-        ax.scatter([r["kv_fraction"] for r in group], [r[metric] for r in group], color=f"C{i % 10}",
+        ax.scatter([r.get(share, r["kv_fraction"]) for r in group], [r[metric] for r in group], color=f"C{i % 10}",
                    marker=markers[kind], s=60, label=variant)  # one point per seed
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # not point labels: they overlap
     ax.set_xlabel("KV share kept (kv_fraction)")
-    ax.set_ylabel("recall accuracy" if metric == "val_accuracy" else "val loss")
+    ax.set_ylabel({"val_accuracy": "recall accuracy", "val": "val loss"}.get(metric, f"val perplexity at {metric[4:]}"))
     ax.set_title(f"{base['dataset']}: quality against KV cache")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

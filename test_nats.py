@@ -1643,7 +1643,7 @@ def test_from_pretrained_reads_gguf_files_and_their_tokenizer(tiny_gguf):
     with torch.no_grad():
         ours = GPT.from_pretrained(path, attention="dense").eval()(idx)[0]
         assert relative_error(ours, theirs(idx).logits) < 1e-5 and relative_error(ours, written(idx).logits) < 1e-5
-    encode, decode, vocab_size = pretrained_tokenizer(path)
+    encode, decode, vocab_size, _ = pretrained_tokenizer(path)
     assert vocab_size == 259 and decode(encode("hello world")) == "hello world" and len(encode("hello")) == 3
 
 
@@ -1675,10 +1675,27 @@ def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_
     cfg, _ = ts.make_config(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
                              "--batch_size=2", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
                              "--budget_anneal=2", "--sample_tokens=5", "--compile=False", "--dtype=float32",
-                             f"--out_dir={tmp_path}"])
+                             "--eval_contexts=", "--passkey_lengths=", f"--out_dir={tmp_path}"])
     history = ts.train(cfg)
     assert len(history["loss"]) == 4 and 0 < history["evals"][-1]["kv_fraction"][0] <= 1
     saved = load_checkpoint(tmp_path / "ckpt.pt")
     frozen = GPT.from_pretrained(tiny_gguf[0]).state_dict()
     assert all(torch.equal(saved["model"][k], v) for k, v in frozen.items() if ".scorer." not in k)
     assert any(not torch.equal(saved["model"][k], v) for k, v in frozen.items() if ".scorer." in k)
+
+
+def test_the_retrofit_sweep_evaluates_the_fixed_patterns_on_the_pretrained_weights(tmp_path, tiny_gguf):
+    import sweep
+    rows = sweep.main(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
+                       "--batch_size=2", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--eval_iters=1",
+                       "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32", "--window=4",
+                       "--kv_budgets=0.5", "--windows=8", "--gs_budgets=0.5", "--eval_contexts=16,48",
+                       "--passkey_lengths=400", "--passkey_trials=2", f"--out_dir={tmp_path}"])
+    by_run = {row["run"]: row for row in rows}
+    assert sorted(by_run) == ["dense", "nats G+S budget=0.5", "nats budget=0.5", "random Globals budget=0.5",
+                              "sliding W=8"]
+    assert by_run["dense"]["steps"] == 0 and by_run["nats budget=0.5"]["steps"] == 2  # evaluated as it is / retrofit
+    assert by_run["nats G+S budget=0.5"]["type_share"][1] == 0  # no Local
+    assert by_run["dense"]["kv@48"] == 1.0 and by_run["sliding W=8"]["kv@48"] < 0.5
+    table = (tmp_path / "sweep.md").read_text()
+    assert "ppl@16 | ppl@48 | kv@16 | kv@48 | passkey@400 |" in table

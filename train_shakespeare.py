@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE, get_batch,
-                  load_dataset, recall, seed_of)
+from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, PASSKEY, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE,
+                  get_batch, load_dataset, recall, seed_of)
+from data.passkey import make_passkey
 from data.tokenizers import pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
                   generate, load_checkpoint, matching_window, sink_and_window_kv)
@@ -47,6 +48,9 @@ log_interval = 50  # steps between progress lines
 sample_tokens = 300  # tokens sampled at the end (0: no sample)
 show_layer = -1  # the layer and KV head whose token types the terminal shows at the end; -1: of the layers
 show_head = -1  # (heads) the one whose head (layer) keeps the most Global tokens of the snippet
+eval_contexts = ""  # at the end, the val perplexity at these contexts ("2048,8192"; one pass over the val split)
+passkey_lengths = ""  # at the end, passkey retrieval (data/passkey.py) at these prompt lengths ("1024,8192")
+passkey_trials = 20  # trials per length, each with its key at a random depth
 # data
 dataset = "shakespeare"  # or "recall", "far_recall": the synthetic associative-recall tasks of data/recall.py
 tokenizer = "gpt2"  # Shakespeare: "gpt2" (tiktoken's GPT-2 BPE, fetched once), "char", or "pretrained" (the own
@@ -67,7 +71,8 @@ dense_warmup = 0  # steps at the start with every token Global (dense attention)
                   # so the backbone learns long-range lookups before the scorers prune (results/README.md)
 # fine-tuning only the scorers of a trained model, the authors' second recipe (config/smollm2.py: of a pretrained LLM)
 init_from = ""  # with finetune_scorer: the checkpoint (a .pt file, out_dir/ckpt.pt) of a trained model, or a
-                # pretrained Llama-family model: a GGUF file, an HF folder or a hub name (GPT.from_pretrained)
+                # pretrained Llama-family model: a GGUF file, an HF folder or a hub name (GPT.from_pretrained);
+                # a pretrained model without finetune_scorer trains whole (max_iters=0: evaluate it as it is)
 finetune_scorer = False  # freeze that model, train the scorers to keep its outputs (distill)
 distill = "hidden"  # what the scorers learn to keep: "hidden", the final hidden states (mean squared error, the
                     # authors' recipe), or "logits", the next-token distribution (KL divergence)
@@ -239,7 +244,7 @@ def check_config(cfg):
         raise SystemExit(f"--attention_impl=triton needs a CUDA device (--device={cfg['device']}); pass "
                          f"--attention_impl=reference or auto on a CPU")
     check_sparsity_schedule(cfg)
-    if cfg["init_from"] and not cfg["finetune_scorer"]:
+    if cfg["init_from"] and not cfg["finetune_scorer"] and not is_pretrained(cfg["init_from"]):
         raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
                          f"trained model); to continue a run, pass --resume with its --out_dir")
     check_init_from(cfg)
@@ -257,7 +262,7 @@ def check_config(cfg):
 def check_init_from(cfg):
     """--finetune_scorer starts from a checkpoint file or a pretrained model that is there; the
     pretrained model's own tokenizer needs one; distill names a loss."""
-    if cfg["finetune_scorer"] and is_pretrained(cfg["init_from"]):
+    if is_pretrained(cfg["init_from"]):
         try:
             pretrained_source(cfg["init_from"])
         except FileNotFoundError as e:
@@ -270,6 +275,15 @@ def check_init_from(cfg):
                          "--init_from=<GGUF file, HF folder or hub name>, or --tokenizer=gpt2")
     if cfg["distill"] not in ("hidden", "logits"):
         raise SystemExit(f"--distill={cfg['distill']}: pass hidden (the final hidden states) or logits")
+    for key in ("eval_contexts", "passkey_lengths"):
+        lengths = cfg[key].split(",") if cfg[key] else []
+        if not all(n.isdigit() and int(n) > 0 for n in lengths):
+            raise SystemExit(f"--{key}={cfg[key]}: pass token counts separated by commas, like --{key}=2048,8192")
+    if (cfg["eval_contexts"] or cfg["passkey_lengths"]) and cfg["dataset"] != "shakespeare":
+        raise SystemExit(f"--eval_contexts and --passkey_lengths measure a language model: drop them for "
+                         f"--dataset={cfg['dataset']}")
+    if not cfg["passkey_trials"] >= 1:
+        raise SystemExit(f"--passkey_trials={cfg['passkey_trials']}: must be >= 1")
 
 
 def is_pretrained(init_from):
@@ -344,6 +358,43 @@ def eval_totals(model, data, cfg, device, autocast, rank, world, all_global):
             totals[3 + n_layer:3 + 2 * n_layer] += stats["cache_size"].double().cpu()
             totals[-3:] += stats["type_share"].double().mean(0).cpu()
     return all_ranks_sum(totals, device)
+
+
+@torch.no_grad()
+def long_context_eval(model, val_data, encode, cfg, device, autocast, max_tokens=2**17):
+    """In eval() mode: the val perplexity at each of --eval_contexts, over consecutive windows of
+    that length (up to max_tokens tokens of the val split, every position scored), with the kv
+    share kept there; and the share of --passkey_trials passkey trials at each of
+    --passkey_lengths answered right (the key's tokens the greedy continuation of the prompt).
+    Returns {"ppl@T": ..., "kv@T": ..., "passkey@L": ...}."""
+    result = {}
+    with eval_mode(model), autocast:
+        for T in map(int, filter(None, cfg["eval_contexts"].split(","))):
+            n = max(1, min(len(val_data) - 1, max_tokens) // T)
+            tokens = torch.from_numpy(val_data[:n * T + 1].astype(np.int64)).to(device)
+            x, y = tokens[:-1].view(n, T), tokens[1:].view(n, T)
+            totals = torch.zeros(2, dtype=torch.float64)
+            for rows in torch.arange(n).split(max(1, 2**14 // T)):  # about 16k tokens a forward
+                _, _, stats = model(x[rows], y[rows])
+                kv = stats["eval_kv_fraction"].mean().item() if "eval_kv_fraction" in stats else 1.0
+                totals += len(rows) * torch.tensor([stats["ce"].item(), kv])
+            result[f"ppl@{T}"], result[f"kv@{T}"] = math.exp(totals[0] / n), (totals[1] / n).item()
+        for length in map(int, filter(None, cfg["passkey_lengths"].split(","))):
+            right = 0
+            for trial in range(cfg["passkey_trials"]):
+                prompt, answer = make_passkey(encode, length, seed=seed_of(cfg["seed"], PASSKEY, length * 1000 + trial))
+                ids = torch.tensor(prompt + answer, device=device)[None]
+                guess = model(ids[:, :-1])[0][0, len(prompt) - 1:].argmax(-1)
+                right += guess.tolist() == answer
+            result[f"passkey@{length}"] = right / cfg["passkey_trials"]
+    return result
+
+
+def format_long_context(result):
+    """The lines of long_context_eval's result."""
+    return "long context: " + ", ".join(
+        f"perplexity {value:.2f} at {key[4:]} (kv {result['kv@' + key[4:]]:.3f})" if key.startswith("ppl@") else
+        f"passkey {value:.0%} at {key[8:]}" for key, value in result.items() if not key.startswith("kv@"))
 
 
 def format_step(it, cfg, loss, kv, kv_weight, tokens_per_s, eta):
@@ -531,9 +582,9 @@ def read_checkpoint(path, device, flag):
         raise SystemExit(f"{flag}: {e}") from None
 
 
-def load_teacher(cfg, device):
-    """The frozen model whose outputs the scorers learn to keep (dense attention): a pretrained
-    model, or the model of a checkpoint."""
+def load_init_from(cfg, device):
+    """The model of --init_from, frozen and with dense attention: a pretrained model or the model
+    of a checkpoint, whose weights the run starts from and whose outputs --finetune_scorer distils."""
     if is_pretrained(cfg["init_from"]):
         teacher = GPT.from_pretrained(cfg["init_from"], attention="dense")
     else:
@@ -644,7 +695,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: object
-    teacher: GPT  # the frozen model of --finetune_scorer, else None
+    teacher: GPT  # the frozen model --finetune_scorer distils, else None
     model_args: dict
     data: tuple  # train, val, encode, decode, vocab_size (data.load_dataset)
     it: int = 0  # the next step
@@ -707,7 +758,7 @@ def start(cfg):
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     stale = check_out_dir(cfg)
     checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
-    teacher = load_teacher(cfg, device) if cfg["finetune_scorer"] else None
+    teacher = load_init_from(cfg, device) if cfg["init_from"] else None
     model_args = model_args_for(cfg, checkpoint, teacher)
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
@@ -719,6 +770,10 @@ def start(cfg):
                          f"{model_args['block_size']}; this run has {vocab_size} and --block_size={cfg['block_size']}"
                          f": pass --tokenizer=pretrained and a --block_size up to {model_args['block_size']}")
     model_args.setdefault("vocab_size", vocab_size)
+    longest = max(map(int, filter(None, f"{cfg['eval_contexts']},{cfg['passkey_lengths']}".split(","))), default=0)
+    if longest > model_args["block_size"]:
+        raise SystemExit(f"--eval_contexts={cfg['eval_contexts']} --passkey_lengths={cfg['passkey_lengths']}: the "
+                         f"model's context is {model_args['block_size']}; pass lengths up to it")
     if rank == 0:
         for path in stale:  # --overwrite: the old run goes now, not at the first checkpoint
             os.remove(path)
@@ -733,7 +788,7 @@ def start(cfg):
 
 
 def build(cfg, rank, world, device, model_args, teacher, data):
-    """The model (the teacher's weights, frozen, under its new scorers for --finetune_scorer), its
+    """The model (--init_from's weights, frozen under new scorers for --finetune_scorer), its
     optimizer, autocast and gradient scaler, and the step's view of it (DDP, torch.compile)."""
     kind = device_type(device)
     if kind == "cuda":
@@ -745,11 +800,14 @@ def build(cfg, rank, world, device, model_args, teacher, data):
     scaler = torch.amp.GradScaler(kind, enabled=kind == "cuda" and cfg["dtype"] == "float16")
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args, attention_impl=cfg["attention_impl"])).to(device)
-    if teacher is not None:
+    if teacher is not None:  # --init_from's weights
         missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
         assert not unexpected and all("scorer" in name for name in missing), (missing, unexpected)
+    if cfg["finetune_scorer"]:
         for name, p in model.named_parameters():
             p.requires_grad = "scorer" in name
+    else:
+        teacher = None
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), kind)
     # the scorers get gradients every step, except in a dense warm-up, where they are not run
@@ -858,6 +916,10 @@ def final_report(run):
     save_history(run.history, cfg)
     if cfg["sample_tokens"] > 0:
         print_sample(model, val_data, encode, decode, vocab_size, run.device, run.autocast, cfg)
+    if cfg["eval_contexts"] or cfg["passkey_lengths"]:
+        run.history["long_context"] = long_context_eval(model, val_data, encode, cfg, run.device, run.autocast)
+        print(format_long_context(run.history["long_context"]))
+        save_history(run.history, cfg)
     if model.config.attention == "dense":
         return
     snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]

@@ -27,3 +27,6 @@ eval_iters = 8
 log_interval = 10
 sample_tokens = 200
 compile = False  # the frozen 30-layer backbone in eager mode; compiling it is untried
+eval_contexts = "2048,8192"  # at the end: val perplexity at these contexts,
+passkey_lengths = "1024,2048,4096,8192"  # and passkey retrieval at these lengths
+passkey_trials = 20

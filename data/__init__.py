@@ -49,8 +49,7 @@ def load_corpus(tokenizer, pretrained=""):
         encode, decode = gpt2_tokenizer()
         vocab_size = GPT2_PADDED_VOCAB
     else:
-        encode, decode, vocab_size = pretrained_tokenizer(pretrained)
-        tokenizer = "pretrained-" + hashlib.sha256(pretrained.encode()).hexdigest()[:8]
+        encode, decode, vocab_size, tokenizer = pretrained_tokenizer(pretrained)
     # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy")
@@ -75,7 +74,7 @@ def load_recall(make, length, n_val=2000):
     return train, make(n_val, length, recall.VAL_SEED), encode, decode, len(recall.ALPHABET)
 
 
-TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE = 0, 1, 2, 3  # the random streams seed_of names
+TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE, PASSKEY = 0, 1, 2, 3, 4  # the random streams seed_of names
 
 
 def seed_of(seed, stream, index):

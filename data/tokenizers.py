@@ -6,6 +6,7 @@ model's embedding gets.
     gpt2   tiktoken's GPT-2 BPE (50257 tokens; its files are downloaded once and cached)
     pretrained   a pretrained model's own, through HF transformers
 """
+import hashlib
 import importlib.util
 import os
 
@@ -57,9 +58,11 @@ def pretrained_source(source):
 
 
 def pretrained_tokenizer(source):
-    """encode, decode and the vocabulary size of a pretrained model's own tokenizer, loaded by
-    transformers from where pretrained_source finds it (no special tokens added)."""
+    """encode, decode, the vocabulary size and a name of a pretrained model's own tokenizer, loaded
+    by transformers from where pretrained_source finds it (no special tokens added). The name,
+    "pretrained-" and a hash of the vocabulary, tells tokenizers apart wherever their files are."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(**pretrained_source(source))
     tok.model_max_length = 2**62  # a corpus is encoded in one go: no warning that it is longer than a context
-    return (lambda s: tok.encode(s, add_special_tokens=False)), tok.decode, len(tok)
+    name = "pretrained-" + hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()[:8]
+    return (lambda s: tok.encode(s, add_special_tokens=False)), tok.decode, len(tok), name
