@@ -98,16 +98,16 @@ def relaxed_mask(token_types, window):
     """M_ij(y) = [i >= j] (g_j + l_j prod_{j<k<i} (1 - g_k) + s_j [i - j <= W]) (README, How NAtS
     works, "Relaxation").
 
-    Equals the hard mask at one-hot y. The product is one cumprod down the rows: row i
+    Equals the hard mask at one-hot y = (g, l, s). The product is one cumprod down the rows: row i
     multiplies in (1 - g_{i-1}) for every column j < i - 1.
     """
-    g, l, s = token_types.unbind(-1)
-    T = g.shape[-1]
-    i = torch.arange(T, device=g.device)[:, None]
-    j = torch.arange(T, device=g.device)[None, :]
-    g_prev = F.pad(g, (1, 0))[..., :-1, None]  # g_{i-1} for row i
+    y_g, y_l, y_s = token_types.unbind(-1)
+    T = y_g.shape[-1]
+    i = torch.arange(T, device=y_g.device)[:, None]
+    j = torch.arange(T, device=y_g.device)[None, :]
+    g_prev = F.pad(y_g, (1, 0))[..., :-1, None]  # g_{i-1} for row i
     local_alive = torch.where(i - 1 > j, 1 - g_prev, torch.ones_like(g_prev)).cumprod(-2)
-    mask = g[..., None, :] + l[..., None, :] * local_alive + s[..., None, :] * (i - j <= window)
+    mask = y_g[..., None, :] + y_l[..., None, :] * local_alive + y_s[..., None, :] * (i - j <= window)
     return mask * (j <= i)
 
 
@@ -184,11 +184,43 @@ DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)])
 
 
 @triton.jit
+def _head(PTR, z, h, stride_z, stride_h):
+    """PTR moved to batch z, head h of a strided [B, heads, ...] tensor. int64: z x stride_z can
+    pass 2^31 for large inputs."""
+    return PTR + tl.cast(z, tl.int64) * stride_z + tl.cast(h, tl.int64) * stride_h
+
+
+@triton.jit
+def _query_head(H, H_KV):
+    """Grid axis 1 runs over batch x query heads: this program's batch, query head and KV head."""
+    z, h = tl.program_id(1) // H, tl.program_id(1) % H
+    return z, h, h // (H // H_KV)
+
+
+@triton.jit
 def _rows(PTR, offs, stride_t, offs_d, T):
     """Rows offs of a [T, D] matrix as a [len(offs), D] tile, zeros past T. int64 offsets:
     row x stride can pass 2^31 for large or strided inputs."""
     return tl.load(PTR + offs.to(tl.int64)[:, None] * stride_t + offs_d[None, :], mask=offs[:, None] < T,
                    other=0.0)
+
+
+@triton.jit
+def _scores(q, K, offs_n, stride_kt, offs_d, T, scale_log2, PRECISION: tl.constexpr):
+    """The scores of the queries q against the keys offs_n, in the log2 domain: [BLOCK_M, len(offs_n)]."""
+    return tl.dot(q, tl.trans(_rows(K, offs_n, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
+
+
+@triton.jit
+def _band_visible(i, j, last_q, CAUSAL: tl.constexpr):
+    """Whether query i sees the Local or Sliding key j, whose last query is last_q (its segment end
+    or j + W; -1 for a Global, which the band never shows). i and j broadcast against each other:
+    [BLOCK_M, 1] queries and [1, BLOCK_N] keys, or transposed. CAUSAL also asks j <= i, which only
+    a tile on the diagonal can break."""
+    visible = i <= last_q
+    if CAUSAL:
+        visible = visible & (j <= i)
+    return visible
 
 
 @triton.jit
@@ -229,28 +261,30 @@ def _fwd_global_tile(acc, m_i, l_i, q, K, V, GLOBAL_POS, start_g, n_global, offs
     """One tile of gathered Global keys into the output; MASKED where it may hold keys after a query."""
     offs_g = start_g + tl.arange(0, BLOCK_N)
     pos = tl.load(GLOBAL_POS + offs_g, mask=offs_g < n_global, other=T)  # T: never visible
-    s = tl.dot(q, tl.trans(_rows(K, pos, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
+    s = _scores(q, K, pos, stride_kt, offs_d, T, scale_log2, PRECISION)
     visible = (pos[None, :] <= offs_m[:, None]) if MASKED else True
     return _softmax_update(acc, m_i, l_i, s, visible, _rows(V, pos, stride_vt, offs_d, T), PRECISION)
 
 
 @triton.jit
-def _fwd_train_tile(acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m,
-                    offs_d, T, N_GROUPS, stride_kt, stride_vt, scale_log2,
-                    BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
-    """A training forward's key tile in the band: every causal entry into LSE_F; the visible
-    Local and Sliding ones also into the output, if the tile reaches this far."""
+def _fwd_band_tile(acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m,
+                   offs_d, T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, TRAINING: tl.constexpr, PRECISION: tl.constexpr):
+    """A key tile of the band: its visible Local and Sliding entries into the output, if the tile
+    reaches this far; in training also every causal entry into LSE_F, reached or not. CAUSAL where
+    the tile may hold keys after a query (off the diagonal every key precedes every query)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    s = tl.dot(q, tl.trans(_rows(K, offs_n, stride_kt, offs_d, T)), input_precision=PRECISION) * scale_log2
-    if DIAGONAL:  # off the diagonal every key precedes every query: no mask there
-        mf_i, lf_i = _lse_update(mf_i, lf_i, tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf")))
-    else:
-        mf_i, lf_i = _lse_update(mf_i, lf_i, s)
+    if TRAINING:
+        s = _scores(q, K, offs_n, stride_kt, offs_d, T, scale_log2, PRECISION)
+        if CAUSAL:
+            mf_i, lf_i = _lse_update(mf_i, lf_i, tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf")))
+        else:
+            mf_i, lf_i = _lse_update(mf_i, lf_i, s)
     if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
         last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
-        visible = offs_m[:, None] <= last_q[None, :]
-        if DIAGONAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        if not TRAINING:  # inference computes the scores only for the tiles that reach these queries
+            s = _scores(q, K, offs_n, stride_kt, offs_d, T, scale_log2, PRECISION)
+        visible = _band_visible(offs_m[:, None], offs_n[None, :], last_q[None, :], CAUSAL)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, visible, _rows(V, offs_n, stride_vt, offs_d, T),
                                         PRECISION)
     return acc, m_i, l_i, mf_i, lf_i
@@ -258,7 +292,7 @@ def _fwd_train_tile(acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCA
 
 @triton.autotune(configs=FWD_CONFIGS, key=["T_BUCKET", "D", "TRAINING"])
 @triton.jit
-def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, GLOBAL_POS, N_GLOBAL_UPTO,
+def _nats_fwd(Q, K, V, OUT, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, GLOBAL_POS, N_GLOBAL_UPTO,
               stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
               stride_vz, stride_vh, stride_vt, stride_oz, stride_oh, stride_ot,
               H, H_KV, T, N_GROUPS, T_BUCKET, scale_log2,
@@ -267,63 +301,63 @@ def _nats_fwd(Q, K, V, O, LSE_M, LSE_F, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, G
     """O and LSE_M (log2) for one query tile of one head; LSE_F too when TRAINING."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest rows first: a shorter tail
     end_m = tl.minimum(start_m + BLOCK_M, T)
-    z, h = tl.program_id(1) // H, tl.program_id(1) % H
-    h_kv = h // (H // H_KV)
-    zh_kv = (z * H_KV + h_kv).to(tl.int64)  # this KV head's row of the metadata
+    z, h, h_kv = _query_head(H, H_KV)
+    zh = (z * H + h).to(tl.int64)  # this head's row of LSE_M and LSE_F
+    zh_kv = (z * H_KV + h_kv).to(tl.int64)  # its KV head's row of the metadata
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    q = _rows(Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh, offs_m, stride_qt, offs_d, T)
-    K += z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh
-    V += z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh
+    q = _rows(_head(Q, z, h, stride_qz, stride_qh), offs_m, stride_qt, offs_d, T)
+    K = _head(K, z, h_kv, stride_kz, stride_kh)
+    V = _head(V, z, h_kv, stride_vz, stride_vh)
     LAST_Q_LOCAL += zh_kv * T
     REACH_LOCAL += zh_kv * N_GROUPS
+    BAND_START += zh_kv * T
     GLOBAL_POS += zh_kv * T
+    N_GLOBAL_UPTO += zh_kv * T
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # 1. the Global keys before this tile's last query, from their gathered list; whole tiles of
     #    Globals before its first query need no mask
-    n_masked_from = _globals_before(N_GLOBAL_UPTO + zh_kv * T, start_m) // BLOCK_N * BLOCK_N
-    n_global = tl.load(N_GLOBAL_UPTO + zh_kv * T + end_m - 1)
+    n_masked_from = _globals_before(N_GLOBAL_UPTO, start_m) // BLOCK_N * BLOCK_N
+    n_global = tl.load(N_GLOBAL_UPTO + end_m - 1)
     for start_g in range(0, n_masked_from, BLOCK_N):
         acc, m_i, l_i = _fwd_global_tile(acc, m_i, l_i, q, K, V, GLOBAL_POS, start_g, n_global, offs_m, offs_d,
                                          T, stride_kt, stride_vt, scale_log2, BLOCK_N, False, PRECISION)
     for start_g in range(n_masked_from, n_global, BLOCK_N):
         acc, m_i, l_i = _fwd_global_tile(acc, m_i, l_i, q, K, V, GLOBAL_POS, start_g, n_global, offs_m, offs_d,
                                          T, stride_kt, stride_vt, scale_log2, BLOCK_N, True, PRECISION)
-    # 2. the band: Local and Sliding keys (LAST_Q_LOCAL is -1 for Globals), from the first key
-    #    tile any of them reaches this query tile from; training also sweeps the far tiles
-    #    before it, for LSE_F only: one product and one exp per entry, no mask, no branch
-    band_lo = tl.minimum(tl.load(BAND_START + zh_kv * T + start_m) // BLOCK_N * BLOCK_N, start_m)
+    # 2. the far tiles: before band_lo, the first key tile any Local or Sliding key reaches this
+    #    query tile from, nothing is visible (LAST_Q_LOCAL is -1 for Globals). Inference skips
+    #    them; training sweeps them for LSE_F alone: one product and one exp per entry, no mask,
+    #    no branch.
+    band_lo = tl.minimum(tl.load(BAND_START + start_m) // BLOCK_N * BLOCK_N, start_m)
+    mf_i = tl.full([BLOCK_M], -1e30, tl.float32)  # LSE_F's running max and sum (TRAINING only)
+    lf_i = tl.zeros([BLOCK_M], tl.float32)
     if TRAINING:
-        mf_i = tl.full([BLOCK_M], -1e30, tl.float32)
-        lf_i = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, band_lo, BLOCK_N):
-            k = _rows(K, start_n + tl.arange(0, BLOCK_N), stride_kt, offs_d, T)
-            mf_i, lf_i = _lse_update(mf_i, lf_i, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2)
-        for start_n in range(band_lo, start_m, BLOCK_N):
-            acc, m_i, l_i, mf_i, lf_i = _fwd_train_tile(
-                acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m, offs_d,
-                T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, False, PRECISION)
-        for start_n in range(start_m, end_m, BLOCK_N):
-            acc, m_i, l_i, mf_i, lf_i = _fwd_train_tile(
-                acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m, offs_d,
-                T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, True, PRECISION)
-        tl.store(LSE_F + (z * H + h).to(tl.int64) * T + offs_m, mf_i + tl.math.log2(lf_i), mask=offs_m < T)
-    else:
-        for start_n in range(band_lo, end_m, BLOCK_N):
-            if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
-                s = tl.dot(q, tl.trans(_rows(K, offs_n, stride_kt, offs_d, T)), input_precision=PRECISION)
-                visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s * scale_log2, visible,
-                                                _rows(V, offs_n, stride_vt, offs_d, T), PRECISION)
+            s = _scores(q, K, start_n + tl.arange(0, BLOCK_N), stride_kt, offs_d, T, scale_log2, PRECISION)
+            mf_i, lf_i = _lse_update(mf_i, lf_i, s)
+    # 3. the band: Local and Sliding keys, up to the diagonal. Training leaves the causal mask to
+    #    the diagonal tiles, which spares LSE_F's sweep of the others a compare per entry;
+    #    inference masks every tile in the second loop alone (the first runs no tile): split in
+    #    two, its short band pipelined worse, 30% slower at D = 64, T = 8192 on an H200
+    causal_from = start_m if TRAINING else band_lo
+    for start_n in range(band_lo, causal_from, BLOCK_N):
+        acc, m_i, l_i, mf_i, lf_i = _fwd_band_tile(
+            acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m, offs_d,
+            T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, False, TRAINING, PRECISION)
+    for start_n in range(causal_from, end_m, BLOCK_N):
+        acc, m_i, l_i, mf_i, lf_i = _fwd_band_tile(
+            acc, m_i, l_i, mf_i, lf_i, q, K, V, LAST_Q_LOCAL, REACH_LOCAL, start_n, start_m, offs_m, offs_d,
+            T, N_GROUPS, stride_kt, stride_vt, scale_log2, BLOCK_N, True, TRAINING, PRECISION)
+    if TRAINING:
+        tl.store(LSE_F + zh * T + offs_m, mf_i + tl.math.log2(lf_i), mask=offs_m < T)
     l_i = tl.where(offs_m < T, l_i, 1.0)  # rows past the end see nothing
-    O += z.to(tl.int64) * stride_oz + tl.cast(h, tl.int64) * stride_oh
-    tl.store(O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
-             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=offs_m[:, None] < T)
-    tl.store(LSE_M + (z * H + h).to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+    OUT = _head(OUT, z, h, stride_oz, stride_oh)
+    tl.store(OUT + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
+             (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=offs_m[:, None] < T)
+    tl.store(LSE_M + zh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
 @triton.jit
@@ -338,32 +372,33 @@ def _dq_update(dq, q, do, lse_m, delta, k, v, visible, scale_log2, PRECISION: tl
 
 @triton.autotune(configs=DQ_CONFIGS, key=["T_BUCKET", "D"])
 @triton.jit
-def _nats_bwd_dq(Q, K, V, O, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
+def _nats_bwd_dq(Q, K, V, OUT, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
                  KIND, LAST_Q_LOCAL, REACH_LOCAL, BAND_START, GLOBAL_POS, N_GLOBAL_UPTO,
                  stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
                  stride_vz, stride_vh, stride_vt, stride_doz, stride_doh, stride_dot,
                  H, H_KV, T, N_GROUPS, T_BUCKET, scale_log2, scale,
                  D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile (Global keys and the band only); Dl_i = dO_i . O_i, the row term every
-    backward product subtracts, for the dK/dV kernels (O has dO's strides); and R_i: the sum of
-    G_ij over the visible Local keys of row i, for the cross term of the types' gradients."""
+    backward product subtracts, for the dK/dV kernels (OUT, the forward's O, has dO's strides);
+    and R_i: the sum of G_ij over the visible Local keys of row i, for the cross term of the
+    types' gradients."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the longest rows first
     end_m = tl.minimum(start_m + BLOCK_M, T)
-    z, h = tl.program_id(1) // H, tl.program_id(1) % H
-    h_kv = h // (H // H_KV)
+    z, h, h_kv = _query_head(H, H_KV)
+    zh = (z * H + h).to(tl.int64)
     zh_kv = (z * H_KV + h_kv).to(tl.int64)
-    row = (z * H + h).to(tl.int64) * T
+    row = zh * T
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    q = _rows(Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh, offs_m, stride_qt, offs_d, T)
-    head_do = z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh
-    do = _rows(DO + head_do, offs_m, stride_dot, offs_d, T)
-    delta = tl.sum(do.to(tl.float32) * _rows(O + head_do, offs_m, stride_dot, offs_d, T).to(tl.float32), 1)
+    q = _rows(_head(Q, z, h, stride_qz, stride_qh), offs_m, stride_qt, offs_d, T)
+    do = _rows(_head(DO, z, h, stride_doz, stride_doh), offs_m, stride_dot, offs_d, T)
+    o = _rows(_head(OUT, z, h, stride_doz, stride_doh), offs_m, stride_dot, offs_d, T)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + row + offs_m, delta, mask=offs_m < T)
     lse_m = tl.load(LSE_M + row + offs_m, mask=offs_m < T, other=float("inf"))
     lse_f = tl.load(LSE_F + row + offs_m, mask=offs_m < T, other=float("inf"))
-    K += z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh
-    V += z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh
+    K = _head(K, z, h_kv, stride_kz, stride_kh)
+    V = _head(V, z, h_kv, stride_vz, stride_vh)
     KIND += zh_kv * T
     LAST_Q_LOCAL += zh_kv * T
     REACH_LOCAL += zh_kv * N_GROUPS
@@ -377,18 +412,19 @@ def _nats_bwd_dq(Q, K, V, O, DO, LSE_M, LSE_F, DELTA, DQ, LOCAL_ROWSUM,
         dq, s, dp = _dq_update(dq, q, do, lse_m, delta, _rows(K, pos, stride_kt, offs_d, T),
                                _rows(V, pos, stride_vt, offs_d, T), pos[None, :] <= offs_m[:, None],
                                scale_log2, PRECISION)
+    # One loop over the band, diagonal tiles included: the causal test is all true off the diagonal
     band_lo = tl.minimum(tl.load(BAND_START + zh_kv * T + start_m) // BLOCK_N * BLOCK_N, start_m)
     for start_n in range(band_lo, end_m, BLOCK_N):
         if _tile_max(REACH_LOCAL, start_n, N_GROUPS, BLOCK_N) >= start_m:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             last_q = tl.load(LAST_Q_LOCAL + offs_n, mask=offs_n < T, other=-1)
             is_local = tl.load(KIND + offs_n, mask=offs_n < T, other=-1) == 1
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= last_q[None, :])
+            visible = _band_visible(offs_m[:, None], offs_n[None, :], last_q[None, :], True)
             dq, s, dp = _dq_update(dq, q, do, lse_m, delta, _rows(K, offs_n, stride_kt, offs_d, T),
                                    _rows(V, offs_n, stride_vt, offs_d, T), visible, scale_log2, PRECISION)
             pi_local = tl.where(visible & is_local[None, :], tl.math.exp2(s - lse_f[:, None]), 0.0)
             local_rowsum += tl.sum(pi_local * dp, 1)
-    DQ += (z * H + h).to(tl.int64) * T * D
+    DQ += zh * T * D
     tl.store(DQ + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=offs_m[:, None] < T)
     tl.store(LOCAL_ROWSUM + row + offs_m, local_rowsum, mask=offs_m < T)
@@ -419,9 +455,7 @@ def _dkdv_band_tile(dk, dv, c_all, c_seg, c_next, c_slide, c_diag, k, v, Q, DO, 
     c_slide += tl.sum(tl.where(offs_m[None, :] <= slide_end[:, None], g, 0.0), 1)
     if reach >= start_m:
         lse_m = tl.load(LSE_M + offs_m, mask=offs_m < T, other=float("inf"))
-        visible = offs_m[None, :] <= last_q[:, None]
-        if DIAGONAL:
-            visible = visible & (offs_n[:, None] <= offs_m[None, :])
+        visible = _band_visible(offs_m[None, :], offs_n[:, None], last_q[:, None], DIAGONAL)
         p = tl.where(visible, tl.math.exp2(s - lse_m[None, :]), 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot((p * dp).to(q.dtype), q, input_precision=PRECISION)
@@ -446,8 +480,8 @@ def _nats_bwd_dkdv(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
     zh_kv = (z * H_KV + h_kv).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    k = _rows(K + z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh, offs_n, stride_kt, offs_d, T)
-    v = _rows(V + z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh, offs_n, stride_vt, offs_d, T)
+    k = _rows(_head(K, z, h_kv, stride_kz, stride_kh), offs_n, stride_kt, offs_d, T)
+    v = _rows(_head(V, z, h_kv, stride_vz, stride_vh), offs_n, stride_vt, offs_d, T)
     last_q = tl.load(LAST_Q_LOCAL + zh_kv * T + offs_n, mask=offs_n < T, other=-1)
     seg_end = tl.load(SEG_END + zh_kv * T + offs_n, mask=offs_n < T, other=-1)
     next_seg_end = tl.load(NEXT_SEG_END + zh_kv * T + offs_n, mask=offs_n < T, other=-1)
@@ -466,8 +500,8 @@ def _nats_bwd_dkdv(Q, K, V, DO, LSE_M, LSE_F, DELTA, DK, DV, COLSUM,
     c_diag = tl.zeros([BLOCK_N], tl.float32)
     group = H // H_KV
     for h in range(h_kv * group, h_kv * group + group):
-        Qh = Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh
-        DOh = DO + z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh
+        Qh = _head(Q, z, h, stride_qz, stride_qh)
+        DOh = _head(DO, z, h, stride_doz, stride_doh)
         row = (z * H + h).to(tl.int64) * T
         for start_m in range(start_n, start_n + BLOCK_N, BLOCK_M):
             dk, dv, c_all, c_seg, c_next, c_slide, c_diag = _dkdv_band_tile(
@@ -519,14 +553,14 @@ def _nats_bwd_dkdv_global(Q, K, V, DO, LSE_M, DELTA, DK, DV, GLOBAL_POS, N_GLOBA
         offs_g = start_g + tl.arange(0, BLOCK_N)
         pos = tl.load(GLOBAL_POS + zh_kv * T + offs_g, mask=offs_g < n_global, other=T)  # sorted
         offs_d = tl.arange(0, D)
-        k = _rows(K + z.to(tl.int64) * stride_kz + h_kv.to(tl.int64) * stride_kh, pos, stride_kt, offs_d, T)
-        v = _rows(V + z.to(tl.int64) * stride_vz + h_kv.to(tl.int64) * stride_vh, pos, stride_vt, offs_d, T)
+        k = _rows(_head(K, z, h_kv, stride_kz, stride_kh), pos, stride_kt, offs_d, T)
+        v = _rows(_head(V, z, h_kv, stride_vz, stride_vh), pos, stride_vt, offs_d, T)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         group = H // H_KV
         for h in range(h_kv * group, h_kv * group + group):
-            Qh = Q + z.to(tl.int64) * stride_qz + tl.cast(h, tl.int64) * stride_qh
-            DOh = DO + z.to(tl.int64) * stride_doz + tl.cast(h, tl.int64) * stride_doh
+            Qh = _head(Q, z, h, stride_qz, stride_qh)
+            DOh = _head(DO, z, h, stride_doz, stride_doh)
             row = (z * H + h).to(tl.int64) * T
             for start_m in range(tl.min(pos, 0) // BLOCK_M * BLOCK_M, T, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -582,10 +616,10 @@ def _kind(TYPES, pos, stride_tt, stride_tc, T):
     """The argmax of the types [len(pos), 3] (the first of equal values, as torch.argmax)."""
     ptr = TYPES + pos.to(tl.int64) * stride_tt
     valid = (pos >= 0) & (pos < T)
-    g = tl.load(ptr, mask=valid, other=0.0)
-    l = tl.load(ptr + stride_tc, mask=valid, other=0.0)
-    s = tl.load(ptr + 2 * stride_tc, mask=valid, other=0.0)
-    return tl.where((g >= l) & (g >= s), 0, tl.where(l >= s, 1, 2))
+    y_g = tl.load(ptr, mask=valid, other=0.0)
+    y_l = tl.load(ptr + stride_tc, mask=valid, other=0.0)
+    y_s = tl.load(ptr + 2 * stride_tc, mask=valid, other=0.0)
+    return tl.where((y_g >= y_l) & (y_g >= y_s), 0, tl.where(y_l >= y_s, 1, 2))
 
 
 @triton.jit
@@ -602,7 +636,7 @@ def _key_metadata(TYPES, KIND, LAST_Q_LOCAL, SEG_END, NEXT_SEG_END, REACH_LOCAL,
                   window, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     """The META_FIELDS of one (batch, KV head) in three passes over its keys (see key_metadata)."""
     zh = tl.program_id(0)
-    types = TYPES + (zh // H_KV).to(tl.int64) * stride_tz + (zh % H_KV).to(tl.int64) * stride_th
+    types = _head(TYPES, zh // H_KV, zh % H_KV, stride_tz, stride_th)
     row = zh.to(tl.int64) * T
     # 1. Kinds; the Globals counted and gathered in order; band_start starts at "none" (T).
     n_global = 0
@@ -712,7 +746,7 @@ def _type_gradients(COLSUM, LOCAL_ROWSUM, KIND, DTYPES, stride_dz, stride_dh, st
     """dL/d(types) of one (batch, KV head) from its column sums and Local row sums (see type_gradients)."""
     zh = tl.program_id(0)
     colsum = COLSUM + zh.to(tl.int64) * 5 * T
-    dtypes = DTYPES + (zh // H_KV).to(tl.int64) * stride_dz + (zh % H_KV).to(tl.int64) * stride_dh
+    dtypes = _head(DTYPES, zh // H_KV, zh % H_KV, stride_dz, stride_dh)
     carry_global, carry_other = 0.0, 0.0
     for start in range(0, T, BLOCK):
         pos = start + tl.arange(0, BLOCK)
@@ -813,8 +847,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch
 @torch.library.register_fake("nats::forward")
 def _(q, k, v, meta, training):
     B, H, T, D = q.shape
-    lse = lambda n: q.new_empty(B, H, n, dtype=torch.float32)
-    return q.new_empty(B, H, T, D), lse(T), lse(T if training else 0)
+    return (q.new_empty(B, H, T, D), q.new_empty(B, H, T, dtype=torch.float32),
+            q.new_empty(B, H, T if training else 0, dtype=torch.float32))
 
 
 @_operator
@@ -988,76 +1022,117 @@ def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, h
     rows with do_bench_cudagraph, replayed from a CUDA graph): this kernel, dense causal SDPA,
     FlexAttention with the same mask.
     TFLOP/s counts useful_flops, against a bf16 matmul measured in the same run."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    mixes = {"5/15/80": (0.05, 0.15, 0.80), "20/40/40": (0.2, 0.4, 0.4), "all G": (1.0, 0.0, 0.0)}
-    bench = lambda fn, grads=(): triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=list(grads),
-                                                        return_mode="median")
-    # The same pass replayed from a CUDA graph: the GPU's time alone, without the host's launches
-    # (what torch.compile's CUDA graphs or a captured training step pay).
-    graph_bench = lambda fn, grads=(): triton.testing.do_bench_cudagraph(fn, rep=200, grad_to_none=list(grads),
-                                                                        return_mode="median")
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ceiling = 2 * 8192**3 / bench(lambda: a @ b) / 1e9
-    del a, b
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
           f"B={batch} H={heads} W={window}; ratio = time / dense SDPA (same pass); TFLOP/s of useful work "
-          f"(useful_flops), bf16 matmul ceiling measured now: {ceiling:.0f} TFLOP/s")
+          f"(useful_flops), bf16 matmul ceiling measured now: {_matmul_ceiling():.0f} TFLOP/s")
     print(f"| {'D':>3} | {'T':>5} | {'mix':8} | {'kv':>5} | {'what':28} | {'ms':>8} | {'ratio':>6} | {'TFLOP/s':>7} |")
     print("|" + "|".join("-" * w for w in (5, 7, 10, 7, 30, 10, 8, 9)) + "|")
     for D in head_dims:
         for T in lengths:
-            # FlexAttention compiled afresh for each shape, as for a model of fixed size: compiled once for
-            # all, torch.compile recompiles it for dynamic shapes at the second length, and it then ran
-            # 1.5x slower at T = 16384 (results/kernel.md)
-            torch.compiler.reset()
-            flex = torch.compile(flex_attention)
-            gen = torch.Generator(device="cuda").manual_seed(T + D)
-            q, k, v, do = (torch.randn(batch, heads, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-                           for _ in range(4))
-            q, k, v = (t.requires_grad_() for t in (q, k, v))
-            causal = batch * heads * T * (T + 1) / 2
-
-            def row(mix, kv, what, ms, base_ms, flops):
-                print(f"| {D:>3} | {T:>5} | {mix:8} | {kv:>5} | {what:28} | {ms:8.3f} | {ms / base_ms:6.2f} | "
-                      f"{flops / ms / 1e9:7.1f} |", flush=True)
-
-            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            dense_fwd = bench(sdpa)
-            dense_fb = bench(lambda: sdpa().backward(do), (q, k, v))
-            dense_graph = graph_bench(lambda: sdpa().backward(do), (q, k, v))
-            row("-", "1.00", "dense SDPA fwd", dense_fwd, dense_fwd, useful_flops(causal, causal, D, "dense_fwd"))
-            row("-", "1.00", "dense SDPA fwd+bwd", dense_fb, dense_fb, useful_flops(causal, causal, D, "dense_fwd_bwd"))
-            row("-", "1.00", "dense SDPA fwd+bwd, graph", dense_graph, dense_graph,
-                useful_flops(causal, causal, D, "dense_fwd_bwd"))
-            for mix, probs in mixes.items():
-                kind = torch.multinomial(torch.tensor(probs, device="cuda"), batch * heads * T, replacement=True,
-                                         generator=gen).view(batch, heads, T)
-                kind[..., 0] = GLOBAL
-                types = F.one_hot(kind, 3).to(torch.bfloat16).requires_grad_()
-                visible = kv_lengths(types.detach().float(), window).sum().item()
-                kv = f"{visible / causal:.2f}"
-                flops = lambda what: useful_flops(causal, visible, D, what)
-                nats = lambda: nats_attention(q, k, v, types, window)
-                row(mix, kv, "NAtS train fwd", bench(nats), dense_fwd, flops("train_fwd"))
-                row(mix, kv, "NAtS fwd+bwd (with dtypes)", bench(lambda: nats().backward(do), (q, k, v, types)),
-                    dense_fb, flops("fwd_bwd"))
-                row(mix, kv, "NAtS fwd+bwd, graph", graph_bench(lambda: nats().backward(do), (q, k, v, types)),
-                    dense_graph, flops("fwd_bwd"))
-                with torch.no_grad():
-                    row(mix, kv, "NAtS inference fwd", bench(nats), dense_fwd, flops("inference"))
-                last_q = last_visible_query(types.detach(), window)
-                mask_mod = lambda b, h, i, j: (j <= i) & (i <= last_q[b, h, j])
-                build = lambda: create_block_mask(mask_mod, batch, heads, T, T, device="cuda")
-                block_mask = build()
-                flex_fwd = lambda: flex(q, k, v, block_mask=block_mask)
-                row(mix, kv, "Flex fwd", bench(flex_fwd), dense_fwd, flops("inference"))
-                row(mix, kv, "Flex fwd+bwd (no dtypes)", bench(lambda: flex_fwd().backward(do), (q, k, v)),
-                    dense_fb, useful_flops(visible, visible, D, "dense_fwd_bwd"))
-                torch.cuda.empty_cache()  # each build holds a [B, H, T, T] mask: 8.6 GB at T = 16384, its sum 64 GiB
-                row(mix, kv, "Flex block-mask build", bench(build), dense_fwd, 0)
-                del types, block_mask
-            del q, k, v, do
+            _benchmark_shape(batch, heads, T, D, window)
             torch.cuda.empty_cache()
+
+
+def _bench(fn, grads=()):
+    """fn's median time in ms, the gradients of grads cleared before each run."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=list(grads), return_mode="median")
+
+
+def _graph_bench(fn, grads=()):
+    """The same pass replayed from a CUDA graph: the GPU's time alone, without the host's launches
+    (what torch.compile's CUDA graphs or a captured training step pay)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=200, grad_to_none=list(grads), return_mode="median")
+
+
+def _matmul_ceiling():
+    """The TFLOP/s of an 8192^3 bf16 matmul on this GPU, now."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / _bench(lambda: a @ b) / 1e9
+
+
+def _print_row(D, T, mix, kv, what, ms, base_ms, flops):
+    """One line of the table: flops is the pass's useful_flops."""
+    print(f"| {D:>3} | {T:>5} | {mix:8} | {kv:>5} | {what:28} | {ms:8.3f} | {ms / base_ms:6.2f} | "
+          f"{flops / ms / 1e9:7.1f} |", flush=True)
+
+
+def _benchmark_shape(batch, heads, T, D, window):
+    """The table's rows for one length and head size: dense SDPA, then each mix of types."""
+    from torch.nn.attention.flex_attention import flex_attention
+    # FlexAttention compiled afresh for each shape, as for a model of fixed size: compiled once for
+    # all, torch.compile recompiles it for dynamic shapes at the second length, and it then ran
+    # 1.5x slower at T = 16384 (results/kernel.md)
+    torch.compiler.reset()
+    flex = torch.compile(flex_attention)
+    gen = torch.Generator(device="cuda").manual_seed(T + D)
+    q, k, v, do = (torch.randn(batch, heads, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    causal = batch * heads * T * (T + 1) / 2
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    dense = dict(fwd=_bench(sdpa), fwd_bwd=_bench(lambda: sdpa().backward(do), (q, k, v)),
+                 graph=_graph_bench(lambda: sdpa().backward(do), (q, k, v)))
+    _print_row(D, T, "-", "1.00", "dense SDPA fwd", dense["fwd"], dense["fwd"],
+               useful_flops(causal, causal, D, "dense_fwd"))
+    _print_row(D, T, "-", "1.00", "dense SDPA fwd+bwd", dense["fwd_bwd"], dense["fwd_bwd"],
+               useful_flops(causal, causal, D, "dense_fwd_bwd"))
+    _print_row(D, T, "-", "1.00", "dense SDPA fwd+bwd, graph", dense["graph"], dense["graph"],
+               useful_flops(causal, causal, D, "dense_fwd_bwd"))
+    mixes = {"5/15/80": (0.05, 0.15, 0.80), "20/40/40": (0.2, 0.4, 0.4), "all G": (1.0, 0.0, 0.0)}  # G/L/S shares
+    for mix, probs in mixes.items():
+        _benchmark_mix(q, k, v, do, mix, probs, window, flex, dense, gen)
+
+
+def _benchmark_mix(q, k, v, do, mix, probs, window, flex, dense, gen):
+    """The rows of one mix of types (G/L/S probabilities): NAtS's passes, then FlexAttention's with
+    the same mask, against dense's times."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    batch, heads, T, D = q.shape
+    kind = torch.multinomial(torch.tensor(probs, device="cuda"), batch * heads * T, replacement=True,
+                             generator=gen).view(batch, heads, T)
+    kind[..., 0] = GLOBAL
+    types = F.one_hot(kind, 3).to(torch.bfloat16).requires_grad_()
+    causal = batch * heads * T * (T + 1) / 2
+    visible = kv_lengths(types.detach().float(), window).sum().item()
+    kv = f"{visible / causal:.2f}"
+
+    def row(what, ms, base_ms, flops):
+        _print_row(D, T, mix, kv, what, ms, base_ms, flops)
+
+    def flops(what):
+        return useful_flops(causal, visible, D, what)
+
+    def nats():
+        return nats_attention(q, k, v, types, window)
+
+    row("NAtS train fwd", _bench(nats), dense["fwd"], flops("train_fwd"))
+    row("NAtS fwd+bwd (with dtypes)", _bench(lambda: nats().backward(do), (q, k, v, types)), dense["fwd_bwd"],
+        flops("fwd_bwd"))
+    row("NAtS fwd+bwd, graph", _graph_bench(lambda: nats().backward(do), (q, k, v, types)), dense["graph"],
+        flops("fwd_bwd"))
+    with torch.no_grad():
+        row("NAtS inference fwd", _bench(nats), dense["fwd"], flops("inference"))
+    last_q = last_visible_query(types.detach(), window)
+
+    def mask_mod(b, h, i, j):
+        return (j <= i) & (i <= last_q[b, h, j])
+
+    def build():
+        return create_block_mask(mask_mod, batch, heads, T, T, device="cuda")
+
+    block_mask = build()
+
+    def flex_fwd():
+        return flex(q, k, v, block_mask=block_mask)
+
+    row("Flex fwd", _bench(flex_fwd), dense["fwd"], flops("inference"))
+    row("Flex fwd+bwd (no dtypes)", _bench(lambda: flex_fwd().backward(do), (q, k, v)), dense["fwd_bwd"],
+        useful_flops(visible, visible, D, "dense_fwd_bwd"))
+    torch.cuda.empty_cache()  # each build holds a [B, H, T, T] mask: 8.6 GB at T = 16384, its sum 64 GiB
+    row("Flex block-mask build", _bench(build), dense["fwd"], 0)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def seed_variants(own, base, tag):
              for b in numbers(own, "gs_budgets", float)]
     runs += [(f"random Globals budget={b}", dict(FIXED, attention="random", random_global=random_global_share(
         b, base["block_size"], base["window"])), None) for b in budgets]
-    if ts.is_pretrained(base["init_from"]):  # the fixed patterns evaluate the pretrained weights as they are
+    if ts.is_pretrained(base.get("init_from", "")):  # the fixed patterns evaluate the pretrained weights as they are
         runs = [(name, dict(changes, finetune_scorer=False, max_iters=0) if changes["attention"] != "nats" else changes,
                  parent) for name, changes, parent in runs]
     if own["finetune_iters"] > 0:

@@ -470,6 +470,8 @@ def sliding_command(cfg, window):
     nats_only = {"attention", "window", "out_dir", "resume", "overwrite", "kv_weight", "dual_lr", "init_from",
                  "finetune_scorer", "distill", *NATS_SCHEDULE}
     same = [f"--{key}={value}" for key, value in cfg.items() if key not in nats_only and base.get(key, value) != value]
+    if is_pretrained(cfg["init_from"]):  # the pretrained weights as they are, with the sliding pattern
+        same += [f"--init_from={cfg['init_from']}", "--max_iters=0"]
     return " ".join(["python train_shakespeare.py", *same, "--attention=sliding", f"--window={window}",
                      f"--out_dir=out-sliding-{window}"])
 
