@@ -1199,7 +1199,8 @@ def sample(args):
         raise SystemExit(f"--ckpt: {e}") from None
     cfg = checkpoint["config"]
     model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
-    _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"], model.config.block_size)
+    _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"], model.config.block_size,
+                                                    cfg.get("init_from", ""))
     if vocab_size != model.config.vocab_size:
         raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
                          f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "

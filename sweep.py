@@ -209,7 +209,9 @@ def write_table(rows, base, path):
     data = base["dataset"] + (f" ({base['tokenizer']})" if base["dataset"] == "shakespeare" else "")
     card = (f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name()})"
             if ts.device_type(base["device"]) == "cuda" else "")
-    lines = [f"{data}, {base['n_layer']} layers x {base['n_embd']} wide, context {base['block_size']}, "
+    shape = base.get("init_from") if ts.is_pretrained(base.get("init_from", "")) else \
+        f"{base['n_layer']} layers x {base['n_embd']} wide"
+    lines = [f"{data}, {shape}, context {base['block_size']}, "
              f"W = {base['window']}, {base['max_iters']} iterations, seeds {', '.join(map(str, seeds))}, "
              f"device {base['device']}{card}, {time.strftime('%Y-%m-%d')}", "",
              "| run | val loss |" + (" recall accuracy |" if recall else "")
@@ -227,13 +229,19 @@ def write_table(rows, base, path):
                      + (f" {spread([100 * r['val_accuracy'] for r in group], '{:.1f}')} % |" if recall else "")
                      + f" {kv} | {cache} | {types} | {min(r['steps'] for r in group)} |"
                      + f" {sum(r['minutes'] for r in group) / len(group):.1f} |"
-                     + "".join(f" {spread([r[k] for r in group], LONG_CONTEXT[k.split('@')[0]])} |" for k in extra))
+                     + "".join(f" {long_context_cell(group, k)} |" for k in extra))
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 LONG_CONTEXT = {"ppl": "{:.2f}", "kv": "{:.3f}", "passkey": "{:.0%}"}  # train_shakespeare.long_context_eval's
+
+
+def long_context_cell(group, key):
+    """The mean and seeds' values of one long-context measure, "-" where no run got that far."""
+    values = [r[key] for r in group if key in r]
+    return spread(values, LONG_CONTEXT[key.split("@")[0]]) if values else "-"
 
 
 def long_context_keys(rows):
@@ -258,6 +266,7 @@ def plot(rows, base, path):
     markers = {"nats": "o", "fine-tuned": "D", "sliding": "s", "dense": "*", "random": "X"}
     for i, (variant, group) in enumerate(by_variant(rows)):
         kind = "fine-tuned" if "fine-tuned" in variant else variant.split()[0]
+        group = [r for r in group if metric in r]
         ax.scatter([r.get(share, r["kv_fraction"]) for r in group], [r[metric] for r in group], color=f"C{i % 10}",
                    marker=markers[kind], s=60, label=variant)  # one point per seed
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # not point labels: they overlap

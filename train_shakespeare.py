@@ -890,11 +890,12 @@ def train_step(run):
 
 def eval_and_checkpoint(run):
     """Evaluate (to the end of a dense warm-up, the dense model it trains: the scorers are still
-    untrained), log, and on rank 0 save the checkpoint (not of the step a run resumed at) and history."""
+    untrained; without one, the model's own attention from step 0), log, and on rank 0 save the
+    checkpoint (not of the step a run resumed at) and history."""
     cfg = run.cfg
     splits = {"train": run.data[0], "val": run.data[1]}
     result = evaluate(run.model, splits, cfg, run.device, run.autocast, run.rank, run.world,
-                      all_global=run.it <= cfg["dense_warmup"])
+                      all_global=cfg["dense_warmup"] > 0 and run.it <= cfg["dense_warmup"])
     run.log(format_eval(run.it, cfg, result, run.history["elapsed"]))
     run.history["evals"].append(dict(iter=run.it, **result))
     run.best_val = min(run.best_val, result["val"])
