@@ -104,9 +104,16 @@ class GPTConfig:
         if self.mlp_hidden < 0 or not self.norm_eps > 0:
             raise ValueError(f"mlp_hidden must be >= 0 (0: 4 x n_embd) and norm_eps > 0, got {self.mlp_hidden} "
                              f"and {self.norm_eps}")
-        if self.rope_scaling and (len(self.rope_scaling) != 4 or not self.rope_scaling[0] >= 1):
-            raise ValueError(f"rope_scaling must be () or Llama 3's (factor >= 1, low_freq_factor, high_freq_factor, "
-                             f"original context length), got {self.rope_scaling!r}")
+        if self.rope_scaling and not (len(self.rope_scaling) == 4 and all(
+                isinstance(x, (int, float)) and math.isfinite(x) for x in self.rope_scaling)
+                and self.rope_scaling[0] >= 1 and 0 < self.rope_scaling[1] < self.rope_scaling[2]
+                and self.rope_scaling[3] > 0):
+            raise ValueError(f"rope_scaling must be () or Llama 3's (factor >= 1, 0 < low_freq_factor < "
+                             f"high_freq_factor, original context length > 0), like (8.0, 1.0, 4.0, 8192), "
+                             f"got {self.rope_scaling!r}")
+        if not math.isfinite(self.scorer_bias):
+            raise ValueError(f"scorer_bias must be a finite number (5.0 for a retrofit, 0 for none), "
+                             f"got {self.scorer_bias}")
 
 
 def rope_table(pos, head_dim, base, scaling=()):
@@ -1195,12 +1202,12 @@ def sample(args):
     device = torch.device(args.device)
     try:
         checkpoint = load_checkpoint(args.ckpt, device)
-    except ValueError as e:
+        cfg = checkpoint["config"]
+        model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
+        _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"], model.config.block_size,
+                                                        cfg.get("init_from", ""))
+    except (OSError, ValueError) as e:  # an unreadable checkpoint, or a retrofit's tokenizer no longer there
         raise SystemExit(f"--ckpt: {e}") from None
-    cfg = checkpoint["config"]
-    model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
-    _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"], model.config.block_size,
-                                                    cfg.get("init_from", ""))
     if vocab_size != model.config.vocab_size:
         raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
                          f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "

@@ -89,6 +89,10 @@ def seed_variants(own, base, tag):
     """(name, changes to the base config, name of the run it starts from) of one seed's runs; tag
     ends the name of that seed's dense run, whose checkpoint fine-tuning starts from."""
     budgets, weights = numbers(own, "kv_budgets", float), numbers(own, "kv_weights", float)
+    for key in ("kv_budgets", "gs_budgets"):
+        if not all(0 < b <= 1 for b in numbers(own, key, float)):
+            raise SystemExit(f"--{key}={own[key]}: pass shares of the attention entries to keep, in (0, 1], like "
+                             f"--{key}=0.1,0.15")
     nats = [(f"budget={b}", dict(kv_budget=b)) for b in budgets]  # a recipe's dense warm-up stays
     nats += [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in weights]
     runs = [("dense", dict(FIXED, attention="dense"), None)]
@@ -285,6 +289,12 @@ def main(argv):
     base, why = ts.make_config(rest)
     print(f"sweep: {why}")
     runs = variants(own, base)
+    for name, cfg, parent in runs:  # every run's settings checked before the first starts (a fine-tuning
+        if parent is None:  # run's checkpoint comes from its parent run)
+            try:
+                ts.check_config(cfg)
+            except SystemExit as e:
+                raise SystemExit(f"sweep: run {name!r}: {e}") from None
     started = time.time()
     on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
     try:

@@ -1699,3 +1699,26 @@ def test_the_retrofit_sweep_evaluates_the_fixed_patterns_on_the_pretrained_weigh
     assert by_run["dense"]["kv@48"] == 1.0 and by_run["sliding W=8"]["kv@48"] < 0.5
     table = (tmp_path / "sweep.md").read_text()
     assert "ppl@16 | ppl@48 | kv@16 | kv@48 | passkey@400 |" in table
+
+
+def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, tiny_gguf):
+    import sweep
+    import train_shakespeare as ts
+    base = ["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48", "--max_iters=1",
+            "--budget_anneal=0", "--eval_contexts=", f"--out_dir={tmp_path / 'run'}"]
+    for bad, message in [(["--tokenizer=char"], "pass --tokenizer=pretrained"),
+                         (["--passkey_lengths=40"], "--passkey_lengths=40: a passkey trial needs more than"),
+                         ([f"--init_from={tmp_path / 'empty.gguf'}"], "--init_from: no pretrained model"),
+                         (["--rope_scaling=(8.0, 4.0, 4.0, 8192)"], "rope_scaling must be"),
+                         (["--scorer_bias=1e999"], "scorer_bias must be a finite number")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            ts.train(ts.make_config(base + bad)[0])
+    (tmp_path / "notes.gguf").write_text("not a model")
+    with pytest.raises(SystemExit, match="--init_from: transformers could not load"):
+        ts.train(ts.make_config(base + [f"--init_from={tmp_path / 'notes.gguf'}"])[0])
+    with pytest.raises(ValueError, match="GPT.from_checkpoint"):
+        GPT.from_pretrained(str(tiny_checkpoint(tmp_path)))
+    for bad in (["--gs_budgets=0"], ["--kv_budgets=1.5"], ["--windows=4", "--window=-1"]):
+        with pytest.raises(SystemExit, match="budgets|--window"):
+            sweep.main(TINY_RUN + bad + [f"--out_dir={tmp_path / 'sweep'}"])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()

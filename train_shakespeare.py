@@ -273,6 +273,9 @@ def check_init_from(cfg):
     if cfg["tokenizer"] == "pretrained" and not is_pretrained(cfg["init_from"]):
         raise SystemExit("--tokenizer=pretrained is the tokenizer of the pretrained model of --init_from: pass "
                          "--init_from=<GGUF file, HF folder or hub name>, or --tokenizer=gpt2")
+    if is_pretrained(cfg["init_from"]) and cfg["dataset"] == "shakespeare" and cfg["tokenizer"] != "pretrained":
+        raise SystemExit(f"--init_from={cfg['init_from']} reads text in its own tokens: pass --tokenizer=pretrained, "
+                         f"not --tokenizer={cfg['tokenizer']}")
     if cfg["distill"] not in ("hidden", "logits"):
         raise SystemExit(f"--distill={cfg['distill']}: pass hidden (the final hidden states) or logits")
     for key in ("eval_contexts", "passkey_lengths"):
@@ -305,8 +308,9 @@ def check_sparsity_schedule(cfg):
     steps = cfg["max_iters"] - cfg["dense_warmup"]
     if cfg["kv_budget"] and cfg["budget_anneal"] > steps:
         raise SystemExit(f"--budget_anneal={cfg['budget_anneal']} is longer than the {steps} steps after the dense "
-                         f"warm-up: the budget would not reach --kv_budget={cfg['kv_budget']}; pass --budget_anneal="
-                         f"{int(0.6 * steps)} (60 % of them) or 0")
+                         f"warm-up: the budget would not reach --kv_budget={cfg['kv_budget']}; pass "
+                         + (f"--budget_anneal={int(0.6 * steps)} (60 % of them) or 0" if int(0.6 * steps) else
+                            "--budget_anneal=0"))
     for key in NATS_SCHEDULE:
         if cfg[key] and cfg["attention"] != "nats":
             raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
@@ -471,7 +475,8 @@ def sliding_command(cfg, window):
                  "finetune_scorer", "distill", *NATS_SCHEDULE}
     same = [f"--{key}={value}" for key, value in cfg.items() if key not in nats_only and base.get(key, value) != value]
     if is_pretrained(cfg["init_from"]):  # the pretrained weights as they are, with the sliding pattern
-        same += [f"--init_from={cfg['init_from']}", "--max_iters=0"]
+        same = [arg for arg in same if not arg.startswith("--max_iters=")] + [f"--init_from={cfg['init_from']}",
+                                                                             "--max_iters=0"]
     return " ".join(["python train_shakespeare.py", *same, "--attention=sliding", f"--window={window}",
                      f"--out_dir=out-sliding-{window}"])
 
@@ -588,7 +593,10 @@ def load_init_from(cfg, device):
     """The model of --init_from, frozen and with dense attention: a pretrained model or the model
     of a checkpoint, whose weights the run starts from and whose outputs --finetune_scorer distils."""
     if is_pretrained(cfg["init_from"]):
-        teacher = GPT.from_pretrained(cfg["init_from"], attention="dense")
+        try:
+            teacher = GPT.from_pretrained(cfg["init_from"], attention="dense")
+        except (OSError, ValueError) as e:  # no model there, or not one this GPT can be
+            raise SystemExit(f"--init_from: {e}") from None
     else:
         checkpoint = read_checkpoint(cfg["init_from"], device, "--init_from")
         teacher = GPT(GPTConfig(**dict(checkpoint["model_args"], attention="dense")))
@@ -764,6 +772,11 @@ def start(cfg):
     model_args = model_args_for(cfg, checkpoint, teacher)
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
+    for length in map(int, filter(None, cfg["passkey_lengths"].split(","))):
+        try:
+            make_passkey(data[2], length, seed=0)
+        except ValueError as e:
+            raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: {e}") from None
     if checkpoint is not None and checkpoint["model_args"].get("vocab_size", vocab_size) != vocab_size:
         raise SystemExit(f"--resume: {ckpt_path} was trained on {checkpoint['model_args']['vocab_size']} token "
                          f"ids, this data has {vocab_size}: pass the --dataset and --tokenizer it was trained with")
@@ -941,7 +954,9 @@ if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
         data = config["dataset"] + (f" ({config['tokenizer']})" if config["dataset"] == "shakespeare" else "")
-        print(f"config: {why}: {data}, {config['n_layer']} layers x {config['n_embd']} wide, "
+        shape = (config["init_from"] if is_pretrained(config["init_from"]) else
+                 f"{config['n_layer']} layers x {config['n_embd']} wide")
+        print(f"config: {why}: {data}, {shape}, "
               f"context {config['block_size']}, batch {config['batch_size']}, {config['max_iters']} steps "
               f"on {config['device']}")
         if config["compile"]:

