@@ -285,6 +285,9 @@ def plot(rows, base, path):
 def main(argv):
     """Run the sweep; returns the table's rows (a dict per run that has an eval). Stopped by
     Ctrl-C or SIGTERM, it still writes the outputs of what the runs reached, then stops."""
+    if any(arg in ("-h", "--help") for arg in argv):  # the sweep's own flags; the training script's: its --help
+        print(__doc__ + "\nThe training script's settings: python train_shakespeare.py --help")
+        raise SystemExit(0)
     own, rest = split_args(argv)
     base, why = ts.make_config(rest)
     print(f"sweep: {why}")

@@ -1722,3 +1722,10 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
         with pytest.raises(SystemExit, match="budgets|--window"):
             sweep.main(TINY_RUN + bad + [f"--out_dir={tmp_path / 'sweep'}"])
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_sweep_help_shows_the_sweeps_own_flags(capsys):
+    import sweep
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--help"])
+    assert stop.value.code == 0 and "--gs_budgets" in capsys.readouterr().out
