@@ -1729,3 +1729,11 @@ def test_sweep_help_shows_the_sweeps_own_flags(capsys):
     with pytest.raises(SystemExit) as stop:
         sweep.main(["--help"])
     assert stop.value.code == 0 and "--gs_budgets" in capsys.readouterr().out
+
+
+def test_overwrite_deletes_a_run_only_once_every_value_is_checked(tmp_path):
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0)
+    for bad in (dict(beta1=1.5), dict(beta2=-0.1), dict(weight_decay=-1.0), dict(min_lr=1.0)):
+        with pytest.raises(SystemExit, match="--" + next(iter(bad))):
+            tiny_run(tmp_path, overwrite=True, **bad)
+        assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "history.json").exists()

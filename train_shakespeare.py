@@ -229,6 +229,14 @@ def check_config(cfg):
         raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be >= 0 (a negative weight rewards keeping keys)")
     if not cfg["learning_rate"] > 0:
         raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be > 0")
+    if not cfg["min_lr"] <= cfg["learning_rate"]:
+        raise SystemExit(f"--min_lr={cfg['min_lr']}: the cosine decays to it from --learning_rate="
+                         f"{cfg['learning_rate']}; pass one at most that, like a tenth of it")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise SystemExit(f"--{key}={cfg[key]}: AdamW's betas are in [0, 1), like 0.9 and 0.99")
+    if not cfg["weight_decay"] >= 0:
+        raise SystemExit(f"--weight_decay={cfg['weight_decay']}: must be >= 0, like 0.1")
     for key, allowed in (("dataset", DATASETS), ("tokenizer", TOKENIZERS),
                          ("dtype", ("bfloat16", "float16", "float32"))):
         if cfg[key] not in allowed:
@@ -758,8 +766,8 @@ def train(cfg):
 
 def start(cfg):
     """Everything a run needs before its first step, checked before anything is written: the
-    processes, the checkpoint to resume or the model to fine-tune, the data, then the out_dir
-    (an --overwrite run's old files deleted only now), the model and its optimizer."""
+    processes, the checkpoint to resume or the model to fine-tune, the data, the model and its
+    optimizer, then the out_dir (an --overwrite run's old files deleted only now)."""
     rank, world, device = setup_distributed(cfg["device"])
     gas = cfg["gradient_accumulation_steps"]
     if gas % world:
@@ -789,13 +797,13 @@ def start(cfg):
     if longest > model_args["block_size"]:
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']} --passkey_lengths={cfg['passkey_lengths']}: the "
                          f"model's context is {model_args['block_size']}; pass lengths up to it")
-    if rank == 0:
-        for path in stale:  # --overwrite: the old run goes now, not at the first checkpoint
-            os.remove(path)
-        os.makedirs(cfg["out_dir"], exist_ok=True)
     run = build(cfg, rank, world, device, model_args, teacher, data)
     if checkpoint is not None:
         resume_from(run, checkpoint)
+    if rank == 0:  # all is checked and built: --overwrite's old run goes now, not at the first checkpoint
+        for path in stale:
+            os.remove(path)
+        os.makedirs(cfg["out_dir"], exist_ok=True)
     data_text = "fresh recall sequences" if callable(data[0]) else f"{data[0].size:,} train tokens"
     run.log(f"model: {run.model.get_num_params() / 1e6:.2f}M parameters, attention={run.model.config.attention}, "
             f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
