@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import load_dataset
+from data import decodable_size, load_dataset
 from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, pretrained_source
 from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, nats_attention
 
@@ -732,6 +732,7 @@ def load_hf(source):
 
 MIN_ROOM = 64  # free slots a growing cache adds at least: its fill is looked at (a GPU sync) rarely
 TEMPERATURE, TOP_K = 0.8, 200  # how samples are drawn by default, here and at the end of a training run
+MIN_TEMPERATURE = 1e-6  # below it sampling is greedy: logits / temperature could overflow float32
 
 
 def expired(kind, pos, t, last_global, window):
@@ -952,16 +953,19 @@ class Decoder:
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None, cuda_graph=None):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None, cuda_graph=None,
+             decodable=None):
     """Sample max_new_tokens after the prompt idx [B, T] (long, on the model's device) and
     return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
     then one token per step goes through the evicting caches (pass empty ones from
     new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
-    Decoder; cuda_graph=False runs it eagerly). temperature 0 is greedy decoding (the most
-    likely token); top_k keeps the k most likely. Past block_size positions keep counting;
-    memory stays bounded as long as Global tokens stay sparse. Raises ValueError for a
-    malformed prompt, one longer than block_size, or a negative temperature, max_new_tokens
-    or top_k out of range."""
+    Decoder; cuda_graph=False runs it eagerly). temperature 0 (or below MIN_TEMPERATURE) is
+    greedy decoding (the most likely token); top_k keeps the k most likely; ids from `decodable`
+    on (an output layer padded past the tokenizer's vocabulary, data.decodable_size) are never
+    drawn. Past block_size positions keep counting; memory stays bounded as long as Global
+    tokens stay sparse. Raises ValueError for a malformed prompt, one longer than block_size, a
+    negative temperature, max_new_tokens or top_k out of range, caches that already hold a
+    sequence, and, at the end, for logits that were NaN or infinite (a broken model)."""
     device = model.lm_head.weight.device
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
@@ -971,28 +975,37 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: always the most likely token), got {temperature}")
-    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k must be in 1..vocab_size={model.config.vocab_size}, got {top_k}")
+    decodable = model.config.vocab_size if decodable is None else decodable
+    if top_k is not None and not 1 <= top_k <= decodable:
+        raise ValueError(f"top_k must be in 1..{decodable} (the ids that can be drawn), got {top_k}")
+    if caches is not None and caches[0].k is not None:
+        raise ValueError("these caches already hold a sequence; pass fresh ones, model.new_caches(), or none")
     if max_new_tokens == 0:
         return idx
     caches = model.new_caches() if caches is None else caches
     B, T = idx.shape
     out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # looked at once, at the end: no sync per token
     with eval_mode(model):
         decoder = Decoder(model, caches, T + max_new_tokens - 1, cuda_graph)  # the last token is not fed
         logits = model.lm_head(decoder.prefill(idx)[:, -1])
         for t in range(T, T + max_new_tokens):
-            out[:, t] = next_token(logits, temperature, top_k)
+            finite &= logits.isfinite().all()
+            out[:, t] = next_token(logits[:, :decodable], temperature, top_k)
             if t + 1 < out.shape[1]:
                 logits = decoder(out[:, t:t + 1])
+    if not finite:
+        raise ValueError("the model's logits were NaN or infinite while sampling: its weights are broken (a "
+                         "diverged run?); sample from an earlier checkpoint")
     return out
 
 
 def next_token(logits, temperature, top_k):
-    """One token id per row [B] (long) from logits [B, vocab]: the most likely at temperature 0,
-    else a draw from softmax(logits / temperature) over the top_k most likely (all if None)."""
+    """One token id per row [B] (long) from logits [B, vocab]: the most likely at temperature 0
+    (or below MIN_TEMPERATURE, where logits / temperature would overflow), else a draw from
+    softmax(logits / temperature) over the top_k most likely (all if None)."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k is not None:
@@ -1223,7 +1236,9 @@ def sample(args):
     torch.manual_seed(args.seed)
     idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
     caches = model.new_caches()
-    out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k, vocab_size), caches=caches)
+    decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
+    out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k, decodable), caches=caches,
+                   decodable=decodable)
     for row in out.tolist():
         print(decode(row))
         print("---------------")

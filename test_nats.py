@@ -1737,3 +1737,32 @@ def test_overwrite_deletes_a_run_only_once_every_value_is_checked(tmp_path):
         with pytest.raises(SystemExit, match="--" + next(iter(bad))):
             tiny_run(tmp_path, overwrite=True, **bad)
         assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "history.json").exists()
+
+
+def test_sampling_never_draws_an_id_the_tokenizer_cannot_decode():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=64)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[50:] *= 100  # the padding ids the most likely ones, as in a briefly trained model
+    prompt = torch.randint(50, (4, 5))
+    for temperature, top_k in [(1.0, None), (0.0, None), (0.8, 10), (1e-39, 5)]:
+        out = nats.generate(model, prompt, 30, temperature=temperature, top_k=top_k, decodable=50)
+        assert out.max() < 50
+    assert data.decodable_size("shakespeare", "gpt2", 50304) == 50257
+    assert data.decodable_size("recall", "gpt2", 40) == data.decodable_size("shakespeare", "char", 65) - 25 == 40
+
+
+def test_sampling_treats_a_vanishing_temperature_as_greedy_and_stops_on_broken_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    prompt = torch.randint(50, (2, 5))
+    greedy = nats.generate(model, prompt, 20, temperature=0.0)
+    assert torch.equal(nats.generate(model, prompt, 20, temperature=1e-39, top_k=3), greedy)
+    caches = model.new_caches()
+    nats.generate(model, prompt, 3, caches=caches)
+    with pytest.raises(ValueError, match="already hold a sequence"):
+        nats.generate(model, prompt, 3, caches=caches)
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        nats.generate(model, prompt, 5)

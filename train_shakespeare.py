@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, PASSKEY, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE,
-                  get_batch, load_dataset, recall, seed_of)
+                  decodable_size, get_batch, load_dataset, recall, seed_of)
 from data.passkey import make_passkey
 from data.tokenizers import pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
@@ -443,7 +443,9 @@ def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, 
     prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64), device=device)
     caches = model.new_caches()
     with autocast:
-        sample = generate(model, prompt, cfg["sample_tokens"], TEMPERATURE, min(TOP_K, vocab_size), caches=caches)
+        decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
+        sample = generate(model, prompt, cfg["sample_tokens"], TEMPERATURE, min(TOP_K, decodable), caches=caches,
+                          decodable=decodable)
     print(f"\nsample:\n{decode(sample[0].tolist())}")
     print(cache_report(caches, model.config.attention))
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data import recall
-from data.tokenizers import GPT2_PADDED_VOCAB, char_tokenizer, gpt2_tokenizer, pretrained_tokenizer
+from data.tokenizers import GPT2_PADDED_VOCAB, GPT2_VOCAB, char_tokenizer, gpt2_tokenizer, pretrained_tokenizer
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ("shakespeare", "recall", "far_recall")
@@ -34,6 +34,12 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
         return load_recall(RECALL_TASKS[dataset], block_size + 1)
     except ValueError as e:
         raise SystemExit(f"--dataset={dataset}: {e}") from None
+
+
+def decodable_size(dataset, tokenizer, vocab_size):
+    """How many token ids, from 0, the decoder of load_dataset's data turns into text: GPT-2's
+    50257 under its output layer's padded vocab_size; every id for the other tokenizers."""
+    return GPT2_VOCAB if dataset == "shakespeare" and tokenizer == "gpt2" else vocab_size
 
 
 def load_corpus(tokenizer, pretrained=""):

