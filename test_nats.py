@@ -1766,3 +1766,24 @@ def test_sampling_treats_a_vanishing_temperature_as_greedy_and_stops_on_broken_l
         model.lm_head.weight[7, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         nats.generate(model, prompt, 5)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("compile = 'False'\n", "bad.py:1: expected a bool like compile = "),
+    ("# a recipe\nmax_iters = 2.5\n", "bad.py:2: expected an int like max_iters = "),
+    ("import os\n", "bad.py:1: not a line of key = value"),
+    ("max_iters = 10\nwindow = 2 +\n", "bad.py:2: not a text file of key = value lines"),
+    ("window = int('3')\n", "bad.py:1: window = int('3') is not a value"),
+    ("windw = 3\n", "bad.py:1: unknown setting 'windw'"),
+])
+def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, message):
+    import train_shakespeare as ts
+    recipe = tmp_path / "bad.py"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        ts.make_config([str(recipe), "--device=cpu"])
+    recipe.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(SystemExit, match="not a text file"):
+        ts.make_config([str(recipe), "--device=cpu"])
+    with pytest.raises(SystemExit, match=re.escape("--max_iters=2.5: expected an int like --max_iters=")):
+        ts.make_config(["--device=cpu", "--max_iters=2.5"])

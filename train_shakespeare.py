@@ -110,16 +110,32 @@ def defaults():
 
 
 def read_recipe(path, known):
-    """The key = value lines of a config file, as a dict; every key must be a known setting."""
+    """The key = value lines of a config file, as a dict, read as data (never run): each value a
+    Python literal of its setting's type, as --key=value is checked. A line that is not such an
+    assignment, an unknown key or a value of the wrong type stops with the file and line named."""
     if not os.path.isfile(path):
         dashes = f" (a setting takes two dashes: --{path})" if "=" in path else ""
         raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py{dashes}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = ast.parse(f.read(), filename=path).body
+    except (UnicodeDecodeError, SyntaxError, ValueError) as e:
+        where = f":{e.lineno}" if getattr(e, "lineno", None) else ""
+        raise SystemExit(f"{path}{where}: not a text file of key = value lines, like config/recall.py") from None
     values = {}
-    with open(path) as f:
-        exec(f.read(), {}, values)
-    for key in values:
+    for line in lines:
+        where = f"{path}:{line.lineno}"
+        if not (isinstance(line, ast.Assign) and len(line.targets) == 1 and isinstance(line.targets[0], ast.Name)):
+            raise SystemExit(f"{where}: not a line of key = value (a config file is data, not a program)")
+        key = line.targets[0].id
         if key not in known:
-            raise SystemExit(f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
+            raise SystemExit(f"{where}: unknown setting {key!r}; known: {', '.join(known)}")
+        try:
+            value = ast.literal_eval(line.value)
+        except ValueError:
+            raise SystemExit(f"{where}: {key} = {ast.unparse(line.value)} is not a value (a number, string, "
+                             f"True/False or tuple), like {key} = {known[key]!r}") from None
+        values[key] = of_type(value, known[key], where, f"{key} = {known[key]!r}")
     return values
 
 
@@ -131,11 +147,17 @@ def parse_value(key, value, default):
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r} (its default)") from None
-    if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-        parsed = float(parsed)
-    if type(parsed) is not type(default):
-        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r} (its default)")
-    return parsed
+    return of_type(parsed, default, f"--{key}={value}", f"--{key}={default!r}")
+
+
+def of_type(value, default, where, example):
+    """value as the type of its setting's default (an int where a float is expected becomes one),
+    or an error at `where` (the flag, or the config file's line) showing the default as `example`."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise SystemExit(f"{where}: expected {_a(default)} like {example} (its default), got {value!r}")
+    return value
 
 
 def _a(default):
