@@ -1787,3 +1787,15 @@ def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, 
         ts.make_config([str(recipe), "--device=cpu"])
     with pytest.raises(SystemExit, match=re.escape("--max_iters=2.5: expected an int like --max_iters=")):
         ts.make_config(["--device=cpu", "--max_iters=2.5"])
+
+
+def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_path):
+    import train_shakespeare as ts
+    first, _ = ts.make_config(TINY_RUN + ["--max_iters=4", "--eval_interval=2", "--sample_tokens=0", "--kv_budget=0.3",
+                                          "--seed=7", f"--out_dir={tmp_path}"])
+    ts.train(first)
+    resumed, _ = ts.make_config(["--device=cpu", "--resume", "--max_iters=6", f"--out_dir={tmp_path}"])
+    assert (resumed["kv_budget"], resumed["seed"], resumed["n_layer"], resumed["max_iters"]) == (0.3, 7, 2, 6)
+    for flag in ("--seed=8", "--kv_budget=0.2"):
+        with pytest.raises(SystemExit, match=re.escape(f"{flag} (saved: ")):
+            ts.make_config(["--device=cpu", "--resume", flag, f"--out_dir={tmp_path}"])

@@ -5,7 +5,7 @@ Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
     python train_shakespeare.py --attention=dense    # the causal baseline
     python train_shakespeare.py --kv_budget=0.1 --out_dir=out-budget    # keep 10 % of the attention entries
     python train_shakespeare.py --kv_budget=0 --kv_weight=0.3 --out_dir=out-sparse   # a fixed lambda
-    python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt
+    python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt with its saved settings
     python train_shakespeare.py config/recall.py     # a recipe: a file of key = value lines
     torchrun --standalone --nproc_per_node=2 train_shakespeare.py --gradient_accumulation_steps=2
 
@@ -40,7 +40,7 @@ from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K
 # a GPU"); config/cpu.py makes it the CPU run, on characters
 # I/O
 out_dir = OUT_DIR  # ckpt.pt, history.json and token_types.html go here
-resume = False  # continue out_dir/ckpt.pt exactly where it stopped
+resume = False  # continue out_dir/ckpt.pt exactly where it stopped, with its settings (RESUME_MAY_CHANGE may differ)
 overwrite = False  # start over in an out_dir that holds a run: its checkpoint and history are deleted
 eval_interval = 250  # steps between evals; every eval also writes the checkpoint
 eval_iters = 40  # batches per eval, the same ones every time
@@ -193,6 +193,9 @@ def make_config(argv):
         flags.add(key)
     config = machine_defaults(str(overrides.get("device", known["device"])))
     config.update(overrides)
+    if config["resume"]:
+        config = resumed_settings(config, set(overrides))
+        recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
                          f"pass --kv_budget too, like --kv_budget=0.15")
@@ -200,6 +203,33 @@ def make_config(argv):
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     check_config(config)
     return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+RESUME_MAY_CHANGE = {"resume", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
+                     "sample_tokens", "show_layer", "show_head", "device", "compile", "eval_contexts",
+                     "passkey_lengths", "passkey_trials"}  # what a resumed run may set anew: how long, what it shows
+
+
+def resumed_settings(config, given):
+    """--resume: the settings saved with out_dir/ckpt.pt, with those of `given` (the flags and
+    config files) that RESUME_MAY_CHANGE. A given setting that differs from the saved one otherwise
+    stops the run, named with both values. Without a checkpoint, config as it is (train says so)."""
+    path = os.path.join(config["out_dir"], "ckpt.pt")
+    if not os.path.isfile(path):
+        return config
+    try:
+        saved = load_checkpoint(path).get("config", {})
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    changed = sorted(key for key in given - RESUME_MAY_CHANGE if key in saved and saved[key] != config[key])
+    if changed:
+        raise SystemExit(f"--resume continues the run in {config['out_dir']} with its saved settings; this run asks "
+                         + ", ".join(f"--{key}={config[key]!r} (saved: {saved[key]!r})" for key in changed)
+                         + ": drop them, or start a new run with another --out_dir")
+    # where the run is and what it runs on are this machine's; the rest is the saved run's
+    kept = {key: value for key, value in saved.items()
+            if key in config and key not in {"out_dir", "device"} | (RESUME_MAY_CHANGE & given)}
+    return {**config, **kept, "resume": True}
 
 
 def machine_defaults(device):
