@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import decodable_size, load_dataset
-from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, pretrained_source
+from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
 from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, nats_attention
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
@@ -1217,8 +1217,11 @@ def sample(args):
         checkpoint = load_checkpoint(args.ckpt, device)
         cfg = checkpoint["config"]
         model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
-        _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"], model.config.block_size,
-                                                        cfg.get("init_from", ""))
+        if checkpoint.get("vocabulary"):  # a character model: the symbols it was trained on, whatever the corpus is now
+            encode, decode, vocab_size = char_tokenizer(checkpoint["vocabulary"])
+        else:
+            _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"],
+                                                            model.config.block_size, cfg.get("init_from", ""))
     except (OSError, ValueError) as e:  # an unreadable checkpoint, or a retrofit's tokenizer no longer there
         raise SystemExit(f"--ckpt: {e}") from None
     if vocab_size != model.config.vocab_size:

@@ -1799,3 +1799,19 @@ def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_pa
     for flag in ("--seed=8", "--kv_budget=0.2"):
         with pytest.raises(SystemExit, match=re.escape(f"{flag} (saved: ")):
             ts.make_config(["--device=cpu", "--resume", flag, f"--out_dir={tmp_path}"])
+
+
+def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "data"
+    corpus.mkdir()
+    monkeypatch.setattr(data, "DATA_DIR", str(corpus))
+    (corpus / "shakespeare.txt").write_text("to be or not to be, that is the question\n" * 200)
+    tiny_run(tmp_path / "run", tokenizer="char", max_iters=20, eval_interval=20, sample_tokens=0)
+    (corpus / "shakespeare.txt").write_text("TO BE OR NOT TO BE: THAT IS THE QUESTION!\n" * 200)  # as many symbols
+    with pytest.raises(SystemExit, match="has changed since"):
+        tiny_run(tmp_path / "run", tokenizer="char", max_iters=30, eval_interval=10, resume=True)
+    capsys.readouterr()  # what training printed
+    nats.main([f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", "--start=to be", "--max_new_tokens=40", "--device=cpu",
+               "--dtype=float32"])
+    sample = capsys.readouterr().out.split("---------------")[0]
+    assert set(sample) <= set("to be or not to be, that is the question\n")

@@ -626,12 +626,20 @@ def save_atomically(path, write):
                          f"Free some disk space, then continue with --resume") from None
 
 
+def vocabulary(cfg, data):
+    """A character model's symbols in id order (a string), so that sampling and --resume read the
+    ids as training wrote them even after the corpus changes; None for the other tokenizers,
+    whose vocabulary does not come from the corpus."""
+    vocab_size, decode = data[-1], data[3]
+    return decode(list(range(vocab_size))) if cfg["dataset"] == "shakespeare" and cfg["tokenizer"] == "char" else None
+
+
 def save_checkpoint(path, run):
     """Everything --resume needs to continue exactly (the randomness is seeded per batch, see
     seed_of; kv_weight is lambda for the next step), and the history so far."""
     checkpoint = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), model_args=run.model_args,
                       iter_num=run.it, best_val_loss=run.best_val, kv_weight=run.kv_weight, history=run.history,
-                      config=run.cfg)
+                      config=run.cfg, vocabulary=vocabulary(run.cfg, run.data))
     save_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -834,6 +842,9 @@ def start(cfg):
     model_args = model_args_for(cfg, checkpoint, teacher)
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
+    if checkpoint is not None and checkpoint.get("vocabulary") not in (None, vocabulary(cfg, data)):
+        raise SystemExit(f"--resume: data/shakespeare.txt has changed since {ckpt_path} was trained: its characters "
+                         f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
     for length in map(int, filter(None, cfg["passkey_lengths"].split(","))):
         try:
             make_passkey(data[2], length, seed=0)
