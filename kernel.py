@@ -57,12 +57,15 @@ def reach_by_type(token_types, window):
     works, "Mask").
 
     Global: the end; Local: the next Global token (inclusive, from the hard types); Sliding: j + W.
+    Raises ValueError for a negative window.
     """
+    if not window >= 0:
+        raise ValueError(f"window must be >= 0 (0: a Sliding token is seen by its own query only), got {window}")
     T = token_types.shape[-2]
     pos = torch.arange(T, device=token_types.device)
     local = next_global(token_types.argmax(-1) == GLOBAL).clamp(max=T - 1)
-    return torch.stack(torch.broadcast_tensors(torch.full_like(local, T - 1), local,
-                                               (pos + window).clamp(max=T - 1)), dim=-1)
+    sliding = (pos + min(window, T)).clamp(max=T - 1)  # a window past the sequence is the sequence: no overflow
+    return torch.stack(torch.broadcast_tensors(torch.full_like(local, T - 1), local, sliding), dim=-1)
 
 
 def last_visible_query(token_types, window):
@@ -128,6 +131,9 @@ def nats_attention_reference(q, k, v, token_types, window):
     """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
+    if token_types.shape != (B, H_kv, T, 3):
+        raise ValueError(f"token_types must be [B, H_kv, T, 3] = {[B, H_kv, T, 3]} (one type per KV head), got "
+                         f"{list(token_types.shape)}")
     acc = torch.promote_types(q.dtype, torch.float32)
     q = q.reshape(B, H_kv, H // H_kv, T, D) * D**-0.5  # grouped-query heads: [B, H_kv, group, T, D]
     k, v = k.unsqueeze(2), v.unsqueeze(2)

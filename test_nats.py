@@ -1815,3 +1815,15 @@ def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path
                "--dtype=float32"])
     sample = capsys.readouterr().out.split("---------------")[0]
     assert set(sample) <= set("to be or not to be, that is the question\n")
+
+
+def test_the_public_mask_functions_check_their_arguments():
+    types = random_types(1, 2, 9, seed=1)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        kv_lengths(types, -5)
+    huge = kv_lengths(types, 2**63 - 1)  # no overflow: a window past the sequence keeps every later query
+    assert torch.equal(huge, kv_lengths(types, 9)) and (huge > 0).all()
+    q = torch.randn(1, 4, 9, 8)
+    k = v = torch.randn(1, 2, 9, 8)
+    with pytest.raises(ValueError, match="one type per KV head"):
+        nats_attention_reference(q, k, v, random_types(1, 1, 9, seed=1), 3)  # one head's types broadcast over two
