@@ -111,6 +111,8 @@ class GPTConfig:
             raise ValueError(f"rope_scaling must be () or Llama 3's (factor >= 1, 0 < low_freq_factor < "
                              f"high_freq_factor, original context length > 0), like (8.0, 1.0, 4.0, 8192), "
                              f"got {self.rope_scaling!r}")
+        if not 0 < self.rope_base < math.inf:
+            raise ValueError(f"rope_base must be a finite number > 0, like 10000.0, got {self.rope_base}")
         if not math.isfinite(self.scorer_bias):
             raise ValueError(f"scorer_bias must be a finite number (5.0 for a retrofit, 0 for none), "
                              f"got {self.scorer_bias}")

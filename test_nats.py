@@ -1827,3 +1827,10 @@ def test_the_public_mask_functions_check_their_arguments():
     k = v = torch.randn(1, 2, 9, 8)
     with pytest.raises(ValueError, match="one type per KV head"):
         nats_attention_reference(q, k, v, random_types(1, 1, 9, seed=1), 3)  # one head's types broadcast over two
+
+
+@pytest.mark.parametrize("flag", ["--kv_weight=1e999", "--rope_base=0", "--rope_base=1e999"])
+def test_values_that_would_only_show_as_a_nan_loss_are_refused_up_front(flag):
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit, match=re.escape(flag.split("=")[0])):
+        ts.make_config(["--device=cpu", flag])

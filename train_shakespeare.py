@@ -277,8 +277,9 @@ def check_config(cfg):
                 "budget_anneal"):
         if not cfg[key] >= 0:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
-    if not cfg["kv_weight"] >= 0:
-        raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be >= 0 (a negative weight rewards keeping keys)")
+    if not 0 <= cfg["kv_weight"] < math.inf:
+        raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be a finite number >= 0, like 0.1 (a negative "
+                         f"weight rewards keeping keys)")
     if not cfg["learning_rate"] > 0:
         raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be > 0")
     if not cfg["min_lr"] <= cfg["learning_rate"]:
