@@ -309,6 +309,7 @@ def check_config(cfg):
         raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
                          f"trained model); to continue a run, pass --resume with its --out_dir")
     check_init_from(cfg)
+    check_long_context(cfg)
     if cfg["finetune_scorer"] and cfg["attention"] != "nats":
         raise SystemExit(f"--finetune_scorer trains NAtS scorers; drop --attention={cfg['attention']}")
     if cfg["resume"] and cfg["overwrite"]:
@@ -321,8 +322,8 @@ def check_config(cfg):
 
 
 def check_init_from(cfg):
-    """--finetune_scorer starts from a checkpoint file or a pretrained model that is there; the
-    pretrained model's own tokenizer needs one; distill names a loss."""
+    """--finetune_scorer starts from a checkpoint file or a pretrained model that is there; a
+    pretrained model reads its own tokens, which only it has; distill names a loss."""
     if is_pretrained(cfg["init_from"]):
         try:
             pretrained_source(cfg["init_from"])
@@ -339,6 +340,10 @@ def check_init_from(cfg):
                          f"not --tokenizer={cfg['tokenizer']}")
     if cfg["distill"] not in ("hidden", "logits"):
         raise SystemExit(f"--distill={cfg['distill']}: pass hidden (the final hidden states) or logits")
+
+
+def check_long_context(cfg):
+    """--eval_contexts and --passkey_lengths are token counts, for a language model."""
     for key in ("eval_contexts", "passkey_lengths"):
         lengths = cfg[key].split(",") if cfg[key] else []
         if not all(n.isdigit() and int(n) > 0 for n in lengths):
@@ -348,6 +353,12 @@ def check_init_from(cfg):
                          f"--dataset={cfg['dataset']}")
     if not cfg["passkey_trials"] >= 1:
         raise SystemExit(f"--passkey_trials={cfg['passkey_trials']}: must be >= 1")
+
+
+def token_counts(text):
+    """The token counts of a comma-separated setting such as --eval_contexts (check_long_context
+    has checked it): a list of ints, empty for ""."""
+    return [int(n) for n in text.split(",")] if text else []
 
 
 def is_pretrained(init_from):
@@ -434,7 +445,7 @@ def long_context_eval(model, val_data, encode, cfg, device, autocast, max_tokens
     Returns {"ppl@T": ..., "kv@T": ..., "passkey@L": ...}."""
     result = {}
     with eval_mode(model), autocast:
-        for T in map(int, filter(None, cfg["eval_contexts"].split(","))):
+        for T in token_counts(cfg["eval_contexts"]):
             n = max(1, min(len(val_data) - 1, max_tokens) // T)
             tokens = torch.from_numpy(val_data[:n * T + 1].astype(np.int64)).to(device)
             x, y = tokens[:-1].view(n, T), tokens[1:].view(n, T)
@@ -444,7 +455,7 @@ def long_context_eval(model, val_data, encode, cfg, device, autocast, max_tokens
                 kv = stats["eval_kv_fraction"].mean().item() if "eval_kv_fraction" in stats else 1.0
                 totals += len(rows) * torch.tensor([stats["ce"].item(), kv])
             result[f"ppl@{T}"], result[f"kv@{T}"] = math.exp(totals[0] / n), (totals[1] / n).item()
-        for length in map(int, filter(None, cfg["passkey_lengths"].split(","))):
+        for length in token_counts(cfg["passkey_lengths"]):
             right = 0
             for trial in range(cfg["passkey_trials"]):
                 prompt, answer = make_passkey(encode, length, seed=seed_of(cfg["seed"], PASSKEY, length * 1000 + trial))
@@ -846,7 +857,7 @@ def start(cfg):
     if checkpoint is not None and checkpoint.get("vocabulary") not in (None, vocabulary(cfg, data)):
         raise SystemExit(f"--resume: data/shakespeare.txt has changed since {ckpt_path} was trained: its characters "
                          f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
-    for length in map(int, filter(None, cfg["passkey_lengths"].split(","))):
+    for length in token_counts(cfg["passkey_lengths"]):
         try:
             make_passkey(data[2], length, seed=0)
         except ValueError as e:
@@ -859,7 +870,7 @@ def start(cfg):
                          f"{model_args['block_size']}; this run has {vocab_size} and --block_size={cfg['block_size']}"
                          f": pass --tokenizer=pretrained and a --block_size up to {model_args['block_size']}")
     model_args.setdefault("vocab_size", vocab_size)
-    longest = max(map(int, filter(None, f"{cfg['eval_contexts']},{cfg['passkey_lengths']}".split(","))), default=0)
+    longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
     if longest > model_args["block_size"]:
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']} --passkey_lengths={cfg['passkey_lengths']}: the "
                          f"model's context is {model_args['block_size']}; pass lengths up to it")
