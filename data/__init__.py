@@ -1,7 +1,8 @@
 """
 The data room: the corpora and tasks a model trains on, their tokenizers, and the batches.
 
-    load_dataset(dataset, tokenizer, block_size)   train and val data, encode, decode, vocabulary size
+    load_dataset(dataset, tokenizer, block_size, pretrained)   train and val data, encode, decode, vocab size
+    decodable_size(dataset, tokenizer, vocab_size)   how many ids, from 0, the decoder turns into text
     get_batch(data, batch_size, block_size, seed, device)   one batch of inputs and targets
     seed_of(seed, stream, index)                   the seed of one batch of one random stream
 
