@@ -13,6 +13,7 @@ describes the whole mask. The reference below builds the full T x T relaxed mask
 that autograd gives the token types the gradient the method defines; the kernel must return
 the same values and gradients from O(T) integers per (batch, KV head).
 """
+import functools
 import math
 import os
 
@@ -187,6 +188,9 @@ def _configs(shapes):
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)])
 DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)])
+# The inference forward (a prompt's prefill) runs one config without a search, so a user's first
+# sample waits for one compile, not four compiles and their timing; the autotuner's pick there.
+FWD_INFERENCE = FWD_CONFIGS[-1]
 
 
 @triton.jit
@@ -590,6 +594,7 @@ def _nats_bwd_dkdv_global(Q, K, V, DO, LSE_M, DELTA, DK, DV, GLOBAL_POS, N_GLOBA
 # and sums from block to block: a few microseconds of scans instead of a dozen PyTorch launches.
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's axis 1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 META_FIELDS = ("kind", "last_q_local", "seg_end", "next_seg_end", "reach_local", "band_end", "band_start",
                "global_pos", "n_global_upto")
@@ -703,13 +708,13 @@ def _key_metadata(TYPES, KIND, LAST_Q_LOCAL, SEG_END, NEXT_SEG_END, REACH_LOCAL,
 _LIB = torch.library.Library("nats", "DEF")
 
 
-def _operator(fn):
+def _operator(fn, mutates=()):
     """fn as the operator torch.ops.nats.<its name>: one entry in PyTorch's dispatcher, which
-    torch.compile takes whole (its shapes come from the fake registered beside it). Registered
-    with define/impl rather than torch.library.custom_op, whose per-call checks cost more in eager
-    mode; the autograd lives outside, in NAtSAttention."""
+    torch.compile takes whole (its shapes come from the fake registered beside it; mutates names
+    the arguments it writes into). Registered with define/impl rather than torch.library.custom_op,
+    whose per-call checks cost more in eager mode; the autograd lives outside, in NAtSAttention."""
     name = fn.__name__.lstrip("_")
-    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates))
     _LIB.impl(name, fn, "CompositeExplicitAutograd")
     return getattr(torch.ops.nats, name).default
 
@@ -842,11 +847,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch
     lse_m = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     lse_f = torch.empty(B, H, T if training else 0, device=q.device, dtype=torch.float32)
     m = dict(zip(META_FIELDS, meta))
-    _launch(_nats_fwd, lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H), q.dtype,
-            q, k, v, o, lse_m, lse_f if training else lse_m, m["last_q_local"], m["reach_local"],
-            m["band_start"], m["global_pos"], m["n_global_upto"],
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            N_GROUPS=m["reach_local"].shape[-1], TRAINING=training, **_common_args(q, k))
+    args = (q, k, v, o, lse_m, lse_f if training else lse_m, m["last_q_local"], m["reach_local"], m["band_start"],
+            m["global_pos"], m["n_global_upto"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+    kwargs = dict(N_GROUPS=m["reach_local"].shape[-1], TRAINING=training, **_common_args(q, k))
+    if training:
+        _launch(_nats_fwd, lambda cfg: (triton.cdiv(T, cfg["BLOCK_M"]), B * H), q.dtype, *args, **kwargs)
+    else:
+        config = FWD_INFERENCE.all_kwargs()
+        _nats_fwd.fn[(triton.cdiv(T, config["BLOCK_M"]), B * H)](*args, **kwargs, **config)
     return o, lse_m, lse_f
 
 
@@ -909,6 +917,9 @@ class NAtSAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients have no gradients of their own
+            raise RuntimeError("second derivatives (backward with create_graph=True, torch.autograd.grad of a "
+                               "gradient) are not computed by the Triton kernel; pass impl='reference' for them")
         q, k, v, o, lse_m, lse_f, *meta = ctx.saved_tensors
         dq, dk, dv, dtypes = _backward(q, k, v, o, do, lse_m, lse_f, meta, ctx.window, ctx.types_dtype)
         return dq, dk, dv, dtypes, None
@@ -934,11 +945,191 @@ def nats_attention_triton(q, k, v, token_types, window):
         return nats_attention_triton(q.float(), k.float(), v.float(), token_types, window).to(q.dtype)
     if T == 0:
         return q.new_empty(q.shape)
+    if B * H > MAX_GRID_Y:  # the kernels run batch x heads on grid axis 1, which CUDA caps: the batch in parts
+        rows = max(1, MAX_GRID_Y // H)
+        return torch.cat([nats_attention_triton(q[i:i + rows], k[i:i + rows], v[i:i + rows], token_types[i:i + rows],
+                                                window) for i in range(0, B, rows)])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     window = min(window, T)  # the same mask, and j + W stays far from int32's limit
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, token_types)):
         return NAtSAttention.apply(q, k, v, token_types, window)
     return _forward(q, k, v, key_metadata(token_types, window), False)[0]
+
+
+# -----------------------------------------------------------------------------
+# Decoding: one new query per row against a cache of slots (nats.KVCache), flash-decoding style
+#
+# Per (batch row, KV head) the cache holds `slots` keys and values, each slot with its token's
+# position (-1: free) and type. A step at position t takes one new token per row and
+#   1. splits the slots over programs (grid axis 1, enough to fill the GPU at small batches); each
+#      scores its valid keys against the GROUP query heads of its KV head (one load of K and V
+#      serves them all, the heads padded to 16 rows for the tensor cores), keeps a partial softmax
+#      (running max, sum and output), frees the slots that no query after t reads (expired) and
+#      notes its first free slot;
+#   2. one program per (batch row, KV head) merges the partials with the new token's own key and
+#      value, writes the output and stores the new token into the first free slot.
+# The step reads each cached key and value once and launches two kernels whatever the cache
+# holds; shapes only change when the cache grows, so a CUDA graph replays it.
+
+
+def expired(kind, pos, t, last_global, window):
+    """Which cached keys no query after step t reads (README, How NAtS works, "Eviction"): Local
+    keys older than the latest Global one (whose query was the last to see them) and Sliding keys
+    j <= t - W; Globals stay. kind, pos [..., n] (free slots: pos -1, any result); t and
+    last_global broadcast against them. Returns bool [..., n]."""
+    return ((kind == LOCAL) & (pos < last_global)) | ((kind == SLIDING) & (pos <= t - window))
+
+
+def nats_decode_reference(q, k, v, kind, t, cache, window):
+    """One decode step in plain PyTorch, what the kernel must match: the new token (q [B, H, 1, D];
+    k, v [B, H_kv, 1, D]; kind [B, H_kv, 1] long, 0 G, 1 L, 2 S; at position t, int32 [1] on the
+    device) goes into the first free slot of its row, its queries attend over the valid slots
+    (SDPA, the query heads of a KV head as its rows), then the slots no later query reads are
+    freed. cache = (k_cache, v_cache [B, H_kv, slots, D], pos [B, H_kv, slots] int32 (-1: free),
+    kinds [B, H_kv, slots] uint8), updated in place; a free slot must exist. Returns [B, H, 1, D]."""
+    k_cache, v_cache, pos, kinds = cache
+    B, H, _, D = q.shape
+    slot = pos.argmin(-1, keepdim=True)  # free slots (-1) sort first
+    rows = slot[..., None].expand_as(k)
+    k_cache.scatter_(2, rows, k)
+    v_cache.scatter_(2, rows, v)
+    pos.scatter_(2, slot, t.to(pos.dtype).expand_as(slot))
+    kinds.scatter_(2, slot, kind.to(kinds.dtype))
+    q = q.reshape(B, k.shape[1], H // k.shape[1], D)  # the query heads of each KV head, as rows
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=(pos >= 0)[:, :, None, :])
+    last_global = torch.where(kind == GLOBAL, t, -1)  # a Global token closes its segment: the Locals held go
+    pos.masked_fill_(expired(kinds, pos, t, last_global, window), -1)
+    return y.reshape(B, H, 1, D)
+
+
+DECODE_BLOCK_N = 16 if INTERPRETING else 64  # slots per tile; fixed, not autotuned: a cold start waits for no search
+DECODE_WARPS = 4
+
+
+@triton.jit
+def _decode_split(Q, K, V, POS, KINDS, KIND_NEW, T_NOW, ACC, M, L, FREE, stride_qz, stride_qh, stride_kz, stride_kh,
+                  stride_ks, stride_vz, stride_vh, stride_vs, stride_nz, stride_nh, H_KV, SLOTS, SPLIT_SLOTS,
+                  N_SPLITS, window, scale_log2, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 1 of a decode step: the partial softmax of one split of one (batch row, KV head)'s
+    slots, with its expired slots freed."""
+    zh, split = tl.program_id(0), tl.program_id(1)
+    z, h = zh // H_KV, zh % H_KV
+    offs_g, offs_d = tl.arange(0, G_PAD), tl.arange(0, D)
+    q = _rows(_head(Q, z, h * GROUP, stride_qz, stride_qh), offs_g, stride_qh, offs_d, GROUP)
+    K, V = _head(K, z, h, stride_kz, stride_kh), _head(V, z, h, stride_vz, stride_vh)
+    POS, KINDS = POS + tl.cast(zh, tl.int64) * SLOTS, KINDS + tl.cast(zh, tl.int64) * SLOTS
+    t = tl.load(T_NOW)
+    last_global = tl.where(tl.load(KIND_NEW + z * stride_nz + h * stride_nh) == 0, t, -1)
+    acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    m_i = tl.full([G_PAD], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    first_free = SLOTS
+    end = tl.minimum((split + 1) * SPLIT_SLOTS, SLOTS)
+    for start_n in range(split * SPLIT_SLOTS, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        pos = tl.load(POS + offs_n, mask=offs_n < end, other=-1)
+        kind = tl.load(KINDS + offs_n, mask=offs_n < end, other=0).to(tl.int32)
+        s = _scores(q, K, offs_n, stride_ks, offs_d, end, scale_log2, PRECISION)
+        v = _rows(V, offs_n, stride_vs, offs_d, end)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, (pos >= 0)[None, :], v, PRECISION)
+        gone = (pos >= 0) & (((kind == 1) & (pos < last_global)) | ((kind == 2) & (pos <= t - window)))  # expired()
+        tl.store(POS + offs_n, tl.full([BLOCK_N], -1, tl.int32), mask=gone)
+        free = ((pos < 0) | gone) & (offs_n < end)
+        first_free = tl.minimum(first_free, tl.min(tl.where(free, offs_n, SLOTS), 0))
+    part = tl.cast(zh, tl.int64) * N_SPLITS + split
+    tl.store(ACC + part * G_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
+    tl.store(M + part * G_PAD + offs_g, m_i)
+    tl.store(L + part * G_PAD + offs_g, l_i)
+    tl.store(FREE + part, first_free)
+
+
+@triton.jit
+def _decode_merge(Q, K_NEW, V_NEW, KIND_NEW, T_NOW, K, V, POS, KINDS, ACC, M, L, FREE, OUT, stride_qz, stride_qh,
+                  stride_knz, stride_knh, stride_vnz, stride_vnh, stride_nz, stride_nh, stride_kz, stride_kh,
+                  stride_ks, stride_vz, stride_vh, stride_vs, stride_oz, stride_oh, H_KV, SLOTS, N_SPLITS, window,
+                  scale_log2, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
+    """Stage 2: the splits' partials and the new token's own entry merged into the output; the new
+    token written into the first free slot (unless a Sliding token of W = 0, which nothing reads)."""
+    zh = tl.program_id(0)
+    z, h = zh // H_KV, zh % H_KV
+    offs_g, offs_d = tl.arange(0, G_PAD), tl.arange(0, D)
+    q = _rows(_head(Q, z, h * GROUP, stride_qz, stride_qh), offs_g, stride_qh, offs_d, GROUP).to(tl.float32)
+    k_new = tl.load(_head(K_NEW, z, h, stride_knz, stride_knh) + offs_d)
+    v_new = tl.load(_head(V_NEW, z, h, stride_vnz, stride_vnh) + offs_d)
+    m_i = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * scale_log2  # the new key: always visible to its query
+    l_i = tl.full([G_PAD], 1.0, dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+    first_free = SLOTS
+    for split in range(N_SPLITS):
+        part = tl.cast(zh, tl.int64) * N_SPLITS + split
+        m_s = tl.load(M + part * G_PAD + offs_g)
+        m_new = tl.maximum(m_i, m_s)
+        alpha, beta = tl.math.exp2(m_i - m_new), tl.math.exp2(m_s - m_new)
+        acc_s = tl.load(ACC + part * G_PAD * D + offs_g[:, None] * D + offs_d[None, :])
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        l_i = l_i * alpha + tl.load(L + part * G_PAD + offs_g) * beta
+        m_i = m_new
+        first_free = tl.minimum(first_free, tl.load(FREE + part))
+    OUT = _head(OUT, z, h * GROUP, stride_oz, stride_oh)
+    out = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
+    tl.store(OUT + offs_g[:, None] * stride_oh + offs_d[None, :], out, mask=offs_g[:, None] < GROUP)
+    kind = tl.load(KIND_NEW + z * stride_nz + h * stride_nh)
+    t = tl.load(T_NOW)
+    if (first_free < SLOTS) & ((kind != 2) | (t - window < t)):
+        slot = tl.cast(first_free, tl.int64)
+        tl.store(_head(K, z, h, stride_kz, stride_kh) + slot * stride_ks + offs_d, k_new)
+        tl.store(_head(V, z, h, stride_vz, stride_vh) + slot * stride_vs + offs_d, v_new)
+        tl.store(POS + tl.cast(zh, tl.int64) * SLOTS + slot, t)
+        tl.store(KINDS + tl.cast(zh, tl.int64) * SLOTS + slot, kind.to(tl.uint8))
+
+
+@functools.cache
+def _programs_per_wave(device):
+    """How many programs fill the GPU once: two per SM (4 in the interpreter, so tests split)."""
+    if INTERPRETING:
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _decode_splits(slots, rows, device):
+    """How many splits of the slots, and slots per split (a multiple of DECODE_BLOCK_N): enough
+    programs for about one wave over the rows x KV heads, each with at least one tile."""
+    tiles = triton.cdiv(slots, DECODE_BLOCK_N)
+    want = max(1, min(tiles, triton.cdiv(_programs_per_wave(device), rows)))
+    tiles_per_split = triton.cdiv(tiles, want)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * DECODE_BLOCK_N
+
+
+@functools.partial(_operator, mutates=("k_cache", "v_cache", "pos", "kinds"))
+def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: torch.Tensor, t: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, kinds: torch.Tensor,
+            window: int) -> torch.Tensor:
+    """The decode step of nats_decode_reference as two kernels (see above)."""
+    B, H, _, D = q.shape
+    H_kv, slots = pos.shape[1:]
+    group, g_pad = H // H_kv, max(16, triton.next_power_of_2(H // H_kv))
+    n_splits, split_slots = _decode_splits(slots, B * H_kv, q.device)
+    acc = torch.empty(B * H_kv, n_splits, g_pad, D, device=q.device, dtype=torch.float32)
+    m_part, l_part = (torch.empty(B * H_kv, n_splits, g_pad, device=q.device, dtype=torch.float32) for _ in range(2))
+    free = torch.empty(B * H_kv, n_splits, device=q.device, dtype=torch.int32)
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    common = dict(GROUP=group, G_PAD=g_pad, D=D, num_warps=DECODE_WARPS)
+    scale_log2 = D**-0.5 * LOG2E
+    kind_strides, k_strides, v_strides = kind.stride()[:2], k_cache.stride()[:3], v_cache.stride()[:3]
+    parts = (acc, m_part, l_part, free)
+    _decode_split[(B * H_kv, n_splits)](q, k_cache, v_cache, pos, kinds, kind, t, *parts, *q.stride()[:2],
+                                        *k_strides, *v_strides, *kind_strides, H_kv, slots, split_slots, n_splits,
+                                        window, scale_log2, BLOCK_N=DECODE_BLOCK_N, PRECISION=_precision(q), **common)
+    _decode_merge[(B * H_kv,)](q, k, v, kind, t, k_cache, v_cache, pos, kinds, *parts, out, *q.stride()[:2],
+                               *k.stride()[:2], *v.stride()[:2], *kind_strides, *k_strides, *v_strides,
+                               *out.stride()[:2], H_kv, slots, n_splits, window, scale_log2, **common)
+    return out
+
+
+@torch.library.register_fake("nats::decode")
+def _(q, k, v, kind, t, k_cache, v_cache, pos, kinds, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # -----------------------------------------------------------------------------
@@ -1006,6 +1197,47 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     if impl == "reference":
         return nats_attention_reference(q, k, v, token_types, window)
     raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+
+
+def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
+    """One decode step through a cache of slots, updated in place: see nats_decode_reference for
+    the arguments and the result. impl: "triton" (two kernels, see "Decoding" above), "reference",
+    or "auto": the kernel on CUDA. The kernel may write the new token into a slot that this step
+    freed, the reference into the first slot free before it: the same keys are held. Raises
+    ValueError for malformed inputs, and for what the kernel does not support."""
+    k_cache, v_cache, pos, kinds = cache
+    B, H, T, D = q.shape
+    if T != 1 or k.shape != v.shape or (k.shape[0], *k.shape[2:]) != (B, 1, D) or H % k.shape[1]:
+        raise ValueError(f"one new token per row: q [B, H, 1, D] and k, v [B, H_kv, 1, D] with H % H_kv == 0; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    H_kv = k.shape[1]
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (B, H_kv) or k_cache.shape[3] != D \
+            or pos.shape != k_cache.shape[:3] or kinds.shape != pos.shape or kind.shape != (B, H_kv, 1):
+        raise ValueError(f"the cache must be k, v [{B}, {H_kv}, slots, {D}], pos and kinds [{B}, {H_kv}, slots] and "
+                         f"kind [{B}, {H_kv}, 1]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}, "
+                         f"{tuple(pos.shape)}, {tuple(kinds.shape)}, {tuple(kind.shape)}")
+    if not q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"q, k, v and the cache's k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if pos.dtype != torch.int32 or kinds.dtype != torch.uint8 or not (pos.is_contiguous() and kinds.is_contiguous()):
+        raise ValueError(f"pos must be contiguous int32 and kinds contiguous uint8; got {pos.dtype}, {kinds.dtype}")
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0; got {window!r}")
+    window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
+    if impl == "auto":
+        impl = "triton" if q.is_cuda else "reference"
+    if impl == "reference":
+        return nats_decode_reference(q, k, v, kind, t, cache, window)
+    if impl != "triton":
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if not HAS_TRITON or D not in SUPPORTED_HEAD_DIMS or q.dtype not in SUPPORTED_DTYPES \
+            or not (q.is_cuda or INTERPRETING):
+        raise ValueError(f"the decode kernel needs triton, CUDA tensors (or TRITON_INTERPRET=1), head_dim in "
+                         f"{SUPPORTED_HEAD_DIMS} and a dtype in {SUPPORTED_DTYPES}; got head_dim {D}, {q.dtype} on "
+                         f"{q.device}; pass impl='reference'")
+    if any(x.stride(-1) != 1 for x in (q, k, v, k_cache, v_cache)):
+        raise ValueError("q, k, v and the cache's k and v need their head_dim contiguous (stride 1)")
+    return _decode(q, k, v, kind, t, k_cache, v_cache, pos, kinds, window)
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from data import decodable_size, load_dataset
 from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
-from kernel import GLOBAL, LOCAL, SLIDING, kv_lengths, nats_attention
+from kernel import GLOBAL, SLIDING, expired, kv_lengths, nats_attention, nats_decode
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
 SEED = 1337  # the default seed of training and of sampling
@@ -259,11 +259,7 @@ class CausalSelfAttention(nn.Module):
             return self.attend(q, k, v, None if self.config.attention == "dense" else F.one_hot(kind, 3).float()), None
         if x.shape[1] != 1:
             raise ValueError(f"a filled cache takes one token at a time, got {x.shape[1]}")
-        cache.append(k, v, kind, pos)
-        y = self.project(cache.attend(q))
-        if self.config.attention != "dense":  # dense caches every token as Global: nothing to evict
-            cache.evict(kind, pos)
-        return y, None
+        return self.project(cache.step(q, k, v, kind, pos, self.config.attention_impl)), None
 
     def qkv(self, x, rope):
         """Queries [B, H, T, D] and keys, values [B, H_kv, T, D] of x [B, T, C], with RoPE from
@@ -737,22 +733,14 @@ TEMPERATURE, TOP_K = 0.8, 200  # how samples are drawn by default, here and at t
 MIN_TEMPERATURE = 1e-6  # below it sampling is greedy: logits / temperature could overflow float32
 
 
-def expired(kind, pos, t, last_global, window):
-    """Which cached keys no query after step t reads (README, How NAtS works, "Eviction"): Local
-    keys older than the latest Global one (whose query was the last to see them) and Sliding keys
-    j <= t - W; Globals stay. kind, pos [..., n] (free slots: pos -1, any result); t and
-    last_global broadcast against them. Returns bool [..., n]."""
-    return ((kind == LOCAL) & (pos < last_global)) | ((kind == SLIDING) & (pos <= t - window))
-
-
 class KVCache:
     """One layer's KV cache for generation: per (batch row, KV head) the same fixed number of
     slots, each holding a key, a value, its token's position (-1: a free slot) and type.
 
-    A new token goes into a free slot and the query attends over the valid slots; then the keys
-    no later query reads free their slots (see expired), so the cache holds exactly the next row
-    of the mask. Nothing moves and no shape changes from one token to the next, so a CUDA graph
-    can replay the step; only grow(), between steps, adds slots.
+    A new token goes into a free slot and its queries attend over the valid slots; then the keys
+    no later query reads free their slots (kernel.expired), so the cache holds exactly the next
+    row of the mask. Nothing moves and no shape changes from one token to the next, so a CUDA
+    graph can replay the step; only grow(), between steps, adds slots.
     """
 
     def __init__(self, window):
@@ -760,7 +748,7 @@ class KVCache:
         self.k = self.v = None  # [B, H_kv, slots, D], the model's dtype
         self.pos = self.kind = None  # [B, H_kv, slots]: int32 position (-1: free), uint8 type
         # tokens written so far, i.e. the next one's position: counted by fill and the Decoder on the
-        # host, since append runs inside a CUDA graph, where Python code does not run again
+        # host, since step runs inside a CUDA graph, where Python code does not run again
         self.seen = 0
 
     @property
@@ -791,31 +779,12 @@ class KVCache:
         # free slots hold zeros: their weight is 0, and 0 x NaN from uninitialised memory would not be
         self.k, self.v, self.pos, self.kind = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1), pad(self.kind, 0)
 
-    def append(self, k, v, kind, pos):
-        """Write one token per row, k, v [B, H_kv, 1, D] of type kind [B, H_kv, 1] (long) at
-        position pos [1] (int32), into a free slot of its row; make_room has made sure there is one."""
-        slot = self.pos.argmin(-1, keepdim=True)  # free slots (-1) sort first
-        rows = slot[..., None].expand_as(k)
-        self.k.scatter_(2, rows, k)
-        self.v.scatter_(2, rows, v)
-        self.pos.scatter_(2, slot, pos.to(self.pos.dtype).expand_as(slot))
-        self.kind.scatter_(2, slot, kind.to(self.kind.dtype))
-
-    def attend(self, q):
-        """Attention of one query per row, q [B, H, 1, D], over the valid slots: [B, H, 1, D], the
-        softmax in float32 over valid slots only. For one query it is two small matrix products,
-        written out (the mask is where the free slots are)."""
-        B, H, _, D = q.shape
-        q = q.reshape(B, self.k.shape[1], H // self.k.shape[1], D)  # the query heads of each KV head
-        scores = (q @ self.k.transpose(-2, -1)).float() / math.sqrt(D)  # [B, H_kv, group, slots]
-        scores = scores.masked_fill((self.pos < 0)[:, :, None, :], -float("inf"))
-        return (scores.softmax(-1).to(self.v.dtype) @ self.v).view(B, H, 1, D)
-
-    def evict(self, kind, pos):
-        """Free the slots no later query reads, after the step at position pos [1] whose token had
-        type kind [B, H_kv, 1]: a Global token closes its segment, so the Locals held go."""
-        last_global = torch.where(kind == GLOBAL, pos, -1)
-        self.pos.masked_fill_(expired(self.kind, self.pos, pos, last_global, self.window), -1)
+    def step(self, q, k, v, kind, pos, impl="auto"):
+        """One token per row through the cache (kernel.nats_decode): k, v [B, H_kv, 1, D] of type
+        kind [B, H_kv, 1] (long) at position pos [1] (int32) go into a free slot of its row (make_room
+        has made sure there is one), its queries q [B, H, 1, D] attend over the valid slots, and the
+        slots no later query reads are freed. Returns [B, H, 1, D]. impl: see kernel.nats_decode."""
+        return nats_decode(q, k, v, kind, pos, (self.k, self.v, self.pos, self.kind), self.window, impl)
 
     def held(self):
         """Tokens held per (batch row, KV head): long [B, H_kv], on the cache's device."""

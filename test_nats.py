@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import data
 import kernel
 from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, is_one_hot, kv_lengths, last_visible_query, nats_attention,
-                    nats_attention_reference, next_global, relaxed_mask, visible_mask)
+                    nats_attention_reference, nats_decode, next_global, relaxed_mask, visible_mask)
 import nats
 from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode, load_checkpoint
 
@@ -450,6 +450,7 @@ def pin_config(monkeypatch, index):
     monkeypatch.setattr(kernel, "_CHOSEN", {})  # the choices remembered so far name other configs
     for tuner in (kernel._nats_fwd, kernel._nats_bwd_dq, kernel._nats_bwd_dkdv, kernel._nats_bwd_dkdv_global):
         monkeypatch.setattr(tuner, "configs", [tuner.configs[index % len(tuner.configs)]])
+    monkeypatch.setattr(kernel, "FWD_INFERENCE", kernel.FWD_CONFIGS[index % len(kernel.FWD_CONFIGS)])
 
 
 CUDA_CASES = [  # (B, H, H_kv, T, D, mix): every mix, GQA 1:1 / 4:1 / 8:1, D 64 and 128, odd lengths
@@ -474,6 +475,104 @@ def test_kernel_every_config_on_cuda(config, dtype, case, monkeypatch):
 @pytest.mark.parametrize("T", [4096, 16384])
 def test_kernel_long_sequence_on_cuda(dtype, T):
     check_kernel(1, 1, 1, T, 64, 16, "sparse_global", dtype, seed=4)
+
+
+@needs_triton
+def test_kernel_splits_a_batch_too_large_for_one_launch(monkeypatch):
+    monkeypatch.setattr(kernel, "MAX_GRID_Y", 5)  # 3 x 4 batch x heads: launched for rows 0, 1, then 2
+    check_kernel(3, 4, 2, 37, 16, 16, "random", torch.float32, seed=5)
+
+
+@cuda
+def test_kernel_launches_past_the_grid_limit_on_cuda():
+    check_kernel(16385, 4, 2, 16, 16, 4, "random", torch.bfloat16, seed=6)  # batch x heads = 65540 > 65535
+
+
+@needs_triton
+def test_kernel_refuses_second_derivatives():
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    types = random_types(1, 2, 9).float().to(DEVICE)
+    out = nats_attention(q, k, v, types, 4, impl="triton")
+    with pytest.raises(RuntimeError, match="second derivatives.*impl='reference'"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    grad = torch.autograd.grad(nats_attention(q, k, v, types, 4, impl="reference").square().sum(), q,
+                               create_graph=True)[0]
+    assert grad.requires_grad  # the reference computes them
+
+
+# -----------------------------------------------------------------------------
+# the decode kernel (one new token per row through a cache of slots) against its reference
+
+
+def random_cache(B, H, H_kv, slots, D, t, free_share, dtype, seed):
+    """One decode step's inputs on DEVICE: the new token's q, k, v at position t, and a cache of
+    distinct earlier positions with random types, a share of the slots free (the last always)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, 1, D, generator=gen)
+    k, v = torch.randn(2, B, H_kv, 1, D, generator=gen).unbind(0)
+    pos = torch.stack([torch.randperm(t, generator=gen)[:slots] for _ in range(B * H_kv)]).view(B, H_kv, slots)
+    pos = torch.where(torch.rand(B, H_kv, slots, generator=gen) < free_share, -1, pos)
+    pos[..., -1] = -1
+    cache = [*torch.randn(2, B, H_kv, slots, D, generator=gen).to(dtype).unbind(0), pos.to(torch.int32),
+             torch.randint(3, (B, H_kv, slots), generator=gen).to(torch.uint8)]
+    return [x.to(dtype).to(DEVICE) for x in (q, k, v)], [x.to(DEVICE) for x in cache]
+
+
+def held_tokens(cache):
+    """What a cache holds, slot order aside: per (row, KV head) its (position, type, k, v) by position."""
+    k, v, pos, kinds = (x.cpu() for x in cache)
+    rows = []
+    for b, h in np.ndindex(*pos.shape[:2]):
+        order = pos[b, h].argsort()[(pos[b, h] < 0).sum():]  # the valid slots, by position
+        rows.append([pos[b, h, order], kinds[b, h, order], k[b, h, order], v[b, h, order]])
+    return rows
+
+
+DECODE_CASES = [  # (B, H, H_kv, slots, D): groups of 2, 1, 8 and 3 query heads, one split or several
+    (2, 6, 3, 70, 16), (1, 4, 4, 200, 32), (3, 8, 1, 33, 64), (1, 9, 3, 150, 64)]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-kv{c[2]}-slots{c[3]}-D{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("new_kind", [GLOBAL, LOCAL, SLIDING])
+@pytest.mark.parametrize("window,free_share", [(0, 0.5), (5, 0.0), (5, 0.5), (5, 1.0)])
+def test_decode_kernel_matches_reference(case, dtype, new_kind, window, free_share):
+    B, H, H_kv, slots, D = case
+    t = slots + 7
+    (q, k, v), cache = random_cache(B, H, H_kv, slots, D, t, free_share, dtype, seed=slots + window + new_kind)
+    kind = torch.full((B, H_kv, 1), new_kind, device=DEVICE)
+    kind[0, 0] = (new_kind + 1) % 3  # rows and heads of different types
+    step = torch.tensor([t], dtype=torch.int32, device=DEVICE)
+    exact_cache, ref_cache, kernel_cache = ([x.clone() for x in cache] for _ in range(3))
+    exact = nats_decode(q.double(), k.double(), v.double(), kind, step,
+                        [x.double() if x.is_floating_point() else x for x in exact_cache], window, impl="reference")
+    same_dtype = nats_decode(q, k, v, kind, step, ref_cache, window, impl="reference")
+    got = nats_decode(q, k, v, kind, step, kernel_cache, window, impl="triton")
+    assert got.dtype == dtype
+    assert_close_to_exact(got, same_dtype, exact, "decode out")
+    for want, have in zip(held_tokens(ref_cache), held_tokens(kernel_cache)):
+        for a, b in zip(want, have):
+            assert torch.equal(a, b)
+
+
+def test_decode_kernel_refuses_bad_inputs():
+    (q, k, v), cache = random_cache(1, 4, 2, 20, 16, 30, 0.5, torch.float32, seed=0)
+    kind, t = torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE), torch.tensor([30], dtype=torch.int32)
+    t = t.to(DEVICE)
+    with pytest.raises(ValueError, match="one new token per row"):
+        nats_decode(q.expand(1, 4, 2, 16), k, v, kind, t, cache, 4)
+    with pytest.raises(ValueError, match="the cache must be"):
+        nats_decode(q, k, v, kind, t, [cache[0][:, :1], *cache[1:]], 4)
+    with pytest.raises(ValueError, match="int32"):
+        nats_decode(q, k, v, kind, t, [*cache[:2], cache[2].long(), cache[3]], 4)
+    with pytest.raises(ValueError, match="share one dtype"):
+        nats_decode(q.half(), k, v, kind, t, cache, 4)
+    with pytest.raises(ValueError, match="window"):
+        nats_decode(q, k, v, kind, t, cache, -1)
+    with pytest.raises(ValueError, match="impl"):
+        nats_decode(q, k, v, kind, t, cache, 4, impl="cuda")
+
 
 # -----------------------------------------------------------------------------
 # the model: scorer, KV statistics and loss, baselines, config checks, checkpoints
@@ -723,6 +822,18 @@ def test_decode_equals_forward_for_other_head_groupings(n_kv_head):
     torch.testing.assert_close(nats.decode(model, idx, prefill=5), model(idx)[0], rtol=0, atol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("mix", ["per_row", "all_local", "dense"])
+def test_decode_through_the_kernel_equals_forward(mix, monkeypatch):
+    monkeypatch.setattr(nats, "MIN_ROOM", 4)  # the caches grow several times on the way
+    model = decode_model(mix, seed=3, n_embd=64, attention_impl="triton")  # head size 16, as the kernel needs
+    idx = torch.randint(50, (3, 64))
+    with torch.no_grad():
+        decoded = nats.decode(model, idx, prefill=5)  # the kernel's prefill, then its decode step
+        model.config.attention_impl = "reference"
+        torch.testing.assert_close(decoded, model(idx)[0], rtol=0, atol=1e-5)
+
+
 def test_capacity_growth_keeps_decode_exact(monkeypatch):
     monkeypatch.setattr(nats, "MIN_ROOM", 1)  # room for only a few more tokens at a time
     sizes = []
@@ -735,32 +846,37 @@ def test_capacity_growth_keeps_decode_exact(monkeypatch):
     assert len(sizes) > 10 and max(sizes) == 64  # dense: grown again and again, up to every token
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("prefill", [1, 9])
 @pytest.mark.parametrize("window", [0, 4])
-def test_cache_holds_row_t_of_the_mask(prefill, window):
-    B, H_kv, T, D = 2, 3, 80, 4
+def test_cache_holds_row_t_of_the_mask(prefill, window, impl):
+    B, H_kv, T, D = 2, 3, 80, 16
     types = random_types(B, H_kv, T, MIXES["sparse_global"], seed=window)
     kind = types.argmax(-1)
     mask = visible_mask(types, window)
+    q = torch.randn(B, 2 * H_kv, T, D)
     k, v = torch.randn(2, B, H_kv, T, D).unbind(0)
+    expected = nats_attention_reference(q.double(), k.double(), v.double(), types, window).float()
     cache = KVCache(window)
     cache.fill(k[:, :, :prefill], v[:, :, :prefill], kind[..., :prefill])
     for t in range(prefill, T):
-        nats.make_room([cache], T - t)
-        pos = torch.tensor([t], dtype=torch.int32)
-        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1], pos)
-        for b in range(B):
+        for b in range(B):  # before step t the cache holds what query t reads of the keys before it
             for h in range(H_kv):
                 slots = cache.pos[b, h] >= 0
                 held = cache.pos[b, h][slots].long()
-                assert sorted(held.tolist()) == mask[b, h, t].nonzero().flatten().tolist(), (t, b, h)
+                assert sorted(held.tolist()) == mask[b, h, t, :t].nonzero().flatten().tolist(), (t, b, h)
                 assert torch.equal(cache.k[b, h][slots], k[b, h, held])  # each slot holds its token's vectors
                 assert torch.equal(cache.v[b, h][slots], v[b, h, held])
-        cache.evict(kind[..., t:t + 1], pos)
+        nats.make_room([cache], T - t)
+        pos = torch.tensor([t], dtype=torch.int32)
+        y = cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1], pos, impl)
+        torch.testing.assert_close(y[:, :, 0], expected[:, :, t], rtol=0, atol=1e-5)
+        cache.seen += 1
 
 
-def test_slots_are_reused_after_eviction():
-    window, D, T = 4, 8, 300
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_slots_are_reused_after_eviction(impl):
+    window, D, T = 4, 16, 300
     cache = KVCache(window)
     kind = torch.full((1, 2, T), SLIDING)
     kind[..., 0] = GLOBAL
@@ -771,14 +887,15 @@ def test_slots_are_reused_after_eviction():
         grew = nats.make_room([cache], T - t)[1]
         assert not grew or t == 1  # the sink and the W newest tokens always fit in the first slots
         pos = torch.tensor([t], dtype=torch.int32)
-        cache.append(k[:, :, t:t + 1], k[:, :, t:t + 1], kind[..., t:t + 1], pos)
+        cache.step(k[:, :, t:t + 1], k[:, :, t:t + 1], k[:, :, t:t + 1], kind[..., t:t + 1], pos, impl)
         used.add(int((cache.pos[0, 0] == t).nonzero()))
-        cache.evict(kind[..., t:t + 1], pos)
         cache.seen += 1  # as the Decoder counts
     stats = cache.stats()
     assert stats["tokens_max"] == window + 1 and stats["seen"] == T  # the sink and the W newest tokens
     assert cache.slots == 1 + nats.MIN_ROOM  # grown once, at the first step
-    assert used == set(range(1, window + 2))  # after the sink's slot, the same W + 1 slots again and again
+    # after the sink's slot, the same slots again and again: W + 1 of them for the reference, which
+    # writes before it frees, W for the kernel, which writes the new token where the oldest one left
+    assert used == set(range(1, window + 1 + (impl == "reference")))
     assert stats["bytes"] < stats["dense_bytes"] / 2
 
 
