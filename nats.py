@@ -886,16 +886,21 @@ class Decoder:
     at the caches (one sync), grows them if they need it, and the graph is recorded again.
     """
 
-    def __init__(self, model, caches, length, cuda_graph=None):
+    def __init__(self, model, caches, length, cuda_graph=None, compile=False):
         """model: a GPT in eval() mode; caches: its new_caches(); length: the tokens it will be
         fed in all (RoPE's table covers their positions). cuda_graph: None for CUDA graphs on a
-        CUDA device. Raises ValueError for cuda_graph=True off CUDA."""
+        CUDA device. compile: the step through torch.compile, which fuses its small operations
+        (norms, RoPE, the scorer, the MLP's activation) into a few kernels, the decode kernel
+        staying one operator; it takes tens of seconds once per model, so it pays for long
+        generations. Raises ValueError for cuda_graph=True off CUDA."""
         device = model.lm_head.weight.device
         self.model, self.caches, self.length = model, caches, length
         self.rope = model.rope(torch.arange(length, device=device))
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        # dynamic: one compiled step for every batch size and cache size, so growing recompiles nothing
+        self.decode_step = torch.compile(model.decode_step, dynamic=True) if compile else model.decode_step
         self.step, self.room = None, 0
 
     def prefill(self, idx):
@@ -914,7 +919,7 @@ class Decoder:
         if self.room == 0:
             self.room, grew = make_room(self.caches, self.length - seen)
             if grew or self.step is None:
-                step = partial(self.model.decode_step, rope=self.rope, caches=self.caches)
+                step = partial(self.decode_step, rope=self.rope, caches=self.caches)
                 self.step = CUDAGraphStep(step) if self.cuda_graph else step
         logits = self.step(idx, torch.full((1,), seen, dtype=torch.int32, device=idx.device))
         for cache in self.caches:
@@ -1009,8 +1014,8 @@ def decode(model, idx, prefill=1, caches=None, cuda_graph=None):
 
 class FixedTypes(nn.Module):
     """A stand-in for the scorer with preset types by position, kinds [H_kv, length] or, a set for
-    each batch row, [B, H_kv, length] (long: 0 G, 1 L, 2 S): for benchmarks that need a
-    realistic mix before any training, and for tests."""
+    each batch row, [B, H_kv, length] (long: 0 G, 1 L, 2 S; a batch of fewer rows takes the first
+    ones): for benchmarks that need a realistic mix before any training, and for tests."""
 
     def __init__(self, kinds):
         super().__init__()
@@ -1020,72 +1025,137 @@ class FixedTypes(nn.Module):
         return F.one_hot(self.kinds(x, pos), 3).float(), None  # no noise: the types are the argmax
 
     def kinds(self, x, pos):
-        return self.table[..., pos].expand(x.shape[0], -1, -1)
+        kinds = self.table[..., pos]
+        return kinds[:x.shape[0]] if kinds.dim() == 3 else kinds.expand(x.shape[0], -1, -1)
+
+
+DECODE_VARIANTS = (  # (name, attention, decode impl, torch.compile): the strongest dense first
+    ("dense SDPA", "dense", "reference", True),  # a plain cache, SDPA over its valid slots
+    ("dense fused", "dense", "triton", True),  # the same fused step as NAtS, every token Global
+    ("NAtS fused", "nats", "triton", True),
+    ("NAtS unfused", "nats", "reference", False))  # the step as it was: PyTorch operations under a CUDA graph
 
 
 @torch.no_grad()
 def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05, 0.15, 0.80), new_tokens=256,
-                     warmup=16, device="cuda", dtype=torch.bfloat16):
-    """Time to the first token (the prompt's forward), decode tokens/s and memory after prompts of
-    each length in contexts, for each batch size: NAtS with its types fixed to a G/L/S mix, drawn
-    per batch row (an untrained scorer gives no realistic one), against dense attention, the same
-    model of the default width with random weights, in one run. Greedy decoding; on CUDA the
-    step replays a CUDA graph. Prints a table and returns its rows (dicts: context, batch,
-    attention, first_token_s, tokens_per_s, cache_mb, dense_cache_mb, prefill_peak_mb,
-    decode_peak_mb; the peaks are nan off CUDA)."""
+                     warmup=16, device="cuda", dtype=torch.bfloat16, variants=DECODE_VARIANTS):
+    """Decoding speed after prompts of each length in contexts, for each batch size, of each of
+    the variants (name, attention, impl, compile: see DECODE_VARIANTS), in one run: the model of
+    the default width with random weights, NAtS with its types fixed to a G/L/S mix drawn per
+    batch row (an untrained scorer gives no realistic one). Greedy decoding; on CUDA the step
+    replays a CUDA graph. Per row: kernels per step, time to the first token (the prompt's
+    forward) cold (the variant's first prompt: kernels compiled) and warm, the first step's
+    seconds (torch.compile and recording the graph), tokens/s and its ratio to the first
+    variant's, the bytes a step reads (weights and the caches' buffers) and the bandwidth that
+    makes against a copy measured in the same run, the caches' MB. Prints a table and returns
+    its rows (dicts)."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
-    print(f"{name}, {dtype}, G/L/S mix {mix}, "
-          f"W = {GPTConfig.window}, {new_tokens} tokens decoded after the prompt, tokens/s over the last "
-          f"{new_tokens - warmup} (all rows of the batch)")
-    print("| context | batch | attention | first token s | tokens/s | cache MB | dense cache MB | share "
-          "| peak MB prefill | peak MB decode |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    copy = copy_rate(device)
+    print(f"{name}, {dtype}, torch {torch.__version__}, G/L/S mix {mix}, W = {GPTConfig.window}, {new_tokens} "
+          f"tokens decoded after the prompt, tokens/s over the last {new_tokens - warmup} (all rows of the batch); "
+          f"device copy rate measured now {copy / 1e9:.0f} GB/s")
+    print("| context | batch | variant | kernels/step | first token s cold / warm | first step s | tokens/s "
+          "| x first | MB read/step | GB/s | of copy | cache MB | of dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    longest = max(contexts) + new_tokens + 1  # and one step more, whose kernels are counted
+    models = {v: decode_bench_model(v[1], v[2], longest, max(batches), mix, device, dtype) for v in variants}
     rows = []
     for T in contexts:
         for batch in batches:
-            for attention in ("dense", "nats"):
-                row = time_decode(attention, T, batch, mix, new_tokens, warmup, device, dtype)
-                print(f"| {T} | {batch} | {attention} | {row['first_token_s']:.3f} | {row['tokens_per_s']:.0f} "
-                      f"| {row['cache_mb']:.1f} | {row['dense_cache_mb']:.1f} "
-                      f"| {row['cache_mb'] / row['dense_cache_mb']:.0%} | {row['prefill_peak_mb']:.0f} "
-                      f"| {row['decode_peak_mb']:.0f} |", flush=True)
+            base = None
+            for variant in variants:
+                row = time_decode(models[variant], variant, T, batch, new_tokens, warmup, copy)
+                base = base or row["tokens_per_s"]
+                print(f"| {T} | {batch} | {variant[0]} | {row['kernels']} | {row['first_token_s']:.3f} / "
+                      f"{row['warm_first_token_s']:.3f} | {row['first_step_s']:.2f} | {row['tokens_per_s']:.0f} "
+                      f"| {row['tokens_per_s'] / base:.2f} | {row['bytes_per_step'] / 2**20:.0f} "
+                      f"| {row['bandwidth'] / 1e9:.0f} | {row['bandwidth'] / copy:.0%} | {row['cache_mb']:.1f} "
+                      f"| {row['cache_mb'] / row['dense_cache_mb']:.0%} |", flush=True)
                 rows.append(row)
     return rows
 
 
-def time_decode(attention, T, batch, mix, new_tokens, warmup, device, dtype):
-    """One row of benchmark_decode: a fresh model, a prompt of T random tokens per row, then
-    new_tokens greedy steps, timed after the first `warmup` (they include recording the graph)."""
+def decode_bench_model(attention, impl, length, batch, mix, device, dtype):
+    """The benchmark's model: the default width, random weights, context `length`; for NAtS the
+    scorers replaced by FixedTypes of the G/L/S mix, drawn per batch row (position 0 Global)."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=T, vocab_size=GPT2_PADDED_VOCAB, attention=attention)
+    config = GPTConfig(block_size=length, vocab_size=GPT2_PADDED_VOCAB, attention=attention, attention_impl=impl)
     with torch.device(device):
         model = GPT(config)
     if attention == "nats":
-        kinds = torch.multinomial(torch.tensor(mix), batch * config.n_kv_head * (T + new_tokens), replacement=True)
-        kinds = kinds.view(batch, config.n_kv_head, -1)
+        kinds = torch.multinomial(torch.tensor(mix), batch * config.n_kv_head * length, replacement=True)
+        kinds = kinds.view(batch, config.n_kv_head, length)
         kinds[..., 0] = GLOBAL
         for block in model.transformer.h:
             block.attn.scorer = FixedTypes(kinds.to(device))
-    model = model.to(dtype).eval()
-    idx = torch.randint(config.vocab_size, (batch, T), device=device)
+    return model.to(dtype).eval()
+
+
+def time_decode(model, variant, T, batch, new_tokens, warmup, copy):
+    """One row of benchmark_decode: a prompt of T random tokens per row, prefilled twice (cold,
+    then warm), then new_tokens greedy steps, timed after the first `warmup` (the first records the
+    graph and compiles)."""
+    device = model.lm_head.weight.device
+    idx = torch.randint(model.config.vocab_size, (batch, T), device=device)
+    first_token_s = [time_prefill(model, idx) for _ in range(2)]
     caches = model.new_caches()
-    gpu_peak_mb(device)  # from here: the weights are in memory, the prompt's work is not
-    start = time.perf_counter()
-    decoder = Decoder(model, caches, T + new_tokens)
+    decoder = Decoder(model, caches, T + new_tokens + 1, compile=variant[3])
     token = model.lm_head(decoder.prefill(idx)[:, -1]).argmax(-1, keepdim=True)
-    prefill_peak = gpu_peak_mb(device)
-    first_token_s = time.perf_counter() - start
     for step in range(new_tokens):
-        if step == warmup:
+        if step in (0, warmup):
             gpu_synchronize(device)
             start = time.perf_counter()
         token = decoder(token).argmax(-1, keepdim=True)
+        if step == 0:
+            gpu_synchronize(device)
+            first_step_s = time.perf_counter() - start
     gpu_synchronize(device)
     seconds = time.perf_counter() - start
-    held, dense = (sum(c.stats()[key] for c in caches) / 2**20 for key in ("bytes", "dense_bytes"))
-    return dict(context=T, batch=batch, attention=attention, first_token_s=first_token_s,
-                tokens_per_s=batch * (new_tokens - warmup) / seconds, cache_mb=held, dense_cache_mb=dense,
-                prefill_peak_mb=prefill_peak, decode_peak_mb=gpu_peak_mb(device))
+    held, dense = (sum(c.stats()[key] for c in caches) for key in ("bytes", "dense_bytes"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    steps_per_s = (new_tokens - warmup) / seconds
+    return dict(context=T, batch=batch, variant=variant[0], kernels=kernels_per_step(decoder, token),
+                first_token_s=first_token_s[0], warm_first_token_s=first_token_s[1], first_step_s=first_step_s,
+                tokens_per_s=batch * steps_per_s, bytes_per_step=weights + held,
+                bandwidth=(weights + held) * steps_per_s, cache_mb=held / 2**20, dense_cache_mb=dense / 2**20)
+
+
+def time_prefill(model, idx):
+    """Seconds from a prompt idx [B, T] to its next token's logits, through fresh caches."""
+    gpu_synchronize(idx.device)
+    start = time.perf_counter()
+    decoder = Decoder(model, model.new_caches(), idx.shape[1])
+    model.lm_head(decoder.prefill(idx)[:, -1]).argmax(-1)
+    gpu_synchronize(idx.device)
+    return time.perf_counter() - start
+
+
+def kernels_per_step(decoder, token):
+    """GPU kernels one more step launches, counted by the profiler on a step run outside the graph
+    (it writes one more token into the caches; 0 off CUDA)."""
+    if token.device.type != "cuda":
+        return 0
+    pos = torch.full((1,), decoder.caches[0].seen, dtype=torch.int32, device=token.device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decoder.decode_step(token, pos, rope=decoder.rope, caches=decoder.caches)
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
+def copy_rate(device, size=2**30):
+    """Bytes per second a device-to-device copy of `size` bytes moves (read and write), median of 20."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    src, dst = (torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2))
+    times = []
+    for _ in range(21):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size / sorted(times[1:])[10]
 
 
 def gpu_synchronize(device):

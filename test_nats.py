@@ -948,13 +948,17 @@ def test_generate_rejects_bad_input():
         nats.decode(model, prompt, cuda_graph=True)  # the model is on the CPU
 
 
-def test_decode_benchmark_runs_on_cpu():
-    rows = benchmark_decode(contexts=(300,), batches=(1, 2), new_tokens=4, warmup=1, device="cpu", dtype=torch.float32)
-    assert [(r["batch"], r["attention"]) for r in rows] == [(1, "dense"), (1, "nats"), (2, "dense"), (2, "nats")]
+def test_decode_benchmark_runs_on_cpu(capsys):
+    variants = (("dense", "dense", "reference", False), ("NAtS", "nats", "reference", False))
+    rows = benchmark_decode(contexts=(300,), batches=(1, 2), new_tokens=4, warmup=1, device="cpu",
+                            dtype=torch.float32, variants=variants)
+    assert [(r["batch"], r["variant"]) for r in rows] == [(1, "dense"), (1, "NAtS"), (2, "dense"), (2, "NAtS")]
     for dense, nats_row in (rows[:2], rows[2:]):
         assert dense["cache_mb"] > dense["dense_cache_mb"] * 0.99  # every token kept (plus position and type)
         assert nats_row["cache_mb"] < 0.5 * nats_row["dense_cache_mb"]  # NAtS keeps a fraction of it
         assert nats_row["tokens_per_s"] > 0 and nats_row["first_token_s"] > 0
+        assert nats_row["bytes_per_step"] < dense["bytes_per_step"]  # the same weights, fewer cache bytes
+    assert capsys.readouterr().out.count("| 300 |") == 4
 
 
 @cuda
