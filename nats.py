@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from data import decodable_size, load_dataset
 from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
 from kernel import GLOBAL, SLIDING, expired, kv_lengths, nats_attention, nats_decode
+from kernel import LOCAL as LOCAL  # the three type ids come with the model, for its users
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
 SEED = 1337  # the default seed of training and of sampling
@@ -259,7 +260,7 @@ class CausalSelfAttention(nn.Module):
             return self.attend(q, k, v, None if self.config.attention == "dense" else F.one_hot(kind, 3).float()), None
         if x.shape[1] != 1:
             raise ValueError(f"a filled cache takes one token at a time, got {x.shape[1]}")
-        return self.project(cache.step(q, k, v, kind, pos, self.config.attention_impl)), None
+        return self.project(cache.step(q, k, v, kind, pos)), None
 
     def qkv(self, x, rope):
         """Queries [B, H, T, D] and keys, values [B, H_kv, T, D] of x [B, T, C], with RoPE from
@@ -536,9 +537,11 @@ class GPT(nn.Module):
 
     # generation: the prompt in one forward, then one token at a time through evicting caches
 
-    def new_caches(self):
-        """Empty KV caches, one per layer, for generate or decode (they fill at the prompt)."""
-        return [KVCache(self.config.window) for _ in self.transformer.h]
+    def new_caches(self, impl="auto"):
+        """Empty KV caches, one per layer, for generate or decode (they fill at the prompt). impl:
+        how a decode step runs, "triton" (fused kernels), "reference" (PyTorch: SDPA over the cache)
+        or "auto", the kernels on CUDA (kernel.nats_decode)."""
+        return [KVCache(self.config.window, impl) for _ in self.transformer.h]
 
     def decode_step(self, idx, pos, rope, caches):
         """Logits [B, vocab] after one more token per row, idx [B, 1] (long) at position pos [1]
@@ -743,8 +746,8 @@ class KVCache:
     graph can replay the step; only grow(), between steps, adds slots.
     """
 
-    def __init__(self, window):
-        self.window = window
+    def __init__(self, window, impl="auto"):
+        self.window, self.impl = window, impl  # impl: how step runs, see kernel.nats_decode
         self.k = self.v = None  # [B, H_kv, slots, D], the model's dtype
         self.pos = self.kind = None  # [B, H_kv, slots]: int32 position (-1: free), uint8 type
         # tokens written so far, i.e. the next one's position: counted by fill and the Decoder on the
@@ -779,12 +782,12 @@ class KVCache:
         # free slots hold zeros: their weight is 0, and 0 x NaN from uninitialised memory would not be
         self.k, self.v, self.pos, self.kind = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1), pad(self.kind, 0)
 
-    def step(self, q, k, v, kind, pos, impl="auto"):
+    def step(self, q, k, v, kind, pos):
         """One token per row through the cache (kernel.nats_decode): k, v [B, H_kv, 1, D] of type
         kind [B, H_kv, 1] (long) at position pos [1] (int32) go into a free slot of its row (make_room
         has made sure there is one), its queries q [B, H, 1, D] attend over the valid slots, and the
-        slots no later query reads are freed. Returns [B, H, 1, D]. impl: see kernel.nats_decode."""
-        return nats_decode(q, k, v, kind, pos, (self.k, self.v, self.pos, self.kind), self.window, impl)
+        slots no later query reads are freed. Returns [B, H, 1, D]."""
+        return nats_decode(q, k, v, kind, pos, (self.k, self.v, self.pos, self.kind), self.window, self.impl)
 
     def held(self):
         """Tokens held per (batch row, KV head): long [B, H_kv], on the cache's device."""
@@ -930,12 +933,12 @@ class Decoder:
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None, cuda_graph=None,
-             decodable=None):
+             decodable=None, compile=False):
     """Sample max_new_tokens after the prompt idx [B, T] (long, on the model's device) and
     return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
     then one token per step goes through the evicting caches (pass empty ones from
     new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
-    Decoder; cuda_graph=False runs it eagerly). temperature 0 (or below MIN_TEMPERATURE) is
+    Decoder; cuda_graph=False runs it eagerly; compile: see Decoder). temperature 0 (or below MIN_TEMPERATURE) is
     greedy decoding (the most likely token); top_k keeps the k most likely; ids from `decodable`
     on (an output layer padded past the tokenizer's vocabulary, data.decodable_size) are never
     drawn. Past block_size positions keep counting; memory stays bounded as long as Global
@@ -963,7 +966,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
     finite = torch.ones((), dtype=torch.bool, device=device)  # looked at once, at the end: no sync per token
     with eval_mode(model):
-        decoder = Decoder(model, caches, T + max_new_tokens - 1, cuda_graph)  # the last token is not fed
+        decoder = Decoder(model, caches, T + max_new_tokens - 1, cuda_graph, compile)  # the last token is not fed
         logits = model.lm_head(decoder.prefill(idx)[:, -1])
         for t in range(T, T + max_new_tokens):
             finite &= logits.isfinite().all()
@@ -1029,7 +1032,7 @@ class FixedTypes(nn.Module):
         return kinds[:x.shape[0]] if kinds.dim() == 3 else kinds.expand(x.shape[0], -1, -1)
 
 
-DECODE_VARIANTS = (  # (name, attention, decode impl, torch.compile): the strongest dense first
+DECODE_VARIANTS = (  # (name, attention, the caches' impl, torch.compile): the strongest dense first
     ("dense SDPA", "dense", "reference", True),  # a plain cache, SDPA over its valid slots
     ("dense fused", "dense", "triton", True),  # the same fused step as NAtS, every token Global
     ("NAtS fused", "nats", "triton", True),
@@ -1038,11 +1041,12 @@ DECODE_VARIANTS = (  # (name, attention, decode impl, torch.compile): the strong
 
 @torch.no_grad()
 def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05, 0.15, 0.80), new_tokens=256,
-                     warmup=16, device="cuda", dtype=torch.bfloat16, variants=DECODE_VARIANTS):
+                     warmup=16, device="cuda", dtype=torch.bfloat16, variants=DECODE_VARIANTS, pretrained=""):
     """Decoding speed after prompts of each length in contexts, for each batch size, of each of
     the variants (name, attention, impl, compile: see DECODE_VARIANTS), in one run: the model of
-    the default width with random weights, NAtS with its types fixed to a G/L/S mix drawn per
-    batch row (an untrained scorer gives no realistic one). Greedy decoding; on CUDA the step
+    the default width with random weights (or a pretrained one: see GPT.from_pretrained), NAtS
+    with its types fixed to a G/L/S mix drawn per batch row (an untrained scorer gives no
+    realistic one). Greedy decoding; on CUDA the step
     replays a CUDA graph. Per row: kernels per step, time to the first token (the prompt's
     forward) cold (the variant's first prompt: kernels compiled) and warm, the first step's
     seconds (torch.compile and recording the graph), tokens/s and its ratio to the first
@@ -1058,13 +1062,16 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
           "| x first | MB read/step | GB/s | of copy | cache MB | of dense |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     longest = max(contexts) + new_tokens + 1  # and one step more, whose kernels are counted
-    models = {v: decode_bench_model(v[1], v[2], longest, max(batches), mix, device, dtype) for v in variants}
+    models = {a: decode_bench_model(a, longest, max(batches), mix, device, dtype, pretrained)
+              for a in dict.fromkeys(v[1] for v in variants)}
     rows = []
     for T in contexts:
         for batch in batches:
             base = None
             for variant in variants:
-                row = time_decode(models[variant], variant, T, batch, new_tokens, warmup, copy)
+                # each variant's step compiles once for all sizes (Decoder), more than torch's default limit in all
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    row = time_decode(models[variant[1]], variant, T, batch, new_tokens, warmup, copy)
                 base = base or row["tokens_per_s"]
                 print(f"| {T} | {batch} | {variant[0]} | {row['kernels']} | {row['first_token_s']:.3f} / "
                       f"{row['warm_first_token_s']:.3f} | {row['first_step_s']:.2f} | {row['tokens_per_s']:.0f} "
@@ -1075,13 +1082,17 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
     return rows
 
 
-def decode_bench_model(attention, impl, length, batch, mix, device, dtype):
-    """The benchmark's model: the default width, random weights, context `length`; for NAtS the
-    scorers replaced by FixedTypes of the G/L/S mix, drawn per batch row (position 0 Global)."""
+def decode_bench_model(attention, length, batch, mix, device, dtype, pretrained=""):
+    """The benchmark's model: the default width, random weights, or the pretrained one; context
+    `length`; for NAtS the scorers replaced by FixedTypes of the G/L/S mix, drawn per batch row
+    (position 0 Global)."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=length, vocab_size=GPT2_PADDED_VOCAB, attention=attention, attention_impl=impl)
-    with torch.device(device):
-        model = GPT(config)
+    if pretrained:
+        model = GPT.from_pretrained(pretrained, attention=attention, block_size=length).to(device)
+    else:
+        with torch.device(device):
+            model = GPT(GPTConfig(block_size=length, vocab_size=GPT2_PADDED_VOCAB, attention=attention))
+    config = model.config
     if attention == "nats":
         kinds = torch.multinomial(torch.tensor(mix), batch * config.n_kv_head * length, replacement=True)
         kinds = kinds.view(batch, config.n_kv_head, length)
@@ -1098,7 +1109,7 @@ def time_decode(model, variant, T, batch, new_tokens, warmup, copy):
     device = model.lm_head.weight.device
     idx = torch.randint(model.config.vocab_size, (batch, T), device=device)
     first_token_s = [time_prefill(model, idx) for _ in range(2)]
-    caches = model.new_caches()
+    caches = model.new_caches(variant[2])
     decoder = Decoder(model, caches, T + new_tokens + 1, compile=variant[3])
     token = model.lm_head(decoder.prefill(idx)[:, -1]).argmax(-1, keepdim=True)
     for step in range(new_tokens):
@@ -1213,9 +1224,15 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="the decode step through torch.compile: fewer kernels per token, after tens of seconds "
+                             "of compiling; pays for long samples")
     parser.add_argument("--bench", action="store_true",
                         help="the decode benchmark instead: NAtS against dense at contexts 4k, 32k and 128k, "
                              "batch 1 and 16")
+    parser.add_argument("--pretrained", default="",
+                        help="with --bench: time this pretrained model (a GGUF file, an HF folder or a hub name, as "
+                             "GPT.from_pretrained) at context 8192 instead of the baby GPT")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -1225,6 +1242,8 @@ def parse_args(argv=None):
         parser.error(f"--device={args.device}: pass cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device={args.device}: no CUDA GPU is visible here; pass --device=cpu")
+    if args.pretrained and not args.bench:
+        parser.error("--pretrained goes with --bench; to sample from a retrofitted model pass its --ckpt")
     if args.bench:
         if device.type != "cuda":
             parser.error("--bench times decoding at 4k-128k context on a CUDA GPU; on a CPU call benchmark_decode("
@@ -1282,7 +1301,7 @@ def sample(args):
     caches = model.new_caches()
     decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
     out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k, decodable), caches=caches,
-                   decodable=decodable)
+                   decodable=decodable, compile=args.compile)
     for row in out.tolist():
         print(decode(row))
         print("---------------")
@@ -1291,7 +1310,9 @@ def sample(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.bench:
+    if args.bench and args.pretrained:
+        benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype], pretrained=args.pretrained)
+    elif args.bench:
         benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
     else:
         sample(args)

@@ -826,11 +826,12 @@ def test_decode_equals_forward_for_other_head_groupings(n_kv_head):
 @pytest.mark.parametrize("mix", ["per_row", "all_local", "dense"])
 def test_decode_through_the_kernel_equals_forward(mix, monkeypatch):
     monkeypatch.setattr(nats, "MIN_ROOM", 4)  # the caches grow several times on the way
-    model = decode_model(mix, seed=3, n_embd=64, attention_impl="triton")  # head size 16, as the kernel needs
-    idx = torch.randint(50, (3, 64))
+    model = decode_model(mix, seed=3, device=DEVICE, n_embd=64)  # head size 16, as the kernel needs
+    model.config.attention_impl = "triton"
+    idx = torch.randint(50, (3, 64), device=DEVICE)
     with torch.no_grad():
-        decoded = nats.decode(model, idx, prefill=5)  # the kernel's prefill, then its decode step
-        model.config.attention_impl = "reference"
+        decoded = nats.decode(model, idx, prefill=5, caches=model.new_caches("triton"))  # the kernel's prefill, then
+        model.config.attention_impl = "reference"                                          # its decode step
         torch.testing.assert_close(decoded, model(idx)[0], rtol=0, atol=1e-5)
 
 
@@ -857,7 +858,7 @@ def test_cache_holds_row_t_of_the_mask(prefill, window, impl):
     q = torch.randn(B, 2 * H_kv, T, D)
     k, v = torch.randn(2, B, H_kv, T, D).unbind(0)
     expected = nats_attention_reference(q.double(), k.double(), v.double(), types, window).float()
-    cache = KVCache(window)
+    cache = KVCache(window, impl)
     cache.fill(k[:, :, :prefill], v[:, :, :prefill], kind[..., :prefill])
     for t in range(prefill, T):
         for b in range(B):  # before step t the cache holds what query t reads of the keys before it
@@ -869,7 +870,7 @@ def test_cache_holds_row_t_of_the_mask(prefill, window, impl):
                 assert torch.equal(cache.v[b, h][slots], v[b, h, held])
         nats.make_room([cache], T - t)
         pos = torch.tensor([t], dtype=torch.int32)
-        y = cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1], pos, impl)
+        y = cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1], pos)
         torch.testing.assert_close(y[:, :, 0], expected[:, :, t], rtol=0, atol=1e-5)
         cache.seen += 1
 
@@ -877,7 +878,7 @@ def test_cache_holds_row_t_of_the_mask(prefill, window, impl):
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_slots_are_reused_after_eviction(impl):
     window, D, T = 4, 16, 300
-    cache = KVCache(window)
+    cache = KVCache(window, impl)
     kind = torch.full((1, 2, T), SLIDING)
     kind[..., 0] = GLOBAL
     k = torch.randn(1, 2, T, D)
@@ -887,7 +888,7 @@ def test_slots_are_reused_after_eviction(impl):
         grew = nats.make_room([cache], T - t)[1]
         assert not grew or t == 1  # the sink and the W newest tokens always fit in the first slots
         pos = torch.tensor([t], dtype=torch.int32)
-        cache.step(k[:, :, t:t + 1], k[:, :, t:t + 1], k[:, :, t:t + 1], kind[..., t:t + 1], pos, impl)
+        cache.step(k[:, :, t:t + 1], k[:, :, t:t + 1], k[:, :, t:t + 1], kind[..., t:t + 1], pos)
         used.add(int((cache.pos[0, 0] == t).nonzero()))
         cache.seen += 1  # as the Decoder counts
     stats = cache.stats()
