@@ -48,10 +48,10 @@ class GPTConfig:
     GPT.from_pretrained sets them from the checkpoint's config)."""
     block_size: int = 512  # context length: the longest sequence forward() takes
     vocab_size: int = 50257  # GPT-2's BPE; the training script sets it from the data
-    n_layer: int = 6
-    n_head: int = 6
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # query heads per attention layer
     n_kv_head: int = 6  # < n_head: grouped-query attention; token types are per KV head
-    n_embd: int = 384
+    n_embd: int = 384  # the residual stream's width; each head gets n_embd / n_head
     dropout: float = 0.2  # residual dropout (no attention dropout); the baby GPT overfits without it
     attention: str = "nats"  # "nats", "dense" (causal SDPA), "sliding" (position 0 Global, the rest Sliding)
                              # or "random" (position 0 and a random_global share of the others Global, the rest Sliding)
@@ -62,7 +62,7 @@ class GPTConfig:
     init_std: float = 0.02  # weights ~ N(0, init_std), GPT-2's 0.02; a small model learns lookups
                             # only from about 1 / sqrt(n_embd) (results/README.md, "Associative recall")
     norm: str = "layernorm"  # "layernorm" (GPT-2's, without bias) or "rmsnorm" (Llama's)
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # added to the variance inside the norms
     mlp: str = "gelu"  # "gelu" (GPT-2's) or "swiglu" (Llama's gated MLP: down(silu(gate(x)) * up(x)))
     mlp_hidden: int = 0  # the MLP's inner width; 0: 4 x n_embd
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
