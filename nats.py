@@ -1258,9 +1258,15 @@ def parse_args(argv=None):
     if args.start.startswith("FILE:"):
         path = args.start[len("FILE:"):]
         if not os.path.isfile(path):
-            parser.error(f"--start=FILE:{path}: no such file; pass the path of a text file, or the prompt itself")
-        with open(path, encoding="utf-8") as f:
-            args.start = f.read()
+            what = "a folder" if os.path.isdir(path) else "no such file"
+            parser.error(f"--start=FILE:{path}: {what}; pass the path of a text file, or the prompt itself")
+        try:
+            with open(path, encoding="utf-8") as f:
+                args.start = f.read()
+        except UnicodeDecodeError as e:
+            parser.error(f"--start=FILE:{path} is not UTF-8 text (byte {e.start}); pass a text file saved as UTF-8")
+        except OSError as e:
+            parser.error(f"--start=FILE:{path} cannot be read ({e.strerror}); pass a readable text file")
     if not args.start:
         parser.error("--start is empty; pass a prompt of at least one character (the default is a new line)")
     return args

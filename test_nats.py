@@ -1022,14 +1022,18 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
     (["--max_new_tokens=many"], "--max_new_tokens"),
     (["--num_samples=0"], "--num_samples"),
     (["--start=FILE:{missing}"], "--start"),
+    (["--start=FILE:{binary}"], "not UTF-8"),
+    (["--start=FILE:{folder}"], "a folder"),
     (["--start="], "--start"),
+    (["--pretrained=x.gguf"], "--pretrained goes with --bench"),
     (["--device=toaster"], "--device"),
     (["--dtype=float8"], "--dtype"),
     (["--devise=cpu"], "--devise"),
 ] + ([] if torch.cuda.is_available() else [(["--device=cuda"], "--device"), (["--bench"], "--bench")]))
 def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys, monkeypatch, bad, flag):
     monkeypatch.setattr(nats, "load_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
-    argv = [a.format(missing=tmp_path / "missing", folder=tmp_path) for a in bad]
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 a prompt saved as UTF-16")
+    argv = [a.format(missing=tmp_path / "missing", folder=tmp_path, binary=tmp_path / "binary.txt") for a in bad]
     with pytest.raises(SystemExit) as stop:
         nats.main(argv if bad[0].startswith("--ckpt") else [f"--ckpt={tiny_checkpoint(tmp_path)}"] + argv)
     assert stop.value.code == 2 and flag.format(folder=tmp_path) in capsys.readouterr().err
