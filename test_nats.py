@@ -1796,7 +1796,7 @@ def test_from_pretrained_names_what_it_cannot_load(tmp_path):
         nats.config_from_hf(transformers.MistralConfig(**HF_TINY, sliding_window=64))
 
 
-def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_gguf):
+def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_gguf, capsys):
     import train_shakespeare as ts
     cfg, _ = ts.make_config(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
                              "--batch_size=2", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
@@ -1808,6 +1808,10 @@ def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_
     frozen = GPT.from_pretrained(tiny_gguf[0]).state_dict()
     assert all(torch.equal(saved["model"][k], v) for k, v in frozen.items() if ".scorer." not in k)
     assert any(not torch.equal(saved["model"][k], v) for k, v in frozen.items() if ".scorer." in k)
+    capsys.readouterr()
+    nats.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--start=To be", "--max_new_tokens=6", "--device=cpu"])
+    printed = capsys.readouterr().out  # sampled through the evicting caches, in the model's own tokenizer
+    assert printed.startswith("To be") and "KV cache after" in printed
 
 
 def test_the_retrofit_sweep_evaluates_the_fixed_patterns_on_the_pretrained_weights(tmp_path, tiny_gguf):
