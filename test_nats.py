@@ -1204,6 +1204,20 @@ def test_help_lists_every_setting_with_its_default(capsys):
     assert all(f"--{key}=" in out for key in ts.defaults())
 
 
+def test_help_says_what_each_setting_means(capsys):
+    """--help gives every setting a meaning, read from the comment beside its default (train_shakespeare.py)
+    or beside GPTConfig's field (nats.py), a long one continued over its indented comment lines."""
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit):
+        ts.make_config(["--help"])
+    out = capsys.readouterr().out
+    assert re.search(r"--kv_budget=[\d.]+\n +a target mean kv share in \(0, 1\]: lambda becomes", out)
+    assert re.search(r"--window=\d+\n +W: a Sliding token is seen by the W\+1 queries", out)
+    assert "(the own tokenizer of the pretrained model of init_from)" in " ".join(out.split())  # two comment lines
+    assert all(ts.setting_meanings().get(key) for key in ts.defaults())
+    assert max(len(line) for line in out.splitlines()) <= 120
+
+
 def test_resume_with_other_model_settings_stops(tmp_path):
     import train_shakespeare as ts
     tiny_run(tmp_path, max_iters=6, eval_interval=6)

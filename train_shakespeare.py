@@ -15,11 +15,15 @@ overridden by a config file or by --key=value, in the order given (nanoGPT style
 import ast
 import difflib
 import html
+import inspect
+import io
 import json
 import math
 import os
 import sys
+import textwrap
 import time
+import tokenize
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,14 +44,15 @@ from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K
 # a GPU"); config/cpu.py makes it the CPU run, on characters
 # I/O
 out_dir = OUT_DIR  # ckpt.pt, history.json and token_types.html go here
-resume = False  # continue out_dir/ckpt.pt exactly where it stopped, with its settings (RESUME_MAY_CHANGE may differ)
+resume = False  # continue out_dir/ckpt.pt where it stopped, with its settings (but how long it runs and what it shows)
 overwrite = False  # start over in an out_dir that holds a run: its checkpoint and history are deleted
 eval_interval = 250  # steps between evals; every eval also writes the checkpoint
 eval_iters = 40  # batches per eval, the same ones every time
 log_interval = 50  # steps between progress lines
 sample_tokens = 300  # tokens sampled at the end (0: no sample)
-show_layer = -1  # the layer and KV head whose token types the terminal shows at the end; -1: of the layers
-show_head = -1  # (heads) the one whose head (layer) keeps the most Global tokens of the snippet
+show_layer = -1  # the layer whose token types the terminal shows at the end; -1: the one whose KV head keeps
+                 # the most Global tokens of the snippet
+show_head = -1  # the KV head of that layer shown; -1: the one that keeps the most Global tokens
 eval_contexts = ""  # at the end, the val perplexity at these contexts ("2048,8192"; one pass over the val split)
 passkey_lengths = ""  # at the end, passkey retrieval (data/passkey.py) at these prompt lengths ("1024,8192")
 passkey_trials = 20  # trials per length, each with its key at a random depth
@@ -78,13 +83,13 @@ distill = "hidden"  # what the scorers learn to keep: "hidden", the final hidden
                     # authors' recipe), or "logits", the next-token distribution (KL divergence)
 # AdamW with a linear warmup and a cosine decay
 max_iters = 1000  # optimizer steps (the baby GPT overfits the 1.4M BPE tokens of Shakespeare from about 900)
-learning_rate = 1e-3  # the baby GPT's: small models take a large rate
-min_lr = 1e-4  # learning_rate / 10, as in Chinchilla
-warmup_iters = 100
-lr_decay_iters = 1000  # usually max_iters
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.99  # above GPT-2's 0.95: few tokens per step
+learning_rate = 1e-3  # AdamW's peak rate, the baby GPT's: small models take a large rate
+min_lr = 1e-4  # where the cosine decay ends: learning_rate / 10, as in Chinchilla
+warmup_iters = 100  # steps of the linear warmup of the learning rate from 0
+lr_decay_iters = 1000  # steps until the cosine decay reaches min_lr, usually max_iters
+weight_decay = 0.1  # AdamW's, on the weight matrices and embeddings only
+beta1 = 0.9  # AdamW's momentum
+beta2 = 0.99  # AdamW's second-moment decay, above GPT-2's 0.95: few tokens per step
 grad_clip = 1.0  # clip the gradient norm at this value; 0: no clipping
 # system
 seed = SEED  # every batch and its noise are seeded from it (see seed_of)
@@ -171,9 +176,7 @@ def make_config(argv):
     (NATS_SCHEDULE) is 0 unless a flag sets it. Returns the checked config and what it is based on."""
     known = defaults()
     if any(arg in ("-h", "--help") for arg in argv):
-        here = machine_defaults(known["device"])
-        print(__doc__ + f"\nSettings and their defaults on this machine, {describe_base(here['device'])}:\n" +
-              "\n".join(f"  --{key}={value!r}" for key, value in here.items()))
+        print(help_text(machine_defaults(known["device"])))
         raise SystemExit(0)
     overrides, flags, recipes = {}, set(), []
     for arg in argv:
@@ -203,6 +206,55 @@ def make_config(argv):
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     check_config(config)
     return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+# the meanings of GPTConfig's fields that have no comment in nats.py (a comment there takes precedence)
+UNCOMMENTED_FIELDS = dict(n_layer="transformer blocks", n_head="query heads per attention layer",
+                          n_embd="the width of the residual stream", norm_eps="the epsilon of every norm")
+
+
+def help_text(here):
+    """--help: the script's docstring, then every setting with its default on this machine and what
+    it means, the comment beside it in this file or beside GPTConfig's field in nats.py."""
+    meanings = setting_meanings()
+    lines = [f"\nSettings, their defaults on this machine ({describe_base(here['device'])}) and what they mean:"]
+    for key, value in here.items():
+        lines.append(f"  --{key}={value!r}")
+        if key in meanings:
+            lines.append(textwrap.fill(meanings[key], 116, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return __doc__ + "\n".join(lines)
+
+
+def setting_meanings():
+    """{setting: meaning}: the comments of the defaults at the top of this file and of GPTConfig's
+    fields, read from the source, so that --help and the code never disagree."""
+    with open(__file__, encoding="utf-8") as f:
+        own = f.read()
+    model = inspect.getsource(GPTConfig)
+    return {**UNCOMMENTED_FIELDS, **comments_beside(model, ast.parse(model).body[0].body),
+            **comments_beside(own, ast.parse(own).body)}
+
+
+def comments_beside(source, statements):
+    """{name: comment} of the assignments among `statements` (parsed from `source`) that have a
+    comment: `name = value  # comment` or `name: type = value  # comment`, continued on the
+    comment-only lines right below it that are indented past the name."""
+    comments = {token.start[0]: token for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    found = {}
+    for node in statements:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        line = node.end_lineno
+        if not isinstance(target, ast.Name) or line not in comments:
+            continue
+        parts = [comments[line].string]
+        while (line + 1 in comments and lines[line].lstrip().startswith("#")
+               and comments[line + 1].start[1] > node.col_offset):
+            line += 1
+            parts.append(comments[line].string)
+        found[target.id] = " ".join(part.lstrip("#").strip() for part in parts)
+    return found
 
 
 RESUME_MAY_CHANGE = {"resume", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
