@@ -975,7 +975,25 @@ def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
     cfg = dict(tiny_config_dict(tmp_path), dataset="recall", max_iters=50000)
     widest = dict(train=12.3456, val=12.3456, val_accuracy=1.0, kv_fraction=[0.123] * 12, type_share=[0.333] * 3)
     assert len(ts.format_eval(50000, cfg, widest, 99 * 3600.0)) < 100
-    assert len(ts.format_step(50000, cfg, 12.3456, 0.123, 12.3456, 12345678.9, 99 * 3600.0)) < 100
+    assert len(ts.format_step(50000, cfg, 12.3456, None, 0.123, 12.3456, 12345678.9, 99 * 3600.0)) < 100
+
+
+def test_progress_line_shows_the_cross_entropy_apart_from_the_lambda_term(tmp_path, capsys):
+    """A NAtS step's loss is the cross-entropy (or the distillation loss) + lambda x kv: the line shows both
+    terms, so a loss that rises with lambda while the cross-entropy falls reads as such."""
+    import train_shakespeare as ts
+    history = tiny_run(tmp_path, kv_weight=2.0, max_iters=10, log_interval=5, sample_tokens=0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    for line, it in zip(lines, (5, 10)):
+        loss, ce, term = map(float, re.search(r"loss (\S+) \(ce (\S+) \+ lambda\*kv (\S+)\) \| kv", line).groups())
+        assert loss == pytest.approx(history["loss"][it - 1], abs=1e-4) and loss == pytest.approx(ce + term, abs=2e-4)
+        assert 0 < term <= 2.0  # lambda x a kv share
+    cfg = dict(tiny_config_dict(tmp_path), max_iters=50000)
+    widest = ts.format_step(50000, cfg, 12.3456, 1.2345, 0.123, 12.3456, 12345678.9, 99 * 3600.0)
+    assert "loss 12.3456 (ce 11.1111 + lambda*kv 1.2345)" in widest and len(widest) <= 120
+    distilled = ts.format_step(5, dict(cfg, finetune_scorer=True), 0.5, 0.25, 0.2, 1.0, 1e4, 60.0)
+    assert "loss 0.5000 (mse 0.2500 + lambda*kv 0.2500)" in distilled
+    assert "(ce" not in ts.format_step(5, cfg, 2.0, None, 0.2, None, 1e4, 60.0)  # a fixed pattern: no lambda term
 
 
 @pytest.mark.parametrize("schedule", [{}, dict(kv_budget=0.2, dual_lr=0.05, dense_warmup=3)],

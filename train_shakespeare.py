@@ -525,14 +525,20 @@ def format_long_context(result):
         f"passkey {value:.0%} at {key[8:]}" for key, value in result.items() if not key.startswith("kv@"))
 
 
-def format_step(it, cfg, loss, kv, kv_weight, tokens_per_s, eta):
-    """The progress line of a log interval: loss and kv share of the last step (None: dense; the
-    train loop passes that of the argmax types, which a budget aims at) with the lambda it was
-    trained with (None: a fixed pattern), speed, time left."""
+def format_step(it, cfg, loss, term, kv, kv_weight, tokens_per_s, eta):
+    """The progress line of a log interval: the last step's loss, apart from its lambda term (None:
+    no NAtS) the cross-entropy (or the distillation loss of --finetune_scorer), which a rising
+    lambda alone can hide; its kv share (None: dense; the train loop passes that of the argmax
+    types, which a budget aims at) with the lambda it was trained with (None: a fixed pattern),
+    speed, time left."""
+    text = f"loss {loss:.4f}"
+    if term is not None:
+        objective = {"hidden": "mse", "logits": "kl"}[cfg["distill"]] if cfg["finetune_scorer"] else "ce"
+        text += f" ({objective} {loss - term:.4f} + lambda*kv {term:.4f})"
     kv_text = f" | kv {kv:.3f}" if kv is not None else ""
     if kv_weight is not None:
         kv_text += " dense warm-up" if it <= cfg["dense_warmup"] else f" lambda {kv_weight:.3g}"
-    return (f"step {it:5d}/{cfg['max_iters']} | loss {loss:.4f}{kv_text} | {tokens_per_s / 1e3:6.1f}k tok/s"
+    return (f"step {it:5d}/{cfg['max_iters']} | {text}{kv_text} | {tokens_per_s / 1e3:6.1f}k tok/s"
             f" | ETA {hms(eta)}")
 
 
@@ -870,12 +876,13 @@ def train(cfg):
                 eval_and_checkpoint(run)
             if run.it >= cfg["max_iters"]:
                 break
-            loss, kv = train_step(run)
+            loss, term, kv = train_step(run)
             if run.it % cfg["log_interval"] == 0:
                 now = time.time()
                 eta = (now - start_time) / (run.it - start_it) * (cfg["max_iters"] - run.it)
                 speed = tokens_per_iter * (run.it - window_it) / (now - window_start)
-                run.log(format_step(run.it, cfg, loss, kv, run.history["kv_weight"].get(run.it - 1), speed, eta))
+                run.log(format_step(run.it, cfg, loss, term, kv, run.history["kv_weight"].get(run.it - 1), speed,
+                                    eta))
                 window_start, window_it = now, run.it
     except KeyboardInterrupt:
         ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -990,16 +997,18 @@ def resume_from(run, checkpoint):
 
 def train_step(run):
     """One optimizer step over the micro-batches of this rank, then lambda's step. Returns the
-    step's loss and kv share of the argmax types (None for dense attention), averaged over all."""
+    step's loss, its lambda term (lambda x the sampled types' kv share; None but for NAtS) and the
+    kv share of the argmax types (None for dense attention), averaged over all."""
     cfg, it, gas, world = run.cfg, run.it, run.cfg["gradient_accumulation_steps"], run.world
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate_at(it, cfg)
     dense_warmup = it < cfg["dense_warmup"]
-    # loss and kv share summed over micro-batches on the device: one sync per step, not per micro-batch.
+    attention = run.model.config.attention
+    # loss, lambda term and kv share summed over micro-batches on the device: one sync per step, not per micro-batch.
     # The kv share is that of the argmax types (eval_kv_fraction), what eval() and the KV cache keep
     # and what the multiplier aims at; the loss's kv_fraction, of the sampled types, differs from it
     # while the scorers are unsure.
-    step_totals = torch.zeros(2, dtype=torch.float64, device=run.device)
+    step_totals = torch.zeros(3, dtype=torch.float64, device=run.device)
     # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
     for m in range(run.rank * gas // world, (run.rank + 1) * gas // world):
         batch = it * gas + m
@@ -1015,18 +1024,18 @@ def train_step(run):
                                          kv_weight=torch.full((), run.kv_weight, device=run.device))
         run.scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
         kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)
-        step_totals += torch.stack([loss.detach(), kv]).double()
+        term = run.kv_weight * stats["kv_fraction"].mean() if attention == "nats" else torch.zeros_like(loss)
+        step_totals += torch.stack([loss.detach(), term, kv]).double()
     if cfg["grad_clip"] > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["grad_clip"])
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    loss, kv = (all_ranks_sum(step_totals, run.device) / gas).tolist()
+    loss, term, kv = (all_ranks_sum(step_totals, run.device) / gas).tolist()
     if not math.isfinite(loss):
         raise SystemExit(f"loss is {loss} at step {it}: stopping. Try a lower --learning_rate, "
                          f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
-    attention = run.model.config.attention
     run.history["loss"][it] = loss
     if attention != "dense":
         run.history["eval_kv_fraction"][it] = kv
@@ -1035,7 +1044,7 @@ def train_step(run):
         if cfg["kv_budget"] and not dense_warmup:
             run.kv_weight = dual_ascent(run.kv_weight, kv, it, cfg)
     run.it += 1
-    return loss, kv if attention != "dense" else None
+    return loss, term if attention == "nats" else None, kv if attention != "dense" else None
 
 
 def eval_and_checkpoint(run):
