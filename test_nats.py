@@ -1323,6 +1323,32 @@ def test_gpt2_tokenizer_offline_says_how_to_point_at_a_copy(monkeypatch):
         gpt2_tokenizer()
 
 
+def test_gpt2_download_that_never_answers_stops_with_the_offline_message(monkeypatch):
+    """A network that accepts the connection and never answers: start-up stops after the time limit
+    with the offline advice, instead of hanging without a word."""
+    import threading
+    import time
+
+    import tiktoken
+
+    from data import tokenizers
+    answer = threading.Event()
+
+    def never_answers(name):
+        answer.wait(60)  # released when the test ends
+        raise ConnectionError("Read timed out")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", never_answers)
+    monkeypatch.setattr(tokenizers, "GPT2_FETCH_SECONDS", 0.5)
+    start = time.time()
+    try:
+        with pytest.raises(SystemExit, match=r"no answer in 0.5 s.*TIKTOKEN_CACHE_DIR"):
+            tokenizers.gpt2_tokenizer()
+    finally:
+        answer.set()
+    assert time.time() - start < 10
+
+
 def test_recall_sequences_ask_for_values_given_earlier():
     from data import recall
     seqs = recall.make_sequences(50, 80, seed=3)
