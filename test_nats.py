@@ -1310,6 +1310,80 @@ def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
         assert decode(np.concatenate([train, val]).tolist()) == text and vocab_size == len(set(text))
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    ("to be or not to be".encode("utf-16"), "is not UTF-8 text (byte 0: invalid start byte)"),
+    (b"to be or not to be\n" * 5, "its val split (the last 10 %) has 10 tokens (char), fewer than a context of "
+                                  "--block_size=32 needs (34): pass a --block_size up to 8 or a longer corpus"),
+], ids=["empty", "not-utf8", "shorter-than-a-context"])
+def test_a_corpus_that_cannot_train_is_named_with_what_it_needs(tmp_path, monkeypatch, content, message):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    (tmp_path / "shakespeare.txt").write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        data.load_dataset("shakespeare", "char", 32)
+    assert str(stop.value).startswith(str(tmp_path / "shakespeare.txt")) and message in str(stop.value)
+
+
+def test_a_corpus_of_more_symbols_than_uint16_and_no_newline_trains_and_samples(tmp_path, monkeypatch, capsys):
+    """70,000 distinct characters: ids past 65535 are stored as uint32; without a newline the sample at the
+    end starts from the val split's first character."""
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    symbols = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70000) if not 0xD800 <= c < 0xE000)
+    (tmp_path / "shakespeare.txt").write_text(symbols * 2, encoding="utf-8")
+    train, val, _, decode, vocab_size = data.load_corpus("char")
+    assert vocab_size == len(symbols) > 2**16 and decode(np.concatenate([train, val]).tolist()) == symbols * 2
+    tiny_run(tmp_path / "run", n_layer=1, max_iters=2, eval_interval=2, sample_tokens=5)
+    assert "sample:" in capsys.readouterr().out
+
+
+def test_an_out_dir_that_cannot_hold_a_run_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    (tmp_path / "a_file").write_text("not a folder")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    can_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(read_only) and can_access(path, mode))
+    for out_dir, message in [("", "--out_dir is empty: pass the folder"),
+                             (tmp_path / "a_file", "a_file is a file, not a folder"),
+                             (tmp_path / "a_file" / "run", "a_file is a file, not a folder"),
+                             (read_only / "run", "read_only is read-only (or not this user's to write)")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            ts.make_config(TINY_RUN + [f"--out_dir={out_dir}"])
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "read_only"] and not os.listdir(read_only)
+
+
+def test_a_checkpoint_folder_made_read_only_is_not_blamed_on_disk_space(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    tiny_run(tmp_path, max_iters=10, sample_tokens=0)
+
+    def cannot_open(obj, path):  # what torch.save raises for a folder it may not write to
+        raise RuntimeError(f"File {path} cannot be opened.")
+
+    can_access = os.access
+    monkeypatch.setattr(torch, "save", cannot_open)
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path) and can_access(path, mode))
+    with pytest.raises(SystemExit, match=re.escape(f"Make {tmp_path} writable again, then continue with --resume")):
+        ts.save_atomically(str(tmp_path / "ckpt.pt"), lambda tmp: torch.save({}, tmp))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10
+
+
+def test_a_read_only_cache_folder_leaves_the_tokens_unsaved_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    text = "to be or not to be\n" * 20
+    (tmp_path / "shakespeare.txt").write_text(text)
+
+    def read_only(path, array):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(np, "save", read_only)
+    train, val, _, decode, _ = data.load_corpus("char")
+    assert decode(np.concatenate([train, val]).tolist()) == text
+    out = capsys.readouterr().out
+    assert f"could not cache the encoded corpus in {tmp_path / 'cache'} (Permission denied)" in out
+    assert "until that folder is writable" in out and os.listdir(tmp_path / "cache") == []
+
+
 def test_gpt2_tokenizer_offline_says_how_to_point_at_a_copy(monkeypatch):
     import tiktoken
 

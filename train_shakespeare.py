@@ -362,6 +362,7 @@ def check_config(cfg):
                          f"trained model); to continue a run, pass --resume with its --out_dir")
     check_init_from(cfg)
     check_long_context(cfg)
+    check_out_dir_writable(cfg["out_dir"])
     if cfg["finetune_scorer"] and cfg["attention"] != "nats":
         raise SystemExit(f"--finetune_scorer trains NAtS scorers; drop --attention={cfg['attention']}")
     if cfg["resume"] and cfg["overwrite"]:
@@ -405,6 +406,21 @@ def check_long_context(cfg):
                          f"--dataset={cfg['dataset']}")
     if not cfg["passkey_trials"] >= 1:
         raise SystemExit(f"--passkey_trials={cfg['passkey_trials']}: must be >= 1")
+
+
+def check_out_dir_writable(out_dir):
+    """--out_dir names a folder this run can create or write to: not empty, not a file, and it or
+    its nearest existing parent writable (a read-only one named now, not at the first checkpoint)."""
+    if not out_dir:
+        raise SystemExit(f"--out_dir is empty: pass the folder for ckpt.pt and history.json, like --out_dir={OUT_DIR}")
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing):
+        raise SystemExit(f"--out_dir={out_dir}: {existing} is a file, not a folder; pass a folder, new or of a run")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out_dir={out_dir}: {existing} is read-only (or not this user's to write); pass a folder "
+                         f"you can write to")
 
 
 def token_counts(text):
@@ -559,10 +575,17 @@ def hms(seconds):
 
 
 def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, cfg):
-    """Generate from a new line (Shakespeare) or from a val sequence up to its first answer
-    (recall), then show what the evicting cache held."""
-    first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] in RECALL_TASKS else None
-    prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64), device=device)
+    """Generate from a new line (Shakespeare; a character corpus without one: from its first val
+    token) or from a val sequence up to its first answer (recall), then show what the evicting
+    cache held."""
+    if cfg["dataset"] in RECALL_TASKS:
+        prompt = val_data[:1, :recall.answer_mask(val_data[:1])[0].argmax()].astype(np.int64)
+    else:
+        try:
+            prompt = [encode("\n")]
+        except KeyError:
+            prompt = [val_data[:1].tolist()]
+    prompt = torch.tensor(prompt, device=device)
     caches = model.new_caches()
     with autocast:
         decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
@@ -682,8 +705,8 @@ def print_types_by_role(table, n_sequences):
 
 def save_atomically(path, write):
     """write(temp file), then rename it over path, so that path is always whole: the previous
-    version or the new one. If writing fails (a full disk) the temp file is removed and the run
-    stops with a sentence; path keeps its previous version."""
+    version or the new one. If writing fails (a full disk, a folder made read-only) the temp file is
+    removed and the run stops with a sentence saying which; path keeps its previous version."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -692,8 +715,10 @@ def save_atomically(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        folder = os.path.dirname(path) or "."
+        fix = "Free some disk space" if os.access(folder, os.W_OK | os.X_OK) else f"Make {folder} writable again"
         raise SystemExit(f"could not write {path} ({reason}); the previous version, if any, is unchanged. "
-                         f"Free some disk space, then continue with --resume") from None
+                         f"{fix}, then continue with --resume") from None
 
 
 def vocabulary(cfg, data):
