@@ -1262,6 +1262,31 @@ def test_a_run_in_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(tmp_pat
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
 
 
+@pytest.mark.slow
+def test_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_path):
+    """A second run into the out_dir of a running one stops at once (even with --overwrite), instead of
+    overwriting its checkpoints; once that run is killed (SIGKILL: no clean-up runs) a new one goes ahead."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-u", "train_shakespeare.py", *TINY_RUN, "--max_iters=100000",
+                               "--lr_decay_iters=100000", "--eval_interval=100000", f"--out_dir={tmp_path}"],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in holder.stdout:  # "model: ..." comes once the run holds its out_dir
+            output.append(line)
+            if line.startswith("model:"):
+                break
+        assert output and output[-1].startswith("model:"), "".join(output)
+        with pytest.raises(SystemExit, match=re.escape(f"--out_dir={tmp_path} is in use by a running training job")):
+            tiny_run(tmp_path, overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    history = tiny_run(tmp_path, overwrite=True, max_iters=5, eval_interval=5, sample_tokens=0)
+    assert len(history["loss"]) == 5 and load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
+
+
 def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, monkeypatch):
     import train_shakespeare as ts
     learning_rate_at = ts.learning_rate_at

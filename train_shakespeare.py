@@ -13,6 +13,7 @@ Every default below, and every field of the model's GPTConfig (nats.py) but voca
 overridden by a config file or by --key=value, in the order given (nanoGPT style).
 """
 import ast
+import contextlib
 import difflib
 import html
 import inspect
@@ -37,6 +38,11 @@ from data.passkey import make_passkey
 from data.tokenizers import pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
                   generate, load_checkpoint, matching_window, sink_and_window_kv)
+
+try:
+    import fcntl  # the lock of a running run's out_dir (claim_out_dir)
+except ImportError:  # Windows
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # defaults (the model's are GPTConfig's, in nats.py): the GPU run, nanoGPT's baby GPT on Shakespeare in GPT-2
@@ -889,37 +895,32 @@ def train(cfg):
     """Train with the config dict (it is not changed); return the history of losses and evals.
     Under torchrun every process runs this; rank 0 logs, checkpoints and samples."""
     check_config(cfg)
-    run = start(cfg)
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    start_time, start_it, elapsed_before = time.time(), run.it, run.history["elapsed"]
-    window_start, window_it = time.time(), run.it
-    try:
-        while True:
-            # an eval every eval_interval steps and at the end; a resumed run has its first in the history
-            if (run.it % cfg["eval_interval"] == 0 or run.it == cfg["max_iters"]) and run.it != run.resumed_at:
-                run.history["elapsed"] = elapsed_before + time.time() - start_time
-                eval_and_checkpoint(run)
-            if run.it >= cfg["max_iters"]:
-                break
-            loss, term, kv = train_step(run)
-            if run.it % cfg["log_interval"] == 0:
-                now = time.time()
-                eta = (now - start_time) / (run.it - start_it) * (cfg["max_iters"] - run.it)
-                speed = tokens_per_iter * (run.it - window_it) / (now - window_start)
-                run.log(format_step(run.it, cfg, loss, term, kv, run.history["kv_weight"].get(run.it - 1), speed,
-                                    eta))
-                window_start, window_it = now, run.it
-    except KeyboardInterrupt:
-        ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
-                 f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
-                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
-        raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
-    run.history["elapsed"] = elapsed_before + time.time() - start_time
-    final_report(run)
+    with claim_out_dir(cfg["out_dir"]):
+        run = start(cfg)
+        run_steps(run)
+        final_report(run)
     if run.world > 1:
         dist.destroy_process_group()
     return run.history
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir):
+    """Hold out_dir/.lock while the run trains (rank 0 under torchrun), so that a second run into
+    the same out_dir stops at once instead of overwriting this one's checkpoints. It is an flock,
+    which the OS lets go when the process ends, however it ends: a killed run leaves no stale lock.
+    (Windows has no flock: there runs go unlocked.)"""
+    if fcntl is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "a") as lock:  # closing it lets go
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): "
+                             f"wait for it to end, or pass another --out_dir") from None
+        yield
 
 
 def start(cfg):
@@ -1018,6 +1019,38 @@ def resume_from(run, checkpoint):
     finished = f" of {max_iters}: nothing left to train (raise --max_iters to go on)"
     run.log(f"resumed from {os.path.join(run.cfg['out_dir'], 'ckpt.pt')} at step {run.it}"
             + (finished if run.it >= max_iters else ""))
+
+
+def run_steps(run):
+    """The training steps from run.it to max_iters, with a progress line every log_interval steps
+    and an eval (and checkpoint) every eval_interval; Ctrl-C stops with where the checkpoint is."""
+    cfg = run.cfg
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    start_time, start_it, elapsed_before = time.time(), run.it, run.history["elapsed"]
+    window_start, window_it = time.time(), run.it
+    try:
+        while True:
+            # an eval every eval_interval steps and at the end; a resumed run has its first in the history
+            if (run.it % cfg["eval_interval"] == 0 or run.it == cfg["max_iters"]) and run.it != run.resumed_at:
+                run.history["elapsed"] = elapsed_before + time.time() - start_time
+                eval_and_checkpoint(run)
+            if run.it >= cfg["max_iters"]:
+                break
+            loss, term, kv = train_step(run)
+            if run.it % cfg["log_interval"] == 0:
+                now = time.time()
+                eta = (now - start_time) / (run.it - start_it) * (cfg["max_iters"] - run.it)
+                speed = tokens_per_iter * (run.it - window_it) / (now - window_start)
+                run.log(format_step(run.it, cfg, loss, term, kv, run.history["kv_weight"].get(run.it - 1), speed,
+                                    eta))
+                window_start, window_it = now, run.it
+    except KeyboardInterrupt:
+        ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
+                 f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
+                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
+        raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
+    run.history["elapsed"] = elapsed_before + time.time() - start_time
 
 
 def train_step(run):
