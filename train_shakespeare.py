@@ -25,7 +25,7 @@ import sys
 import textwrap
 import time
 import tokenize
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -885,6 +885,7 @@ class Run:
     history: dict = None  # per step the loss, the kv share of the argmax types and lambda; the evals; time so far
     resumed_at: int = None  # the step --resume continued from
     saved_at: int = None  # the step of the last checkpoint
+    out_dir_lock: object = field(default_factory=contextlib.nullcontext)  # rank 0's claim_out_dir
 
     def log(self, *args, **kwargs):
         if self.rank == 0:
@@ -895,8 +896,8 @@ def train(cfg):
     """Train with the config dict (it is not changed); return the history of losses and evals.
     Under torchrun every process runs this; rank 0 logs, checkpoints and samples."""
     check_config(cfg)
-    with claim_out_dir(cfg["out_dir"]):
-        run = start(cfg)
+    run = start(cfg)
+    with run.out_dir_lock:  # let go when the run ends, or fails
         run_steps(run)
         final_report(run)
     if run.world > 1:
@@ -904,29 +905,10 @@ def train(cfg):
     return run.history
 
 
-@contextlib.contextmanager
-def claim_out_dir(out_dir):
-    """Hold out_dir/.lock while the run trains (rank 0 under torchrun), so that a second run into
-    the same out_dir stops at once instead of overwriting this one's checkpoints. It is an flock,
-    which the OS lets go when the process ends, however it ends: a killed run leaves no stale lock.
-    (Windows has no flock: there runs go unlocked.)"""
-    if fcntl is None or os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".lock"), "a") as lock:  # closing it lets go
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): "
-                             f"wait for it to end, or pass another --out_dir") from None
-        yield
-
-
 def start(cfg):
     """Everything a run needs before its first step, checked before anything is written: the
     processes, the checkpoint to resume or the model to fine-tune, the data, the model and its
-    optimizer, then the out_dir (an --overwrite run's old files deleted only now)."""
+    optimizer; then the out_dir is claimed (claim_out_dir) and an --overwrite run's old files deleted."""
     rank, world, device = setup_distributed(cfg["device"])
     gas = cfg["gradient_accumulation_steps"]
     if gas % world:
@@ -962,14 +944,32 @@ def start(cfg):
     run = build(cfg, rank, world, device, model_args, teacher, data)
     if checkpoint is not None:
         resume_from(run, checkpoint)
-    if rank == 0:  # all is checked and built: --overwrite's old run goes now, not at the first checkpoint
+    if rank == 0:  # all is checked and built: the out_dir is claimed, and --overwrite's old run goes only now
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        run.out_dir_lock = claim_out_dir(cfg["out_dir"])
         for path in stale:
             os.remove(path)
-        os.makedirs(cfg["out_dir"], exist_ok=True)
     data_text = "fresh recall sequences" if callable(data[0]) else f"{data[0].size:,} train tokens"
     run.log(f"model: {run.model.get_num_params() / 1e6:.2f}M parameters, attention={run.model.config.attention}, "
             f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
     return run
+
+
+def claim_out_dir(out_dir):
+    """out_dir/.lock, opened and locked for the run: a second run into the same out_dir stops before
+    it writes anything instead of overwriting this one's checkpoints. The lock is an flock, which
+    the OS lets go when the process ends, however it ends: a killed run leaves no stale lock.
+    Returns what to close when the run ends (Windows has no flock: there runs go unlocked)."""
+    if fcntl is None:
+        return contextlib.nullcontext()
+    lock = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): "
+                         f"wait for it to end, or pass another --out_dir") from None
+    return lock
 
 
 def build(cfg, rank, world, device, model_args, teacher, data):
