@@ -966,6 +966,43 @@ def test_the_sliding_baseline_of_a_kv_share():
                 assert nats.matching_window(nats.sink_and_window_kv(T, W), T) == W
 
 
+def test_least_kv_share_is_the_least_of_every_type_assignment():
+    """least_kv_share against every assignment of types (token 0 Global) at small lengths: with Local,
+    a Local key just before a Global keeps less than as Sliding, so the floor lies below the sink and
+    the window; without Local it is theirs."""
+    import itertools
+
+    import train_shakespeare as ts
+    for T in range(1, 9):
+        assignments = torch.tensor([(GLOBAL,) + rest for rest in itertools.product(range(3), repeat=T - 1)])
+        for W in range(T + 2):
+            kept = kv_lengths(F.one_hot(assignments, 3).float(), W).sum(-1) / (T * (T + 1) / 2)
+            assert ts.least_kv_share(T, W) == pytest.approx(kept.min().item())
+            assert ts.least_kv_share(T, W, local_type=False) == pytest.approx(nats.sink_and_window_kv(T, W))
+    assert ts.least_kv_share(64, 8) < nats.sink_and_window_kv(64, 8) - 0.03  # the CPU run's: 0.246 and 0.286
+
+
+def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path):
+    """At context 32 and W = 8 no assignment of types keeps less than 0.371 of the entries (a sink and
+    the window: 0.521, Global + Sliding only); a budget below is refused before anything is loaded,
+    naming the floor and what to pass; one above it is taken."""
+    import sweep
+    import train_shakespeare as ts
+    message = ("--kv_budget=0.3: at --block_size=32 and --window=8 no assignment of token types keeps less than "
+               "0.371 of the attention entries (a sink and the window alone keep 0.521): pass a budget above that, "
+               "like --kv_budget=0.53, a smaller --window or a longer --block_size")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.3"])
+    with pytest.raises(SystemExit, match=re.escape("keeps less than 0.371")):
+        ts.train(tiny_config_dict(tmp_path / "run", window=8, kv_budget=0.3))
+    assert not (tmp_path / "run").exists()
+    assert ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.45"])[0]["kv_budget"] == 0.45  # above 0.371
+    with pytest.raises(SystemExit, match=re.escape("keeps less than 0.521")):
+        ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.45", "--local_type=False"])
+    with pytest.raises(SystemExit, match=re.escape("run 'nats budget=0.1'")):  # a sweep's budgets before any run
+        sweep.main(TINY_RUN + ["--kv_budgets=0.1", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
+
+
 def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
     import train_shakespeare as ts
     tiny_run(tmp_path, attention="sliding", max_iters=20, log_interval=5, sample_tokens=0)
@@ -996,7 +1033,7 @@ def test_progress_line_shows_the_cross_entropy_apart_from_the_lambda_term(tmp_pa
     assert "(ce" not in ts.format_step(5, cfg, 2.0, None, 0.2, None, 1e4, 60.0)  # a fixed pattern: no lambda term
 
 
-@pytest.mark.parametrize("schedule", [{}, dict(kv_budget=0.2, dual_lr=0.05, dense_warmup=3)],
+@pytest.mark.parametrize("schedule", [{}, dict(kv_budget=0.4, dual_lr=0.05, dense_warmup=3)],
                          ids=["fixed-lambda", "budget-and-warmup"])
 def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path, schedule):
     straight = tiny_run(tmp_path / "a", max_iters=12, eval_interval=6, dropout=0.1, **schedule)
@@ -1020,7 +1057,7 @@ def test_compiled_training_runs_learns_and_resumes(tmp_path):
     """--compile (on by default on a GPU) through the whole script: a dense warm-up and a KV budget
     (lambda a device tensor that changes every step), evals on the plain model, a checkpoint that a
     compiled --resume continues. On a CPU inductor compiles without CUDA graphs."""
-    compiled = dict(compile=True, dense_warmup=5, kv_budget=0.3, max_iters=20, eval_interval=10, sample_tokens=0)
+    compiled = dict(compile=True, dense_warmup=5, kv_budget=0.4, max_iters=20, eval_interval=10, sample_tokens=0)
     history = tiny_run(tmp_path, **compiled)
     lambdas = [history["kv_weight"][it] for it in range(20)]
     assert history["evals"][-1]["val"] < history["evals"][0]["val"] - 0.3
@@ -1038,7 +1075,7 @@ def test_two_processes_match_one(tmp_path, compile):
     eagerly and compiled (--compile is on by default on a GPU, under torchrun without CUDA graphs)."""
     import subprocess
     import sys
-    schedule = dict(dense_warmup=2, kv_budget=0.3, compile=compile)
+    schedule = dict(dense_warmup=2, kv_budget=0.4, compile=compile)
     args = TINY_RUN + ["--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
     args += [f"--{key}={value}" for key, value in schedule.items()]
     # Once in about twenty runs on a loaded 2-core machine torchrun failed before training, its output
@@ -1191,9 +1228,9 @@ def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
     for it, so it is dropped, while a budget given as a flag is an error that names it."""
     import train_shakespeare as ts
     recipe = tmp_path / "budget.py"
-    recipe.write_text("kv_budget = 0.2\ndense_warmup = 5\nbudget_anneal = 10\n")
+    recipe.write_text("kv_budget = 0.4\ndense_warmup = 5\nbudget_anneal = 10\n")
     cfg, _ = ts.make_config(TINY_RUN + [str(recipe)])
-    assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.2, 5, 10)
+    assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.4, 5, 10)
     cfg, _ = ts.make_config(TINY_RUN + [str(recipe), "--attention=sliding"])
     assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.0, 0, 0)
     with pytest.raises(SystemExit, match="--kv_budget=0.2 steers NAtS"):
@@ -1831,7 +1868,8 @@ def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_
     import train_shakespeare as ts
     cfg, _ = ts.make_config(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
                              "--batch_size=2", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
-                             "--budget_anneal=2", "--sample_tokens=5", "--compile=False", "--dtype=float32",
+                             "--kv_budget=0.5", "--budget_anneal=2", "--sample_tokens=5", "--compile=False",
+                             "--dtype=float32",
                              "--eval_contexts=", "--passkey_lengths=", f"--out_dir={tmp_path}"])
     history = ts.train(cfg)
     assert len(history["loss"]) == 4 and 0 < history["evals"][-1]["kv_fraction"][0] <= 1
@@ -1845,7 +1883,7 @@ def test_the_retrofit_sweep_evaluates_the_fixed_patterns_on_the_pretrained_weigh
     import sweep
     rows = sweep.main(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
                        "--batch_size=2", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--eval_iters=1",
-                       "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32", "--window=4",
+                       "--kv_budget=0.5", "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32", "--window=4",
                        "--kv_budgets=0.5", "--windows=8", "--gs_budgets=0.5", "--eval_contexts=16,48",
                        "--passkey_lengths=400", "--passkey_trials=2", f"--out_dir={tmp_path}"])
     by_run = {row["run"]: row for row in rows}
@@ -1862,7 +1900,7 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
     import sweep
     import train_shakespeare as ts
     base = ["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48", "--max_iters=1",
-            "--budget_anneal=0", "--eval_contexts=", f"--out_dir={tmp_path / 'run'}"]
+            "--kv_budget=0.5", "--budget_anneal=0", "--eval_contexts=", f"--out_dir={tmp_path / 'run'}"]
     for bad, message in [(["--tokenizer=char"], "pass --tokenizer=pretrained"),
                          (["--passkey_lengths=40"], "--passkey_lengths=40: a passkey trial needs more than"),
                          ([f"--init_from={tmp_path / 'empty.gguf'}"], "--init_from: no pretrained model"),
@@ -1948,11 +1986,11 @@ def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, 
 
 def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_path):
     import train_shakespeare as ts
-    first, _ = ts.make_config(TINY_RUN + ["--max_iters=4", "--eval_interval=2", "--sample_tokens=0", "--kv_budget=0.3",
+    first, _ = ts.make_config(TINY_RUN + ["--max_iters=4", "--eval_interval=2", "--sample_tokens=0", "--kv_budget=0.4",
                                           "--seed=7", f"--out_dir={tmp_path}"])
     ts.train(first)
     resumed, _ = ts.make_config(["--device=cpu", "--resume", "--max_iters=6", f"--out_dir={tmp_path}"])
-    assert (resumed["kv_budget"], resumed["seed"], resumed["n_layer"], resumed["max_iters"]) == (0.3, 7, 2, 6)
+    assert (resumed["kv_budget"], resumed["seed"], resumed["n_layer"], resumed["max_iters"]) == (0.4, 7, 2, 6)
     for flag in ("--seed=8", "--kv_budget=0.2"):
         with pytest.raises(SystemExit, match=re.escape(f"{flag} (saved: ")):
             ts.make_config(["--device=cpu", "--resume", flag, f"--out_dir={tmp_path}"])

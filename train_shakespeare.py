@@ -3,7 +3,7 @@ Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
 
     python train_shakespeare.py                      # baby GPT on BPE on a GPU, config/cpu.py on a CPU
     python train_shakespeare.py --attention=dense    # the causal baseline
-    python train_shakespeare.py --kv_budget=0.1 --out_dir=out-budget    # keep 10 % of the attention entries
+    python train_shakespeare.py --kv_budget=0.3 --out_dir=out-budget    # keep 30 % of the attention entries
     python train_shakespeare.py --kv_budget=0 --kv_weight=0.3 --out_dir=out-sparse   # a fixed lambda
     python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt with its saved settings
     python train_shakespeare.py config/recall.py     # a recipe: a file of key = value lines
@@ -72,7 +72,8 @@ gradient_accumulation_steps = 1  # micro-batches per step, over all processes un
 kv_weight = 0.1  # lambda at the start, and throughout without a budget
 kv_budget = 0.15  # a target mean kv share in (0, 1]: lambda becomes a Lagrange multiplier, moved every step
                   # by dual_lr x (kv - budget), never below 0, kv the step's eval_kv_fraction (of the argmax
-                  # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight
+                  # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight.
+                  # At least what any types keep at this block_size and window (least_kv_share)
 budget_anneal = 600  # steps after the dense warm-up over which the budget falls linearly from 1 (all kept) to
                      # kv_budget: lambda stays near 0 while the model learns what to keep. Without it the
                      # untrained scorers' kv far above the budget drives lambda up in the first 100 steps, the
@@ -440,8 +441,27 @@ def is_pretrained(init_from):
     return bool(init_from) and not init_from.endswith(".pt")
 
 
+def least_kv_share(length, window, local_type=True):
+    """The least kv share any assignment of types keeps in a sequence of this length: the floor of
+    a KV budget. Key 0 is Global (the sink); key j > 0 is seen by length - j queries as Global, by
+    min(window + 1, length - j) as Sliding, and as Local by those up to the next Global token. So a
+    Local key d < window places before a Global costs d + 1, less than as Sliding, and near the end
+    a Global costs no more than a Sliding key: with Local the floor lies below a sink and the window
+    alone (nats.sink_and_window_kv, the floor without Local). Dynamic programming over the Globals."""
+    sliding = np.minimum(window + 1, length - np.arange(length))  # the queries that see each key as Sliding
+    # best[g]: the least change, against every key Sliding, in the entries of keys 1..g, with g Global
+    best = np.zeros(length)  # (g = 0: the sink, no change)
+    for g in range(1, length):
+        # the keys between the Global before g and g: Local where that costs less than Sliding
+        saving = np.maximum(0, sliding[1:g] - (g - np.arange(1, g) + 1)) if local_type else np.zeros(g - 1)
+        after = np.append(np.cumsum(saving[::-1])[::-1], 0)  # after[p]: the saving of keys p+1 .. g-1
+        best[g] = length - g - sliding[g] + (best[:g] - after).min()
+    return (length + sliding[1:].sum() + best.min()) / (length * (length + 1) / 2)
+
+
 def check_sparsity_schedule(cfg):
-    """The KV budget and the dense warm-up act on NAtS scorers; a budget is a share of the entries."""
+    """The KV budget and the dense warm-up act on NAtS scorers; a budget is a share of the entries,
+    no less than any assignment of types can keep (least_kv_share)."""
     if cfg["kv_budget"] and not 0 < cfg["kv_budget"] <= 1:
         raise SystemExit(f"--kv_budget={cfg['kv_budget']}: pass the share of the attention entries to keep, in "
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
@@ -460,6 +480,13 @@ def check_sparsity_schedule(cfg):
     for key in NATS_SCHEDULE:
         if cfg[key] and cfg["attention"] != "nats":
             raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
+    floor = least_kv_share(cfg["block_size"], cfg["window"], cfg["local_type"]) if cfg["kv_budget"] else 0
+    if cfg["kv_budget"] < floor:  # lambda would climb without end, and the loss with it
+        sink = sink_and_window_kv(cfg["block_size"], cfg["window"])
+        raise SystemExit(f"--kv_budget={cfg['kv_budget']}: at --block_size={cfg['block_size']} and --window="
+                         f"{cfg['window']} no assignment of token types keeps less than {floor:.3f} of the attention "
+                         f"entries (a sink and the window alone keep {sink:.3f}): pass a budget above that, like "
+                         f"--kv_budget={math.ceil(sink * 100) / 100}, a smaller --window or a longer --block_size")
     if cfg["dense_warmup"] and cfg["finetune_scorer"]:
         raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} trains the backbone densely first, but "
                          f"--finetune_scorer keeps the backbone frozen: drop one of them")
