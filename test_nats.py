@@ -1092,6 +1092,43 @@ def test_the_sliding_baseline_of_a_kv_share():
                 assert nats.matching_window(nats.sink_and_window_kv(T, W), T) == W
 
 
+def test_least_kv_share_is_the_least_of_every_type_assignment():
+    """least_kv_share against every assignment of types (token 0 Global) at small lengths: with Local,
+    a Local key just before a Global keeps less than as Sliding, so the floor lies below the sink and
+    the window; without Local it is theirs."""
+    import itertools
+
+    import train_shakespeare as ts
+    for T in range(1, 9):
+        assignments = torch.tensor([(GLOBAL,) + rest for rest in itertools.product(range(3), repeat=T - 1)])
+        for W in range(T + 2):
+            kept = kv_lengths(F.one_hot(assignments, 3).float(), W).sum(-1) / (T * (T + 1) / 2)
+            assert ts.least_kv_share(T, W) == pytest.approx(kept.min().item())
+            assert ts.least_kv_share(T, W, local_type=False) == pytest.approx(nats.sink_and_window_kv(T, W))
+    assert ts.least_kv_share(64, 8) < nats.sink_and_window_kv(64, 8) - 0.03  # the CPU run's: 0.246 and 0.286
+
+
+def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path):
+    """At context 32 and W = 8 no assignment of types keeps less than 0.371 of the entries (a sink and
+    the window: 0.521, Global + Sliding only); a budget below is refused before anything is loaded,
+    naming the floor and what to pass; one above it is taken."""
+    import sweep
+    import train_shakespeare as ts
+    message = ("--kv_budget=0.3: at --block_size=32 and --window=8 no assignment of token types keeps less than "
+               "0.371 of the attention entries (a sink and the window alone keep 0.521): pass a budget above that, "
+               "like --kv_budget=0.53, a smaller --window or a longer --block_size")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.3"])
+    with pytest.raises(SystemExit, match=re.escape("keeps less than 0.371")):
+        ts.train(tiny_config_dict(tmp_path / "run", window=8, kv_budget=0.3))
+    assert not (tmp_path / "run").exists()
+    assert ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.45"])[0]["kv_budget"] == 0.45  # above 0.371
+    with pytest.raises(SystemExit, match=re.escape("keeps less than 0.521")):
+        ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.45", "--local_type=False"])
+    with pytest.raises(SystemExit, match=re.escape("run 'nats budget=0.1'")):  # a sweep's budgets before any run
+        sweep.main(TINY_RUN + ["--kv_budgets=0.1", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
+
+
 def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
     import train_shakespeare as ts
     tiny_run(tmp_path, attention="sliding", max_iters=20, log_interval=5, sample_tokens=0)
@@ -1101,10 +1138,28 @@ def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
     cfg = dict(tiny_config_dict(tmp_path), dataset="recall", max_iters=50000)
     widest = dict(train=12.3456, val=12.3456, val_accuracy=1.0, kv_fraction=[0.123] * 12, type_share=[0.333] * 3)
     assert len(ts.format_eval(50000, cfg, widest, 99 * 3600.0)) < 100
-    assert len(ts.format_step(50000, cfg, 12.3456, 0.123, 12.3456, 12345678.9, 99 * 3600.0)) < 100
+    assert len(ts.format_step(50000, cfg, 12.3456, None, 0.123, 12.3456, 12345678.9, 99 * 3600.0)) < 100
 
 
-@pytest.mark.parametrize("schedule", [{}, dict(kv_budget=0.2, dual_lr=0.05, dense_warmup=3)],
+def test_progress_line_shows_the_cross_entropy_apart_from_the_lambda_term(tmp_path, capsys):
+    """A NAtS step's loss is the cross-entropy (or the distillation loss) + lambda x kv: the line shows both
+    terms, so a loss that rises with lambda while the cross-entropy falls reads as such."""
+    import train_shakespeare as ts
+    history = tiny_run(tmp_path, kv_weight=2.0, max_iters=10, log_interval=5, sample_tokens=0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    for line, it in zip(lines, (5, 10)):
+        loss, ce, term = map(float, re.search(r"loss (\S+) \(ce (\S+) \+ lambda\*kv (\S+)\) \| kv", line).groups())
+        assert loss == pytest.approx(history["loss"][it - 1], abs=1e-4) and loss == pytest.approx(ce + term, abs=2e-4)
+        assert 0 < term <= 2.0  # lambda x a kv share
+    cfg = dict(tiny_config_dict(tmp_path), max_iters=50000)
+    widest = ts.format_step(50000, cfg, 12.3456, 1.2345, 0.123, 12.3456, 12345678.9, 99 * 3600.0)
+    assert "loss 12.3456 (ce 11.1111 + lambda*kv 1.2345)" in widest and len(widest) <= 120
+    distilled = ts.format_step(5, dict(cfg, finetune_scorer=True), 0.5, 0.25, 0.2, 1.0, 1e4, 60.0)
+    assert "loss 0.5000 (mse 0.2500 + lambda*kv 0.2500)" in distilled
+    assert "(ce" not in ts.format_step(5, cfg, 2.0, None, 0.2, None, 1e4, 60.0)  # a fixed pattern: no lambda term
+
+
+@pytest.mark.parametrize("schedule", [{}, dict(kv_budget=0.4, dual_lr=0.05, dense_warmup=3)],
                          ids=["fixed-lambda", "budget-and-warmup"])
 def test_resume_reproduces_the_run_and_keeps_its_history(tmp_path, schedule):
     straight = tiny_run(tmp_path / "a", max_iters=12, eval_interval=6, dropout=0.1, **schedule)
@@ -1128,7 +1183,7 @@ def test_compiled_training_runs_learns_and_resumes(tmp_path):
     """--compile (on by default on a GPU) through the whole script: a dense warm-up and a KV budget
     (lambda a device tensor that changes every step), evals on the plain model, a checkpoint that a
     compiled --resume continues. On a CPU inductor compiles without CUDA graphs."""
-    compiled = dict(compile=True, dense_warmup=5, kv_budget=0.3, max_iters=20, eval_interval=10, sample_tokens=0)
+    compiled = dict(compile=True, dense_warmup=5, kv_budget=0.4, max_iters=20, eval_interval=10, sample_tokens=0)
     history = tiny_run(tmp_path, **compiled)
     lambdas = [history["kv_weight"][it] for it in range(20)]
     assert history["evals"][-1]["val"] < history["evals"][0]["val"] - 0.3
@@ -1146,7 +1201,7 @@ def test_two_processes_match_one(tmp_path, compile):
     eagerly and compiled (--compile is on by default on a GPU, under torchrun without CUDA graphs)."""
     import subprocess
     import sys
-    schedule = dict(dense_warmup=2, kv_budget=0.3, compile=compile)
+    schedule = dict(dense_warmup=2, kv_budget=0.4, compile=compile)
     args = TINY_RUN + ["--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
     args += [f"--{key}={value}" for key, value in schedule.items()]
     # Once in about twenty runs on a loaded 2-core machine torchrun failed before training, its output
@@ -1299,9 +1354,9 @@ def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
     for it, so it is dropped, while a budget given as a flag is an error that names it."""
     import train_shakespeare as ts
     recipe = tmp_path / "budget.py"
-    recipe.write_text("kv_budget = 0.2\ndense_warmup = 5\nbudget_anneal = 10\n")
+    recipe.write_text("kv_budget = 0.4\ndense_warmup = 5\nbudget_anneal = 10\n")
     cfg, _ = ts.make_config(TINY_RUN + [str(recipe)])
-    assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.2, 5, 10)
+    assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.4, 5, 10)
     cfg, _ = ts.make_config(TINY_RUN + [str(recipe), "--attention=sliding"])
     assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.0, 0, 0)
     with pytest.raises(SystemExit, match="--kv_budget=0.2 steers NAtS"):
@@ -1330,6 +1385,20 @@ def test_help_lists_every_setting_with_its_default(capsys):
     assert all(f"--{key}=" in out for key in ts.defaults())
 
 
+def test_help_says_what_each_setting_means(capsys):
+    """--help gives every setting a meaning, read from the comment beside its default (train_shakespeare.py)
+    or beside GPTConfig's field (nats.py), a long one continued over its indented comment lines."""
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit):
+        ts.make_config(["--help"])
+    out = capsys.readouterr().out
+    assert re.search(r"--kv_budget=[\d.]+\n +a target mean kv share in \(0, 1\]: lambda becomes", out)
+    assert re.search(r"--window=\d+\n +W: a Sliding token is seen by the W\+1 queries", out)
+    assert "(the own tokenizer of the pretrained model of init_from)" in " ".join(out.split())  # two comment lines
+    assert all(ts.setting_meanings().get(key) for key in ts.defaults())
+    assert max(len(line) for line in out.splitlines()) <= 120
+
+
 def test_resume_with_other_model_settings_stops(tmp_path):
     import train_shakespeare as ts
     tiny_run(tmp_path, max_iters=6, eval_interval=6)
@@ -1354,6 +1423,31 @@ def test_a_run_in_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(tmp_pat
     assert "at step 10 of 10: nothing left to train (raise --max_iters" in capsys.readouterr().out
     tiny_run(tmp_path, max_iters=5, eval_interval=5, overwrite=True, sample_tokens=0)
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
+
+
+@pytest.mark.slow
+def test_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_path):
+    """A second run into the out_dir of a running one stops at once (even with --overwrite), instead of
+    overwriting its checkpoints; once that run is killed (SIGKILL: no clean-up runs) a new one goes ahead."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-u", "train_shakespeare.py", *TINY_RUN, "--max_iters=100000",
+                               "--lr_decay_iters=100000", "--eval_interval=100000", f"--out_dir={tmp_path}"],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in holder.stdout:  # "model: ..." comes once the run holds its out_dir
+            output.append(line)
+            if line.startswith("model:"):
+                break
+        assert output and output[-1].startswith("model:"), "".join(output)
+        with pytest.raises(SystemExit, match=re.escape(f"--out_dir={tmp_path} is in use by a running training job")):
+            tiny_run(tmp_path, overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    history = tiny_run(tmp_path, overwrite=True, max_iters=5, eval_interval=5, sample_tokens=0)
+    assert len(history["loss"]) == 5 and load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
 
 
 def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, monkeypatch):
@@ -1404,6 +1498,80 @@ def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
         assert decode(np.concatenate([train, val]).tolist()) == text and vocab_size == len(set(text))
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    ("to be or not to be".encode("utf-16"), "is not UTF-8 text (byte 0: invalid start byte)"),
+    (b"to be or not to be\n" * 5, "its val split (the last 10 %) has 10 tokens (char), fewer than a context of "
+                                  "--block_size=32 needs (34): pass a --block_size up to 8 or a longer corpus"),
+], ids=["empty", "not-utf8", "shorter-than-a-context"])
+def test_a_corpus_that_cannot_train_is_named_with_what_it_needs(tmp_path, monkeypatch, content, message):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    (tmp_path / "shakespeare.txt").write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        data.load_dataset("shakespeare", "char", 32)
+    assert str(stop.value).startswith(str(tmp_path / "shakespeare.txt")) and message in str(stop.value)
+
+
+def test_a_corpus_of_more_symbols_than_uint16_and_no_newline_trains_and_samples(tmp_path, monkeypatch, capsys):
+    """70,000 distinct characters: ids past 65535 are stored as uint32; without a newline the sample at the
+    end starts from the val split's first character."""
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    symbols = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70000) if not 0xD800 <= c < 0xE000)
+    (tmp_path / "shakespeare.txt").write_text(symbols * 2, encoding="utf-8")
+    train, val, _, decode, vocab_size = data.load_corpus("char")
+    assert vocab_size == len(symbols) > 2**16 and decode(np.concatenate([train, val]).tolist()) == symbols * 2
+    tiny_run(tmp_path / "run", n_layer=1, max_iters=2, eval_interval=2, sample_tokens=5)
+    assert "sample:" in capsys.readouterr().out
+
+
+def test_an_out_dir_that_cannot_hold_a_run_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    (tmp_path / "a_file").write_text("not a folder")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    can_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(read_only) and can_access(path, mode))
+    for out_dir, message in [("", "--out_dir is empty: pass the folder"),
+                             (tmp_path / "a_file", "a_file is a file, not a folder"),
+                             (tmp_path / "a_file" / "run", "a_file is a file, not a folder"),
+                             (read_only / "run", "read_only is read-only (or not this user's to write)")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            ts.make_config(TINY_RUN + [f"--out_dir={out_dir}"])
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "read_only"] and not os.listdir(read_only)
+
+
+def test_a_checkpoint_folder_made_read_only_is_not_blamed_on_disk_space(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    tiny_run(tmp_path, max_iters=10, sample_tokens=0)
+
+    def cannot_open(obj, path):  # what torch.save raises for a folder it may not write to
+        raise RuntimeError(f"File {path} cannot be opened.")
+
+    can_access = os.access
+    monkeypatch.setattr(torch, "save", cannot_open)
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path) and can_access(path, mode))
+    with pytest.raises(SystemExit, match=re.escape(f"Make {tmp_path} writable again, then continue with --resume")):
+        ts.save_atomically(str(tmp_path / "ckpt.pt"), lambda tmp: torch.save({}, tmp))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10
+
+
+def test_a_read_only_cache_folder_leaves_the_tokens_unsaved_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    text = "to be or not to be\n" * 20
+    (tmp_path / "shakespeare.txt").write_text(text)
+
+    def read_only(path, array):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(np, "save", read_only)
+    train, val, _, decode, _ = data.load_corpus("char")
+    assert decode(np.concatenate([train, val]).tolist()) == text
+    out = capsys.readouterr().out
+    assert f"could not cache the encoded corpus in {tmp_path / 'cache'} (Permission denied)" in out
+    assert "until that folder is writable" in out and os.listdir(tmp_path / "cache") == []
+
+
 def test_gpt2_tokenizer_offline_says_how_to_point_at_a_copy(monkeypatch):
     import tiktoken
 
@@ -1415,6 +1583,32 @@ def test_gpt2_tokenizer_offline_says_how_to_point_at_a_copy(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR"):
         gpt2_tokenizer()
+
+
+def test_gpt2_download_that_never_answers_stops_with_the_offline_message(monkeypatch):
+    """A network that accepts the connection and never answers: start-up stops after the time limit
+    with the offline advice, instead of hanging without a word."""
+    import threading
+    import time
+
+    import tiktoken
+
+    from data import tokenizers
+    answer = threading.Event()
+
+    def never_answers(name):
+        answer.wait(60)  # released when the test ends
+        raise ConnectionError("Read timed out")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", never_answers)
+    monkeypatch.setattr(tokenizers, "GPT2_FETCH_SECONDS", 0.5)
+    start = time.time()
+    try:
+        with pytest.raises(SystemExit, match=r"no answer in 0.5 s.*TIKTOKEN_CACHE_DIR"):
+            tokenizers.gpt2_tokenizer()
+    finally:
+        answer.set()
+    assert time.time() - start < 10
 
 
 def test_recall_sequences_ask_for_values_given_earlier():
@@ -1800,7 +1994,8 @@ def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_
     import train_shakespeare as ts
     cfg, _ = ts.make_config(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
                              "--batch_size=2", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
-                             "--budget_anneal=2", "--sample_tokens=5", "--compile=False", "--dtype=float32",
+                             "--kv_budget=0.5", "--budget_anneal=2", "--sample_tokens=5", "--compile=False",
+                             "--dtype=float32",
                              "--eval_contexts=", "--passkey_lengths=", f"--out_dir={tmp_path}"])
     history = ts.train(cfg)
     assert len(history["loss"]) == 4 and 0 < history["evals"][-1]["kv_fraction"][0] <= 1
@@ -1818,7 +2013,7 @@ def test_the_retrofit_sweep_evaluates_the_fixed_patterns_on_the_pretrained_weigh
     import sweep
     rows = sweep.main(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
                        "--batch_size=2", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--eval_iters=1",
-                       "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32", "--window=4",
+                       "--kv_budget=0.5", "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32", "--window=4",
                        "--kv_budgets=0.5", "--windows=8", "--gs_budgets=0.5", "--eval_contexts=16,48",
                        "--passkey_lengths=400", "--passkey_trials=2", f"--out_dir={tmp_path}"])
     by_run = {row["run"]: row for row in rows}
@@ -1835,7 +2030,7 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
     import sweep
     import train_shakespeare as ts
     base = ["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48", "--max_iters=1",
-            "--budget_anneal=0", "--eval_contexts=", f"--out_dir={tmp_path / 'run'}"]
+            "--kv_budget=0.5", "--budget_anneal=0", "--eval_contexts=", f"--out_dir={tmp_path / 'run'}"]
     for bad, message in [(["--tokenizer=char"], "pass --tokenizer=pretrained"),
                          (["--passkey_lengths=40"], "--passkey_lengths=40: a passkey trial needs more than"),
                          ([f"--init_from={tmp_path / 'empty.gguf'}"], "--init_from: no pretrained model"),
@@ -1921,11 +2116,11 @@ def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, 
 
 def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_path):
     import train_shakespeare as ts
-    first, _ = ts.make_config(TINY_RUN + ["--max_iters=4", "--eval_interval=2", "--sample_tokens=0", "--kv_budget=0.3",
+    first, _ = ts.make_config(TINY_RUN + ["--max_iters=4", "--eval_interval=2", "--sample_tokens=0", "--kv_budget=0.4",
                                           "--seed=7", f"--out_dir={tmp_path}"])
     ts.train(first)
     resumed, _ = ts.make_config(["--device=cpu", "--resume", "--max_iters=6", f"--out_dir={tmp_path}"])
-    assert (resumed["kv_budget"], resumed["seed"], resumed["n_layer"], resumed["max_iters"]) == (0.3, 7, 2, 6)
+    assert (resumed["kv_budget"], resumed["seed"], resumed["n_layer"], resumed["max_iters"]) == (0.4, 7, 2, 6)
     for flag in ("--seed=8", "--kv_budget=0.2"):
         with pytest.raises(SystemExit, match=re.escape(f"{flag} (saved: ")):
             ts.make_config(["--device=cpu", "--resume", flag, f"--out_dir={tmp_path}"])

@@ -3,7 +3,7 @@ Train a NAtS GPT on Shakespeare and watch it learn which tokens to keep.
 
     python train_shakespeare.py                      # baby GPT on BPE on a GPU, config/cpu.py on a CPU
     python train_shakespeare.py --attention=dense    # the causal baseline
-    python train_shakespeare.py --kv_budget=0.1 --out_dir=out-budget    # keep 10 % of the attention entries
+    python train_shakespeare.py --kv_budget=0.3 --out_dir=out-budget    # keep 30 % of the attention entries
     python train_shakespeare.py --kv_budget=0 --kv_weight=0.3 --out_dir=out-sparse   # a fixed lambda
     python train_shakespeare.py --resume             # continue from out_dir/ckpt.pt with its saved settings
     python train_shakespeare.py config/recall.py     # a recipe: a file of key = value lines
@@ -13,14 +13,19 @@ Every default below, and every field of the model's GPTConfig (nats.py) but voca
 overridden by a config file or by --key=value, in the order given (nanoGPT style).
 """
 import ast
+import contextlib
 import difflib
 import html
+import inspect
+import io
 import json
 import math
 import os
 import sys
+import textwrap
 import time
-from dataclasses import asdict, dataclass
+import tokenize
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -34,20 +39,26 @@ from data.tokenizers import pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
                   generate, load_checkpoint, matching_window, sink_and_window_kv)
 
+try:
+    import fcntl  # the lock of a running run's out_dir (claim_out_dir)
+except ImportError:  # Windows
+    fcntl = None
+
 # -----------------------------------------------------------------------------
 # defaults (the model's are GPTConfig's, in nats.py): the GPU run, nanoGPT's baby GPT on Shakespeare in GPT-2
 # BPE at context 512, where long context pays, at a KV budget of 0.15 (results/README.md, "From scratch on
 # a GPU"); config/cpu.py makes it the CPU run, on characters
 # I/O
 out_dir = OUT_DIR  # ckpt.pt, history.json and token_types.html go here
-resume = False  # continue out_dir/ckpt.pt exactly where it stopped, with its settings (RESUME_MAY_CHANGE may differ)
+resume = False  # continue out_dir/ckpt.pt where it stopped, with its settings (but how long it runs and what it shows)
 overwrite = False  # start over in an out_dir that holds a run: its checkpoint and history are deleted
 eval_interval = 250  # steps between evals; every eval also writes the checkpoint
 eval_iters = 40  # batches per eval, the same ones every time
 log_interval = 50  # steps between progress lines
 sample_tokens = 300  # tokens sampled at the end (0: no sample)
-show_layer = -1  # the layer and KV head whose token types the terminal shows at the end; -1: of the layers
-show_head = -1  # (heads) the one whose head (layer) keeps the most Global tokens of the snippet
+show_layer = -1  # the layer whose token types the terminal shows at the end; -1: the one whose KV head keeps
+                 # the most Global tokens of the snippet
+show_head = -1  # the KV head of that layer shown; -1: the one that keeps the most Global tokens
 eval_contexts = ""  # at the end, the val perplexity at these contexts ("2048,8192"; one pass over the val split)
 passkey_lengths = ""  # at the end, passkey retrieval (data/passkey.py) at these prompt lengths ("1024,8192")
 passkey_trials = 20  # trials per length, each with its key at a random depth
@@ -61,7 +72,8 @@ gradient_accumulation_steps = 1  # micro-batches per step, over all processes un
 kv_weight = 0.1  # lambda at the start, and throughout without a budget
 kv_budget = 0.15  # a target mean kv share in (0, 1]: lambda becomes a Lagrange multiplier, moved every step
                   # by dual_lr x (kv - budget), never below 0, kv the step's eval_kv_fraction (of the argmax
-                  # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight
+                  # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight.
+                  # At least what any types keep at this block_size and window (least_kv_share)
 budget_anneal = 600  # steps after the dense warm-up over which the budget falls linearly from 1 (all kept) to
                      # kv_budget: lambda stays near 0 while the model learns what to keep. Without it the
                      # untrained scorers' kv far above the budget drives lambda up in the first 100 steps, the
@@ -78,13 +90,13 @@ distill = "hidden"  # what the scorers learn to keep: "hidden", the final hidden
                     # authors' recipe), or "logits", the next-token distribution (KL divergence)
 # AdamW with a linear warmup and a cosine decay
 max_iters = 1000  # optimizer steps (the baby GPT overfits the 1.4M BPE tokens of Shakespeare from about 900)
-learning_rate = 1e-3  # the baby GPT's: small models take a large rate
-min_lr = 1e-4  # learning_rate / 10, as in Chinchilla
-warmup_iters = 100
-lr_decay_iters = 1000  # usually max_iters
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.99  # above GPT-2's 0.95: few tokens per step
+learning_rate = 1e-3  # AdamW's peak rate, the baby GPT's: small models take a large rate
+min_lr = 1e-4  # where the cosine decay ends: learning_rate / 10, as in Chinchilla
+warmup_iters = 100  # steps of the linear warmup of the learning rate from 0
+lr_decay_iters = 1000  # steps until the cosine decay reaches min_lr, usually max_iters
+weight_decay = 0.1  # AdamW's, on the weight matrices and embeddings only
+beta1 = 0.9  # AdamW's momentum
+beta2 = 0.99  # AdamW's second-moment decay, above GPT-2's 0.95: few tokens per step
 grad_clip = 1.0  # clip the gradient norm at this value; 0: no clipping
 # system
 seed = SEED  # every batch and its noise are seeded from it (see seed_of)
@@ -171,9 +183,7 @@ def make_config(argv):
     (NATS_SCHEDULE) is 0 unless a flag sets it. Returns the checked config and what it is based on."""
     known = defaults()
     if any(arg in ("-h", "--help") for arg in argv):
-        here = machine_defaults(known["device"])
-        print(__doc__ + f"\nSettings and their defaults on this machine, {describe_base(here['device'])}:\n" +
-              "\n".join(f"  --{key}={value!r}" for key, value in here.items()))
+        print(help_text(machine_defaults(known["device"])))
         raise SystemExit(0)
     overrides, flags, recipes = {}, set(), []
     for arg in argv:
@@ -203,6 +213,55 @@ def make_config(argv):
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     check_config(config)
     return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+# the meanings of GPTConfig's fields that have no comment in nats.py (a comment there takes precedence)
+UNCOMMENTED_FIELDS = dict(n_layer="transformer blocks", n_head="query heads per attention layer",
+                          n_embd="the width of the residual stream", norm_eps="the epsilon of every norm")
+
+
+def help_text(here):
+    """--help: the script's docstring, then every setting with its default on this machine and what
+    it means, the comment beside it in this file or beside GPTConfig's field in nats.py."""
+    meanings = setting_meanings()
+    lines = [f"\nSettings, their defaults on this machine ({describe_base(here['device'])}) and what they mean:"]
+    for key, value in here.items():
+        lines.append(f"  --{key}={value!r}")
+        if key in meanings:
+            lines.append(textwrap.fill(meanings[key], 116, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return __doc__ + "\n".join(lines)
+
+
+def setting_meanings():
+    """{setting: meaning}: the comments of the defaults at the top of this file and of GPTConfig's
+    fields, read from the source, so that --help and the code never disagree."""
+    with open(__file__, encoding="utf-8") as f:
+        own = f.read()
+    model = inspect.getsource(GPTConfig)
+    return {**UNCOMMENTED_FIELDS, **comments_beside(model, ast.parse(model).body[0].body),
+            **comments_beside(own, ast.parse(own).body)}
+
+
+def comments_beside(source, statements):
+    """{name: comment} of the assignments among `statements` (parsed from `source`) that have a
+    comment: `name = value  # comment` or `name: type = value  # comment`, continued on the
+    comment-only lines right below it that are indented past the name."""
+    comments = {token.start[0]: token for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    found = {}
+    for node in statements:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        line = node.end_lineno
+        if not isinstance(target, ast.Name) or line not in comments:
+            continue
+        parts = [comments[line].string]
+        while (line + 1 in comments and lines[line].lstrip().startswith("#")
+               and comments[line + 1].start[1] > node.col_offset):
+            line += 1
+            parts.append(comments[line].string)
+        found[target.id] = " ".join(part.lstrip("#").strip() for part in parts)
+    return found
 
 
 RESUME_MAY_CHANGE = {"resume", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
@@ -310,6 +369,7 @@ def check_config(cfg):
                          f"trained model); to continue a run, pass --resume with its --out_dir")
     check_init_from(cfg)
     check_long_context(cfg)
+    check_out_dir_writable(cfg["out_dir"])
     if cfg["finetune_scorer"] and cfg["attention"] != "nats":
         raise SystemExit(f"--finetune_scorer trains NAtS scorers; drop --attention={cfg['attention']}")
     if cfg["resume"] and cfg["overwrite"]:
@@ -355,6 +415,21 @@ def check_long_context(cfg):
         raise SystemExit(f"--passkey_trials={cfg['passkey_trials']}: must be >= 1")
 
 
+def check_out_dir_writable(out_dir):
+    """--out_dir names a folder this run can create or write to: not empty, not a file, and it or
+    its nearest existing parent writable (a read-only one named now, not at the first checkpoint)."""
+    if not out_dir:
+        raise SystemExit(f"--out_dir is empty: pass the folder for ckpt.pt and history.json, like --out_dir={OUT_DIR}")
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing):
+        raise SystemExit(f"--out_dir={out_dir}: {existing} is a file, not a folder; pass a folder, new or of a run")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out_dir={out_dir}: {existing} is read-only (or not this user's to write); pass a folder "
+                         f"you can write to")
+
+
 def token_counts(text):
     """The token counts of a comma-separated setting such as --eval_contexts (check_long_context
     has checked it): a list of ints, empty for ""."""
@@ -366,8 +441,27 @@ def is_pretrained(init_from):
     return bool(init_from) and not init_from.endswith(".pt")
 
 
+def least_kv_share(length, window, local_type=True):
+    """The least kv share any assignment of types keeps in a sequence of this length: the floor of
+    a KV budget. Key 0 is Global (the sink); key j > 0 is seen by length - j queries as Global, by
+    min(window + 1, length - j) as Sliding, and as Local by those up to the next Global token. So a
+    Local key d < window places before a Global costs d + 1, less than as Sliding, and near the end
+    a Global costs no more than a Sliding key: with Local the floor lies below a sink and the window
+    alone (nats.sink_and_window_kv, the floor without Local). Dynamic programming over the Globals."""
+    sliding = np.minimum(window + 1, length - np.arange(length))  # the queries that see each key as Sliding
+    # best[g]: the least change, against every key Sliding, in the entries of keys 1..g, with g Global
+    best = np.zeros(length)  # (g = 0: the sink, no change)
+    for g in range(1, length):
+        # the keys between the Global before g and g: Local where that costs less than Sliding
+        saving = np.maximum(0, sliding[1:g] - (g - np.arange(1, g) + 1)) if local_type else np.zeros(g - 1)
+        after = np.append(np.cumsum(saving[::-1])[::-1], 0)  # after[p]: the saving of keys p+1 .. g-1
+        best[g] = length - g - sliding[g] + (best[:g] - after).min()
+    return (length + sliding[1:].sum() + best.min()) / (length * (length + 1) / 2)
+
+
 def check_sparsity_schedule(cfg):
-    """The KV budget and the dense warm-up act on NAtS scorers; a budget is a share of the entries."""
+    """The KV budget and the dense warm-up act on NAtS scorers; a budget is a share of the entries,
+    no less than any assignment of types can keep (least_kv_share)."""
     if cfg["kv_budget"] and not 0 < cfg["kv_budget"] <= 1:
         raise SystemExit(f"--kv_budget={cfg['kv_budget']}: pass the share of the attention entries to keep, in "
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
@@ -386,6 +480,13 @@ def check_sparsity_schedule(cfg):
     for key in NATS_SCHEDULE:
         if cfg[key] and cfg["attention"] != "nats":
             raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
+    floor = least_kv_share(cfg["block_size"], cfg["window"], cfg["local_type"]) if cfg["kv_budget"] else 0
+    if cfg["kv_budget"] < floor:  # lambda would climb without end, and the loss with it
+        sink = sink_and_window_kv(cfg["block_size"], cfg["window"])
+        raise SystemExit(f"--kv_budget={cfg['kv_budget']}: at --block_size={cfg['block_size']} and --window="
+                         f"{cfg['window']} no assignment of token types keeps less than {floor:.3f} of the attention "
+                         f"entries (a sink and the window alone keep {sink:.3f}): pass a budget above that, like "
+                         f"--kv_budget={math.ceil(sink * 100) / 100}, a smaller --window or a longer --block_size")
     if cfg["dense_warmup"] and cfg["finetune_scorer"]:
         raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} trains the backbone densely first, but "
                          f"--finetune_scorer keeps the backbone frozen: drop one of them")
@@ -473,14 +574,20 @@ def format_long_context(result):
         f"passkey {value:.0%} at {key[8:]}" for key, value in result.items() if not key.startswith("kv@"))
 
 
-def format_step(it, cfg, loss, kv, kv_weight, tokens_per_s, eta):
-    """The progress line of a log interval: loss and kv share of the last step (None: dense; the
-    train loop passes that of the argmax types, which a budget aims at) with the lambda it was
-    trained with (None: a fixed pattern), speed, time left."""
+def format_step(it, cfg, loss, term, kv, kv_weight, tokens_per_s, eta):
+    """The progress line of a log interval: the last step's loss, apart from its lambda term (None:
+    no NAtS) the cross-entropy (or the distillation loss of --finetune_scorer), which a rising
+    lambda alone can hide; its kv share (None: dense; the train loop passes that of the argmax
+    types, which a budget aims at) with the lambda it was trained with (None: a fixed pattern),
+    speed, time left."""
+    text = f"loss {loss:.4f}"
+    if term is not None:
+        objective = {"hidden": "mse", "logits": "kl"}[cfg["distill"]] if cfg["finetune_scorer"] else "ce"
+        text += f" ({objective} {loss - term:.4f} + lambda*kv {term:.4f})"
     kv_text = f" | kv {kv:.3f}" if kv is not None else ""
     if kv_weight is not None:
         kv_text += " dense warm-up" if it <= cfg["dense_warmup"] else f" lambda {kv_weight:.3g}"
-    return (f"step {it:5d}/{cfg['max_iters']} | loss {loss:.4f}{kv_text} | {tokens_per_s / 1e3:6.1f}k tok/s"
+    return (f"step {it:5d}/{cfg['max_iters']} | {text}{kv_text} | {tokens_per_s / 1e3:6.1f}k tok/s"
             f" | ETA {hms(eta)}")
 
 
@@ -501,10 +608,17 @@ def hms(seconds):
 
 
 def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, cfg):
-    """Generate from a new line (Shakespeare) or from a val sequence up to its first answer
-    (recall), then show what the evicting cache held."""
-    first = recall.answer_mask(val_data[:1])[0].argmax() if cfg["dataset"] in RECALL_TASKS else None
-    prompt = torch.tensor([encode("\n")] if first is None else val_data[:1, :first].astype(np.int64), device=device)
+    """Generate from a new line (Shakespeare; a character corpus without one: from its first val
+    token) or from a val sequence up to its first answer (recall), then show what the evicting
+    cache held."""
+    if cfg["dataset"] in RECALL_TASKS:
+        prompt = val_data[:1, :recall.answer_mask(val_data[:1])[0].argmax()].astype(np.int64)
+    else:
+        try:
+            prompt = [encode("\n")]
+        except KeyError:
+            prompt = [val_data[:1].tolist()]
+    prompt = torch.tensor(prompt, device=device)
     caches = model.new_caches()
     with autocast:
         decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
@@ -624,8 +738,8 @@ def print_types_by_role(table, n_sequences):
 
 def save_atomically(path, write):
     """write(temp file), then rename it over path, so that path is always whole: the previous
-    version or the new one. If writing fails (a full disk) the temp file is removed and the run
-    stops with a sentence; path keeps its previous version."""
+    version or the new one. If writing fails (a full disk, a folder made read-only) the temp file is
+    removed and the run stops with a sentence saying which; path keeps its previous version."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -634,8 +748,10 @@ def save_atomically(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        folder = os.path.dirname(path) or "."
+        fix = "Free some disk space" if os.access(folder, os.W_OK | os.X_OK) else f"Make {folder} writable again"
         raise SystemExit(f"could not write {path} ({reason}); the previous version, if any, is unchanged. "
-                         f"Free some disk space, then continue with --resume") from None
+                         f"{fix}, then continue with --resume") from None
 
 
 def vocabulary(cfg, data):
@@ -796,6 +912,7 @@ class Run:
     history: dict = None  # per step the loss, the kv share of the argmax types and lambda; the evals; time so far
     resumed_at: int = None  # the step --resume continued from
     saved_at: int = None  # the step of the last checkpoint
+    out_dir_lock: object = field(default_factory=contextlib.nullcontext)  # rank 0's claim_out_dir
 
     def log(self, *args, **kwargs):
         if self.rank == 0:
@@ -807,32 +924,9 @@ def train(cfg):
     Under torchrun every process runs this; rank 0 logs, checkpoints and samples."""
     check_config(cfg)
     run = start(cfg)
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    start_time, start_it, elapsed_before = time.time(), run.it, run.history["elapsed"]
-    window_start, window_it = time.time(), run.it
-    try:
-        while True:
-            # an eval every eval_interval steps and at the end; a resumed run has its first in the history
-            if (run.it % cfg["eval_interval"] == 0 or run.it == cfg["max_iters"]) and run.it != run.resumed_at:
-                run.history["elapsed"] = elapsed_before + time.time() - start_time
-                eval_and_checkpoint(run)
-            if run.it >= cfg["max_iters"]:
-                break
-            loss, kv = train_step(run)
-            if run.it % cfg["log_interval"] == 0:
-                now = time.time()
-                eta = (now - start_time) / (run.it - start_it) * (cfg["max_iters"] - run.it)
-                speed = tokens_per_iter * (run.it - window_it) / (now - window_start)
-                run.log(format_step(run.it, cfg, loss, kv, run.history["kv_weight"].get(run.it - 1), speed, eta))
-                window_start, window_it = now, run.it
-    except KeyboardInterrupt:
-        ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
-                 f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
-                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
-        raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
-    run.history["elapsed"] = elapsed_before + time.time() - start_time
-    final_report(run)
+    with run.out_dir_lock:  # let go when the run ends, or fails
+        run_steps(run)
+        final_report(run)
     if run.world > 1:
         dist.destroy_process_group()
     return run.history
@@ -841,7 +935,7 @@ def train(cfg):
 def start(cfg):
     """Everything a run needs before its first step, checked before anything is written: the
     processes, the checkpoint to resume or the model to fine-tune, the data, the model and its
-    optimizer, then the out_dir (an --overwrite run's old files deleted only now)."""
+    optimizer; then the out_dir is claimed (claim_out_dir) and an --overwrite run's old files deleted."""
     rank, world, device = setup_distributed(cfg["device"])
     gas = cfg["gradient_accumulation_steps"]
     if gas % world:
@@ -877,14 +971,32 @@ def start(cfg):
     run = build(cfg, rank, world, device, model_args, teacher, data)
     if checkpoint is not None:
         resume_from(run, checkpoint)
-    if rank == 0:  # all is checked and built: --overwrite's old run goes now, not at the first checkpoint
+    if rank == 0:  # all is checked and built: the out_dir is claimed, and --overwrite's old run goes only now
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        run.out_dir_lock = claim_out_dir(cfg["out_dir"])
         for path in stale:
             os.remove(path)
-        os.makedirs(cfg["out_dir"], exist_ok=True)
     data_text = "fresh recall sequences" if callable(data[0]) else f"{data[0].size:,} train tokens"
     run.log(f"model: {run.model.get_num_params() / 1e6:.2f}M parameters, attention={run.model.config.attention}, "
             f"{data_text}, vocab {vocab_size}" + (f", {world} processes" if world > 1 else ""))
     return run
+
+
+def claim_out_dir(out_dir):
+    """out_dir/.lock, opened and locked for the run: a second run into the same out_dir stops before
+    it writes anything instead of overwriting this one's checkpoints. The lock is an flock, which
+    the OS lets go when the process ends, however it ends: a killed run leaves no stale lock.
+    Returns what to close when the run ends (Windows has no flock: there runs go unlocked)."""
+    if fcntl is None:
+        return contextlib.nullcontext()
+    lock = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): "
+                         f"wait for it to end, or pass another --out_dir") from None
+    return lock
 
 
 def build(cfg, rank, world, device, model_args, teacher, data):
@@ -936,18 +1048,52 @@ def resume_from(run, checkpoint):
             + (finished if run.it >= max_iters else ""))
 
 
+def run_steps(run):
+    """The training steps from run.it to max_iters, with a progress line every log_interval steps
+    and an eval (and checkpoint) every eval_interval; Ctrl-C stops with where the checkpoint is."""
+    cfg = run.cfg
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    start_time, start_it, elapsed_before = time.time(), run.it, run.history["elapsed"]
+    window_start, window_it = time.time(), run.it
+    try:
+        while True:
+            # an eval every eval_interval steps and at the end; a resumed run has its first in the history
+            if (run.it % cfg["eval_interval"] == 0 or run.it == cfg["max_iters"]) and run.it != run.resumed_at:
+                run.history["elapsed"] = elapsed_before + time.time() - start_time
+                eval_and_checkpoint(run)
+            if run.it >= cfg["max_iters"]:
+                break
+            loss, term, kv = train_step(run)
+            if run.it % cfg["log_interval"] == 0:
+                now = time.time()
+                eta = (now - start_time) / (run.it - start_it) * (cfg["max_iters"] - run.it)
+                speed = tokens_per_iter * (run.it - window_it) / (now - window_start)
+                run.log(format_step(run.it, cfg, loss, term, kv, run.history["kv_weight"].get(run.it - 1), speed,
+                                    eta))
+                window_start, window_it = now, run.it
+    except KeyboardInterrupt:
+        ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
+                 f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
+                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
+        raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
+    run.history["elapsed"] = elapsed_before + time.time() - start_time
+
+
 def train_step(run):
     """One optimizer step over the micro-batches of this rank, then lambda's step. Returns the
-    step's loss and kv share of the argmax types (None for dense attention), averaged over all."""
+    step's loss, its lambda term (lambda x the sampled types' kv share; None but for NAtS) and the
+    kv share of the argmax types (None for dense attention), averaged over all."""
     cfg, it, gas, world = run.cfg, run.it, run.cfg["gradient_accumulation_steps"], run.world
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate_at(it, cfg)
     dense_warmup = it < cfg["dense_warmup"]
-    # loss and kv share summed over micro-batches on the device: one sync per step, not per micro-batch.
+    attention = run.model.config.attention
+    # loss, lambda term and kv share summed over micro-batches on the device: one sync per step, not per micro-batch.
     # The kv share is that of the argmax types (eval_kv_fraction), what eval() and the KV cache keep
     # and what the multiplier aims at; the loss's kv_fraction, of the sampled types, differs from it
     # while the scorers are unsure.
-    step_totals = torch.zeros(2, dtype=torch.float64, device=run.device)
+    step_totals = torch.zeros(3, dtype=torch.float64, device=run.device)
     # Global micro-batch g = it * gas + m; this rank takes an equal, contiguous share of them.
     for m in range(run.rank * gas // world, (run.rank + 1) * gas // world):
         batch = it * gas + m
@@ -963,18 +1109,18 @@ def train_step(run):
                                          kv_weight=torch.full((), run.kv_weight, device=run.device))
         run.scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
         kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)
-        step_totals += torch.stack([loss.detach(), kv]).double()
+        term = run.kv_weight * stats["kv_fraction"].mean() if attention == "nats" else torch.zeros_like(loss)
+        step_totals += torch.stack([loss.detach(), term, kv]).double()
     if cfg["grad_clip"] > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["grad_clip"])
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    loss, kv = (all_ranks_sum(step_totals, run.device) / gas).tolist()
+    loss, term, kv = (all_ranks_sum(step_totals, run.device) / gas).tolist()
     if not math.isfinite(loss):
         raise SystemExit(f"loss is {loss} at step {it}: stopping. Try a lower --learning_rate, "
                          f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
-    attention = run.model.config.attention
     run.history["loss"][it] = loss
     if attention != "dense":
         run.history["eval_kv_fraction"][it] = kv
@@ -983,7 +1129,7 @@ def train_step(run):
         if cfg["kv_budget"] and not dense_warmup:
             run.kv_weight = dual_ascent(run.kv_weight, kv, it, cfg)
     run.it += 1
-    return loss, kv if attention != "dense" else None
+    return loss, term if attention == "nats" else None, kv if attention != "dense" else None
 
 
 def eval_and_checkpoint(run):

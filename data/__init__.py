@@ -28,9 +28,16 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
     """(train, val, encode, decode, vocab_size) of one of DATASETS: token arrays for Shakespeare
     (load_corpus; tokenizer "pretrained" is the own one of the pretrained model at `pretrained`), a
     generator and a fixed val set for the recall tasks (load_recall, sequences of block_size + 1).
-    Raises SystemExit naming --dataset for a context the task cannot fill."""
+    Raises SystemExit naming the corpus or --dataset for a context it cannot fill."""
     if dataset == "shakespeare":
-        return load_corpus(tokenizer, pretrained)
+        corpus = load_corpus(tokenizer, pretrained)
+        val = corpus[1]  # the shorter split: a tenth
+        if len(val) < block_size + 2:  # get_batch draws a window's start from len - block_size - 1
+            fix = f"a --block_size up to {len(val) - 2} or " if len(val) > 2 else ""
+            raise SystemExit(f"{corpus_path()}: its val split (the last 10 %) has {len(val)} tokens ({tokenizer}), "
+                             f"fewer than a context of --block_size={block_size} needs ({block_size + 2}): pass "
+                             f"{fix}a longer corpus")
+        return corpus
     try:
         return load_recall(RECALL_TASKS[dataset], block_size + 1)
     except ValueError as e:
@@ -43,13 +50,25 @@ def decodable_size(dataset, tokenizer, vocab_size):
     return GPT2_VOCAB if dataset == "shakespeare" and tokenizer == "gpt2" else vocab_size
 
 
+def corpus_path():
+    """Shakespeare's text, in DATA_DIR (read when called: tests point it elsewhere)."""
+    return os.path.join(DATA_DIR, "shakespeare.txt")
+
+
 def load_corpus(tokenizer, pretrained=""):
-    """Token arrays of the train and val splits (last 10 %), plus encode/decode and vocab size."""
-    path = os.path.join(DATA_DIR, "shakespeare.txt")
-    if not os.path.exists(path):
+    """Token arrays of the train and val splits (last 10 %), plus encode/decode and vocab size.
+    Raises SystemExit naming the corpus when it is missing, empty or not UTF-8 text."""
+    path = corpus_path()
+    if not os.path.isfile(path):
         raise SystemExit(f"missing corpus {path}; rebuild it as data/README.md describes")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): the corpus is a text file; "
+                         f"convert it (iconv -t UTF-8) or rebuild it as data/README.md describes") from None
+    if not text:
+        raise SystemExit(f"{path} is empty: the corpus is a text file; rebuild it as data/README.md describes")
     if tokenizer == "char":
         encode, decode, vocab_size = char_tokenizer(text)
     elif tokenizer == "gpt2":
@@ -59,16 +78,30 @@ def load_corpus(tokenizer, pretrained=""):
         encode, decode, vocab_size, tokenizer = pretrained_tokenizer(pretrained)
     # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    cache = os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy")
-    if os.path.exists(cache):
-        tokens = np.load(cache)
-    else:  # built on first use, never committed
-        tokens = np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.save(cache + f".{os.getpid()}.tmp.npy", tokens)  # parallel runs (sweep --jobs) each write their own
-        os.replace(cache + f".{os.getpid()}.tmp.npy", cache)
+    tokens = cached(os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy"),
+                    lambda: np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32))
     split = int(0.9 * len(tokens))
     return tokens[:split], tokens[split:], encode, decode, vocab_size
+
+
+def cached(path, make):
+    """The array saved at path, or make()'s, saved there on first use (never committed). Where it
+    cannot be saved (a read-only data/cache, a full disk) the run goes on with it unsaved and a
+    line says which folder to make writable."""
+    if os.path.exists(path):
+        return np.load(path)
+    array = make()
+    tmp = path + f".{os.getpid()}.tmp.npy"  # parallel runs (sweep --jobs) each write their own
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        print(f"could not cache the encoded corpus in {os.path.dirname(path)} ({e.strerror or e}): it is encoded "
+              f"again on every run until that folder is writable")
+    return array
 
 
 def load_recall(make, length, n_val=2000):

