@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -323,6 +324,24 @@ def sink_and_window_kv(length, window):
     m = min(window + 1, length - 1)
     sliding = m * (m + 1) / 2 + (length - 1 - m) * (window + 1)  # sum over d = length - j of min(W + 1, d)
     return (length + sliding) / (length * (length + 1) / 2)
+
+
+def least_kv_share(length, window, local_type=True):
+    """The least kv share any assignment of types keeps in a sequence of this length: the floor of
+    a KV budget. Key 0 is Global (the sink); key j > 0 is seen by length - j queries as Global, by
+    min(window + 1, length - j) as Sliding, and as Local by those up to the next Global token. So a
+    Local key d < window places before a Global costs d + 1, less than as Sliding, and near the end
+    a Global costs no more than a Sliding key: with Local the floor lies below a sink and the window
+    alone (sink_and_window_kv, the floor without Local). Dynamic programming over the Globals."""
+    sliding = np.minimum(window + 1, length - np.arange(length))  # the queries that see each key as Sliding
+    # best[g]: the least change, against every key Sliding, in the entries of keys 1..g, with g Global
+    best = np.zeros(length)  # (g = 0: the sink, no change)
+    for g in range(1, length):
+        # the keys between the Global before g and g: Local where that costs less than Sliding
+        saving = np.maximum(0, sliding[1:g] - (g - np.arange(1, g) + 1)) if local_type else np.zeros(g - 1)
+        after = np.append(np.cumsum(saving[::-1])[::-1], 0)  # after[p]: the saving of keys p+1 .. g-1
+        best[g] = length - g - sliding[g] + (best[:g] - after).min()
+    return (length + sliding[1:].sum() + best.min()) / (length * (length + 1) / 2)
 
 
 def matching_window(kv, length):

@@ -1098,14 +1098,13 @@ def test_least_kv_share_is_the_least_of_every_type_assignment():
     the window; without Local it is theirs."""
     import itertools
 
-    import train_shakespeare as ts
     for T in range(1, 9):
         assignments = torch.tensor([(GLOBAL,) + rest for rest in itertools.product(range(3), repeat=T - 1)])
         for W in range(T + 2):
             kept = kv_lengths(F.one_hot(assignments, 3).float(), W).sum(-1) / (T * (T + 1) / 2)
-            assert ts.least_kv_share(T, W) == pytest.approx(kept.min().item())
-            assert ts.least_kv_share(T, W, local_type=False) == pytest.approx(nats.sink_and_window_kv(T, W))
-    assert ts.least_kv_share(64, 8) < nats.sink_and_window_kv(64, 8) - 0.03  # the CPU run's: 0.246 and 0.286
+            assert nats.least_kv_share(T, W) == pytest.approx(kept.min().item())
+            assert nats.least_kv_share(T, W, local_type=False) == pytest.approx(nats.sink_and_window_kv(T, W))
+    assert nats.least_kv_share(64, 8) < nats.sink_and_window_kv(64, 8) - 0.03  # the CPU run's: 0.246 and 0.286
 
 
 def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path):

@@ -37,7 +37,7 @@ from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, PASSKEY, RECALL_TASKS, TOKEN
 from data.passkey import make_passkey
 from data.tokenizers import pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
-                  generate, load_checkpoint, matching_window, sink_and_window_kv)
+                  generate, least_kv_share, load_checkpoint, matching_window, sink_and_window_kv)
 
 try:
     import fcntl  # the lock of a running run's out_dir (claim_out_dir)
@@ -73,7 +73,7 @@ kv_weight = 0.1  # lambda at the start, and throughout without a budget
 kv_budget = 0.15  # a target mean kv share in (0, 1]: lambda becomes a Lagrange multiplier, moved every step
                   # by dual_lr x (kv - budget), never below 0, kv the step's eval_kv_fraction (of the argmax
                   # types, what eval() and the KV cache keep, not the sampled ones); 0: lambda stays kv_weight.
-                  # At least what any types keep at this block_size and window (least_kv_share)
+                  # At least what any types keep at this block_size and window (nats.least_kv_share)
 budget_anneal = 600  # steps after the dense warm-up over which the budget falls linearly from 1 (all kept) to
                      # kv_budget: lambda stays near 0 while the model learns what to keep. Without it the
                      # untrained scorers' kv far above the budget drives lambda up in the first 100 steps, the
@@ -215,11 +215,6 @@ def make_config(argv):
     return config, " + ".join([describe_base(config["device"])] + recipes)
 
 
-# the meanings of GPTConfig's fields that have no comment in nats.py (a comment there takes precedence)
-UNCOMMENTED_FIELDS = dict(n_layer="transformer blocks", n_head="query heads per attention layer",
-                          n_embd="the width of the residual stream", norm_eps="the epsilon of every norm")
-
-
 def help_text(here):
     """--help: the script's docstring, then every setting with its default on this machine and what
     it means, the comment beside it in this file or beside GPTConfig's field in nats.py."""
@@ -238,8 +233,7 @@ def setting_meanings():
     with open(__file__, encoding="utf-8") as f:
         own = f.read()
     model = inspect.getsource(GPTConfig)
-    return {**UNCOMMENTED_FIELDS, **comments_beside(model, ast.parse(model).body[0].body),
-            **comments_beside(own, ast.parse(own).body)}
+    return {**comments_beside(model, ast.parse(model).body[0].body), **comments_beside(own, ast.parse(own).body)}
 
 
 def comments_beside(source, statements):
@@ -441,27 +435,9 @@ def is_pretrained(init_from):
     return bool(init_from) and not init_from.endswith(".pt")
 
 
-def least_kv_share(length, window, local_type=True):
-    """The least kv share any assignment of types keeps in a sequence of this length: the floor of
-    a KV budget. Key 0 is Global (the sink); key j > 0 is seen by length - j queries as Global, by
-    min(window + 1, length - j) as Sliding, and as Local by those up to the next Global token. So a
-    Local key d < window places before a Global costs d + 1, less than as Sliding, and near the end
-    a Global costs no more than a Sliding key: with Local the floor lies below a sink and the window
-    alone (nats.sink_and_window_kv, the floor without Local). Dynamic programming over the Globals."""
-    sliding = np.minimum(window + 1, length - np.arange(length))  # the queries that see each key as Sliding
-    # best[g]: the least change, against every key Sliding, in the entries of keys 1..g, with g Global
-    best = np.zeros(length)  # (g = 0: the sink, no change)
-    for g in range(1, length):
-        # the keys between the Global before g and g: Local where that costs less than Sliding
-        saving = np.maximum(0, sliding[1:g] - (g - np.arange(1, g) + 1)) if local_type else np.zeros(g - 1)
-        after = np.append(np.cumsum(saving[::-1])[::-1], 0)  # after[p]: the saving of keys p+1 .. g-1
-        best[g] = length - g - sliding[g] + (best[:g] - after).min()
-    return (length + sliding[1:].sum() + best.min()) / (length * (length + 1) / 2)
-
-
 def check_sparsity_schedule(cfg):
     """The KV budget and the dense warm-up act on NAtS scorers; a budget is a share of the entries,
-    no less than any assignment of types can keep (least_kv_share)."""
+    no less than any assignment of types can keep (nats.least_kv_share)."""
     if cfg["kv_budget"] and not 0 < cfg["kv_budget"] <= 1:
         raise SystemExit(f"--kv_budget={cfg['kv_budget']}: pass the share of the attention entries to keep, in "
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
