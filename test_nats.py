@@ -2048,6 +2048,20 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
+def test_an_eval_context_longer_than_the_val_split_is_refused_before_training(tmp_path, tiny_gguf, monkeypatch):
+    """A pretrained model's context can pass the --block_size that sized the val split's check."""
+    import train_shakespeare as ts
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    (tmp_path / "shakespeare.txt").write_text("To be, or not to be, that is the question.\n" * 14, encoding="utf-8")
+    cfg = ts.make_config(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
+                          "--max_iters=1", "--kv_budget=0.5", "--budget_anneal=0", "--eval_contexts=100",
+                          "--passkey_lengths=",
+                          f"--out_dir={tmp_path / 'run'}"])[0]
+    with pytest.raises(SystemExit, match=r"--eval_contexts=100: the val split has \d+ tokens; pass contexts up to"):
+        ts.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_sweep_help_shows_the_sweeps_own_flags(capsys):
     import sweep
     with pytest.raises(SystemExit) as stop:

@@ -944,6 +944,9 @@ def start(cfg):
     if longest > model_args["block_size"]:
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']} --passkey_lengths={cfg['passkey_lengths']}: the "
                          f"model's context is {model_args['block_size']}; pass lengths up to it")
+    if max(token_counts(cfg["eval_contexts"]), default=0) >= len(data[1]):  # a window and its last target
+        raise SystemExit(f"--eval_contexts={cfg['eval_contexts']}: the val split has {len(data[1]):,} tokens; pass "
+                         f"contexts up to {len(data[1]) - 1}")
     run = build(cfg, rank, world, device, model_args, teacher, data)
     if checkpoint is not None:
         resume_from(run, checkpoint)
