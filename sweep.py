@@ -67,10 +67,14 @@ def split_args(argv):
 def numbers(own, key, kind):
     """The comma-separated list of --key as numbers of that kind (empty: none), or an error saying what to pass."""
     try:
-        return [kind(w) for w in own[key].split(",")] if own[key] else []
+        values = [kind(w) for w in own[key].split(",")] if own[key] else []
     except ValueError:
+        example = SWEEP_DEFAULTS[key] or ("1,2,3" if kind is int else "0.1,1")
         raise SystemExit(f"--{key}={own[key]}: expected {'whole ' if kind is int else ''}numbers separated by commas, "
-                         f"like --{key}={SWEEP_DEFAULTS[key] or '0.1,1'}") from None
+                         f"like --{key}={example}") from None
+    if len(set(values)) < len(values):  # two runs of one name would share a folder
+        raise SystemExit(f"--{key}={own[key]} names a value twice; pass each once")
+    return values
 
 
 def variants(own, base):
@@ -292,12 +296,16 @@ def main(argv):
     base, why = ts.make_config(rest)
     print(f"sweep: {why}")
     runs = variants(own, base)
-    for name, cfg, parent in runs:  # every run's settings checked before the first starts (a fine-tuning
-        if parent is None:  # run's checkpoint comes from its parent run)
-            try:
+    for name, cfg, parent in runs:  # every run's settings and folder checked before the first starts
+        if cfg["resume"] and not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) \
+                and not os.path.exists(os.path.join(cfg["out_dir"], "history.json")):
+            cfg["resume"] = False  # a resumed sweep starts the runs it never reached
+        try:
+            if parent is None:  # (a fine-tuning run's checkpoint comes from its parent run)
                 ts.check_config(cfg)
-            except SystemExit as e:
-                raise SystemExit(f"sweep: run {name!r}: {e}") from None
+            ts.check_out_dir(cfg)
+        except SystemExit as e:
+            raise SystemExit(f"sweep: run {name!r}: {e}") from None
     started = time.time()
     on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
     try:
@@ -308,11 +316,10 @@ def main(argv):
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
         rows = collect(runs, started)
-        os.makedirs(base["out_dir"], exist_ok=True)
-        with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))
-        if rows:  # no run has an eval: nothing to plot
+        if rows:  # no run reached an eval: an earlier sweep's outputs stay as they are
+            with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+            write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))
             plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
     return rows
 

@@ -1819,13 +1819,23 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
                                "--windows=4", f"--out_dir={tmp_path}"])
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [row["run"] for row in rows] == ["dense"] and "| dense |" in (tmp_path / "sweep.md").read_text()
+    monkeypatch.setattr(ts, "train", train)
+    args = TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--sample_tokens=0", "--kv_budgets=0.5", "--windows=4",
+                       f"--out_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match="sweep: run 'dense': .* holds a run"):  # refused before any run, and
+        sweep.main(args)                                                        # the table of the first stays
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    rows = sweep.main(args + ["--resume"])  # the dense run continues, the runs never reached start
+    assert [row["run"] for row in rows] == ["dense", "sliding W=4", "nats budget=0.5", "random Globals budget=0.5"]
 
 
 @pytest.mark.slow
-def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_path):
+def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_path, monkeypatch):
     import sweep
+    import train_shakespeare as ts
     (tmp_path / "dense").mkdir(parents=True)
     (tmp_path / "dense" / "history.json").write_text("{}")  # a run already there: the dense run must not start
+    monkeypatch.setattr(ts, "check_out_dir", lambda cfg: [])  # the sweep's own check would refuse it up front
     rows = sweep.main(TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--kv_budgets=", "--kv_weights=0.1",
                                   "--windows=4", "--finetune_iters=2", "--jobs=2", f"--out_dir={tmp_path}"])
     assert sorted(row["run"] for row in rows) == ["nats lambda=0.1", "sliding W=4"]
@@ -2042,7 +2052,7 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
         ts.train(ts.make_config(base + [f"--init_from={tmp_path / 'notes.gguf'}"])[0])
     with pytest.raises(ValueError, match="GPT.from_checkpoint"):
         GPT.from_pretrained(str(tiny_checkpoint(tmp_path)))
-    for bad in (["--gs_budgets=0"], ["--kv_budgets=1.5"], ["--windows=4", "--window=-1"]):
+    for bad in (["--gs_budgets=0"], ["--kv_budgets=1.5"], ["--windows=4", "--window=-1"], ["--windows=4,4"]):
         with pytest.raises(SystemExit, match="budgets|--window"):
             sweep.main(TINY_RUN + bad + [f"--out_dir={tmp_path / 'sweep'}"])
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
@@ -2137,6 +2147,14 @@ def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_pa
     for flag in ("--seed=8", "--kv_budget=0.2"):
         with pytest.raises(SystemExit, match=re.escape(f"{flag} (saved: ")):
             ts.make_config(["--device=cpu", "--resume", flag, f"--out_dir={tmp_path}"])
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    os.rename(tmp_path, moved)  # a run folder moved, or spelled otherwise, is the same run
+    resumed, _ = ts.make_config(["--device=cpu", "--resume", "--max_iters=6", f"--out_dir={moved}{os.sep}"])
+    assert resumed["out_dir"] == f"{moved}{os.sep}" and resumed["seed"] == 7
+    os.remove(moved / "ckpt.pt")  # as a run stopped before its first eval leaves it: a history alone
+    for flag in ("--resume", "--max_iters=6"):
+        with pytest.raises(SystemExit, match="stopped before its first checkpoint, nothing to resume"):
+            ts.train(ts.make_config(TINY_RUN + [flag, f"--out_dir={moved}"])[0])
 
 
 def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path, monkeypatch, capsys):

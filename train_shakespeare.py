@@ -260,7 +260,8 @@ def comments_beside(source, statements):
 
 RESUME_MAY_CHANGE = {"resume", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
                      "sample_tokens", "show_layer", "show_head", "device", "compile", "eval_contexts",
-                     "passkey_lengths", "passkey_trials"}  # what a resumed run may set anew: how long, what it shows
+                     "passkey_lengths", "passkey_trials",  # what a resumed run may set anew: how long, what it shows,
+                     "out_dir"}  # and where it is (spelled otherwise, or moved)
 
 
 def resumed_settings(config, given):
@@ -809,7 +810,10 @@ def check_out_dir(cfg):
     silently replaced."""
     paths = [os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "history.json")]
     existing = [path for path in paths if os.path.exists(path)]
-    if cfg["resume"] and not os.path.exists(paths[0]):
+    if existing == paths[1:] and not cfg["overwrite"]:  # stopped before its first eval wrote a checkpoint
+        raise SystemExit(f"{cfg['out_dir']} holds the history of a run stopped before its first checkpoint, nothing to "
+                         f"resume: pass --overwrite to start over, or another --out_dir")
+    if cfg["resume"] and not existing:
         raise SystemExit(f"--resume: no checkpoint at {paths[0]}; pass the --out_dir of the run to continue")
     if existing and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{cfg['out_dir']} holds a run ({', '.join(map(os.path.basename, existing))}): pass "
