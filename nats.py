@@ -534,8 +534,12 @@ class GPT(nn.Module):
         load_checkpoint, whose errors it raises) or the dict load_checkpoint returned."""
         if not isinstance(checkpoint, dict):
             checkpoint = load_checkpoint(checkpoint, device)
-        model = cls(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model = cls(GPTConfig(**checkpoint["model_args"]))
+            model.load_state_dict(checkpoint["model"])
+        except (TypeError, ValueError, RuntimeError) as e:  # a field GPTConfig lacks or refuses, weights of another
+            reason = " ".join(str(e).replace("Error(s) in loading state_dict for GPT:", "").split())  # shape
+            raise ValueError(f"the checkpoint's model_args and weights do not make a GPT: {reason[:300]}") from e
         return model.to(device)
 
     @classmethod
@@ -603,9 +607,10 @@ def load_checkpoint(path, device="cpu"):
         reason = reason.split("\n")[0].split(". ")[0] or type(e).__name__
         raise ValueError(f"{path} cannot be read as a checkpoint: it is truncated or not a PyTorch "
                          f"checkpoint ({reason})") from e
-    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+    parts = [checkpoint.get(key) for key in ("model", "model_args")] if isinstance(checkpoint, dict) else [None]
+    if not all(isinstance(part, dict) for part in parts):
         raise ValueError(f"{path} is a PyTorch file but not a checkpoint of train_shakespeare.py "
-                         f"(it has no 'model' and 'model_args')")
+                         f"(it has no 'model' and 'model_args' dicts)")
     checkpoint["model_args"].pop("kv_weight", None)  # lambda's start, a model field in checkpoints before 2026-12
     return checkpoint
 
@@ -1300,7 +1305,10 @@ def sample(args):
     device = torch.device(args.device)
     try:
         checkpoint = load_checkpoint(args.ckpt, device)
-        cfg = checkpoint["config"]
+        cfg = checkpoint.get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{args.ckpt} has no 'config' (the settings it was trained with, whose data and tokenizer "
+                             f"sampling needs): pass a checkpoint written by train_shakespeare.py")
         model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
         if checkpoint.get("vocabulary"):  # a character model: the symbols it was trained on, whatever the corpus is now
             encode, decode, vocab_size = char_tokenizer(checkpoint["vocabulary"])

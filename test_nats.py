@@ -772,6 +772,21 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
             GPT.from_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+    hollow, other_args, no_args = tmp_path / "hollow.pt", tmp_path / "other_args.pt", tmp_path / "no_args.pt"
+    torch.save(dict(model={}, model_args={}), hollow)  # the right keys, nothing in them
+    torch.save(dict(model=model.state_dict(), model_args=dict(tiny_config().__dict__, n_embd=64)), other_args)
+    torch.save(dict(model=model.state_dict(), model_args=None), no_args)
+    for path, message in [(hollow, "Missing key"), (other_args, "size mismatch"), (no_args, "no 'model' and")]:
+        with pytest.raises(ValueError, match=message):
+            GPT.from_checkpoint(path)
+    import train_shakespeare as ts
+    history = tiny_run(tmp_path / "run", max_iters=2, eval_interval=2, sample_tokens=0)
+    assert history["evals"]
+    torch.save(dict(model={}, model_args={}, config={}), tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(SystemExit, match="does not hold this run's weights"):
+        ts.train(tiny_config_dict(tmp_path / "run", max_iters=4, resume=True))
+    with pytest.raises(SystemExit, match="--ckpt: .* has no 'config'"):
+        nats.main([f"--ckpt={hollow}", "--device=cpu"])
 
 
 # -----------------------------------------------------------------------------

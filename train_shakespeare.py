@@ -774,8 +774,16 @@ def load_init_from(cfg, device):
             raise SystemExit(f"--init_from: {e}") from None
     else:
         checkpoint = read_checkpoint(cfg["init_from"], device, "--init_from")
-        teacher = GPT(GPTConfig(**dict(checkpoint["model_args"], attention="dense")))
-        teacher.load_state_dict({k: v for k, v in checkpoint["model"].items() if "scorer" not in k})
+        saved = checkpoint.get("config", {})
+        other = [f"--{key}={saved[key]}" for key in ("dataset", "tokenizer") if key in saved and saved[key] != cfg[key]]
+        if other:
+            raise SystemExit(f"--init_from={cfg['init_from']} was trained with {' '.join(other)}: pass the same")
+        try:
+            checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if "scorer" not in k}
+            dense = dict(checkpoint["model_args"], attention="dense")
+            teacher = GPT.from_checkpoint(dict(checkpoint, model_args=dense))
+        except ValueError as e:
+            raise SystemExit(f"--init_from={cfg['init_from']}: {e}") from None
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -1019,9 +1027,13 @@ def build(cfg, rank, world, device, model_args, teacher, data):
 
 def resume_from(run, checkpoint):
     """Continue from a checkpoint: weights, optimizer, step, lambda and history."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.it, run.best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.it, run.best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    except (KeyError, ValueError, RuntimeError) as e:  # written by another program, or by hand
+        raise SystemExit(f"--resume: {os.path.join(run.cfg['out_dir'], 'ckpt.pt')} does not hold this run's weights, "
+                         f"optimizer and step ({' '.join(str(e).split())[:200]}); pass --overwrite to start over") from None
     run.resumed_at = run.saved_at = run.it
     run.kv_weight = checkpoint.get("kv_weight", run.kv_weight)  # older checkpoints: a fixed lambda
     run.history = dict(run.history, **checkpoint.get("history", {}))  # older checkpoints kept no history
