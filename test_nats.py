@@ -2059,7 +2059,7 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
                          (["--passkey_lengths=40"], "--passkey_lengths=40: a passkey trial needs more than"),
                          ([f"--init_from={tmp_path / 'empty.gguf'}"], "--init_from: no pretrained model"),
                          (["--rope_scaling=(8.0, 4.0, 4.0, 8192)"], "rope_scaling must be"),
-                         (["--scorer_bias=1e999"], "scorer_bias must be a finite number")]:
+                         (["--scorer_bias=1e999"], "--scorer_bias=1e999: expected a finite number")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
             ts.train(ts.make_config(base + bad)[0])
     (tmp_path / "notes.gguf").write_text("not a model")
@@ -2138,6 +2138,8 @@ def test_sampling_treats_a_vanishing_temperature_as_greedy_and_stops_on_broken_l
     ("max_iters = 10\nwindow = 2 +\n", "bad.py:2: not a text file of key = value lines"),
     ("window = int('3')\n", "bad.py:1: window = int('3') is not a value"),
     ("windw = 3\n", "bad.py:1: unknown setting 'windw'"),
+    ("learning_rate = 1e400\n", "bad.py:1: expected a finite number within float32's range"),
+    ("seed = 99999999999999999999999\n", "bad.py:1: expected an integer that fits in 64 bits"),
 ])
 def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, message):
     import train_shakespeare as ts
@@ -2150,6 +2152,8 @@ def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, 
         ts.make_config([str(recipe), "--device=cpu"])
     with pytest.raises(SystemExit, match=re.escape("--max_iters=2.5: expected an int like --max_iters=")):
         ts.make_config(["--device=cpu", "--max_iters=2.5"])
+    recipe.write_text("\ufeffmax_iters = 7\n", encoding="utf-8")  # a byte-order mark, as some editors write
+    assert ts.make_config([str(recipe), "--device=cpu"])[0]["max_iters"] == 7
 
 
 def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_path):
@@ -2200,7 +2204,8 @@ def test_the_public_mask_functions_check_their_arguments():
         nats_attention_reference(q, k, v, random_types(1, 1, 9, seed=1), 3)  # one head's types broadcast over two
 
 
-@pytest.mark.parametrize("flag", ["--kv_weight=1e999", "--rope_base=0", "--rope_base=1e999"])
+@pytest.mark.parametrize("flag", ["--kv_weight=1e999", "--rope_base=0", "--rope_base=1e999", "--kv_weight=1e300",
+                                  "--learning_rate=1e400", "--init_std=-1e400", "--seed=99999999999999999999999"])
 def test_values_that_would_only_show_as_a_nan_loss_are_refused_up_front(flag):
     import train_shakespeare as ts
     with pytest.raises(SystemExit, match=re.escape(flag.split("=")[0])):

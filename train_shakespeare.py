@@ -129,7 +129,7 @@ def read_recipe(path, known):
         dashes = f" (a setting takes two dashes: --{path})" if "=" in path else ""
         raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py{dashes}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as some editors save, is skipped
             lines = ast.parse(f.read(), filename=path).body
     except (UnicodeDecodeError, SyntaxError, ValueError) as e:
         where = f":{e.lineno}" if getattr(e, "lineno", None) else ""
@@ -162,6 +162,9 @@ def parse_value(key, value, default):
     return of_type(parsed, default, f"--{key}={value}", f"--{key}={default!r}")
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def of_type(value, default, where, example):
     """value as the type of its setting's default (an int where a float is expected becomes one),
     or an error at `where` (the flag, or the config file's line) showing the default as `example`."""
@@ -169,6 +172,10 @@ def of_type(value, default, where, example):
         value = float(value)
     if type(value) is not type(default):
         raise SystemExit(f"{where}: expected {_a(default)} like {example} (its default), got {value!r}")
+    if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # 1e400 parses to inf; the model runs in float32
+        raise SystemExit(f"{where}: expected a finite number within float32's range (up to 3.4e38), got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise SystemExit(f"{where}: expected an integer that fits in 64 bits, got {value!r}")
     return value
 
 
@@ -1033,7 +1040,8 @@ def resume_from(run, checkpoint):
         run.it, run.best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
     except (KeyError, ValueError, RuntimeError) as e:  # written by another program, or by hand
         raise SystemExit(f"--resume: {os.path.join(run.cfg['out_dir'], 'ckpt.pt')} does not hold this run's weights, "
-                         f"optimizer and step ({' '.join(str(e).split())[:200]}); pass --overwrite to start over") from None
+                         f"optimizer and step ({' '.join(str(e).split())[:200]}); pass --overwrite to start over") \
+            from None
     run.resumed_at = run.saved_at = run.it
     run.kv_weight = checkpoint.get("kv_weight", run.kv_weight)  # older checkpoints: a fixed lambda
     run.history = dict(run.history, **checkpoint.get("history", {}))  # older checkpoints kept no history
