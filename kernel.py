@@ -107,6 +107,7 @@ def relaxed_mask(token_types, window):
     """
     y_g, y_l, y_s = token_types.unbind(-1)
     T = y_g.shape[-1]
+    window = min(window, T)  # the same mask, and no integer overflow for a huge one
     i = torch.arange(T, device=y_g.device)[:, None]
     j = torch.arange(T, device=y_g.device)[None, :]
     g_prev = F.pad(y_g, (1, 0))[..., :-1, None]  # g_{i-1} for row i
@@ -1221,6 +1222,17 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
                          f"{k_cache.dtype}, {v_cache.dtype}")
     if pos.dtype != torch.int32 or kinds.dtype != torch.uint8 or not (pos.is_contiguous() and kinds.is_contiguous()):
         raise ValueError(f"pos must be contiguous int32 and kinds contiguous uint8; got {pos.dtype}, {kinds.dtype}")
+    if not (isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.shape == (1,)) or kind.dtype != torch.long:
+        raise ValueError(f"t must be the new token's position as an int32 tensor of shape [1] and kind its types as "
+                         f"long (0 G, 1 L, 2 S); got t {t!r}, kind {kind.dtype}")
+    # Reading values needs a GPU sync, which would stall every step (and cannot run in a CUDA graph): checked on
+    # the CPU; on CUDA the Decoder's make_room keeps a slot free.
+    if pos.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not (pos < 0).any(-1).all():
+            raise ValueError("a row of the cache has no free slot for the new token; grow the cache first "
+                             "(nats.make_room)")
+        if ((kind < 0) | (kind > 2)).any() or (t < 0).any():
+            raise ValueError("kind must hold types 0, 1 or 2 (G, L, S) and t a position >= 0")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
     window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit

@@ -24,6 +24,7 @@ import inspect
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -75,6 +76,13 @@ class GPTConfig:
 
     def __post_init__(self):
         """Raise a ValueError naming the field and what to pass, for a config no model can have."""
+        for field in dataclasses.fields(self):  # each value of its default's kind: "False" is no bool, 64.5 no int
+            value, default = getattr(self, field.name), field.default
+            kind = (int, float) if type(default) is float else type(default)
+            if not isinstance(value, kind) or isinstance(value, bool) is not isinstance(default, bool):
+                raise ValueError(f"{field.name} must be {type(default).__name__} like {default!r}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value!r}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

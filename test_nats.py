@@ -572,6 +572,15 @@ def test_decode_kernel_refuses_bad_inputs():
         nats_decode(q, k, v, kind, t, cache, -1)
     with pytest.raises(ValueError, match="impl"):
         nats_decode(q, k, v, kind, t, cache, 4, impl="cuda")
+    for bad_t, bad_kind in [(30, kind), (t, kind.float())]:
+        with pytest.raises(ValueError, match="int32 tensor of shape"):
+            nats_decode(q, k, v, bad_kind, bad_t, cache, 4)
+    if DEVICE == "cpu":  # the values need a sync on CUDA, where the Decoder keeps a slot free
+        full = [*cache[:2], cache[2].clamp(min=0), cache[3]]
+        with pytest.raises(ValueError, match="no free slot"):
+            nats_decode(q, k, v, kind, t, full, 4)
+        with pytest.raises(ValueError, match="types 0, 1 or 2"):
+            nats_decode(q, k, v, kind + 7, t, cache, 4)
 
 
 # -----------------------------------------------------------------------------
@@ -747,6 +756,9 @@ def test_init_std_sets_the_initial_weights(std):
     (dict(n_kv_head=3), "n_kv_head"), (dict(n_head=5, n_embd=128), "n_head"), (dict(init_std=0.0), "init_std"),
     (dict(window=-1), "window"), (dict(block_size=0), "block_size"),
     (dict(dropout=1.0), "dropout"), (dict(n_layer=0), "n_layer"),
+    (dict(local_type="False"), "local_type must be bool"), (dict(block_size=64.5), "block_size must be int"),
+    (dict(n_embd="128"), "n_embd must be int"), (dict(window=True), "window must be int"),
+    (dict(init_std=float("inf")), "init_std must be a finite"), (dict(rope_scaling=[8.0, 1.0, 4.0, 64]), "tuple"),
 ])
 def test_model_rejects_bad_configs(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -2196,6 +2208,7 @@ def test_the_public_mask_functions_check_their_arguments():
     types = random_types(1, 2, 9, seed=1)
     with pytest.raises(ValueError, match="window must be >= 0"):
         kv_lengths(types, -5)
+    assert torch.equal(relaxed_mask(types, 2**70), relaxed_mask(types, 9))  # a window past the sequence: no overflow
     huge = kv_lengths(types, 2**63 - 1)  # no overflow: a window past the sequence keeps every later query
     assert torch.equal(huge, kv_lengths(types, 9)) and (huge > 0).all()
     q = torch.randn(1, 4, 9, 8)
