@@ -1326,8 +1326,9 @@ def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_d
 
 
 def test_nan_loss_stops_training_with_a_message(tmp_path):
-    with pytest.raises(SystemExit, match=r"loss is nan at step \d+"):
+    with pytest.raises(SystemExit, match=r"loss is nan at step \d+") as stop:
         tiny_run(tmp_path, learning_rate=float("inf"), warmup_iters=0, grad_clip=0.0)
+    assert "--init_std" in str(stop.value) and "--resume" not in str(stop.value)  # no checkpoint to resume yet
 
 
 def test_command_line_and_config_files(tmp_path):
@@ -1359,6 +1360,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(resume=True, overwrite=True), "--overwrite"), (dict(dataset="wiki"), "--dataset"),
     (dict(kv_budget=1.5), "--kv_budget"), (dict(kv_budget=-0.1), "--kv_budget"), (dict(show_layer=-2), "--show_layer"),
     (dict(kv_budget=0.2, attention="dense"), "--kv_budget"), (dict(kv_budget=0.2, dual_lr=0.0), "--dual_lr"),
+    (dict(kv_budget=0.0, dual_lr=-1.0), "--dual_lr"), (dict(random_global=0.5), "--random_global"),
     (dict(dense_warmup=-1), "--dense_warmup"), (dict(dense_warmup=5, attention="sliding"), "--dense_warmup"),
     (dict(attention="random", random_global=2.0), "random_global"),
     (dict(attention_impl="triton", device="cpu"), "--attention_impl"),

@@ -449,8 +449,11 @@ def check_sparsity_schedule(cfg):
     if cfg["kv_budget"] and not 0 < cfg["kv_budget"] <= 1:
         raise SystemExit(f"--kv_budget={cfg['kv_budget']}: pass the share of the attention entries to keep, in "
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
-    if cfg["kv_budget"] and not cfg["dual_lr"] > 0:
+    if cfg["kv_budget"] and not cfg["dual_lr"] > 0 or cfg["dual_lr"] < 0:
         raise SystemExit(f"--dual_lr={cfg['dual_lr']}: the multiplier of --kv_budget needs a step size > 0, like 1.0")
+    if cfg["random_global"] and cfg["attention"] != "random":
+        raise SystemExit(f"--random_global={cfg['random_global']} is the Global share of --attention=random: pass "
+                         f"that, or drop --random_global")
     if cfg["kv_budget"] and cfg["dense_warmup"] >= cfg["max_iters"]:
         raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} lasts the whole run of --max_iters={cfg['max_iters']} "
                          f"steps, so --kv_budget={cfg['kv_budget']} never acts: pass a shorter warm-up, like "
@@ -1122,8 +1125,10 @@ def train_step(run):
     run.optimizer.zero_grad(set_to_none=True)
     loss, term, kv = (all_ranks_sum(step_totals, run.device) / gas).tolist()
     if not math.isfinite(loss):
-        raise SystemExit(f"loss is {loss} at step {it}: stopping. Try a lower --learning_rate, "
-                         f"--dtype=float32, or --resume from the last checkpoint in {cfg['out_dir']}")
+        saved = (f", or --resume from the checkpoint of step {run.saved_at} in {cfg['out_dir']}"
+                 if run.saved_at is not None else "")
+        raise SystemExit(f"loss is {loss} at step {it}: stopping. Try a lower --learning_rate, --dtype=float32, or "
+                         f"settings nearer their defaults (--init_std, --rope_base, --kv_weight, --grad_clip){saved}")
     run.history["loss"][it] = loss
     if attention != "dense":
         run.history["eval_kv_fraction"][it] = kv
