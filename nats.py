@@ -1222,16 +1222,17 @@ def gpu_peak_mb(device):
 DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
 
 
-def at_least(minimum, kind):
-    """An argparse type: a number of the given kind (int or float) >= minimum."""
+def at_least(minimum, kind, below=math.inf):
+    """An argparse type: a number of the given kind (int or float) >= minimum and < below."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value >= minimum:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {minimum}, "
-                                              f"got {text!r}")
+        if value is None or not minimum <= value < below:
+            bound = f" and < {below}" if below < math.inf else ""
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {minimum}"
+                                              f"{bound}, got {text!r}")
         return value
     return parse
 
@@ -1253,7 +1254,7 @@ def parse_args(argv=None):
                         help="0: always the most likely token")
     parser.add_argument("--top_k", type=at_least(1, int), default=TOP_K,
                         help="sample among the k most likely tokens (at most the vocabulary)")
-    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--seed", type=at_least(0, int, below=2**63), default=SEED)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--compile", action="store_true",

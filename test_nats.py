@@ -1048,6 +1048,7 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
     (["--temperature=warm"], "--temperature"),
     (["--max_new_tokens=many"], "--max_new_tokens"),
     (["--num_samples=0"], "--num_samples"),
+    (["--seed=99999999999999999999999"], "--seed"),
     (["--start=FILE:{missing}"], "--start"),
     (["--start=FILE:{binary}"], "not UTF-8"),
     (["--start=FILE:{folder}"], "a folder"),
