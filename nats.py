@@ -1069,6 +1069,9 @@ DECODE_VARIANTS = (  # (name, attention, the caches' impl, torch.compile): the s
     ("dense fused", "dense", "triton", True),  # the same fused step as NAtS, every token Global
     ("NAtS fused", "nats", "triton", True),
     ("NAtS unfused", "nats", "reference", False))  # the step as it was: PyTorch operations under a CUDA graph
+# a deep pretrained model compiles for a minute per variant (SmolLM2's 30 layers: 35-67 s): one compiled row
+PRETRAINED_DECODE_VARIANTS = (("dense SDPA", "dense", "reference", False), ("dense fused", "dense", "triton", False),
+                              ("NAtS fused", "nats", "triton", False), ("NAtS fused, compiled", "nats", "triton", True))
 
 
 @torch.no_grad()
@@ -1353,7 +1356,8 @@ def sample(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.bench and args.pretrained:
-        benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype], pretrained=args.pretrained)
+        benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype], pretrained=args.pretrained,
+                         variants=PRETRAINED_DECODE_VARIANTS)
     elif args.bench:
         benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
     else:

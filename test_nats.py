@@ -2017,6 +2017,15 @@ def test_a_loaded_model_decodes_as_it_forwards(tiny_gguf):
     torch.testing.assert_close(nats.decode(model, idx, prefill=7), model(idx)[0], rtol=0, atol=1e-4)
 
 
+def test_the_decode_benchmark_times_a_pretrained_model(tiny_gguf):
+    variants = (("dense", "dense", "reference", False), ("NAtS", "nats", "reference", False))
+    rows = benchmark_decode(contexts=(40,), batches=(1,), new_tokens=4, warmup=1, device="cpu", dtype=torch.float32,
+                            variants=variants, pretrained=tiny_gguf[0])
+    assert [r["variant"] for r in rows] == ["dense", "NAtS"] and rows[1]["cache_mb"] < rows[0]["cache_mb"]
+    weights = sum(p.numel() * 4 for p in GPT.from_pretrained(tiny_gguf[0], attention="dense").parameters())
+    assert rows[0]["bytes_per_step"] - rows[0]["cache_mb"] * 2**20 == pytest.approx(weights)  # not the baby GPT's
+
+
 def test_from_pretrained_names_what_it_cannot_load(tmp_path):
     import transformers
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
