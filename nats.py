@@ -457,8 +457,16 @@ class GPT(nn.Module):
         by default. caches: one KVCache per layer for generation (see Decoder). all_global: every
         token Global in every layer (dense attention; the scorers are not run). Raises ValueError
         for a sequence longer than block_size."""
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"idx must be token ids [batch, tokens], long or int32; got {idx.dtype} of shape "
+                             f"{tuple(idx.shape)}")
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
+        # reading the ids needs a GPU sync: checked on the CPU, where the embedding's own error names no bound
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel() \
+                and not 0 <= idx.min() <= idx.max() < self.config.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1} (vocab_size); got "
+                             f"{idx.min().item()}..{idx.max().item()}")
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
             rope = self.rope(pos)
@@ -982,8 +990,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
         raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if top_k is not None and not isinstance(top_k, int):
+        raise ValueError(f"top_k must be an int or None, got {top_k!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: always the most likely token), got {temperature}")
     decodable = model.config.vocab_size if decodable is None else decodable

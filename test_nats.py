@@ -974,6 +974,13 @@ def test_generate_rejects_bad_input():
         nats.decode(model, prompt, prefill=0)
     with pytest.raises(ValueError, match="cuda_graph"):
         nats.decode(model, prompt, cuda_graph=True)  # the model is on the CPU
+    for bad in (dict(max_new_tokens=2.5), dict(top_k=5.0)):
+        with pytest.raises(ValueError, match="must be an int"):
+            nats.generate(model, prompt, **{"max_new_tokens": 5, **bad})
+    for ids, message in [(prompt.float(), "long or int32"), (prompt[0], r"\[batch, tokens\]"),
+                         (prompt + 50, r"0\.\.49 \(vocab_size\); got 50\.\.50"), (prompt - 1, "got -1")]:
+        with pytest.raises(ValueError, match=message):
+            model(ids)
 
 
 def test_decode_benchmark_runs_on_cpu(capsys):
