@@ -62,6 +62,10 @@ def reach_by_type(token_types, window):
     """
     if not window >= 0:
         raise ValueError(f"window must be >= 0 (0: a Sliding token is seen by its own query only), got {window}")
+    if token_types.dim() < 2 or token_types.shape[-1] != 3 or not token_types.is_floating_point():
+        raise ValueError(f"token_types must be one-hot floats [..., T, 3] (Global, Local, Sliding); got "
+                         f"{token_types.dtype} of shape {tuple(token_types.shape)}; for type ids pass "
+                         f"F.one_hot(kinds, 3).float()")
     T = token_types.shape[-2]
     pos = torch.arange(T, device=token_types.device)
     local = next_global(token_types.argmax(-1) == GLOBAL).clamp(max=T - 1)
@@ -1144,6 +1148,8 @@ def check_inputs(q, k, v, token_types, window):
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, H, T, D = q.shape
     H_kv = k.shape[1]
+    if D == 0:
+        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}")
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (T, D):
         raise ValueError(f"k and v must both be [batch={B}, kv_heads, seq={T}, head_dim={D}] to match "
                          f"q {tuple(q.shape)}; got k {tuple(k.shape)}, v {tuple(v.shape)}")

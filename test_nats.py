@@ -2228,6 +2228,11 @@ def test_the_public_mask_functions_check_their_arguments():
     with pytest.raises(ValueError, match="window must be >= 0"):
         kv_lengths(types, -5)
     assert torch.equal(relaxed_mask(types, 2**70), relaxed_mask(types, 9))  # a window past the sequence: no overflow
+    for bad in (types.argmax(-1), types[..., :2], types.long()):  # type ids, two types, integers
+        with pytest.raises(ValueError, match=r"one-hot floats \[\.\.\., T, 3\]"):
+            kv_lengths(bad, 3)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        nats_attention(*torch.zeros(3, 1, 2, 9, 0), types, 3)
     huge = kv_lengths(types, 2**63 - 1)  # no overflow: a window past the sequence keeps every later query
     assert torch.equal(huge, kv_lengths(types, 9)) and (huge > 0).all()
     q = torch.randn(1, 4, 9, 8)
