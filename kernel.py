@@ -1166,7 +1166,7 @@ def check_inputs(q, k, v, token_types, window):
     if len({q.device, k.device, v.device, token_types.device}) != 1:
         raise ValueError(f"all inputs must be on one device; got q {q.device}, k {k.device}, "
                          f"v {v.device}, token_types {token_types.device}")
-    if not isinstance(window, int) or window < 0:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
     # Reading the values needs a GPU sync, which would stall every call on CUDA: checked on the
     # CPU, and on CUDA where the caller asks (is_one_hot).
@@ -1239,7 +1239,7 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
                              "(nats.make_room)")
         if ((kind < 0) | (kind > 2)).any() or (t < 0).any():
             raise ValueError("kind must hold types 0, 1 or 2 (G, L, S) and t a position >= 0")
-    if not isinstance(window, int) or window < 0:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
     window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
     if impl == "auto":

@@ -614,6 +614,12 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: no CUDA GPU is visible here; load {path} with device='cpu'")
+    try:
         # tensors and plain Python values only: a checkpoint never needs to run code to load
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:

@@ -784,6 +784,11 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
             GPT.from_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="not a device"):
+        load_checkpoint(good, device="gpu")  # a good file, a bad device: not called truncated
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible here"):
+            load_checkpoint(good, device="cuda")
     hollow, other_args, no_args = tmp_path / "hollow.pt", tmp_path / "other_args.pt", tmp_path / "no_args.pt"
     torch.save(dict(model={}, model_args={}), hollow)  # the right keys, nothing in them
     torch.save(dict(model=model.state_dict(), model_args=dict(tiny_config().__dict__, n_embd=64)), other_args)
@@ -1560,6 +1565,15 @@ def test_a_corpus_of_more_symbols_than_uint16_and_no_newline_trains_and_samples(
     assert "sample:" in capsys.readouterr().out
 
 
+def test_an_out_dir_whose_ckpt_is_a_folder_is_named_and_kept(tmp_path):
+    (tmp_path / "ckpt.pt").mkdir()
+    (tmp_path / "ckpt.pt" / "precious.txt").write_text("a user's file")
+    for flags in (dict(overwrite=True), dict(resume=True), {}):
+        with pytest.raises(SystemExit, match="ckpt.pt is not a file"):
+            tiny_run(tmp_path, **flags)
+    assert (tmp_path / "ckpt.pt" / "precious.txt").read_text() == "a user's file"
+
+
 def test_an_out_dir_that_cannot_hold_a_run_is_named_before_anything_is_written(tmp_path, monkeypatch):
     import train_shakespeare as ts
     (tmp_path / "a_file").write_text("not a folder")
@@ -2231,6 +2245,8 @@ def test_the_public_mask_functions_check_their_arguments():
     for bad in (types.argmax(-1), types[..., :2], types.long()):  # type ids, two types, integers
         with pytest.raises(ValueError, match=r"one-hot floats \[\.\.\., T, 3\]"):
             kv_lengths(bad, 3)
+    with pytest.raises(ValueError, match="window must be an int"):
+        nats_attention(*torch.randn(3, 1, 2, 9, 8), types.float(), True)  # a bool is no window
     with pytest.raises(ValueError, match="head_dim must be >= 1"):
         nats_attention(*torch.zeros(3, 1, 2, 9, 0), types, 3)
     huge = kv_lengths(types, 2**63 - 1)  # no overflow: a window past the sequence keeps every later query

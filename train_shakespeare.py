@@ -126,7 +126,7 @@ def read_recipe(path, known):
     Python literal of its setting's type, as --key=value is checked. A line that is not such an
     assignment, an unknown key or a value of the wrong type stops with the file and line named."""
     if not os.path.isfile(path):
-        dashes = f" (a setting takes two dashes: --{path})" if "=" in path else ""
+        dashes = f" (a setting takes two dashes: --{path.lstrip('-')})" if "=" in path else ""
         raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py{dashes}")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as some editors save, is skipped
@@ -828,6 +828,10 @@ def check_out_dir(cfg):
     silently replaced."""
     paths = [os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "history.json")]
     existing = [path for path in paths if os.path.exists(path)]
+    for path in existing:
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} is not a file: {cfg['out_dir']} holds something else than a run; move it away "
+                             f"or pass another --out_dir")
     if existing == paths[1:] and not cfg["overwrite"]:  # stopped before its first eval wrote a checkpoint
         raise SystemExit(f"{cfg['out_dir']} holds the history of a run stopped before its first checkpoint, nothing to "
                          f"resume: pass --overwrite to start over, or another --out_dir")
