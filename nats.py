@@ -1049,7 +1049,7 @@ def decode(model, idx, prefill=1, caches=None, cuda_graph=None):
     in one forward, then one token at a time through evicting caches (new_caches() unless
     given). Equals forward() in eval() mode; tests use it. cuda_graph: see Decoder. Raises
     ValueError for a prefill out of range."""
-    if not 1 <= prefill <= idx.shape[1]:
+    if not isinstance(prefill, int) or isinstance(prefill, bool) or not 1 <= prefill <= idx.shape[1]:
         raise ValueError(f"prefill must be in 1..{idx.shape[1]} (the prompt's tokens), got {prefill}")
     caches = model.new_caches() if caches is None else caches
     with eval_mode(model):

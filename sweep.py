@@ -59,8 +59,13 @@ def split_args(argv):
             if isinstance(own[key], int) and not value.isdigit():
                 raise SystemExit(f"--{key}={value}: expected a whole number like {own[key]}")
             own[key] = value if isinstance(own[key], str) else int(value)
+        elif key in ("attention", "random_global", "local_type"):  # each run has its own
+            raise SystemExit(f"--{key}: the sweep sets it for each run (dense, sliding, NAtS, random Globals, G+S); "
+                             f"drop it")
         else:
             rest.append(arg)
+    if own["jobs"] < 1:
+        raise SystemExit(f"--jobs={own['jobs']}: pass the number of runs at a time, at least 1")
     return own, rest
 
 

@@ -975,8 +975,9 @@ def test_generate_rejects_bad_input():
         nats.generate(model, prompt.to("meta"), 5)
     with pytest.raises(ValueError, match="block_size"):
         nats.generate(model, torch.zeros(1, 33, dtype=torch.long), 5)
-    with pytest.raises(ValueError, match="prefill"):
-        nats.decode(model, prompt, prefill=0)
+    for prefill in (0, True):
+        with pytest.raises(ValueError, match="prefill"):
+            nats.decode(model, prompt, prefill=prefill)
     with pytest.raises(ValueError, match="cuda_graph"):
         nats.decode(model, prompt, cuda_graph=True)  # the model is on the CPU
     for bad in (dict(max_new_tokens=2.5), dict(top_k=5.0)):
@@ -2112,8 +2113,9 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
         ts.train(ts.make_config(base + [f"--init_from={tmp_path / 'notes.gguf'}"])[0])
     with pytest.raises(ValueError, match="GPT.from_checkpoint"):
         GPT.from_pretrained(str(tiny_checkpoint(tmp_path)))
-    for bad in (["--gs_budgets=0"], ["--kv_budgets=1.5"], ["--windows=4", "--window=-1"], ["--windows=4,4"]):
-        with pytest.raises(SystemExit, match="budgets|--window"):
+    for bad in (["--gs_budgets=0"], ["--kv_budgets=1.5"], ["--windows=4", "--window=-1"], ["--windows=4,4"],
+                ["--jobs=0"], ["--attention=dense"]):
+        with pytest.raises(SystemExit, match="budgets|--window|--jobs=0|--attention: the sweep sets it"):
             sweep.main(TINY_RUN + bad + [f"--out_dir={tmp_path / 'sweep'}"])
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
