@@ -930,15 +930,14 @@ class NAtSAttention(torch.autograd.Function):
         return dq, dk, dv, dtypes, None
 
 
-def nats_attention_triton(q, k, v, token_types, window):
-    """The Triton kernel behind nats_attention: a training forward (and its backward) when
-    anything needs a gradient, else the inference forward, which skips the far region."""
-    B, H, T, D = q.shape
+def check_kernel_support(q):
+    """Raise what the Triton kernels (attention and decode) do not support of queries q [..., D]:
+    RuntimeError without triton, ValueError for a head size, dtype or device they do not take."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton kernel needs the triton package (Linux, pip install triton); "
                            "pass impl='reference' to run NAtS attention in plain PyTorch")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the Triton kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got {D}; "
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}; "
                          f"pass impl='reference' for other sizes")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the Triton kernel supports {SUPPORTED_DTYPES}, got {q.dtype}; "
@@ -946,6 +945,19 @@ def nats_attention_triton(q, k, v, token_types, window):
     if not (q.is_cuda or INTERPRETING):
         raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import); "
                          "pass impl='reference' on CPU")
+
+
+def check_window(window):
+    """Raise a ValueError for a window that is not an int >= 0 (a bool is none)."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"window must be an int >= 0; got {window!r}")
+
+
+def nats_attention_triton(q, k, v, token_types, window):
+    """The Triton kernel behind nats_attention: a training forward (and its backward) when
+    anything needs a gradient, else the inference forward, which skips the far region."""
+    B, H, T, D = q.shape
+    check_kernel_support(q)
     if INTERPRETING and q.dtype == torch.bfloat16:  # the interpreter's bf16 arithmetic is wrong
         return nats_attention_triton(q.float(), k.float(), v.float(), token_types, window).to(q.dtype)
     if T == 0:
@@ -1166,8 +1178,7 @@ def check_inputs(q, k, v, token_types, window):
     if len({q.device, k.device, v.device, token_types.device}) != 1:
         raise ValueError(f"all inputs must be on one device; got q {q.device}, k {k.device}, "
                          f"v {v.device}, token_types {token_types.device}")
-    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-        raise ValueError(f"window must be an int >= 0; got {window!r}")
+    check_window(window)
     # Reading the values needs a GPU sync, which would stall every call on CUDA: checked on the
     # CPU, and on CUDA where the caller asks (is_one_hot).
     if token_types.device.type == "cpu" and not torch.compiler.is_compiling() and not is_one_hot(token_types):
@@ -1239,8 +1250,7 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
                              "(nats.make_room)")
         if ((kind < 0) | (kind > 2)).any() or (t < 0).any():
             raise ValueError("kind must hold types 0, 1 or 2 (G, L, S) and t a position >= 0")
-    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-        raise ValueError(f"window must be an int >= 0; got {window!r}")
+    check_window(window)
     window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
     if impl == "auto":
         impl = "triton" if q.is_cuda else "reference"
@@ -1248,11 +1258,10 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
         return nats_decode_reference(q, k, v, kind, t, cache, window)
     if impl != "triton":
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if not HAS_TRITON or D not in SUPPORTED_HEAD_DIMS or q.dtype not in SUPPORTED_DTYPES \
-            or not (q.is_cuda or INTERPRETING):
-        raise ValueError(f"the decode kernel needs triton, CUDA tensors (or TRITON_INTERPRET=1), head_dim in "
-                         f"{SUPPORTED_HEAD_DIMS} and a dtype in {SUPPORTED_DTYPES}; got head_dim {D}, {q.dtype} on "
-                         f"{q.device}; pass impl='reference'")
+    check_kernel_support(q)
+    if INTERPRETING and q.dtype == torch.bfloat16:  # its bf16 arithmetic is wrong, and the cache is written in place
+        raise ValueError("the Triton interpreter computes bfloat16 wrongly: pass float32 or float16 tensors, or "
+                         "impl='reference'")
     if any(x.stride(-1) != 1 for x in (q, k, v, k_cache, v_cache)):
         raise ValueError("q, k, v and the cache's k and v need their head_dim contiguous (stride 1)")
     return _decode(q, k, v, kind, t, k_cache, v_cache, pos, kinds, window)

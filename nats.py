@@ -24,8 +24,7 @@ import inspect
 import math
 import os
 import time
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 
 import numpy as np
@@ -76,7 +75,7 @@ class GPTConfig:
 
     def __post_init__(self):
         """Raise a ValueError naming the field and what to pass, for a config no model can have."""
-        for field in dataclasses.fields(self):  # each value of its default's kind: "False" is no bool, 64.5 no int
+        for field in fields(self):  # each value of its default's kind: "False" is no bool, 64.5 no int
             value, default = getattr(self, field.name), field.default
             kind = (int, float) if type(default) is float else type(default)
             if not isinstance(value, kind) or isinstance(value, bool) is not isinstance(default, bool):
@@ -491,11 +490,12 @@ class GPT(nn.Module):
         teacher's, per token. Without targets the loss is None. all_global: every token Global, the
         scorers not run (a dense warm-up). Raises ValueError for a negative float kv_weight.
 
-        stats, detached, for logs and pictures: ce (with targets) and, unless the attention is
-        dense, per layer kv_fraction [n_layer], eval_kv_fraction [n_layer] (the kv share of the
-        argmax types, what eval() and a KVCache keep; in training NAtS's kv_fraction is that of
-        the sampled types), type_share [n_layer, 3], cache_size [n_layer] and token_types
-        [n_layer, B, H_kv, T] (long: 0 Global, 1 Local, 2 Sliding).
+        stats, detached, for logs and pictures: with targets ce and, for NAtS, kv_term (the loss's
+        lambda term); unless the attention is dense, per layer kv_fraction [n_layer],
+        eval_kv_fraction [n_layer] (the kv share of the argmax types, what eval() and a KVCache
+        keep; in training NAtS's kv_fraction is that of the sampled types), type_share [n_layer, 3],
+        cache_size [n_layer] and token_types [n_layer, B, H_kv, T] (long: 0 Global, 1 Local,
+        2 Sliding).
         """
         if isinstance(kv_weight, (int, float)) and not kv_weight >= 0:
             raise ValueError(f"kv_weight must be >= 0 (a negative weight rewards keeping keys), got {kv_weight}")
@@ -524,7 +524,9 @@ class GPT(nn.Module):
                 log_q = F.log_softmax(logits.float().flatten(0, 1), dim=-1)
                 loss = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
         if self.config.attention == "nats":  # the fixed patterns have nothing to learn
-            loss = loss + kv_weight * kv_fraction.mean()
+            kv_term = kv_weight * kv_fraction.mean()
+            stats["kv_term"] = kv_term.detach()
+            loss = loss + kv_term
         return logits, loss, stats
 
     @torch.no_grad()
@@ -984,8 +986,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
     then one token per step goes through the evicting caches (pass empty ones from
     new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
-    Decoder; cuda_graph=False runs it eagerly; compile: see Decoder). temperature 0 (or below MIN_TEMPERATURE) is
-    greedy decoding (the most likely token); top_k keeps the k most likely; ids from `decodable`
+    Decoder; cuda_graph=False runs it eagerly; compile: see Decoder). temperature 0 (or below
+    MIN_TEMPERATURE) is greedy decoding (the most likely token); top_k keeps the k most likely; ids from `decodable`
     on (an output layer padded past the tokenizer's vocabulary, data.decodable_size) are never
     drawn. Past block_size positions keep counting; memory stays bounded as long as Global
     tokens stay sparse. Raises ValueError for a malformed prompt, one longer than block_size, a
@@ -1097,13 +1099,12 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
     the variants (name, attention, impl, compile: see DECODE_VARIANTS), in one run: the model of
     the default width with random weights (or a pretrained one: see GPT.from_pretrained), NAtS
     with its types fixed to a G/L/S mix drawn per batch row (an untrained scorer gives no
-    realistic one). Greedy decoding; on CUDA the step
-    replays a CUDA graph. Per row: kernels per step, time to the first token (the prompt's
-    forward) cold (the variant's first prompt: kernels compiled) and warm, the first step's
-    seconds (torch.compile and recording the graph), tokens/s and its ratio to the first
-    variant's, the bytes a step reads (weights and the caches' buffers) and the bandwidth that
-    makes against a copy measured in the same run, the caches' MB. Prints a table and returns
-    its rows (dicts)."""
+    realistic one). Greedy decoding; on CUDA the step replays a CUDA graph. Per row: kernels per
+    step, time to the first token (the prompt's forward) cold (the variant's first prompt:
+    kernels compiled) and warm, the first step's seconds (torch.compile and recording the
+    graph), tokens/s and its ratio to the first variant's, the bytes a step reads (weights and
+    the caches' buffers) and the bandwidth that makes against a copy measured in the same run,
+    the caches' MB. Prints a table and returns its rows (dicts)."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
     copy = copy_rate(device)
     print(f"{name}, {dtype}, torch {torch.__version__}, G/L/S mix {mix}, W = {GPTConfig.window}, {new_tokens} "
@@ -1223,16 +1224,6 @@ def copy_rate(device, size=2**30):
 def gpu_synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def gpu_peak_mb(device):
-    """The most GPU memory allocated (MB) since the last call, once the GPU is done; nan off CUDA."""
-    if torch.device(device).type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**20
-    torch.cuda.reset_peak_memory_stats()
-    return peak
 
 
 # -----------------------------------------------------------------------------

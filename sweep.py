@@ -219,14 +219,10 @@ def write_table(rows, base, path):
     recall = base["dataset"] in RECALL_TASKS
     seeds = sorted({r["seed"] for r in rows})
     extra = long_context_keys(rows)
-    data = base["dataset"] + (f" ({base['tokenizer']})" if base["dataset"] == "shakespeare" else "")
     card = (f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name()})"
             if ts.device_type(base["device"]) == "cuda" else "")
-    shape = base.get("init_from") if ts.is_pretrained(base.get("init_from", "")) else \
-        f"{base['n_layer']} layers x {base['n_embd']} wide"
-    lines = [f"{data}, {shape}, context {base['block_size']}, "
-             f"W = {base['window']}, {base['max_iters']} iterations, seeds {', '.join(map(str, seeds))}, "
-             f"device {base['device']}{card}, {time.strftime('%Y-%m-%d')}", "",
+    lines = [f"{ts.describe_run(base)}, W = {base['window']}, {base['max_iters']} iterations, seeds "
+             f"{', '.join(map(str, seeds))}, device {base['device']}{card}, {time.strftime('%Y-%m-%d')}", "",
              "| run | val loss |" + (" recall accuracy |" if recall else "")
              + " kv share | end cache | G / L / S | steps | minutes |" + "".join(f" {k} |" for k in extra),
              "|---|---|" + ("---|" if recall else "") + "---|---|---|---|---|" + "---|" * len(extra)]

@@ -438,6 +438,14 @@ def token_counts(text):
     return [int(n) for n in text.split(",")] if text else []
 
 
+def describe_run(cfg):
+    """What a run trains, in a few words for its banner and the sweep's table: "shakespeare (gpt2),
+    6 layers x 384 wide, context 512" (a pretrained model by its name)."""
+    data = cfg["dataset"] + (f" ({cfg['tokenizer']})" if cfg["dataset"] == "shakespeare" else "")
+    shape = cfg["init_from"] if is_pretrained(cfg["init_from"]) else f"{cfg['n_layer']} layers x {cfg['n_embd']} wide"
+    return f"{data}, {shape}, context {cfg['block_size']}"
+
+
 def is_pretrained(init_from):
     """Whether --init_from names a pretrained model rather than a checkpoint of this script (.pt)."""
     return bool(init_from) and not init_from.endswith(".pt")
@@ -1119,8 +1127,7 @@ def train_step(run):
                                          kv_weight=torch.full((), run.kv_weight, device=run.device))
         run.scaler.scale(loss / gas * world).backward()  # DDP averages over the ranks
         kv = stats["eval_kv_fraction"].mean() if "eval_kv_fraction" in stats else torch.zeros_like(loss)
-        term = run.kv_weight * stats["kv_fraction"].mean() if attention == "nats" else torch.zeros_like(loss)
-        step_totals += torch.stack([loss.detach(), term, kv]).double()
+        step_totals += torch.stack([loss.detach(), stats.get("kv_term", torch.zeros_like(loss)), kv]).double()
     if cfg["grad_clip"] > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["grad_clip"])
@@ -1196,11 +1203,7 @@ def final_report(run):
 if __name__ == "__main__":
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
-        data = config["dataset"] + (f" ({config['tokenizer']})" if config["dataset"] == "shakespeare" else "")
-        shape = (config["init_from"] if is_pretrained(config["init_from"]) else
-                 f"{config['n_layer']} layers x {config['n_embd']} wide")
-        print(f"config: {why}: {data}, {shape}, "
-              f"context {config['block_size']}, batch {config['batch_size']}, {config['max_iters']} steps "
+        print(f"config: {why}: {describe_run(config)}, batch {config['batch_size']}, {config['max_iters']} steps "
               f"on {config['device']}")
         if config["compile"]:
             print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
