@@ -70,6 +70,8 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output layer shares the token embedding's weights
     rope_scaling: tuple = ()  # Llama 3's: (factor, low_freq_factor, high_freq_factor, original context length)
     local_type: bool = True  # False: the scorers choose between Global and Sliding only (an ablation: does Local pay?)
+    gumbel: bool = True  # training draws the types with Gumbel noise (the paper's); False: the argmax types that
+                         # eval() keeps, with the softmax's gradient: no gap between the two (a retrofit's choice)
     scorer_bias: float = 0.0  # the scorers' starting lead of Global over the other types (their logits' bias;
                               # 0: no bias). A retrofit starts at 5, so a pretrained model begins as its dense self
 
@@ -165,6 +167,7 @@ class TokenTypeScorer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_kv_head = config.n_kv_head
+        self.gumbel = config.gumbel
         self.proj = nn.Linear(config.n_embd, config.n_kv_head * 3, bias=False)
         lead = torch.tensor([config.scorer_bias, 0.0, 0.0]).repeat(config.n_kv_head, 1)  # [H_kv, 3]
         self.bias = nn.Parameter(lead) if config.scorer_bias else None
@@ -177,13 +180,18 @@ class TokenTypeScorer(nn.Module):
         T, 3] and the argmax types [B, H_kv, T, 3] (or None). In training the types are
         straight-through Gumbel-softmax samples (one-hot forward, soft backward) and the argmax
         types, without gradient, what eval() and a KVCache would keep; in eval() the types are the
-        argmax, and the second is None."""
+        argmax, and the second is None. Without config.gumbel, training's types are the argmax
+        too (forward) with the softmax's gradient (backward), and the second is None."""
         logits = self.logits(x)
         argmax = F.one_hot(self.kinds_of(logits, pos), 3).float()
         if not self.training:
             return argmax, None
+        first = (pos == 0)[:, None]  # position 0 stays Global, without gradient
+        if not self.gumbel:
+            soft = logits.softmax(-1)
+            return torch.where(first, argmax, argmax + soft - soft.detach()), None
         types = F.gumbel_softmax(logits, tau=1.0, hard=True)
-        return torch.where((pos == 0)[:, None], torch.eye(3, device=x.device)[GLOBAL], types), argmax
+        return torch.where(first, torch.eye(3, device=x.device)[GLOBAL], types), argmax
 
     def kinds(self, x, pos):
         """The types of eval() as indices: long [B, H_kv, T], 0 Global, 1 Local, 2 Sliding."""

@@ -632,6 +632,31 @@ def test_scorer_types_one_hot_with_global_first_and_deterministic_in_eval():
     assert torch.equal(kinds, model.eval()(idx)[2]["token_types"])
 
 
+def test_a_scorer_without_gumbel_noise_trains_on_the_types_eval_keeps():
+    """gumbel=False: training's forward is eval()'s (the argmax types, so the same logits and kv
+    share), and the softmax's gradient reaches every scorer but through position 0."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(dropout=0.0, gumbel=False))
+    for block in model.transformer.h:  # an opinionated scorer: Gumbel noise would flip many of its types
+        torch.nn.init.normal_(block.attn.scorer.proj.weight, std=0.5)
+    idx = torch.randint(50, (3, 31))
+    logits, loss, stats = model(idx, idx, kv_weight=0.5)
+    eval_logits, _, eval_stats = model.eval()(idx, idx, kv_weight=0.5)
+    assert torch.equal(logits, eval_logits) and torch.equal(stats["token_types"], eval_stats["token_types"])
+    assert torch.equal(stats["eval_kv_fraction"], stats["kv_fraction"])
+    assert set(stats["token_types"].unique().tolist()) == {GLOBAL, LOCAL, SLIDING}
+    loss.backward()
+    assert all(blk.attn.scorer.proj.weight.grad.abs().sum() > 0 for blk in model.transformer.h)
+    scorer, x = model.transformer.h[0].attn.scorer.train(), torch.randn(2, 9, 32, requires_grad=True)
+    types, argmax = scorer(x, torch.arange(9))
+    assert argmax is None and types.requires_grad
+    types.mul(torch.randn_like(types)).sum().backward()
+    assert scorer.proj.weight.grad.abs().sum() > 0
+    noisy = GPT(tiny_config(dropout=0.0))  # the paper's Gumbel samples: training's logits differ from eval()'s
+    noisy.load_state_dict(model.state_dict())
+    assert not torch.equal(noisy(idx)[0], noisy.eval()(idx)[0])
+
+
 def test_training_stats_carry_the_kv_share_of_the_eval_types():
     """In training, eval_kv_fraction is the kv share of the types eval() gives the same layer input,
     not that of the Gumbel samples the loss sees; in eval(), and for fixed patterns, it is kv_fraction."""
