@@ -118,10 +118,12 @@ def seed_variants(own, base, tag):
         given = numbers(own, "finetune_weights", float)
         middle = [nats[len(nats) // 2]] if nats else []
         dense = os.path.join(run_dir(base, "dense" + tag), "ckpt.pt")
+        steps = own["finetune_iters"]  # the learning rate's warm-up ends before its decay (check_config): the run's
+        warmup = base["warmup_iters"] if base["warmup_iters"] < steps else steps // 10  # or a tenth of the steps
         for target, changes in [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in given] or middle:
             runs.append((f"nats fine-tuned {target}", dict(
-                changes, attention="nats", dense_warmup=0, budget_anneal=0, finetune_scorer=True,
-                max_iters=own["finetune_iters"], lr_decay_iters=own["finetune_iters"], init_from=dense), "dense"))
+                changes, attention="nats", dense_warmup=0, budget_anneal=0, finetune_scorer=True, max_iters=steps,
+                lr_decay_iters=steps, warmup_iters=warmup, init_from=dense), "dense"))
     return runs
 
 

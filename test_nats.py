@@ -1381,6 +1381,8 @@ def test_command_line_and_config_files(tmp_path):
     (dict(dtype="bfloat16", device="cpu"), "--dtype"), (dict(budget_anneal=-1), "--budget_anneal"),
     (dict(kv_budget=0.2, budget_anneal=100), "--budget_anneal"),  # longer than the run's 40 steps
     (dict(kv_budget=0.2, dense_warmup=40), "--dense_warmup=40 lasts the whole run"),
+    (dict(warmup_iters=70), "--warmup_iters=70 --lr_decay_iters=60"),  # the rate would drop from its peak at once
+    (dict(warmup_iters=60), "--warmup_iters=60 --lr_decay_iters=60"),
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1804,7 +1806,7 @@ def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
 
 def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
     import sweep
-    base = dict(out_dir="o", seed=1, block_size=32, window=3)
+    base = dict(out_dir="o", seed=1, block_size=32, window=3, warmup_iters=10)
     for extra, expected in [([], ["nats fine-tuned lambda=0.1"]),
                             (["--finetune_weights=0.3,3"],
                              ["nats fine-tuned lambda=0.3", "nats fine-tuned lambda=3.0"]),
@@ -1814,6 +1816,7 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
         runs = sweep.variants(own, base)
         assert [name for name, _, _ in runs if "fine-tuned" in name] == expected
         assert all(parent == "dense" and cfg["max_iters"] == 5 and cfg["finetune_scorer"] and cfg["dense_warmup"] == 0
+                   and cfg["warmup_iters"] == 0  # the run's warm-up of 10 would outlast the 5 steps' decay
                    for name, cfg, parent in runs if "fine-tuned" in name)
     for bad in ["--kv_weights=0.1,x", "--windows=16,wide", "--finetune_weights=a"]:
         own, _ = sweep.split_args(["--finetune_iters=5", bad])
@@ -1823,7 +1826,8 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
 
 def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
     import sweep
-    base = dict(out_dir="o", seed=1, block_size=32, window=3, dense_warmup=5, kv_budget=0.2)  # a recipe's schedule
+    base = dict(out_dir="o", seed=1, block_size=32, window=3, dense_warmup=5, kv_budget=0.2,  # a recipe's schedule
+                warmup_iters=2)
     own, _ = sweep.split_args(["--kv_budgets=0.2,0.3", "--windows=4", "--seeds=1,2", "--finetune_iters=3"])
     runs = sweep.variants(own, base)
     names = [name for name, _, _ in runs]
@@ -1840,6 +1844,7 @@ def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
     assert cfg["random Globals budget=0.2 seed=1"]["random_global"] == nats.random_global_share(0.2, 32, 3)
     assert [parent for name, _, parent in runs if "fine-tuned" in name] == ["dense seed=1", "dense seed=2"]
     assert cfg["nats fine-tuned budget=0.3 seed=2"]["init_from"] == os.path.join("o", "dense_seed=2", "ckpt.pt")
+    assert cfg["nats fine-tuned budget=0.3 seed=2"]["warmup_iters"] == 2  # it ends before the 3 steps' decay: kept
 
 
 def test_sweep_tiny_far_recall_over_seeds_writes_one_row_per_variant(tmp_path):
@@ -2082,9 +2087,9 @@ def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_
 def test_the_retrofit_sweep_evaluates_the_fixed_patterns_on_the_pretrained_weights(tmp_path, tiny_gguf):
     import sweep
     rows = sweep.main(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
-                       "--batch_size=2", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--eval_iters=1",
-                       "--kv_budget=0.5", "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32", "--window=4",
-                       "--kv_budgets=0.5", "--windows=8", "--gs_budgets=0.5", "--eval_contexts=16,48",
+                       "--batch_size=2", "--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=0", "--eval_interval=2",
+                       "--eval_iters=1", "--kv_budget=0.5", "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32",
+                       "--window=4", "--kv_budgets=0.5", "--windows=8", "--gs_budgets=0.5", "--eval_contexts=16,48",
                        "--passkey_lengths=400", "--passkey_trials=2", f"--out_dir={tmp_path}"])
     by_run = {row["run"]: row for row in rows}
     assert sorted(by_run) == ["dense", "nats G+S budget=0.5", "nats budget=0.5", "random Globals budget=0.5",

@@ -346,6 +346,11 @@ def check_config(cfg):
     if not cfg["min_lr"] <= cfg["learning_rate"]:
         raise SystemExit(f"--min_lr={cfg['min_lr']}: the cosine decays to it from --learning_rate="
                          f"{cfg['learning_rate']}; pass one at most that, like a tenth of it")
+    if not cfg["warmup_iters"] < cfg["lr_decay_iters"]:  # learning_rate_at would jump from the peak to min_lr
+        decay = max(cfg["max_iters"], cfg["warmup_iters"] + 1)
+        raise SystemExit(f"--warmup_iters={cfg['warmup_iters']} --lr_decay_iters={cfg['lr_decay_iters']}: the cosine "
+                         f"decay to --min_lr ends after the warm-up, or the rate drops to it at once; pass "
+                         f"--lr_decay_iters={decay} (usually --max_iters) or a shorter --warmup_iters")
     for key in ("beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: AdamW's betas are in [0, 1), like 0.9 and 0.99")
