@@ -1383,6 +1383,8 @@ def test_command_line_and_config_files(tmp_path):
     (dict(kv_budget=0.2, dense_warmup=40), "--dense_warmup=40 lasts the whole run"),
     (dict(warmup_iters=70), "--warmup_iters=70 --lr_decay_iters=60"),  # the rate would drop from its peak at once
     (dict(warmup_iters=60), "--warmup_iters=60 --lr_decay_iters=60"),
+    (dict(dataset="recall", tokenizer="gpt2"), "--tokenizer=gpt2 tokenizes Shakespeare; --dataset=recall"),
+    (dict(dataset="far_recall", tokenizer="pretrained"), "--tokenizer=pretrained tokenizes Shakespeare"),
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1721,6 +1723,22 @@ def test_recall_batches_score_only_the_answers(tmp_path):
     history = tiny_run(tmp_path, dataset="recall", block_size=64, max_iters=20, eval_interval=10, attention="sliding",
                        sample_tokens=0)  # no sample: no crash on an empty cache
     assert 0 <= history["evals"][-1]["val_accuracy"] <= 1 and history["evals"][-1]["kv_fraction"][0] < 0.5
+
+
+def test_a_recall_task_reads_its_own_symbols_whatever_tokenizer_the_defaults_name(tmp_path):
+    """The GPU defaults' tokenizer, gpt2, reads Shakespeare: a recall run takes its own symbols ("char"); a recall
+    checkpoint saved with that default still fine-tunes."""
+    import train_shakespeare as ts
+    defaults = tmp_path / "gpu.py"
+    defaults.write_text("tokenizer = 'gpt2'\n")  # as the GPU defaults have it
+    assert ts.make_config(["--device=cpu", str(defaults), "config/recall_cpu.py"])[0]["tokenizer"] == "char"
+    old = tmp_path / "old.pt"
+    model_args = dict(tiny_config(vocab_size=len(data.recall.ALPHABET)).__dict__)
+    torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                    config=dict(dataset="recall", tokenizer="gpt2")), old)
+    assert ts.load_init_from(dict(init_from=str(old), dataset="recall", tokenizer="char"), "cpu").config.n_layer == 2
+    with pytest.raises(SystemExit, match="was trained with --dataset=recall"):
+        ts.load_init_from(dict(init_from=str(old), dataset="far_recall", tokenizer="char"), "cpu")
 
 
 def test_recall_global_share_by_role_counts_each_head():

@@ -65,7 +65,7 @@ passkey_trials = 20  # trials per length, each with its key at a random depth
 # data
 dataset = "shakespeare"  # or "recall", "far_recall": the synthetic associative-recall tasks of data/recall.py
 tokenizer = "gpt2"  # Shakespeare: "gpt2" (tiktoken's GPT-2 BPE, fetched once), "char", or "pretrained" (the own
-                    # tokenizer of the pretrained model of init_from); recall has its own symbols
+                    # tokenizer of the pretrained model of init_from); the recall tasks: "char", their own symbols
 batch_size = 32  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes under torchrun
 # how hard NAtS prunes: lambda, the weight of the mean kv_fraction in the loss
@@ -218,6 +218,8 @@ def make_config(argv):
                          f"pass --kv_budget too, like --kv_budget=0.15")
     if config["attention"] != "nats":  # the defaults' or a recipe's KV budget steers NAtS scorers, which this has not
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
+    if config["dataset"] in RECALL_TASKS and "tokenizer" not in flags:  # the defaults' tokenizer reads Shakespeare;
+        config["tokenizer"] = "char"  # a recall task's symbols are its own, one id a character
     check_config(config)
     return config, " + ".join([describe_base(config["device"])] + recipes)
 
@@ -360,6 +362,10 @@ def check_config(cfg):
                          ("dtype", ("bfloat16", "float16", "float32"))):
         if cfg[key] not in allowed:
             raise SystemExit(f"--{key}={cfg[key]}: pass one of {', '.join(allowed)}")
+    if cfg["dataset"] in RECALL_TASKS and cfg["tokenizer"] != "char":
+        raise SystemExit(f"--tokenizer={cfg['tokenizer']} tokenizes Shakespeare; --dataset={cfg['dataset']} has its "
+                         f"own symbols, one id a character: pass --tokenizer=char or drop --tokenizer (shakespeare "
+                         f"takes char, gpt2 or pretrained; recall and far_recall char)")
     try:
         GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
     except ValueError as e:
@@ -798,7 +804,8 @@ def load_init_from(cfg, device):
     else:
         checkpoint = read_checkpoint(cfg["init_from"], device, "--init_from")
         saved = checkpoint.get("config", {})
-        other = [f"--{key}={saved[key]}" for key in ("dataset", "tokenizer") if key in saved and saved[key] != cfg[key]]
+        keys = ("dataset", "tokenizer") if cfg["dataset"] == "shakespeare" else ("dataset",)  # recall: no tokenizer
+        other = [f"--{key}={saved[key]}" for key in keys if key in saved and saved[key] != cfg[key]]
         if other:
             raise SystemExit(f"--init_from={cfg['init_from']} was trained with {' '.join(other)}: pass the same")
         try:
