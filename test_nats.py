@@ -967,8 +967,9 @@ def test_generate_rejects_bad_input():
         nats.generate(model, prompt[:, :0], 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         nats.generate(model, prompt, -1)
-    with pytest.raises(ValueError, match="temperature"):
-        nats.generate(model, prompt, 5, temperature=-1.0)
+    for temperature in (-1.0, float("inf"), float("nan"), "0.8", True):  # inf would draw uniformly
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            nats.generate(model, prompt, 5, temperature=temperature)
     with pytest.raises(ValueError, match="top_k"):
         nats.generate(model, prompt, 5, top_k=51)
     with pytest.raises(ValueError, match="pass idx.to"):
@@ -1059,6 +1060,8 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
     (["--top_k=0"], "--top_k"),
     (["--temperature=-1"], "--temperature"),
     (["--temperature=warm"], "--temperature"),
+    (["--temperature=inf"], "--temperature: expected a finite number >= 0.0"),
+    (["--temperature=nan"], "--temperature: expected a finite number >= 0.0"),
     (["--max_new_tokens=many"], "--max_new_tokens"),
     (["--num_samples=0"], "--num_samples"),
     (["--seed=99999999999999999999999"], "--seed"),
