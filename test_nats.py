@@ -575,12 +575,26 @@ def test_decode_kernel_refuses_bad_inputs():
     for bad_t, bad_kind in [(30, kind), (t, kind.float())]:
         with pytest.raises(ValueError, match="int32 tensor of shape"):
             nats_decode(q, k, v, bad_kind, bad_t, cache, 4)
+    for bad in ([cache[0][..., :19, :], cache[1][..., :19, :], *cache[2:]], [*cache[:3], cache[3][..., :19]]):
+        with pytest.raises(ValueError, match="the cache must be"):  # pos or kinds of another number of slots
+            nats_decode(q, k, v, kind, t, bad, 4)
+    with pytest.raises(ValueError, match="t on meta"):
+        nats_decode(q, k, v, kind, t.to("meta"), cache, 4)
+    with pytest.raises(ValueError, match="pos on meta"):
+        nats_decode(q, k, v, kind, t, [*cache[:2], cache[2].to("meta"), cache[3]], 4)
     if DEVICE == "cpu":  # the values need a sync on CUDA, where the Decoder keeps a slot free
         full = [*cache[:2], cache[2].clamp(min=0), cache[3]]
         with pytest.raises(ValueError, match="no free slot"):
             nats_decode(q, k, v, kind, t, full, 4)
         with pytest.raises(ValueError, match="types 0, 1 or 2"):
             nats_decode(q, k, v, kind + 7, t, cache, 4)
+        held = cache[2] >= 0
+        for bad_pos in (torch.where(held, cache[2] + 10, -1), torch.where(held, cache[2], -5)):  # at or past t=30
+            with pytest.raises(ValueError, match="pos must hold -1 .* below t=30"):      # or below -1
+                nats_decode(q, k, v, kind, t, [*cache[:2], bad_pos.to(torch.int32), cache[3]], 4)
+        with pytest.raises(ValueError, match="kinds must hold types 0, 1 or 2 .* in every held slot"):
+            nats_decode(q, k, v, kind, t, [*cache[:3], torch.where(held, 7, cache[3]).to(torch.uint8)], 4)
+        nats_decode(q, k, v, kind, t, [*cache[:3], torch.where(held, cache[3], 9).to(torch.uint8)], 4)  # free: any
 
 
 # -----------------------------------------------------------------------------
