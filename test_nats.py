@@ -1428,6 +1428,31 @@ def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
         ts.make_config(TINY_RUN + ["--budget_anneal=10"])  # the CPU run has no budget
 
 
+def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path, capsys):
+    """A setting the run's attention does not read is accepted with a one-line note (scripts may pass
+    every setting); the runs a sweep starts in processes get only what they use, read back as their settings."""
+    import sweep
+    import train_shakespeare as ts
+    ts.make_config(TINY_RUN + ["--attention=dense", "--kv_weight=0.3", "--window=4"])
+    assert capsys.readouterr().out == ("note: this run does not use --kv_weight=0.3 (--attention=dense has no "
+                                       "scorers); --window=4 (dense attention has no mask)\n")
+    for used in (["--kv_weight=0.3"], ["--attention=sliding", "--window=4"], ["--kv_budget=0.5", "--dual_lr=0.5"]):
+        ts.make_config(TINY_RUN + used)
+    assert capsys.readouterr().out == ""
+    recipe = tmp_path / "budget.py"
+    recipe.write_text("kv_budget = 0.5\nbudget_anneal = 10\n")  # annealed, as on a GPU
+    own, rest = sweep.split_args(TINY_RUN + [str(recipe), "--kv_weight=0.2", "--kv_budgets=0.5", "--kv_weights=0.1",
+                                             "--windows=4", "--finetune_iters=3", f"--out_dir={tmp_path}"])
+    base, _ = ts.make_config(rest)
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "ckpt.pt").touch()  # what the fine-tuning run starts from
+    for name, cfg, _ in sweep.variants(own, base):
+        read, _ = ts.make_config(sweep.run_args(cfg))  # a lambda run's flags once asked to anneal a budget it had not
+        unused = ts.unused_settings(cfg)
+        assert {k: v for k, v in read.items() if k not in unused} == {k: v for k, v in cfg.items() if k not in unused}
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max_iters", "10"], "--max_iters=<value>"),  # a space instead of '='
     (["--max_iters=ten"], "expected an int like --max_iters="),

@@ -221,7 +221,23 @@ def make_config(argv):
     if config["dataset"] in RECALL_TASKS and "tokenizer" not in flags:  # the defaults' tokenizer reads Shakespeare;
         config["tokenizer"] = "char"  # a recall task's symbols are its own, one id a character
     check_config(config)
+    unused = [f"--{key}={config[key]} ({why})" for key, why in unused_settings(config).items() if key in flags]
+    if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
+        print(f"note: this run does not use {'; '.join(unused)}")
     return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+def unused_settings(cfg):
+    """{setting: why} of the settings a run of cfg does not read: those of NAtS scorers with another
+    attention, the multiplier's step without a KV budget, the mask's window and kernel with dense
+    attention, and the fine-tuning loss without --finetune_scorer."""
+    nats, masked = cfg["attention"] == "nats", cfg["attention"] != "dense"
+    scorers, mask = f"--attention={cfg['attention']} has no scorers", "dense attention has no mask"
+    return {key: why for key, why, used in (
+        ("kv_weight", scorers, nats), ("local_type", scorers, nats), ("scorer_bias", scorers, nats),
+        ("dual_lr", "it steps the multiplier of a --kv_budget", cfg["kv_budget"] > 0),
+        ("window", mask, masked), ("attention_impl", mask, masked),
+        ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"])) if not used}
 
 
 def help_text(here):
