@@ -1402,6 +1402,8 @@ def test_command_line_and_config_files(tmp_path):
     (dict(warmup_iters=60), "--warmup_iters=60 --lr_decay_iters=60"),
     (dict(dataset="recall", tokenizer="gpt2"), "--tokenizer=gpt2 tokenizes Shakespeare; --dataset=recall"),
     (dict(dataset="far_recall", tokenizer="pretrained"), "--tokenizer=pretrained tokenizes Shakespeare"),
+    (dict(n_layer=10**11), "--n_layer=100000000000 --n_embd=32: the model has at least 1.02e+15 parameters"),
+    (dict(n_embd=2**30), "--n_layer=2 --n_embd=1073741824: the model has at least"),  # more than any memory holds
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1576,6 +1578,56 @@ def test_a_full_disk_while_saving_leaves_the_last_checkpoint(tmp_path, monkeypat
     assert not (tmp_path / "ckpt.pt.tmp").exists()
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10
+
+
+CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                     "tried to allocate 4915200000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_running_out_of_memory_names_the_settings_that_size_it_and_leaves_no_half_run(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    train_step = ts.train_step
+
+    def no_memory(*args):
+        raise RuntimeError(CPU_OUT_OF_MEMORY)
+
+    def failing_at(step, error):
+        def step_or_fail(run):
+            if run.it == step:
+                raise error
+            return train_step(run)
+        return step_or_fail
+
+    monkeypatch.setattr(ts, "GPT", no_memory)
+    with pytest.raises(SystemExit, match=r"out of memory on --device=cpu building the model \(--n_layer=2 x --n_embd="
+                                         r"32\): pass a smaller one; nothing was written"):
+        tiny_run(tmp_path / "build")
+    assert not (tmp_path / "build").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(ts, "train_step", failing_at(3, RuntimeError(CPU_OUT_OF_MEMORY)))
+    with pytest.raises(SystemExit, match="at step 3: ") as stop:
+        tiny_run(tmp_path)
+    for named in ("--batch_size=8 sequences of --block_size=32 tokens (--gradient_accumulation_steps=1", "--n_layer=2",
+                  "like --batch_size=4 --gradient_accumulation_steps=2", "; no checkpoint was written"):
+        assert named in str(stop.value)
+    assert not (tmp_path / "history.json").exists()  # its first eval's: the same command starts again, no --overwrite
+    monkeypatch.setattr(ts, "train_step", failing_at(15, torch.OutOfMemoryError("CUDA out of memory. Tried to ...")))
+    with pytest.raises(SystemExit, match=f"at step 15: .*the checkpoint of step 10 in {re.escape(str(tmp_path))} is "
+                                         f"whole: --resume continues it"):
+        tiny_run(tmp_path)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10 and (tmp_path / "history.json").exists()
+    monkeypatch.setattr(ts, "train_step", failing_at(12, RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
+    with pytest.raises(RuntimeError, match="shapes"):  # not taken for memory
+        tiny_run(tmp_path, resume=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", no_memory)  # a checkpoint that did not fit: not blamed on the disk
+    with pytest.raises(SystemExit, match="out of memory on --device=cpu at step 20: .*the checkpoint of step 10"):
+        tiny_run(tmp_path, resume=True)
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(ts, "print_sample", no_memory)
+    with pytest.raises(SystemExit, match="after training, in the sample .* the checkpoint of step 40 .* is whole"):
+        tiny_run(tmp_path, resume=True)
 
 
 def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
