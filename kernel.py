@@ -1242,6 +1242,10 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
     if not (isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.shape == (1,)) or kind.dtype != torch.long:
         raise ValueError(f"t must be the new token's position as an int32 tensor of shape [1] and kind its types as "
                          f"long (0 G, 1 L, 2 S); got t {t!r}, kind {kind.dtype}")
+    inputs = dict(q=q, k=k, v=v, kind=kind, t=t, k_cache=k_cache, v_cache=v_cache, pos=pos, kinds=kinds)
+    if len({x.device for x in inputs.values()}) > 1:
+        raise ValueError("the new token's q, k, v, kind, t and the cache must be on one device; got "
+                         + ", ".join(f"{name} on {x.device}" for name, x in inputs.items()))
     # Reading values needs a GPU sync, which would stall every step (and cannot run in a CUDA graph): checked on
     # the CPU; on CUDA the Decoder's make_room keeps a slot free.
     if pos.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -1250,6 +1254,11 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
                              "(nats.make_room)")
         if ((kind < 0) | (kind > 2)).any() or (t < 0).any():
             raise ValueError("kind must hold types 0, 1 or 2 (G, L, S) and t a position >= 0")
+        if ((pos < -1) | (pos >= t)).any():  # a slot of a later token would be read, and never freed in time
+            raise ValueError(f"the cache's pos must hold -1 (a free slot) or positions of earlier tokens, below "
+                             f"t={t.item()}; got {pos.min().item()}..{pos.max().item()}")
+        if ((pos >= 0) & (kinds > 2)).any():  # a type expired() does not know would stay forever
+            raise ValueError("the cache's kinds must hold types 0, 1 or 2 (G, L, S) in every held slot (pos >= 0)")
     check_window(window)
     window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
     if impl == "auto":

@@ -999,8 +999,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     on (an output layer padded past the tokenizer's vocabulary, data.decodable_size) are never
     drawn. Past block_size positions keep counting; memory stays bounded as long as Global
     tokens stay sparse. Raises ValueError for a malformed prompt, one longer than block_size, a
-    negative temperature, max_new_tokens or top_k out of range, caches that already hold a
-    sequence, and, at the end, for logits that were NaN or infinite (a broken model)."""
+    temperature that is no finite number >= 0, max_new_tokens or top_k out of range, caches that
+    already hold a sequence, and, at the end, for logits that were NaN or infinite (a broken model)."""
     device = model.lm_head.weight.device
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
@@ -1010,8 +1010,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if top_k is not None and not isinstance(top_k, int):
         raise ValueError(f"top_k must be an int or None, got {top_k!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0: always the most likely token), got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: always the most likely token), got "
+                         f"{temperature!r}")  # inf would draw uniformly, whatever the model says
     decodable = model.config.vocab_size if decodable is None else decodable
     if top_k is not None and not 1 <= top_k <= decodable:
         raise ValueError(f"top_k must be in 1..{decodable} (the ids that can be drawn), got {top_k}")
@@ -1241,7 +1242,7 @@ DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.floa
 
 
 def at_least(minimum, kind, below=math.inf):
-    """An argparse type: a number of the given kind (int or float) >= minimum and < below."""
+    """An argparse type: a number of the given kind (int or float) >= minimum and < below (a finite one)."""
     def parse(text):
         try:
             value = kind(text)
@@ -1249,8 +1250,8 @@ def at_least(minimum, kind, below=math.inf):
             value = None
         if value is None or not minimum <= value < below:
             bound = f" and < {below}" if below < math.inf else ""
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {minimum}"
-                                              f"{bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'} >= "
+                                              f"{minimum}{bound}, got {text!r}")
         return value
     return parse
 

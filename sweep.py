@@ -103,7 +103,7 @@ def seed_variants(own, base, tag):
             raise SystemExit(f"--{key}={own[key]}: pass shares of the attention entries to keep, in (0, 1], like "
                              f"--{key}=0.1,0.15")
     nats = [(f"budget={b}", dict(kv_budget=b)) for b in budgets]  # a recipe's dense warm-up stays
-    nats += [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in weights]
+    nats += [(f"lambda={w}", dict(kv_budget=0.0, budget_anneal=0, kv_weight=w)) for w in weights]  # no budget to anneal
     runs = [("dense", dict(FIXED, attention="dense"), None)]
     runs += [(f"sliding W={w}", dict(FIXED, attention="sliding", window=w), None) for w in numbers(own, "windows", int)]
     runs += [(f"nats {target}", dict(changes, attention="nats"), None) for target, changes in nats]
@@ -118,10 +118,12 @@ def seed_variants(own, base, tag):
         given = numbers(own, "finetune_weights", float)
         middle = [nats[len(nats) // 2]] if nats else []
         dense = os.path.join(run_dir(base, "dense" + tag), "ckpt.pt")
+        steps = own["finetune_iters"]  # the learning rate's warm-up ends before its decay (check_config): the run's
+        warmup = base["warmup_iters"] if base["warmup_iters"] < steps else steps // 10  # or a tenth of the steps
         for target, changes in [(f"lambda={w}", dict(kv_budget=0.0, kv_weight=w)) for w in given] or middle:
             runs.append((f"nats fine-tuned {target}", dict(
-                changes, attention="nats", dense_warmup=0, budget_anneal=0, finetune_scorer=True,
-                max_iters=own["finetune_iters"], lr_decay_iters=own["finetune_iters"], init_from=dense), "dense"))
+                changes, attention="nats", dense_warmup=0, budget_anneal=0, finetune_scorer=True, max_iters=steps,
+                lr_decay_iters=steps, warmup_iters=warmup, init_from=dense), "dense"))
     return runs
 
 
@@ -168,8 +170,15 @@ def train_in_processes(runs, jobs):
 def start_run(cfg, gpu):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     with open(os.path.join(cfg["out_dir"], "train.log"), "w") as log:
-        return subprocess.Popen([sys.executable, ts.__file__] + [f"--{k}={v}" for k, v in cfg.items()],
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu))
+        return subprocess.Popen([sys.executable, ts.__file__] + run_args(cfg), stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu))
+
+
+def run_args(cfg):
+    """A run's settings as the flags of its own process: all that it uses (the training script
+    would note each setting given that the run does not use, such as a dense run's --kv_weight)."""
+    unused = ts.unused_settings(cfg)
+    return [f"--{k}={v}" for k, v in cfg.items() if k not in unused]
 
 
 def collect(runs, since):

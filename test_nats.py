@@ -575,12 +575,26 @@ def test_decode_kernel_refuses_bad_inputs():
     for bad_t, bad_kind in [(30, kind), (t, kind.float())]:
         with pytest.raises(ValueError, match="int32 tensor of shape"):
             nats_decode(q, k, v, bad_kind, bad_t, cache, 4)
+    for bad in ([cache[0][..., :19, :], cache[1][..., :19, :], *cache[2:]], [*cache[:3], cache[3][..., :19]]):
+        with pytest.raises(ValueError, match="the cache must be"):  # pos or kinds of another number of slots
+            nats_decode(q, k, v, kind, t, bad, 4)
+    with pytest.raises(ValueError, match="t on meta"):
+        nats_decode(q, k, v, kind, t.to("meta"), cache, 4)
+    with pytest.raises(ValueError, match="pos on meta"):
+        nats_decode(q, k, v, kind, t, [*cache[:2], cache[2].to("meta"), cache[3]], 4)
     if DEVICE == "cpu":  # the values need a sync on CUDA, where the Decoder keeps a slot free
         full = [*cache[:2], cache[2].clamp(min=0), cache[3]]
         with pytest.raises(ValueError, match="no free slot"):
             nats_decode(q, k, v, kind, t, full, 4)
         with pytest.raises(ValueError, match="types 0, 1 or 2"):
             nats_decode(q, k, v, kind + 7, t, cache, 4)
+        held = cache[2] >= 0
+        for bad_pos in (torch.where(held, cache[2] + 10, -1), torch.where(held, cache[2], -5)):  # at or past t=30
+            with pytest.raises(ValueError, match="pos must hold -1 .* below t=30"):      # or below -1
+                nats_decode(q, k, v, kind, t, [*cache[:2], bad_pos.to(torch.int32), cache[3]], 4)
+        with pytest.raises(ValueError, match="kinds must hold types 0, 1 or 2 .* in every held slot"):
+            nats_decode(q, k, v, kind, t, [*cache[:3], torch.where(held, 7, cache[3]).to(torch.uint8)], 4)
+        nats_decode(q, k, v, kind, t, [*cache[:3], torch.where(held, cache[3], 9).to(torch.uint8)], 4)  # free: any
 
 
 # -----------------------------------------------------------------------------
@@ -992,8 +1006,9 @@ def test_generate_rejects_bad_input():
         nats.generate(model, prompt[:, :0], 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         nats.generate(model, prompt, -1)
-    with pytest.raises(ValueError, match="temperature"):
-        nats.generate(model, prompt, 5, temperature=-1.0)
+    for temperature in (-1.0, float("inf"), float("nan"), "0.8", True):  # inf would draw uniformly
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            nats.generate(model, prompt, 5, temperature=temperature)
     with pytest.raises(ValueError, match="top_k"):
         nats.generate(model, prompt, 5, top_k=51)
     with pytest.raises(ValueError, match="pass idx.to"):
@@ -1084,6 +1099,8 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
     (["--top_k=0"], "--top_k"),
     (["--temperature=-1"], "--temperature"),
     (["--temperature=warm"], "--temperature"),
+    (["--temperature=inf"], "--temperature: expected a finite number >= 0.0"),
+    (["--temperature=nan"], "--temperature: expected a finite number >= 0.0"),
     (["--max_new_tokens=many"], "--max_new_tokens"),
     (["--num_samples=0"], "--num_samples"),
     (["--seed=99999999999999999999999"], "--seed"),
@@ -1406,6 +1423,12 @@ def test_command_line_and_config_files(tmp_path):
     (dict(dtype="bfloat16", device="cpu"), "--dtype"), (dict(budget_anneal=-1), "--budget_anneal"),
     (dict(kv_budget=0.2, budget_anneal=100), "--budget_anneal"),  # longer than the run's 40 steps
     (dict(kv_budget=0.2, dense_warmup=40), "--dense_warmup=40 lasts the whole run"),
+    (dict(warmup_iters=70), "--warmup_iters=70 --lr_decay_iters=60"),  # the rate would drop from its peak at once
+    (dict(warmup_iters=60), "--warmup_iters=60 --lr_decay_iters=60"),
+    (dict(dataset="recall", tokenizer="gpt2"), "--tokenizer=gpt2 tokenizes Shakespeare; --dataset=recall"),
+    (dict(dataset="far_recall", tokenizer="pretrained"), "--tokenizer=pretrained tokenizes Shakespeare"),
+    (dict(n_layer=10**11), "--n_layer=100000000000 --n_embd=32: the model has at least 1.02e+15 parameters"),
+    (dict(n_embd=2**30), "--n_layer=2 --n_embd=1073741824: the model has at least"),  # more than any memory holds
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1430,6 +1453,31 @@ def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
         ts.make_config(TINY_RUN + [str(recipe), "--attention=dense", "--kv_budget=0.2"])
     with pytest.raises(SystemExit, match="--budget_anneal=10 anneals a KV budget, and this run has none"):
         ts.make_config(TINY_RUN + ["--budget_anneal=10"])  # the CPU run has no budget
+
+
+def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path, capsys):
+    """A setting the run's attention does not read is accepted with a one-line note (scripts may pass
+    every setting); the runs a sweep starts in processes get only what they use, read back as their settings."""
+    import sweep
+    import train_shakespeare as ts
+    ts.make_config(TINY_RUN + ["--attention=dense", "--kv_weight=0.3", "--window=4"])
+    assert capsys.readouterr().out == ("note: this run does not use --kv_weight=0.3 (--attention=dense has no "
+                                       "scorers); --window=4 (dense attention has no mask)\n")
+    for used in (["--kv_weight=0.3"], ["--attention=sliding", "--window=4"], ["--kv_budget=0.5", "--dual_lr=0.5"]):
+        ts.make_config(TINY_RUN + used)
+    assert capsys.readouterr().out == ""
+    recipe = tmp_path / "budget.py"
+    recipe.write_text("kv_budget = 0.5\nbudget_anneal = 10\n")  # annealed, as on a GPU
+    own, rest = sweep.split_args(TINY_RUN + [str(recipe), "--kv_weight=0.2", "--kv_budgets=0.5", "--kv_weights=0.1",
+                                             "--windows=4", "--finetune_iters=3", f"--out_dir={tmp_path}"])
+    base, _ = ts.make_config(rest)
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "ckpt.pt").touch()  # what the fine-tuning run starts from
+    for name, cfg, _ in sweep.variants(own, base):
+        read, _ = ts.make_config(sweep.run_args(cfg))  # a lambda run's flags once asked to anneal a budget it had not
+        unused = ts.unused_settings(cfg)
+        assert {k: v for k, v in read.items() if k not in unused} == {k: v for k, v in cfg.items() if k not in unused}
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1555,6 +1603,56 @@ def test_a_full_disk_while_saving_leaves_the_last_checkpoint(tmp_path, monkeypat
     assert not (tmp_path / "ckpt.pt.tmp").exists()
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10
+
+
+CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                     "tried to allocate 4915200000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_running_out_of_memory_names_the_settings_that_size_it_and_leaves_no_half_run(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    train_step = ts.train_step
+
+    def no_memory(*args):
+        raise RuntimeError(CPU_OUT_OF_MEMORY)
+
+    def failing_at(step, error):
+        def step_or_fail(run):
+            if run.it == step:
+                raise error
+            return train_step(run)
+        return step_or_fail
+
+    monkeypatch.setattr(ts, "GPT", no_memory)
+    with pytest.raises(SystemExit, match=r"out of memory on --device=cpu building the model \(--n_layer=2 x --n_embd="
+                                         r"32\): pass a smaller one; nothing was written"):
+        tiny_run(tmp_path / "build")
+    assert not (tmp_path / "build").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(ts, "train_step", failing_at(3, RuntimeError(CPU_OUT_OF_MEMORY)))
+    with pytest.raises(SystemExit, match="at step 3: ") as stop:
+        tiny_run(tmp_path)
+    for named in ("--batch_size=8 sequences of --block_size=32 tokens (--gradient_accumulation_steps=1", "--n_layer=2",
+                  "like --batch_size=4 --gradient_accumulation_steps=2", "; no checkpoint was written"):
+        assert named in str(stop.value)
+    assert not (tmp_path / "history.json").exists()  # its first eval's: the same command starts again, no --overwrite
+    monkeypatch.setattr(ts, "train_step", failing_at(15, torch.OutOfMemoryError("CUDA out of memory. Tried to ...")))
+    with pytest.raises(SystemExit, match=f"at step 15: .*the checkpoint of step 10 in {re.escape(str(tmp_path))} is "
+                                         f"whole: --resume continues it"):
+        tiny_run(tmp_path)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10 and (tmp_path / "history.json").exists()
+    monkeypatch.setattr(ts, "train_step", failing_at(12, RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
+    with pytest.raises(RuntimeError, match="shapes"):  # not taken for memory
+        tiny_run(tmp_path, resume=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", no_memory)  # a checkpoint that did not fit: not blamed on the disk
+    with pytest.raises(SystemExit, match="out of memory on --device=cpu at step 20: .*the checkpoint of step 10"):
+        tiny_run(tmp_path, resume=True)
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(ts, "print_sample", no_memory)
+    with pytest.raises(SystemExit, match="after training, in the sample .* the checkpoint of step 40 .* is whole"):
+        tiny_run(tmp_path, resume=True)
 
 
 def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
@@ -1746,6 +1844,22 @@ def test_recall_batches_score_only_the_answers(tmp_path):
     assert 0 <= history["evals"][-1]["val_accuracy"] <= 1 and history["evals"][-1]["kv_fraction"][0] < 0.5
 
 
+def test_a_recall_task_reads_its_own_symbols_whatever_tokenizer_the_defaults_name(tmp_path):
+    """The GPU defaults' tokenizer, gpt2, reads Shakespeare: a recall run takes its own symbols ("char"); a recall
+    checkpoint saved with that default still fine-tunes."""
+    import train_shakespeare as ts
+    defaults = tmp_path / "gpu.py"
+    defaults.write_text("tokenizer = 'gpt2'\n")  # as the GPU defaults have it
+    assert ts.make_config(["--device=cpu", str(defaults), "config/recall_cpu.py"])[0]["tokenizer"] == "char"
+    old = tmp_path / "old.pt"
+    model_args = dict(tiny_config(vocab_size=len(data.recall.ALPHABET)).__dict__)
+    torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                    config=dict(dataset="recall", tokenizer="gpt2")), old)
+    assert ts.load_init_from(dict(init_from=str(old), dataset="recall", tokenizer="char"), "cpu").config.n_layer == 2
+    with pytest.raises(SystemExit, match="was trained with --dataset=recall"):
+        ts.load_init_from(dict(init_from=str(old), dataset="far_recall", tokenizer="char"), "cpu")
+
+
 def test_recall_global_share_by_role_counts_each_head():
     import train_shakespeare as ts
     from data import recall
@@ -1829,7 +1943,7 @@ def test_sweep_writes_a_table_of_every_variant(tmp_path, jobs):
 
 def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
     import sweep
-    base = dict(out_dir="o", seed=1, block_size=32, window=3)
+    base = dict(out_dir="o", seed=1, block_size=32, window=3, warmup_iters=10)
     for extra, expected in [([], ["nats fine-tuned lambda=0.1"]),
                             (["--finetune_weights=0.3,3"],
                              ["nats fine-tuned lambda=0.3", "nats fine-tuned lambda=3.0"]),
@@ -1839,6 +1953,7 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
         runs = sweep.variants(own, base)
         assert [name for name, _, _ in runs if "fine-tuned" in name] == expected
         assert all(parent == "dense" and cfg["max_iters"] == 5 and cfg["finetune_scorer"] and cfg["dense_warmup"] == 0
+                   and cfg["warmup_iters"] == 0  # the run's warm-up of 10 would outlast the 5 steps' decay
                    for name, cfg, parent in runs if "fine-tuned" in name)
     for bad in ["--kv_weights=0.1,x", "--windows=16,wide", "--finetune_weights=a"]:
         own, _ = sweep.split_args(["--finetune_iters=5", bad])
@@ -1848,7 +1963,8 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
 
 def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
     import sweep
-    base = dict(out_dir="o", seed=1, block_size=32, window=3, dense_warmup=5, kv_budget=0.2)  # a recipe's schedule
+    base = dict(out_dir="o", seed=1, block_size=32, window=3, dense_warmup=5, kv_budget=0.2,  # a recipe's schedule
+                warmup_iters=2)
     own, _ = sweep.split_args(["--kv_budgets=0.2,0.3", "--windows=4", "--seeds=1,2", "--finetune_iters=3"])
     runs = sweep.variants(own, base)
     names = [name for name, _, _ in runs]
@@ -1865,6 +1981,7 @@ def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
     assert cfg["random Globals budget=0.2 seed=1"]["random_global"] == nats.random_global_share(0.2, 32, 3)
     assert [parent for name, _, parent in runs if "fine-tuned" in name] == ["dense seed=1", "dense seed=2"]
     assert cfg["nats fine-tuned budget=0.3 seed=2"]["init_from"] == os.path.join("o", "dense_seed=2", "ckpt.pt")
+    assert cfg["nats fine-tuned budget=0.3 seed=2"]["warmup_iters"] == 2  # it ends before the 3 steps' decay: kept
 
 
 def test_sweep_tiny_far_recall_over_seeds_writes_one_row_per_variant(tmp_path):
@@ -2107,9 +2224,9 @@ def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_
 def test_the_retrofit_sweep_evaluates_the_fixed_patterns_on_the_pretrained_weights(tmp_path, tiny_gguf):
     import sweep
     rows = sweep.main(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
-                       "--batch_size=2", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--eval_iters=1",
-                       "--kv_budget=0.5", "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32", "--window=4",
-                       "--kv_budgets=0.5", "--windows=8", "--gs_budgets=0.5", "--eval_contexts=16,48",
+                       "--batch_size=2", "--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=0", "--eval_interval=2",
+                       "--eval_iters=1", "--kv_budget=0.5", "--budget_anneal=0", "--sample_tokens=0", "--dtype=float32",
+                       "--window=4", "--kv_budgets=0.5", "--windows=8", "--gs_budgets=0.5", "--eval_contexts=16,48",
                        "--passkey_lengths=400", "--passkey_trials=2", f"--out_dir={tmp_path}"])
     by_run = {row["run"]: row for row in rows}
     assert sorted(by_run) == ["dense", "nats G+S budget=0.5", "nats budget=0.5", "random Globals budget=0.5",

@@ -65,7 +65,7 @@ passkey_trials = 20  # trials per length, each with its key at a random depth
 # data
 dataset = "shakespeare"  # or "recall", "far_recall": the synthetic associative-recall tasks of data/recall.py
 tokenizer = "gpt2"  # Shakespeare: "gpt2" (tiktoken's GPT-2 BPE, fetched once), "char", or "pretrained" (the own
-                    # tokenizer of the pretrained model of init_from); recall has its own symbols
+                    # tokenizer of the pretrained model of init_from); the recall tasks: "char", their own symbols
 batch_size = 32  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes under torchrun
 # how hard NAtS prunes: lambda, the weight of the mean kv_fraction in the loss
@@ -218,8 +218,26 @@ def make_config(argv):
                          f"pass --kv_budget too, like --kv_budget=0.15")
     if config["attention"] != "nats":  # the defaults' or a recipe's KV budget steers NAtS scorers, which this has not
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
+    if config["dataset"] in RECALL_TASKS and "tokenizer" not in flags:  # the defaults' tokenizer reads Shakespeare;
+        config["tokenizer"] = "char"  # a recall task's symbols are its own, one id a character
     check_config(config)
+    unused = [f"--{key}={config[key]} ({why})" for key, why in unused_settings(config).items() if key in flags]
+    if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
+        print(f"note: this run does not use {'; '.join(unused)}")
     return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+def unused_settings(cfg):
+    """{setting: why} of the settings a run of cfg does not read: those of NAtS scorers with another
+    attention, the multiplier's step without a KV budget, the mask's window and kernel with dense
+    attention, and the fine-tuning loss without --finetune_scorer."""
+    nats, masked = cfg["attention"] == "nats", cfg["attention"] != "dense"
+    scorers, mask = f"--attention={cfg['attention']} has no scorers", "dense attention has no mask"
+    return {key: why for key, why, used in (
+        ("kv_weight", scorers, nats), ("local_type", scorers, nats), ("scorer_bias", scorers, nats),
+        ("dual_lr", "it steps the multiplier of a --kv_budget", cfg["kv_budget"] > 0),
+        ("window", mask, masked), ("attention_impl", mask, masked),
+        ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"])) if not used}
 
 
 def help_text(here):
@@ -346,6 +364,11 @@ def check_config(cfg):
     if not cfg["min_lr"] <= cfg["learning_rate"]:
         raise SystemExit(f"--min_lr={cfg['min_lr']}: the cosine decays to it from --learning_rate="
                          f"{cfg['learning_rate']}; pass one at most that, like a tenth of it")
+    if not cfg["warmup_iters"] < cfg["lr_decay_iters"]:  # learning_rate_at would jump from the peak to min_lr
+        decay = max(cfg["max_iters"], cfg["warmup_iters"] + 1)
+        raise SystemExit(f"--warmup_iters={cfg['warmup_iters']} --lr_decay_iters={cfg['lr_decay_iters']}: the cosine "
+                         f"decay to --min_lr ends after the warm-up, or the rate drops to it at once; pass "
+                         f"--lr_decay_iters={decay} (usually --max_iters) or a shorter --warmup_iters")
     for key in ("beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: AdamW's betas are in [0, 1), like 0.9 and 0.99")
@@ -355,10 +378,15 @@ def check_config(cfg):
                          ("dtype", ("bfloat16", "float16", "float32"))):
         if cfg[key] not in allowed:
             raise SystemExit(f"--{key}={cfg[key]}: pass one of {', '.join(allowed)}")
+    if cfg["dataset"] in RECALL_TASKS and cfg["tokenizer"] != "char":
+        raise SystemExit(f"--tokenizer={cfg['tokenizer']} tokenizes Shakespeare; --dataset={cfg['dataset']} has its "
+                         f"own symbols, one id a character: pass --tokenizer=char or drop --tokenizer (shakespeare "
+                         f"takes char, gpt2 or pretrained; recall and far_recall char)")
     try:
         GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
+    check_model_size(cfg)
     if cfg["dtype"] != "float32" and kind == "cpu":
         raise SystemExit(f"--dtype={cfg['dtype']}: a CPU run trains in float32; pass --dtype=float32 "
                          f"(or a CUDA --device)")
@@ -381,6 +409,32 @@ def check_config(cfg):
                          f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
                          f"[0, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}], or -1 for the one "
                          f"that keeps the most Global tokens")
+
+
+def check_model_size(cfg):
+    """A model whose weights alone, in float32, need more than the device's memory is refused before
+    it is built (an absurd --n_layer would take hours to build, then run out)."""
+    hidden = cfg["mlp_hidden"] or 4 * cfg["n_embd"]
+    # per layer at least the query and output projections and two MLP matrices: a lower bound
+    least = cfg["n_layer"] * (2 * cfg["n_embd"] ** 2 + 2 * cfg["n_embd"] * hidden)
+    memory = device_memory(cfg["device"])
+    if memory and 4 * least > memory:
+        raise SystemExit(f"--n_layer={cfg['n_layer']} --n_embd={cfg['n_embd']}"
+                         + (f" --mlp_hidden={cfg['mlp_hidden']}" if cfg["mlp_hidden"] else "")
+                         + f": the model has at least {least:.3g} parameters, {4 * least / 2**30:.3g} GiB in float32 "
+                         f"for its weights alone, more than the {memory / 2**30:.3g} GiB of --device={cfg['device']}; "
+                         f"pass a smaller model, like --n_layer=6 --n_embd=384 (the baby GPT)")
+
+
+def device_memory(device):
+    """The bytes of memory of a device: the GPU's, or the machine's for the CPU (None where the OS
+    does not say)."""
+    if device_type(device) == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
 
 
 def check_init_from(cfg):
@@ -742,6 +796,8 @@ def save_atomically(path, write):
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
+        if is_out_of_memory(e):  # not the disk's fault: train names the settings that size the memory
+            raise
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         folder = os.path.dirname(path) or "."
         fix = "Free some disk space" if os.access(folder, os.W_OK | os.X_OK) else f"Make {folder} writable again"
@@ -793,7 +849,8 @@ def load_init_from(cfg, device):
     else:
         checkpoint = read_checkpoint(cfg["init_from"], device, "--init_from")
         saved = checkpoint.get("config", {})
-        other = [f"--{key}={saved[key]}" for key in ("dataset", "tokenizer") if key in saved and saved[key] != cfg[key]]
+        keys = ("dataset", "tokenizer") if cfg["dataset"] == "shakespeare" else ("dataset",)  # recall: no tokenizer
+        other = [f"--{key}={saved[key]}" for key in keys if key in saved and saved[key] != cfg[key]]
         if other:
             raise SystemExit(f"--init_from={cfg['init_from']} was trained with {' '.join(other)}: pass the same")
         try:
@@ -931,15 +988,54 @@ class Run:
 
 def train(cfg):
     """Train with the config dict (it is not changed); return the history of losses and evals.
-    Under torchrun every process runs this; rank 0 logs, checkpoints and samples."""
+    Under torchrun every process runs this; rank 0 logs, checkpoints and samples. Running out of
+    memory stops with the settings that size it (out_of_memory)."""
     check_config(cfg)
-    run = start(cfg)
-    with run.out_dir_lock:  # let go when the run ends, or fails
-        run_steps(run)
-        final_report(run)
+    run = None
+    try:
+        run = start(cfg)
+        with run.out_dir_lock:  # let go when the run ends, or fails
+            run_steps(run)
+            final_report(run)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        if run is not None and run.rank == 0 and run.saved_at is None:  # no checkpoint: the history of its first
+            with contextlib.suppress(FileNotFoundError):  # eval goes too, so out_dir holds no run to --overwrite
+                os.remove(os.path.join(cfg["out_dir"], "history.json"))
+        raise SystemExit(out_of_memory(cfg, run)) from None
     if run.world > 1:
         dist.destroy_process_group()
     return run.history
+
+
+def is_out_of_memory(e):
+    """Whether e is a failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, the CPU
+    allocator's RuntimeError, or one of them as torch.compile passes it on."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
+        text in str(e) for text in ("can't allocate memory", "out of memory"))
+
+
+def out_of_memory(cfg, run):
+    """What to say when the device ran out of memory (run: None while the model was built): the
+    settings that size the memory, what to pass, and what is on disk."""
+    where = f"out of memory on --device={cfg['device']}"
+    model = (cfg["init_from"] if is_pretrained(cfg["init_from"]) else
+             f"--n_layer={cfg['n_layer']} x --n_embd={cfg['n_embd']}")
+    if run is None:
+        return f"{where} building the model ({model}): pass a smaller one; nothing was written"
+    if run.saved_at == cfg["max_iters"]:  # trained and saved: the sample or the evals of the end
+        return (f"{where} after training, in the sample or the long-context evals (--sample_tokens, --eval_contexts, "
+                f"--passkey_lengths): pass less; the checkpoint of step {run.saved_at} in {cfg['out_dir']} is whole")
+    bs, gas = cfg["batch_size"], cfg["gradient_accumulation_steps"]
+    smaller = (f"--batch_size={bs // 2} --gradient_accumulation_steps={2 * gas} (the same tokens per step)" if bs > 1
+               else f"--block_size={max(1, cfg['block_size'] // 2)}")
+    disk = ("no checkpoint was written" if run.saved_at is None else
+            f"the checkpoint of step {run.saved_at} in {cfg['out_dir']} is whole: --resume continues it with its "
+            f"settings (with more free memory), --overwrite starts over")
+    return (f"{where} at step {run.it}: memory grows with the micro-batch, --batch_size={bs} sequences of "
+            f"--block_size={cfg['block_size']} tokens (--gradient_accumulation_steps={gas} of them a step), and with "
+            f"the model ({model}); pass smaller ones, like {smaller}; {disk}")
 
 
 def start(cfg):
