@@ -230,11 +230,13 @@ def make_config(argv):
 def unused_settings(cfg):
     """{setting: why} of the settings a run of cfg does not read: those of NAtS scorers with another
     attention, the multiplier's step without a KV budget, the mask's window and kernel with dense
-    attention, and the fine-tuning loss without --finetune_scorer."""
+    attention, the fine-tuning loss without --finetune_scorer and dropout with it."""
     nats, masked = cfg["attention"] == "nats", cfg["attention"] != "dense"
     scorers, mask = f"--attention={cfg['attention']} has no scorers", "dense attention has no mask"
     return {key: why for key, why, used in (
         ("kv_weight", scorers, nats), ("local_type", scorers, nats), ("scorer_bias", scorers, nats),
+        ("gumbel", scorers, nats), ("dropout", "--finetune_scorer freezes the backbone, which runs without it",
+                                    not cfg["finetune_scorer"]),
         ("dual_lr", "it steps the multiplier of a --kv_budget", cfg["kv_budget"] > 0),
         ("window", mask, masked), ("attention_impl", mask, masked),
         ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"])) if not used}
@@ -868,6 +870,8 @@ def model_args_for(cfg, checkpoint, teacher):
     (--finetune_scorer), or the config's. A setting of the config that disagrees with the model it
     continues stops the run; a pretrained model's shape replaces the config's."""
     wanted = {key: cfg[key] for key in MODEL_KEYS if key != "attention_impl"}
+    if cfg["finetune_scorer"]:  # a frozen backbone: dropout would only blur the outputs the scorers learn to keep
+        wanted["dropout"] = 0.0
     if teacher is not None and is_pretrained(cfg["init_from"]):  # its shape, whatever the config's defaults say
         wanted.update({key: getattr(teacher.config, key) for key in TEACHER_KEYS + ["vocab_size"]})
     if checkpoint is not None:
