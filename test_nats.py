@@ -8,6 +8,7 @@ Everything here runs on CPU; without a GPU the Triton kernel runs in Triton's in
 (TRITON_INTERPRET=1, which must be set before the kernels are defined). The tests skipped
 without a GPU check the compiled kernel at larger sizes, in bf16 too.
 """
+import gc
 import json
 import os
 import re
@@ -2202,8 +2203,23 @@ def test_from_pretrained_names_what_it_cannot_load(tmp_path):
         nats.config_from_hf(transformers.MistralConfig(**HF_TINY, sliding_window=64))
 
 
-def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_gguf, capsys):
+def test_the_retrofit_recipe_trains_only_the_scorers_at_cpu_size(tmp_path, tiny_gguf, capsys, monkeypatch):
+    import weakref
+
     import train_shakespeare as ts
+    loaded, load, steps = [], ts.load_init_from, ts.run_steps
+
+    def load_init_from(cfg, device):
+        model = load(cfg, device)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def run_steps(run):  # the model is held once: the pretrained copy is gone before the first step
+        gc.collect()
+        assert loaded and loaded[0]() is None and run.teacher is run.model
+        steps(run)
+    monkeypatch.setattr(ts, "load_init_from", load_init_from)
+    monkeypatch.setattr(ts, "run_steps", run_steps)
     cfg, _ = ts.make_config(["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48",
                              "--batch_size=2", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
                              "--kv_budget=0.5", "--budget_anneal=2", "--sample_tokens=5", "--compile=False",

@@ -974,7 +974,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: object
-    teacher: GPT  # the frozen model --finetune_scorer distils, else None
+    teacher: GPT  # the frozen model --finetune_scorer distils (the model itself), else None
     model_args: dict
     data: tuple  # train, val, encode, decode, vocab_size (data.load_dataset)
     it: int = 0  # the next step
@@ -1131,8 +1131,9 @@ def build(cfg, rank, world, device, model_args, teacher, data):
     if cfg["finetune_scorer"]:
         for name, p in model.named_parameters():
             p.requires_grad = "scorer" in name
-    else:
-        teacher = None
+    # a frozen backbone without dropout, run with every token Global, is the teacher itself: one copy of its
+    # weights in memory, not two (the loaded one is let go when start returns)
+    teacher = model if cfg["finetune_scorer"] else None
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), kind)
     # the scorers get gradients every step, except in a dense warm-up, where they are not run
