@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import data
 import kernel
-from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, is_one_hot, kv_lengths, last_visible_query, nats_attention,
-                    nats_attention_reference, nats_decode, next_global, relaxed_mask, visible_mask)
+from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, expired, is_one_hot, kv_lengths, last_visible_query,
+                    nats_attention, nats_attention_reference, nats_decode, next_global, relaxed_mask, visible_mask)
 import nats
 from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode, load_checkpoint
 
@@ -130,6 +130,33 @@ def test_relaxed_mask_equals_hard_mask_at_one_hot_types(T, window):
 
 # -----------------------------------------------------------------------------
 # the reference: ordinary masked attention in value, the closed-form type gradients, clear errors
+
+
+def test_the_reference_refuses_what_nats_attention_refuses():
+    types = random_types(1, 2, 9, seed=1)
+    q, k = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8)
+    soft, zero = types.clone(), types.clone()
+    soft[0, 0, 3], zero[0, 1, 4] = torch.tensor([0.2, 0.3, 0.5]), torch.zeros(3)
+    for args, match in [((q[0], k, k, types, 3), "4-d"), ((q[:, :3], k, k, types, 3), "split evenly"),
+                        ((q, k, k, types, 2.5), "window must be an int"), ((q, k, k, soft, 3), "one-hot"),
+                        ((q, k, k, zero, 3), "one-hot")]:
+        for fn in (nats_attention_reference, lambda *a: nats_attention(*a, impl="reference")):
+            with pytest.raises(ValueError, match=match):
+                fn(*args)
+
+
+@pytest.mark.parametrize("call", [lambda: kv_lengths(torch.tensor([1.0, 0, 0]), 2),
+                                  lambda: kv_lengths(random_types(1, 1, 5), 1.5),
+                                  lambda: last_visible_query(random_types(1, 1, 5), 1.5),
+                                  lambda: visible_mask(random_types(1, 1, 5), True),
+                                  lambda: relaxed_mask(random_types(1, 1, 5), -1),
+                                  lambda: relaxed_mask(torch.tensor([[0, 1, 2]]), 2),
+                                  lambda: relaxed_mask(torch.full((1, 1, 5, 3), 1 / 3), 2),
+                                  lambda: next_global(torch.tensor([0, 1, 0, 1])),
+                                  lambda: expired(torch.tensor([2]), torch.tensor([0]), 3, -1, -1)])
+def test_the_mask_helpers_refuse_what_they_cannot_mean(call):
+    with pytest.raises(ValueError, match="window must be an int|token_types must be one-hot|is_global must be"):
+        call()
 
 
 @pytest.mark.parametrize("T", LENGTHS)
@@ -596,6 +623,21 @@ def test_decode_kernel_refuses_bad_inputs():
         with pytest.raises(ValueError, match="kinds must hold types 0, 1 or 2 .* in every held slot"):
             nats_decode(q, k, v, kind, t, [*cache[:3], torch.where(held, 7, cache[3]).to(torch.uint8)], 4)
         nats_decode(q, k, v, kind, t, [*cache[:3], torch.where(held, cache[3], 9).to(torch.uint8)], 4)  # free: any
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_decode_names_a_malformed_step(impl):
+    (q, k, v), cache = random_cache(1, 4, 2, 20, 16, 30, 0.5, torch.float32, seed=0)
+    kind, t = torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE), torch.tensor([30], dtype=torch.int32).to(DEVICE)
+    with pytest.raises(ValueError, match=r"q \[B, H, 1, D\].*got q \(4, 1, 16\)"):
+        nats_decode(q[0], k, v, kind, t, cache, 4, impl=impl)
+    with pytest.raises(ValueError, match="cache must be 4 tensors"):
+        nats_decode(q, k, v, kind, t, cache[:3], 4, impl=impl)
+    ints = [x.to(torch.int32) for x in (q, k, v, *cache[:2])]
+    with pytest.raises(ValueError, match="share one dtype, a floating one"):
+        nats_decode(*ints[:3], kind, t, [*ints[3:], *cache[2:]], 4, impl=impl)
+    with pytest.raises(ValueError, match="window must be an int"):
+        nats_decode(q, k, v, kind, t, cache, True, impl=impl)
 
 
 # -----------------------------------------------------------------------------
@@ -2402,7 +2444,7 @@ def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path
 
 def test_the_public_mask_functions_check_their_arguments():
     types = random_types(1, 2, 9, seed=1)
-    with pytest.raises(ValueError, match="window must be >= 0"):
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
         kv_lengths(types, -5)
     assert torch.equal(relaxed_mask(types, 2**70), relaxed_mask(types, 9))  # a window past the sequence: no overflow
     for bad in (types.argmax(-1), types[..., :2], types.long()):  # type ids, two types, integers
