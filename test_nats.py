@@ -767,6 +767,24 @@ def test_loss_takes_the_kv_weight_it_is_given():
         model(idx, idx, kv_weight=-1.0)
 
 
+def test_forward_names_bad_targets_kv_weights_distill_and_teachers():
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(50, (2, 8))
+    for targets, match in [(idx[:, :4], r"targets must be token ids .* = \[2, 8\]"),
+                           (torch.full_like(idx, 50), r"targets must be in -1\.\.49"),
+                           (idx.float(), "targets must be token ids")]:
+        with pytest.raises(ValueError, match=match):
+            model(idx, targets)
+    assert model(idx, idx.int())[1].isfinite()  # int32 targets, as int32 ids
+    for kv_weight in ("0.1", float("inf"), float("nan"), True, torch.ones(2)):
+        with pytest.raises(ValueError, match="kv_weight must be a finite number >= 0"):
+            model(idx, idx, kv_weight=kv_weight)
+    with pytest.raises(ValueError, match="distill must be 'hidden' or 'logits'"):
+        model(idx, idx, teacher=model, distill="bogus")
+    with pytest.raises(ValueError, match="teacher must be a GPT of the same n_embd"):
+        model(idx, idx, teacher=GPT(tiny_config(n_embd=64)))
+
+
 def test_all_global_forward_is_dense_attention_without_the_scorers():
     torch.manual_seed(0)
     dense = GPT(tiny_config(attention="dense", dropout=0.0))
@@ -841,6 +859,7 @@ def test_init_std_sets_the_initial_weights(std):
     (dict(local_type="False"), "local_type must be bool"), (dict(block_size=64.5), "block_size must be int"),
     (dict(n_embd="128"), "n_embd must be int"), (dict(window=True), "window must be int"),
     (dict(init_std=float("inf")), "init_std must be a finite"), (dict(rope_scaling=[8.0, 1.0, 4.0, 64]), "tuple"),
+    (dict(random_global=0.5), "random_global=0.5 is the Global share of attention='random'"),
 ])
 def test_model_rejects_bad_configs(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -1058,6 +1077,16 @@ def test_generate_rejects_bad_input():
         nats.generate(model, prompt.to("meta"), 5)
     with pytest.raises(ValueError, match="block_size"):
         nats.generate(model, torch.zeros(1, 33, dtype=torch.long), 5)
+    for caches in ([], model.new_caches()[:1], "caches"):
+        with pytest.raises(ValueError, match=r"caches must hold one KVCache per layer \(2\)"):
+            nats.generate(model, prompt, 5, caches=caches)
+    with pytest.raises(ValueError, match="top_k must be an int"):
+        nats.generate(model, prompt, 5, top_k=True)  # a bool is no count
+    with pytest.raises(ValueError, match="max_new_tokens must be an int"):
+        nats.generate(model, prompt, True)
+    for decodable in (0, 51, 2.0, True):
+        with pytest.raises(ValueError, match=r"decodable must be an int in 1\.\.50"):
+            nats.generate(model, prompt, 5, decodable=decodable)
     for prefill in (0, True):
         with pytest.raises(ValueError, match="prefill"):
             nats.decode(model, prompt, prefill=prefill)
@@ -1174,6 +1203,23 @@ def test_command_line_checks_the_prompt_against_the_checkpoint(tmp_path, start, 
     with pytest.raises(SystemExit, match="--ckpt: .*cannot be read as a checkpoint") as stopped:
         nats.main([f"--ckpt={broken}", "--device=cpu"])
     assert len(str(stopped.value)) < 200 and "weights_only" not in str(stopped.value)  # the reason, not torch's advice
+
+
+def test_command_line_stops_on_broken_weights_and_prompts_a_recall_model(tmp_path, capsys):
+    ckpt = torch.load(tiny_checkpoint(tmp_path))
+    ckpt["model"] = {name: torch.full_like(w, float("nan")) for name, w in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit, match=f"--ckpt={re.escape(str(tmp_path / 'nan.pt'))}: .*NaN or infinite"):
+        nats.main([f"--ckpt={tmp_path / 'nan.pt'}", "--device=cpu", "--max_new_tokens=3"])
+    ckpt = torch.load(tiny_checkpoint(tmp_path))  # a recall model: its alphabet has no new line
+    ckpt["model_args"]["vocab_size"] = len(data.recall.ALPHABET)
+    ckpt["model"] = GPT(GPTConfig(**ckpt["model_args"])).state_dict()
+    ckpt["config"] = dict(dataset="recall", tokenizer="char")
+    torch.save(ckpt, tmp_path / "recall.pt")
+    nats.main([f"--ckpt={tmp_path / 'recall.pt'}", "--device=cpu", "--max_new_tokens=3"])
+    assert capsys.readouterr().out.startswith(data.recall.ALPHABET[0])
+    with pytest.raises(SystemExit, match=re.escape(f"pass a prompt of its symbols, {data.recall.ALPHABET[:40]!r}")):
+        nats.main([f"--ckpt={tmp_path / 'recall.pt'}", "--device=cpu", "--start=\n"])
 
 
 # -----------------------------------------------------------------------------
