@@ -203,7 +203,7 @@ def test_all_global_is_dense_causal_attention():
     (lambda q, k, v, y: (q, k[:, :, :5], v, y), "k and v"),
     (lambda q, k, v, y: (q, k, v, y[..., :2]), "token_types"),
     (lambda q, k, v, y: (q.half(), k, v, y), "dtype"),
-    (lambda q, k, v, y: (q, k, v, y.long()), "floating"),
+    (lambda q, k, v, y: (q, k, v, y.long()), "one-hot floats"),
     (lambda q, k, v, y: (q[:, :3], k, v, y), "split evenly"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, message):
