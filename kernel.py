@@ -47,6 +47,9 @@ LOG2E = math.log2(math.e)
 
 def next_global(is_global):
     """f_j: the first Global position >= j, or T if none. is_global: bool [..., T] -> long [..., T]."""
+    if not isinstance(is_global, torch.Tensor) or is_global.dtype != torch.bool or is_global.dim() < 1:
+        raise ValueError(f"is_global must be a bool tensor [..., T] (True at Global tokens), e.g. "
+                         f"token_types.argmax(-1) == GLOBAL; got {getattr(is_global, 'dtype', type(is_global))}")
     T = is_global.shape[-1]
     pos = torch.arange(T, device=is_global.device).expand_as(is_global)
     candidate = torch.where(is_global, pos, torch.full_like(pos, T))
@@ -58,19 +61,30 @@ def reach_by_type(token_types, window):
     works, "Mask").
 
     Global: the end; Local: the next Global token (inclusive, from the hard types); Sliding: j + W.
-    Raises ValueError for a negative window.
+    Raises ValueError for a window or types check_mask_args refuses.
     """
-    if not window >= 0:
-        raise ValueError(f"window must be >= 0 (0: a Sliding token is seen by its own query only), got {window}")
-    if token_types.dim() < 2 or token_types.shape[-1] != 3 or not token_types.is_floating_point():
-        raise ValueError(f"token_types must be one-hot floats [..., T, 3] (Global, Local, Sliding); got "
-                         f"{token_types.dtype} of shape {tuple(token_types.shape)}; for type ids pass "
-                         f"F.one_hot(kinds, 3).float()")
+    check_mask_args(token_types, window)
     T = token_types.shape[-2]
     pos = torch.arange(T, device=token_types.device)
     local = next_global(token_types.argmax(-1) == GLOBAL).clamp(max=T - 1)
     sliding = (pos + min(window, T)).clamp(max=T - 1)  # a window past the sequence is the sequence: no overflow
     return torch.stack(torch.broadcast_tensors(torch.full_like(local, T - 1), local, sliding), dim=-1)
+
+
+def check_mask_args(token_types, window):
+    """Raise a ValueError for what the mask functions, nats_attention and its reference refuse:
+    types that are not one-hot floats [..., T, 3] (the values read on the CPU only: on CUDA the
+    read would sync every call), a window that is not an int >= 0."""
+    if not isinstance(token_types, torch.Tensor) or token_types.dim() < 2 or token_types.shape[-1] != 3 \
+            or not token_types.is_floating_point():
+        raise ValueError(f"token_types must be one-hot floats [..., T, 3] (Global, Local, Sliding); got "
+                         f"{getattr(token_types, 'dtype', type(token_types))} of shape "
+                         f"{tuple(getattr(token_types, 'shape', ()))}; for type ids pass F.one_hot(kinds, 3).float()")
+    if token_types.device.type == "cpu" and not torch.compiler.is_compiling() and not is_one_hot(token_types):
+        raise ValueError("token_types must be one-hot along the last dim (a straight-through estimate such as "
+                         "F.gumbel_softmax(logits, hard=True) is one); for probabilities pass "
+                         "F.one_hot(probs.argmax(-1), 3).float()")
+    check_window(window)
 
 
 def last_visible_query(token_types, window):
@@ -80,8 +94,8 @@ def last_visible_query(token_types, window):
 
 def visible_mask(token_types, window):
     """The hard mask: bool [..., T, T], True where query i sees key j."""
+    last = last_visible_query(token_types, window).unsqueeze(-2)  # checks the arguments first
     T = token_types.shape[-2]
-    last = last_visible_query(token_types, window).unsqueeze(-2)
     i = torch.arange(T, device=token_types.device)[:, None]
     j = torch.arange(T, device=token_types.device)[None, :]
     return (j <= i) & (i <= last)
@@ -93,8 +107,9 @@ def kv_lengths(token_types, window):
     The length of each type comes from the hard types (no gradient through f_j); the one-hot
     types carry the straight-through gradient, so the sparsity term trains the scorer.
     """
+    reach = reach_by_type(token_types, window)  # checks the arguments first
     pos = torch.arange(token_types.shape[-2], device=token_types.device)[:, None]
-    lengths = reach_by_type(token_types, window) - pos + 1
+    lengths = reach - pos + 1
     return (token_types * lengths.to(token_types.dtype)).sum(-1)
 
 
@@ -109,6 +124,7 @@ def relaxed_mask(token_types, window):
     Equals the hard mask at one-hot y = (g, l, s). The product is one cumprod down the rows: row i
     multiplies in (1 - g_{i-1}) for every column j < i - 1.
     """
+    check_mask_args(token_types, window)
     y_g, y_l, y_s = token_types.unbind(-1)
     T = y_g.shape[-1]
     window = min(window, T)  # the same mask, and no integer overflow for a huge one
@@ -134,12 +150,11 @@ def nats_attention_reference(q, k, v, token_types, window):
     through a term whose value is zero and whose gradient is the bounded form of dL/dM,
     G_ij = pi_ij (dP_ij - Dl_i), with pi the causal softmax (README, How NAtS works,
     "Relaxation").
+    Raises ValueError for what nats_attention refuses (check_inputs).
     """
+    check_inputs(q, k, v, token_types, window)
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    if token_types.shape != (B, H_kv, T, 3):
-        raise ValueError(f"token_types must be [B, H_kv, T, 3] = {[B, H_kv, T, 3]} (one type per KV head), got "
-                         f"{list(token_types.shape)}")
     acc = torch.promote_types(q.dtype, torch.float32)
     q = q.reshape(B, H_kv, H // H_kv, T, D) * D**-0.5  # grouped-query heads: [B, H_kv, group, T, D]
     k, v = k.unsqueeze(2), v.unsqueeze(2)
@@ -993,7 +1008,8 @@ def expired(kind, pos, t, last_global, window):
     """Which cached keys no query after step t reads (README, How NAtS works, "Eviction"): Local
     keys older than the latest Global one (whose query was the last to see them) and Sliding keys
     j <= t - W; Globals stay. kind, pos [..., n] (free slots: pos -1, any result); t and
-    last_global broadcast against them. Returns bool [..., n]."""
+    last_global broadcast against them. window: an int >= 0. Returns bool [..., n]."""
+    check_window(window)
     return ((kind == LOCAL) & (pos < last_global)) | ((kind == SLIDING) & (pos <= t - window))
 
 
@@ -1003,7 +1019,10 @@ def nats_decode_reference(q, k, v, kind, t, cache, window):
     device) goes into the first free slot of its row, its queries attend over the valid slots
     (SDPA, the query heads of a KV head as its rows), then the slots no later query reads are
     freed. cache = (k_cache, v_cache [B, H_kv, slots, D], pos [B, H_kv, slots] int32 (-1: free),
-    kinds [B, H_kv, slots] uint8), updated in place; a free slot must exist. Returns [B, H, 1, D]."""
+    kinds [B, H_kv, slots] uint8), updated in place; a free slot must exist. Returns [B, H, 1, D].
+    Raises ValueError for malformed inputs (check_decode_inputs)."""
+    check_decode_inputs(q, k, v, kind, t, cache, window)
+    window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
     k_cache, v_cache, pos, kinds = cache
     B, H, _, D = q.shape
     slot = pos.argmin(-1, keepdim=True)  # free slots (-1) sort first
@@ -1168,23 +1187,15 @@ def check_inputs(q, k, v, token_types, window):
     if H_kv == 0 or H % H_kv:
         raise ValueError(f"the {H} query heads must split evenly over the {H_kv} KV heads")
     if token_types.shape != (B, H_kv, T, 3):
-        raise ValueError(f"token_types must be one-hot [batch, kv_heads, seq, 3] = {(B, H_kv, T, 3)}; "
-                         f"got {tuple(token_types.shape)}")
+        raise ValueError(f"token_types must be one-hot [batch, kv_heads, seq, 3] = {(B, H_kv, T, 3)} (one type per "
+                         f"KV head); got {tuple(token_types.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must share one floating-point dtype (float16, bfloat16, float32 or float64); "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not token_types.dtype.is_floating_point:
-        raise ValueError(f"token_types must be floating (one-hot, carrying gradients); got {token_types.dtype}")
     if len({q.device, k.device, v.device, token_types.device}) != 1:
         raise ValueError(f"all inputs must be on one device; got q {q.device}, k {k.device}, "
                          f"v {v.device}, token_types {token_types.device}")
-    check_window(window)
-    # Reading the values needs a GPU sync, which would stall every call on CUDA: checked on the
-    # CPU, and on CUDA where the caller asks (is_one_hot).
-    if token_types.device.type == "cpu" and not torch.compiler.is_compiling() and not is_one_hot(token_types):
-        raise ValueError("token_types must be one-hot along the last dim (a straight-through estimate such as "
-                         "F.gumbel_softmax(logits, hard=True) is one); for probabilities pass "
-                         "F.one_hot(probs.argmax(-1), 3).float()")
+    check_mask_args(token_types, window)
 
 
 def is_one_hot(token_types):
@@ -1207,14 +1218,14 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     on the kernel path,
     for what the kernel does not support; RuntimeError where triton is not installed.
     """
-    check_inputs(q, k, v, token_types, window)
     if impl == "auto":
         impl = "triton" if q.is_cuda else "reference"
-    if impl == "triton":
-        return nats_attention_triton(q, k, v, token_types, window)
     if impl == "reference":
-        return nats_attention_reference(q, k, v, token_types, window)
-    raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        return nats_attention_reference(q, k, v, token_types, window)  # checks its inputs
+    if impl != "triton":
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    check_inputs(q, k, v, token_types, window)
+    return nats_attention_triton(q, k, v, token_types, window)
 
 
 def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
@@ -1223,7 +1234,36 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
     or "auto": the kernel on CUDA. The kernel may write the new token into a slot that this step
     freed, the reference into the first slot free before it: the same keys are held. Raises
     ValueError for malformed inputs, and for what the kernel does not support."""
+    if impl == "auto":
+        impl = "triton" if q.is_cuda else "reference"
+    if impl == "reference":
+        return nats_decode_reference(q, k, v, kind, t, cache, window)  # checks its inputs
+    if impl != "triton":
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    check_decode_inputs(q, k, v, kind, t, cache, window)
+    window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
+    check_kernel_support(q)
+    if INTERPRETING and q.dtype == torch.bfloat16:  # its bf16 arithmetic is wrong, and the cache is written in place
+        raise ValueError("the Triton interpreter computes bfloat16 wrongly: pass float32 or float16 tensors, or "
+                         "impl='reference'")
     k_cache, v_cache, pos, kinds = cache
+    if any(x.stride(-1) != 1 for x in (q, k, v, k_cache, v_cache)):
+        raise ValueError("q, k, v and the cache's k and v need their head_dim contiguous (stride 1)")
+    return _decode(q, k, v, kind, t, k_cache, v_cache, pos, kinds, window)
+
+
+def check_decode_inputs(q, k, v, kind, t, cache, window):
+    """Raise a ValueError that names what to pass instead of a malformed decode step (see
+    nats_decode_reference for the arguments)."""
+    if not (isinstance(cache, (tuple, list)) and len(cache) == 4 and all(isinstance(x, torch.Tensor) for x in cache)):
+        raise ValueError(f"cache must be 4 tensors (k_cache, v_cache, pos, kinds), as a KVCache holds; got "
+                         f"{type(cache).__name__} of {len(cache) if isinstance(cache, (tuple, list)) else '?'}")
+    k_cache, v_cache, pos, kinds = cache
+    if any(x.dim() != 4 for x in (q, k, v, k_cache, v_cache)) or any(x.dim() != 3 for x in (pos, kinds, kind)):
+        raise ValueError(f"q [B, H, 1, D], k, v [B, H_kv, 1, D], kind [B, H_kv, 1] and the cache's k, v "
+                         f"[B, H_kv, slots, D], pos, kinds [B, H_kv, slots]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, kind {tuple(kind.shape)}, cache "
+                         + ", ".join(str(tuple(x.shape)) for x in cache))
     B, H, T, D = q.shape
     if T != 1 or k.shape != v.shape or (k.shape[0], *k.shape[2:]) != (B, 1, D) or H % k.shape[1]:
         raise ValueError(f"one new token per row: q [B, H, 1, D] and k, v [B, H_kv, 1, D] with H % H_kv == 0; "
@@ -1234,9 +1274,9 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
         raise ValueError(f"the cache must be k, v [{B}, {H_kv}, slots, {D}], pos and kinds [{B}, {H_kv}, slots] and "
                          f"kind [{B}, {H_kv}, 1]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}, "
                          f"{tuple(pos.shape)}, {tuple(kinds.shape)}, {tuple(kind.shape)}")
-    if not q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"q, k, v and the cache's k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if not q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype or not q.is_floating_point():
+        raise ValueError(f"q, k, v and the cache's k and v must share one dtype, a floating one; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if pos.dtype != torch.int32 or kinds.dtype != torch.uint8 or not (pos.is_contiguous() and kinds.is_contiguous()):
         raise ValueError(f"pos must be contiguous int32 and kinds contiguous uint8; got {pos.dtype}, {kinds.dtype}")
     if not (isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.shape == (1,)) or kind.dtype != torch.long:
@@ -1260,20 +1300,6 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
         if ((pos >= 0) & (kinds > 2)).any():  # a type expired() does not know would stay forever
             raise ValueError("the cache's kinds must hold types 0, 1 or 2 (G, L, S) in every held slot (pos >= 0)")
     check_window(window)
-    window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
-    if impl == "auto":
-        impl = "triton" if q.is_cuda else "reference"
-    if impl == "reference":
-        return nats_decode_reference(q, k, v, kind, t, cache, window)
-    if impl != "triton":
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    check_kernel_support(q)
-    if INTERPRETING and q.dtype == torch.bfloat16:  # its bf16 arithmetic is wrong, and the cache is written in place
-        raise ValueError("the Triton interpreter computes bfloat16 wrongly: pass float32 or float16 tensors, or "
-                         "impl='reference'")
-    if any(x.stride(-1) != 1 for x in (q, k, v, k_cache, v_cache)):
-        raise ValueError("q, k, v and the cache's k and v need their head_dim contiguous (stride 1)")
-    return _decode(q, k, v, kind, t, k_cache, v_cache, pos, kinds, window)
 
 
 # -----------------------------------------------------------------------------

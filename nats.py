@@ -104,6 +104,9 @@ class GPTConfig:
                              f"got {self.window}")
         if not 0 <= self.random_global <= 1:
             raise ValueError(f"random_global must be a probability in [0, 1], got {self.random_global}")
+        if self.random_global and self.attention != "random":  # the other attentions would ignore it
+            raise ValueError(f"random_global={self.random_global} is the Global share of attention='random': pass "
+                             f"that, or random_global=0.0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std > 0:
@@ -464,16 +467,9 @@ class GPT(nn.Module):
         by default. caches: one KVCache per layer for generation (see Decoder). all_global: every
         token Global in every layer (dense attention; the scorers are not run). Raises ValueError
         for a sequence longer than block_size."""
-        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"idx must be token ids [batch, tokens], long or int32; got {idx.dtype} of shape "
-                             f"{tuple(idx.shape)}")
+        self.check_ids(idx, "idx")
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
-        # reading the ids needs a GPU sync: checked on the CPU, where the embedding's own error names no bound
-        if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel() \
-                and not 0 <= idx.min() <= idx.max() < self.config.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1} (vocab_size); got "
-                             f"{idx.min().item()}..{idx.max().item()}")
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
             rope = self.rope(pos)
@@ -483,6 +479,18 @@ class GPT(nn.Module):
             x, stats = block(x, pos, rope, None if caches is None else caches[i], all_global)
             layers.append(stats)
         return self.transformer.ln_f(x), layers
+
+    def check_ids(self, ids, name, shape=None, low=0):
+        """Raise a ValueError naming `name` unless ids are token ids [batch, tokens] (of `shape` if
+        given), long or int32, in low..vocab_size - 1 (-1 marks a target not scored)."""
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32) or shape is not None and ids.shape != shape:
+            raise ValueError(f"{name} must be token ids [batch, tokens]{'' if shape is None else f' = {list(shape)}'}, "
+                             f"long or int32; got {ids.dtype} of shape {tuple(ids.shape)}")
+        # reading the ids needs a GPU sync: checked on the CPU, where torch's own errors name no bound
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling() and ids.numel() \
+                and not low <= ids.min() <= ids.max() < self.config.vocab_size:
+            raise ValueError(f"{name} must be in {low}..{self.config.vocab_size - 1} (vocab_size); got "
+                             f"{ids.min().item()}..{ids.max().item()}")
 
     def forward(self, idx, targets=None, teacher=None, kv_weight=0.0, all_global=False, distill="hidden"):
         """idx [B, T] -> (logits [B, T, vocab], loss, stats).
@@ -496,7 +504,9 @@ class GPT(nn.Module):
         fine-tuning objective, the mean squared error between the final hidden states and the
         teacher's; "logits" the KL divergence of the model's next-token distribution from the
         teacher's, per token. Without targets the loss is None. all_global: every token Global, the
-        scorers not run (a dense warm-up). Raises ValueError for a negative float kv_weight.
+        scorers not run (a dense warm-up). Raises ValueError for targets not like idx, a kv_weight
+        that is no finite number >= 0 (nor a 0-d tensor), an unknown distill or a teacher of
+        another width or vocabulary.
 
         stats, detached, for logs and pictures: with targets ce and, for NAtS, kv_term (the loss's
         lambda term); unless the attention is dense, per layer kv_fraction [n_layer],
@@ -505,8 +515,19 @@ class GPT(nn.Module):
         cache_size [n_layer] and token_types [n_layer, B, H_kv, T] (long: 0 Global, 1 Local,
         2 Sliding).
         """
-        if isinstance(kv_weight, (int, float)) and not kv_weight >= 0:
-            raise ValueError(f"kv_weight must be >= 0 (a negative weight rewards keeping keys), got {kv_weight}")
+        number = isinstance(kv_weight, (int, float)) and not isinstance(kv_weight, bool)
+        if not (number and 0 <= kv_weight < math.inf or isinstance(kv_weight, torch.Tensor) and kv_weight.dim() == 0):
+            raise ValueError(f"kv_weight must be a finite number >= 0 (a negative weight rewards keeping keys) or a "
+                             f"0-d tensor, got {kv_weight!r}")
+        if distill not in ("hidden", "logits"):
+            raise ValueError(f"distill must be 'hidden' or 'logits', got {distill!r}")
+        if teacher is not None and (not isinstance(teacher, GPT) or any(
+                getattr(teacher.config, name) != getattr(self.config, name) for name in ("n_embd", "vocab_size"))):
+            raise ValueError(f"teacher must be a GPT of the same n_embd and vocab_size "
+                             f"({self.config.n_embd}, {self.config.vocab_size}); got "
+                             f"{getattr(teacher, 'config', type(teacher).__name__)}")
+        if targets is not None:
+            self.check_ids(targets, "targets", idx.shape, low=-1)
         hidden, layers = self.hidden_states(idx, all_global=all_global)
         logits = self.lm_head(hidden)
         dense = self.config.attention == "dense"
@@ -519,7 +540,7 @@ class GPT(nn.Module):
             token_types=torch.stack([s["token_types"].argmax(-1) for s in layers]))
         if targets is None:
             return logits, None, stats
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).long(), ignore_index=-1)
         stats["ce"] = ce.detach()
         loss = ce
         if teacher is not None:
@@ -999,23 +1020,30 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     on (an output layer padded past the tokenizer's vocabulary, data.decodable_size) are never
     drawn. Past block_size positions keep counting; memory stays bounded as long as Global
     tokens stay sparse. Raises ValueError for a malformed prompt, one longer than block_size, a
-    temperature that is no finite number >= 0, max_new_tokens or top_k out of range, caches that
-    already hold a sequence, and, at the end, for logits that were NaN or infinite (a broken model)."""
+    temperature that is no finite number >= 0, max_new_tokens, top_k or decodable out of range
+    (a bool is no count), caches that are not one per layer or already hold a sequence, and, at
+    the end, for logits that were NaN or infinite (a broken model)."""
     device = model.lm_head.weight.device
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if top_k is not None and not isinstance(top_k, int):
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):  # True is no count
         raise ValueError(f"top_k must be an int or None, got {top_k!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0: always the most likely token), got "
                          f"{temperature!r}")  # inf would draw uniformly, whatever the model says
     decodable = model.config.vocab_size if decodable is None else decodable
+    if not isinstance(decodable, int) or isinstance(decodable, bool) or not 1 <= decodable <= model.config.vocab_size:
+        raise ValueError(f"decodable must be an int in 1..{model.config.vocab_size} (vocab_size; the ids from it on "
+                         f"are never drawn) or None, got {decodable!r}")
     if top_k is not None and not 1 <= top_k <= decodable:
         raise ValueError(f"top_k must be in 1..{decodable} (the ids that can be drawn), got {top_k}")
+    if caches is not None and (not isinstance(caches, (list, tuple)) or len(caches) != model.config.n_layer):
+        raise ValueError(f"caches must hold one KVCache per layer ({model.config.n_layer}), as model.new_caches() "
+                         f"gives; got {caches!r}")
     if caches is not None and caches[0].k is not None:
         raise ValueError("these caches already hold a sequence; pass fresh ones, model.new_caches(), or none")
     if max_new_tokens == 0:
@@ -1265,8 +1293,8 @@ def parse_args(argv=None):
                     "or (--bench) time decoding against a dense cache on a CUDA GPU.")
     parser.add_argument("--ckpt", default=os.path.join(OUT_DIR, "ckpt.pt"),
                         help="the out_dir/ckpt.pt a train_shakespeare.py run wrote (default: %(default)s)")
-    parser.add_argument("--start", default="\n",
-                        help="the prompt, or FILE:path to read it from a file (default: a new line)")
+    parser.add_argument("--start", help="the prompt, or FILE:path to read it from a file (default: a new line, or "
+                                        "the first symbol of a vocabulary without one)")
     parser.add_argument("--num_samples", type=at_least(1, int), default=1, help="samples, drawn at once as one batch")
     parser.add_argument("--max_new_tokens", type=at_least(1, int), default=500, help="tokens sampled per sample")
     parser.add_argument("--temperature", type=at_least(0.0, float), default=TEMPERATURE,
@@ -1307,7 +1335,7 @@ def parse_args(argv=None):
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
                      f"(it writes {OUT_DIR}/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
-    if args.start.startswith("FILE:"):
+    if args.start is not None and args.start.startswith("FILE:"):
         path = args.start[len("FILE:"):]
         if not os.path.isfile(path):
             what = "a folder" if os.path.isdir(path) else "no such file"
@@ -1319,7 +1347,7 @@ def parse_args(argv=None):
             parser.error(f"--start=FILE:{path} is not UTF-8 text (byte {e.start}); pass a text file saved as UTF-8")
         except OSError as e:
             parser.error(f"--start=FILE:{path} cannot be read ({e.strerror}); pass a readable text file")
-    if not args.start:
+    if args.start == "":
         parser.error("--start is empty; pass a prompt of at least one character (the default is a new line)")
     return args
 
@@ -1349,20 +1377,27 @@ def sample(args):
         raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
                          f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "
                          f"training")
+    decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
     try:
-        prompt = encode(args.start)
+        prompt = encode("\n" if args.start is None else args.start)
     except (KeyError, ValueError):
-        raise SystemExit(f"--start: {args.start!r} has characters outside the vocabulary the model was trained "
-                         f"with ({cfg['dataset']}, tokenizer {cfg['tokenizer']}); pass a prompt without them") from None
+        if args.start is not None:
+            symbols = decode(list(range(min(decodable, 40))))
+            raise SystemExit(f"--start: {args.start!r} has characters outside the vocabulary the model was trained "
+                             f"with ({cfg['dataset']}, tokenizer {cfg['tokenizer']}); pass a prompt of its symbols, "
+                             f"{symbols!r}{'...' if decodable > 40 else ''}") from None
+        prompt = [0]  # a vocabulary without a new line (the recall tasks): its first symbol
     if len(prompt) > model.config.block_size:
         raise SystemExit(f"--start: the prompt has {len(prompt)} tokens, more than the model's block_size "
                          f"{model.config.block_size}; pass a shorter one")
     torch.manual_seed(args.seed)
     idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
     caches = model.new_caches()
-    decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
-    out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k, decodable), caches=caches,
-                   decodable=decodable, compile=args.compile)
+    try:
+        out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k, decodable), caches=caches,
+                       decodable=decodable, compile=args.compile)
+    except ValueError as e:  # what only the checkpoint's weights show: NaN or infinite logits
+        raise SystemExit(f"--ckpt={args.ckpt}: {e}") from None
     for row in out.tolist():
         print(decode(row))
         print("---------------")

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import data
 import kernel
-from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, is_one_hot, kv_lengths, last_visible_query, nats_attention,
-                    nats_attention_reference, nats_decode, next_global, relaxed_mask, visible_mask)
+from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, expired, is_one_hot, kv_lengths, last_visible_query,
+                    nats_attention, nats_attention_reference, nats_decode, next_global, relaxed_mask, visible_mask)
 import nats
 from nats import GPT, FixedTypes, GPTConfig, KVCache, attention_stats, benchmark_decode, load_checkpoint
 
@@ -132,6 +132,33 @@ def test_relaxed_mask_equals_hard_mask_at_one_hot_types(T, window):
 # the reference: ordinary masked attention in value, the closed-form type gradients, clear errors
 
 
+def test_the_reference_refuses_what_nats_attention_refuses():
+    types = random_types(1, 2, 9, seed=1)
+    q, k = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8)
+    soft, zero = types.clone(), types.clone()
+    soft[0, 0, 3], zero[0, 1, 4] = torch.tensor([0.2, 0.3, 0.5]), torch.zeros(3)
+    for args, match in [((q[0], k, k, types, 3), "4-d"), ((q[:, :3], k, k, types, 3), "split evenly"),
+                        ((q, k, k, types, 2.5), "window must be an int"), ((q, k, k, soft, 3), "one-hot"),
+                        ((q, k, k, zero, 3), "one-hot")]:
+        for fn in (nats_attention_reference, lambda *a: nats_attention(*a, impl="reference")):
+            with pytest.raises(ValueError, match=match):
+                fn(*args)
+
+
+@pytest.mark.parametrize("call", [lambda: kv_lengths(torch.tensor([1.0, 0, 0]), 2),
+                                  lambda: kv_lengths(random_types(1, 1, 5), 1.5),
+                                  lambda: last_visible_query(random_types(1, 1, 5), 1.5),
+                                  lambda: visible_mask(random_types(1, 1, 5), True),
+                                  lambda: relaxed_mask(random_types(1, 1, 5), -1),
+                                  lambda: relaxed_mask(torch.tensor([[0, 1, 2]]), 2),
+                                  lambda: relaxed_mask(torch.full((1, 1, 5, 3), 1 / 3), 2),
+                                  lambda: next_global(torch.tensor([0, 1, 0, 1])),
+                                  lambda: expired(torch.tensor([2]), torch.tensor([0]), 3, -1, -1)])
+def test_the_mask_helpers_refuse_what_they_cannot_mean(call):
+    with pytest.raises(ValueError, match="window must be an int|token_types must be one-hot|is_global must be"):
+        call()
+
+
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("mix", ["random", "sparse_global", "all_local", "all_sliding"])
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (3, 1)])
@@ -176,7 +203,7 @@ def test_all_global_is_dense_causal_attention():
     (lambda q, k, v, y: (q, k[:, :, :5], v, y), "k and v"),
     (lambda q, k, v, y: (q, k, v, y[..., :2]), "token_types"),
     (lambda q, k, v, y: (q.half(), k, v, y), "dtype"),
-    (lambda q, k, v, y: (q, k, v, y.long()), "floating"),
+    (lambda q, k, v, y: (q, k, v, y.long()), "one-hot floats"),
     (lambda q, k, v, y: (q[:, :3], k, v, y), "split evenly"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, message):
@@ -598,6 +625,21 @@ def test_decode_kernel_refuses_bad_inputs():
         nats_decode(q, k, v, kind, t, [*cache[:3], torch.where(held, cache[3], 9).to(torch.uint8)], 4)  # free: any
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_decode_names_a_malformed_step(impl):
+    (q, k, v), cache = random_cache(1, 4, 2, 20, 16, 30, 0.5, torch.float32, seed=0)
+    kind, t = torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE), torch.tensor([30], dtype=torch.int32).to(DEVICE)
+    with pytest.raises(ValueError, match=r"q \[B, H, 1, D\].*got q \(4, 1, 16\)"):
+        nats_decode(q[0], k, v, kind, t, cache, 4, impl=impl)
+    with pytest.raises(ValueError, match="cache must be 4 tensors"):
+        nats_decode(q, k, v, kind, t, cache[:3], 4, impl=impl)
+    ints = [x.to(torch.int32) for x in (q, k, v, *cache[:2])]
+    with pytest.raises(ValueError, match="share one dtype, a floating one"):
+        nats_decode(*ints[:3], kind, t, [*ints[3:], *cache[2:]], 4, impl=impl)
+    with pytest.raises(ValueError, match="window must be an int"):
+        nats_decode(q, k, v, kind, t, cache, True, impl=impl)
+
+
 # -----------------------------------------------------------------------------
 # the model: scorer, KV statistics and loss, baselines, config checks, checkpoints
 
@@ -725,6 +767,24 @@ def test_loss_takes_the_kv_weight_it_is_given():
         model(idx, idx, kv_weight=-1.0)
 
 
+def test_forward_names_bad_targets_kv_weights_distill_and_teachers():
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(50, (2, 8))
+    for targets, match in [(idx[:, :4], r"targets must be token ids .* = \[2, 8\]"),
+                           (torch.full_like(idx, 50), r"targets must be in -1\.\.49"),
+                           (idx.float(), "targets must be token ids")]:
+        with pytest.raises(ValueError, match=match):
+            model(idx, targets)
+    assert model(idx, idx.int())[1].isfinite()  # int32 targets, as int32 ids
+    for kv_weight in ("0.1", float("inf"), float("nan"), True, torch.ones(2)):
+        with pytest.raises(ValueError, match="kv_weight must be a finite number >= 0"):
+            model(idx, idx, kv_weight=kv_weight)
+    with pytest.raises(ValueError, match="distill must be 'hidden' or 'logits'"):
+        model(idx, idx, teacher=model, distill="bogus")
+    with pytest.raises(ValueError, match="teacher must be a GPT of the same n_embd"):
+        model(idx, idx, teacher=GPT(tiny_config(n_embd=64)))
+
+
 def test_all_global_forward_is_dense_attention_without_the_scorers():
     torch.manual_seed(0)
     dense = GPT(tiny_config(attention="dense", dropout=0.0))
@@ -799,6 +859,7 @@ def test_init_std_sets_the_initial_weights(std):
     (dict(local_type="False"), "local_type must be bool"), (dict(block_size=64.5), "block_size must be int"),
     (dict(n_embd="128"), "n_embd must be int"), (dict(window=True), "window must be int"),
     (dict(init_std=float("inf")), "init_std must be a finite"), (dict(rope_scaling=[8.0, 1.0, 4.0, 64]), "tuple"),
+    (dict(random_global=0.5), "random_global=0.5 is the Global share of attention='random'"),
 ])
 def test_model_rejects_bad_configs(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -1016,6 +1077,16 @@ def test_generate_rejects_bad_input():
         nats.generate(model, prompt.to("meta"), 5)
     with pytest.raises(ValueError, match="block_size"):
         nats.generate(model, torch.zeros(1, 33, dtype=torch.long), 5)
+    for caches in ([], model.new_caches()[:1], "caches"):
+        with pytest.raises(ValueError, match=r"caches must hold one KVCache per layer \(2\)"):
+            nats.generate(model, prompt, 5, caches=caches)
+    with pytest.raises(ValueError, match="top_k must be an int"):
+        nats.generate(model, prompt, 5, top_k=True)  # a bool is no count
+    with pytest.raises(ValueError, match="max_new_tokens must be an int"):
+        nats.generate(model, prompt, True)
+    for decodable in (0, 51, 2.0, True):
+        with pytest.raises(ValueError, match=r"decodable must be an int in 1\.\.50"):
+            nats.generate(model, prompt, 5, decodable=decodable)
     for prefill in (0, True):
         with pytest.raises(ValueError, match="prefill"):
             nats.decode(model, prompt, prefill=prefill)
@@ -1132,6 +1203,23 @@ def test_command_line_checks_the_prompt_against_the_checkpoint(tmp_path, start, 
     with pytest.raises(SystemExit, match="--ckpt: .*cannot be read as a checkpoint") as stopped:
         nats.main([f"--ckpt={broken}", "--device=cpu"])
     assert len(str(stopped.value)) < 200 and "weights_only" not in str(stopped.value)  # the reason, not torch's advice
+
+
+def test_command_line_stops_on_broken_weights_and_prompts_a_recall_model(tmp_path, capsys):
+    ckpt = torch.load(tiny_checkpoint(tmp_path))
+    ckpt["model"] = {name: torch.full_like(w, float("nan")) for name, w in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit, match=f"--ckpt={re.escape(str(tmp_path / 'nan.pt'))}: .*NaN or infinite"):
+        nats.main([f"--ckpt={tmp_path / 'nan.pt'}", "--device=cpu", "--max_new_tokens=3"])
+    ckpt = torch.load(tiny_checkpoint(tmp_path))  # a recall model: its alphabet has no new line
+    ckpt["model_args"]["vocab_size"] = len(data.recall.ALPHABET)
+    ckpt["model"] = GPT(GPTConfig(**ckpt["model_args"])).state_dict()
+    ckpt["config"] = dict(dataset="recall", tokenizer="char")
+    torch.save(ckpt, tmp_path / "recall.pt")
+    nats.main([f"--ckpt={tmp_path / 'recall.pt'}", "--device=cpu", "--max_new_tokens=3"])
+    assert capsys.readouterr().out.startswith(data.recall.ALPHABET[0])
+    with pytest.raises(SystemExit, match=re.escape(f"pass a prompt of its symbols, {data.recall.ALPHABET[:40]!r}")):
+        nats.main([f"--ckpt={tmp_path / 'recall.pt'}", "--device=cpu", "--start=\n"])
 
 
 # -----------------------------------------------------------------------------
@@ -2402,7 +2490,7 @@ def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path
 
 def test_the_public_mask_functions_check_their_arguments():
     types = random_types(1, 2, 9, seed=1)
-    with pytest.raises(ValueError, match="window must be >= 0"):
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
         kv_lengths(types, -5)
     assert torch.equal(relaxed_mask(types, 2**70), relaxed_mask(types, 9))  # a window past the sequence: no overflow
     for bad in (types.argmax(-1), types[..., :2], types.long()):  # type ids, two types, integers
