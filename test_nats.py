@@ -1424,6 +1424,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(dtype="bfloat16", device="cpu"), "--dtype"), (dict(budget_anneal=-1), "--budget_anneal"),
     (dict(kv_budget=0.2, budget_anneal=100), "--budget_anneal"),  # longer than the run's 40 steps
     (dict(kv_budget=0.2, dense_warmup=40), "--dense_warmup=40 lasts the whole run"),
+    (dict(dense_warmup=40), "--dense_warmup=40 lasts the whole run of --max_iters=40 steps, so the NAtS scorers never"),
     (dict(warmup_iters=70), "--warmup_iters=70 --lr_decay_iters=60"),  # the rate would drop from its peak at once
     (dict(warmup_iters=60), "--warmup_iters=60 --lr_decay_iters=60"),
     (dict(dataset="recall", tokenizer="gpt2"), "--tokenizer=gpt2 tokenizes Shakespeare; --dataset=recall"),
@@ -2295,6 +2296,47 @@ def test_an_eval_context_longer_than_the_val_split_is_refused_before_training(tm
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resumed_sweep_run_appends_to_its_log(tmp_path, monkeypatch):
+    import sweep
+    monkeypatch.setattr(sweep.subprocess, "Popen", lambda *args, **kwargs: None)
+    (tmp_path / "train.log").write_text("the first run's log\n")
+    cfg = tiny_config_dict(tmp_path, resume=True)
+    sweep.start_run(cfg, "")
+    assert re.fullmatch(r"the first run's log\n\n=== resumed [\d-]+ [\d:]+\n", (tmp_path / "train.log").read_text())
+    sweep.start_run(dict(cfg, resume=False), "")  # a new run (--overwrite) starts a new log
+    assert (tmp_path / "train.log").read_text() == ""
+
+
+def test_a_resumed_sweep_checks_each_run_as_its_resume_does_and_a_moved_one_continues(tmp_path):
+    """In this process (--jobs=1) as in its own, a resumed run refuses changed settings up front; a
+    sweep folder moved elsewhere resumes, its fine-tuned runs from the moved dense checkpoint."""
+    import shutil
+
+    import sweep
+    args = TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--sample_tokens=0", "--kv_budgets=", "--windows=",
+                       "--kv_weights=0.1", "--finetune_iters=2"]
+    sweep.main(args + [f"--out_dir={tmp_path / 'old'}"])
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    args += [f"--out_dir={tmp_path / 'new'}", "--resume"]
+    with pytest.raises(SystemExit, match=re.escape("sweep: run 'dense': --resume continues") + ".*"
+                       + re.escape("--learning_rate=0.01 (saved: 0.003)")):
+        sweep.main(args + ["--learning_rate=0.01"])
+    rows = sweep.main(args[:-1] + ["--max_iters=4", "--resume"])
+    assert {row["run"]: row["steps"] for row in rows} == {"dense": 4, "nats lambda=0.1": 4,
+                                                          "nats fine-tuned lambda=0.1": 2}
+
+
+def test_a_sweep_notes_its_flags_it_does_not_use(tmp_path, monkeypatch, capsys):
+    import sweep
+    monkeypatch.setattr(sweep, "train_in_turn", lambda runs: None)
+    sweep.main(TINY_RUN + ["--finetune_weights=0.5", "--seed=5", "--seeds=1", "--kv_budgets=", f"--out_dir={tmp_path}"])
+    assert ("note: this sweep does not use --finetune_weights=0.5 (the lambdas of --finetune_iters, which is 0); "
+            "--seed=5 (--seeds gives every run its seed)\n") in capsys.readouterr().out
+    sweep.main(TINY_RUN + ["--finetune_weights=0.5", "--finetune_iters=2", "--seed=5", "--kv_budgets=",
+                           f"--out_dir={tmp_path}"])
+    assert "note" not in capsys.readouterr().out
+
+
 def test_sweep_help_shows_the_sweeps_own_flags(capsys):
     import sweep
     with pytest.raises(SystemExit) as stop:
@@ -2382,6 +2424,36 @@ def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_pa
     for flag in ("--resume", "--max_iters=6"):
         with pytest.raises(SystemExit, match="stopped before its first checkpoint, nothing to resume"):
             ts.train(ts.make_config(TINY_RUN + [flag, f"--out_dir={moved}"])[0])
+
+
+def test_resume_restores_settings_not_actions_and_a_moved_fine_tune_continues(tmp_path):
+    """--resume and --overwrite act once, at the start of a command: a run started with --overwrite
+    resumes; the checkpoint a fine-tune started from, moved with its folder, is passed anew like out_dir."""
+    import shutil
+
+    import train_shakespeare as ts
+    old, new = tmp_path / "old", tmp_path / "new"
+    tiny_run(old / "dense", max_iters=2, eval_interval=2, sample_tokens=0, overwrite=True)
+    tiny_run(old / "ft", max_iters=2, eval_interval=2, sample_tokens=0, finetune_scorer=True,
+             init_from=str(old / "dense" / "ckpt.pt"))
+    shutil.copytree(old, new)
+    resumed, _ = ts.make_config(["--device=cpu", "--resume", "--max_iters=4", f"--out_dir={new / 'dense'}"])
+    assert resumed["overwrite"] is False and len(ts.train(resumed)["loss"]) == 4
+    moved = str(new / "dense" / "ckpt.pt")
+    resumed, _ = ts.make_config(["--device=cpu", "--resume", f"--out_dir={new / 'ft'}", f"--init_from={moved}"])
+    assert resumed["init_from"] == moved and resumed["finetune_scorer"]
+
+
+def test_on_resume_a_schedule_too_long_for_max_iters_asks_for_a_longer_run(tmp_path):
+    """--resume keeps --budget_anneal and --dense_warmup: what it advises is a --max_iters that fits them."""
+    import train_shakespeare as ts
+    cfg = tiny_config_dict(tmp_path, kv_budget=0.6, budget_anneal=4, dense_warmup=2, max_iters=3, resume=True)
+    for short in (3, 2):
+        with pytest.raises(SystemExit, match=re.escape("pass --max_iters=6 or more (--resume keeps the schedule)")):
+            ts.check_config(dict(cfg, max_iters=short))
+    ts.check_config(dict(cfg, max_iters=6))
+    with pytest.raises(SystemExit, match=re.escape("pass --budget_anneal=0")):  # a new run may change it
+        ts.check_config(dict(cfg, resume=False))
 
 
 def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path, monkeypatch, capsys):

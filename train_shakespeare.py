@@ -285,7 +285,8 @@ def comments_beside(source, statements):
     return found
 
 
-RESUME_MAY_CHANGE = {"resume", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
+ACTIONS = {"resume", "overwrite"}  # what this command does to out_dir, once at its start: never a saved setting
+RESUME_MAY_CHANGE = ACTIONS | {"max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
                      "sample_tokens", "show_layer", "show_head", "device", "compile", "eval_contexts",
                      "passkey_lengths", "passkey_trials",  # what a resumed run may set anew: how long, what it shows,
                      "out_dir"}  # and where it is (spelled otherwise, or moved)
@@ -302,14 +303,17 @@ def resumed_settings(config, given):
         saved = load_checkpoint(path).get("config", {})
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
-    changed = sorted(key for key in given - RESUME_MAY_CHANGE if key in saved and saved[key] != config[key])
+    may_change = set(RESUME_MAY_CHANGE)
+    if not is_pretrained(config["init_from"]) and not is_pretrained(saved.get("init_from", "")):
+        may_change.add("init_from")  # the checkpoint a fine-tune started from: like out_dir, moved or spelled otherwise
+    changed = sorted(key for key in given - may_change if key in saved and saved[key] != config[key])
     if changed:
         raise SystemExit(f"--resume continues the run in {config['out_dir']} with its saved settings; this run asks "
                          + ", ".join(f"--{key}={config[key]!r} (saved: {saved[key]!r})" for key in changed)
                          + ": drop them, or start a new run with another --out_dir")
     # where the run is and what it runs on are this machine's; the rest is the saved run's
     kept = {key: value for key, value in saved.items()
-            if key in config and key not in {"out_dir", "device"} | (RESUME_MAY_CHANGE & given)}
+            if key in config and key not in {"out_dir", "device"} | ACTIONS | (may_change & given)}
     return {**config, **kept, "resume": True}
 
 
@@ -518,16 +522,21 @@ def check_sparsity_schedule(cfg):
     if cfg["random_global"] and cfg["attention"] != "random":
         raise SystemExit(f"--random_global={cfg['random_global']} is the Global share of --attention=random: pass "
                          f"that, or drop --random_global")
-    if cfg["kv_budget"] and cfg["dense_warmup"] >= cfg["max_iters"]:
+    # --resume keeps the run's schedule (RESUME_MAY_CHANGE): there only a longer --max_iters fits it
+    least = cfg["dense_warmup"] + max(1, cfg["budget_anneal"] if cfg["kv_budget"] else 0)
+    longer = f"--max_iters={least} or more (--resume keeps the schedule)"
+    if cfg["attention"] == "nats" and cfg["dense_warmup"] and cfg["dense_warmup"] >= cfg["max_iters"]:
         raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} lasts the whole run of --max_iters={cfg['max_iters']} "
-                         f"steps, so --kv_budget={cfg['kv_budget']} never acts: pass a shorter warm-up, like "
-                         f"--dense_warmup={cfg['max_iters'] // 2}")
+                         f"steps, so the NAtS scorers never act" + (f" (nor --kv_budget={cfg['kv_budget']})"
+                                                                    if cfg["kv_budget"] else "")
+                         + ": pass " + (longer if cfg["resume"] else
+                                        f"a shorter warm-up, like --dense_warmup={cfg['max_iters'] // 2}"))
     steps = cfg["max_iters"] - cfg["dense_warmup"]
     if cfg["kv_budget"] and cfg["budget_anneal"] > steps:
         raise SystemExit(f"--budget_anneal={cfg['budget_anneal']} is longer than the {steps} steps after the dense "
                          f"warm-up: the budget would not reach --kv_budget={cfg['kv_budget']}; pass "
-                         + (f"--budget_anneal={int(0.6 * steps)} (60 % of them) or 0" if int(0.6 * steps) else
-                            "--budget_anneal=0"))
+                         + (longer if cfg["resume"] else f"--budget_anneal={int(0.6 * steps)} (60 % of them) or 0"
+                            if int(0.6 * steps) else "--budget_anneal=0"))
     for key in NATS_SCHEDULE:
         if cfg[key] and cfg["attention"] != "nats":
             raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
