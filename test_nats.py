@@ -1388,6 +1388,34 @@ def test_nan_loss_stops_training_with_a_message(tmp_path):
     assert "--init_std" in str(stop.value) and "--resume" not in str(stop.value)  # no checkpoint to resume yet
 
 
+def test_the_sliding_baseline_command_reads_back_as_the_runs_settings():
+    import shlex
+
+    import train_shakespeare as ts
+    cfg, _ = ts.make_config(TINY_RUN + ["--rope_scaling=(8.0, 1.0, 4.0, 64)", "--eval_contexts=16,32"])
+    again, _ = ts.make_config(shlex.split(ts.sliding_command(cfg, 4))[2:])  # as a shell passes it
+    assert (again["rope_scaling"], again["eval_contexts"], again["n_layer"]) == ((8.0, 1.0, 4.0, 64), "16,32", 2)
+    assert (again["attention"], again["window"]) == ("sliding", 4)
+
+
+def test_a_path_setting_starts_at_the_home_folder_with_a_tilde(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "ckpt.pt").touch()
+    cfg, _ = ts.make_config(["--device=cpu", "--out_dir=~/run", "--finetune_scorer", "--init_from=~/dense/ckpt.pt"])
+    assert (cfg["out_dir"], cfg["init_from"]) == (str(tmp_path / "run"), str(tmp_path / "dense" / "ckpt.pt"))
+
+
+def test_eval_lengths_past_the_context_are_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    monkeypatch.setattr(ts, "load_dataset", lambda *args: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit) as stop:
+        ts.train(tiny_config_dict(tmp_path / "run", eval_contexts="64"))
+    assert str(stop.value) == "--eval_contexts=64: the model's context is 32; pass lengths up to it"
+    assert not (tmp_path / "run").exists()
+
+
 def test_command_line_and_config_files(tmp_path):
     import train_shakespeare as ts
     with pytest.raises(SystemExit, match="unknown argument.*did you mean --n_layer\\?"):
@@ -1408,7 +1436,9 @@ def test_command_line_and_config_files(tmp_path):
 
 
 @pytest.mark.parametrize("bad, flag", [
-    (dict(device="mps"), "--device"), (dict(device="cuda:99"), "--device"), (dict(eval_iters=0), "--eval_iters"),
+    (dict(device="mps"), "--device"), (dict(device="cuda:99"), "--device"),
+    (dict(device="cpu:1"), "--device=cpu:1: the CPU is one device; pass --device=cpu"),
+    (dict(eval_iters=0), "--eval_iters"),
     (dict(eval_interval=0), "--eval_interval"), (dict(log_interval=0), "--log_interval"),
     (dict(block_size=0), "--block_size"), (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps"),
     (dict(kv_weight=-1.0), "--kv_weight"), (dict(window=-1), "--window"), (dict(n_head=5, n_embd=128), "n_head"),
@@ -1565,6 +1595,17 @@ def test_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_pa
         holder.wait()
     history = tiny_run(tmp_path, overwrite=True, max_iters=5, eval_interval=5, sample_tokens=0)
     assert len(history["loss"]) == 5 and load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
+
+
+def test_the_folder_of_a_running_run_is_named_in_use_before_its_files_are_judged(tmp_path):
+    import train_shakespeare as ts
+    (tmp_path / "history.json").write_text("{}")  # a running run before its first checkpoint
+    lock = ts.claim_out_dir(str(tmp_path))
+    with pytest.raises(SystemExit, match="is in use by a running training job"):
+        ts.check_out_dir(tiny_config_dict(tmp_path))
+    lock.close()
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint"):
+        ts.check_out_dir(tiny_config_dict(tmp_path))
 
 
 def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -210,6 +211,8 @@ def make_config(argv):
         flags.add(key)
     config = machine_defaults(str(overrides.get("device", known["device"])))
     config.update(overrides)
+    for key in ("out_dir", "init_from"):  # paths: ~ is the home folder, as in a shell (which leaves --key=~/x as is)
+        config[key] = os.path.expanduser(config[key])
     if config["resume"]:
         config = resumed_settings(config, set(overrides))
         recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
@@ -340,6 +343,8 @@ def device_type(name):
     except RuntimeError:
         kind = None
     if kind is not None and kind.type == "cpu":
+        if kind.index:  # torch takes cpu:1 and runs on the one CPU device, cpu:0
+            raise SystemExit(f"--device={name}: the CPU is one device; pass --device=cpu")
         return "cpu"
     if kind is None or kind.type != "cuda":
         raise SystemExit(f"--device={name}: this script trains on 'cpu' or 'cuda' ('cuda:N' for one GPU)")
@@ -725,8 +730,8 @@ def sliding_command(cfg, window):
     if is_pretrained(cfg["init_from"]):  # the pretrained weights as they are, with the sliding pattern
         same = [arg for arg in same if not arg.startswith("--max_iters=")] + [f"--init_from={cfg['init_from']}",
                                                                              "--max_iters=0"]
-    return " ".join(["python train_shakespeare.py", *same, "--attention=sliding", f"--window={window}",
-                     f"--out_dir=out-sliding-{window}"])
+    return " ".join(["python train_shakespeare.py"] + [shlex.quote(arg) for arg in [  # a shell reads it as printed
+        *same, "--attention=sliding", f"--window={window}", f"--out_dir=out-sliding-{window}"]])
 
 
 def show_token_types(model, tokens, decode, device, cfg):
@@ -904,6 +909,7 @@ def model_args_for(cfg, checkpoint, teacher):
 def check_out_dir(cfg):
     """An out_dir that holds a run is continued with --resume or deleted with --overwrite, never
     silently replaced."""
+    refuse_if_in_use(cfg["out_dir"])  # a running run's files are its own, whatever state they are in
     paths = [os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "history.json")]
     existing = [path for path in paths if os.path.exists(path)]
     for path in existing:
@@ -1065,6 +1071,10 @@ def start(cfg):
     checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
     teacher = load_init_from(cfg, device) if cfg["init_from"] else None
     model_args = model_args_for(cfg, checkpoint, teacher)
+    longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
+    if longest > model_args["block_size"]:  # the model's context: the checkpoint's or a pretrained model's
+        given = " ".join(f"--{key}={cfg[key]}" for key in ("eval_contexts", "passkey_lengths") if cfg[key])
+        raise SystemExit(f"{given}: the model's context is {model_args['block_size']}; pass lengths up to it")
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
     if checkpoint is not None and checkpoint.get("vocabulary") not in (None, vocabulary(cfg, data)):
@@ -1083,10 +1093,6 @@ def start(cfg):
                          f"{model_args['block_size']}; this run has {vocab_size} and --block_size={cfg['block_size']}"
                          f": pass --tokenizer=pretrained and a --block_size up to {model_args['block_size']}")
     model_args.setdefault("vocab_size", vocab_size)
-    longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
-    if longest > model_args["block_size"]:
-        raise SystemExit(f"--eval_contexts={cfg['eval_contexts']} --passkey_lengths={cfg['passkey_lengths']}: the "
-                         f"model's context is {model_args['block_size']}; pass lengths up to it")
     if max(token_counts(cfg["eval_contexts"]), default=0) >= len(data[1]):  # a window and its last target
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']}: the val split has {len(data[1]):,} tokens; pass "
                          f"contexts up to {len(data[1]) - 1}")
@@ -1116,9 +1122,25 @@ def claim_out_dir(out_dir):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise SystemExit(f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): "
-                         f"wait for it to end, or pass another --out_dir") from None
+        raise SystemExit(in_use(out_dir)) from None
     return lock
+
+
+def refuse_if_in_use(out_dir):
+    """Stop if a running run holds out_dir's lock (claim_out_dir), before its files are judged; writes nothing."""
+    path = os.path.join(out_dir, ".lock")
+    if fcntl is None or not os.path.isfile(path):
+        return
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go at once, when the file closes
+        except BlockingIOError:
+            raise SystemExit(in_use(out_dir)) from None
+
+
+def in_use(out_dir):
+    return (f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): wait for it to end, "
+            f"or pass another --out_dir")
 
 
 def build(cfg, rank, world, device, model_args, teacher, data):
