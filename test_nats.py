@@ -1706,6 +1706,23 @@ def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
         assert decode(np.concatenate([train, val]).tolist()) == text and vocab_size == len(set(text))
 
 
+@pytest.mark.parametrize("damage", ["cut short", "text", "ids out of range", "empty"])
+def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, capsys, damage):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    text = "to be or not to be\n" * 20
+    (tmp_path / "shakespeare.txt").write_text(text)
+    data.load_corpus("char")
+    [cache] = (tmp_path / "cache").iterdir()
+    whole = cache.read_bytes()
+    if damage == "ids out of range":
+        np.save(cache, np.full(len(text), 200, dtype=np.uint16))
+    else:
+        cache.write_bytes({"cut short": whole[:len(whole) - 20], "text": b"garbage", "empty": b""}[damage])
+    train, val, _, decode, _ = data.load_corpus("char")
+    assert decode(np.concatenate([train, val]).tolist()) == text and cache.read_bytes() == whole
+    assert f"note: the cached tokens {cache} hold " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     ("to be or not to be".encode("utf-16"), "is not UTF-8 text (byte 0: invalid start byte)"),
