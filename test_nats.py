@@ -2464,6 +2464,16 @@ def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, 
     assert ts.make_config([str(recipe), "--device=cpu"])[0]["max_iters"] == 7
 
 
+def test_a_config_file_value_that_fails_a_check_is_named_by_its_file_and_line(tmp_path):
+    import train_shakespeare as ts
+    recipe = tmp_path / "bad.py"
+    recipe.write_text("# a recipe\nwindow = 4\nmax_iters = -1\n")
+    with pytest.raises(SystemExit, match=re.escape(f"--max_iters=-1: must be >= 0 (max_iters is set at {recipe}:3)")):
+        ts.make_config([str(recipe), "--device=cpu"])
+    with pytest.raises(SystemExit, match=r"--max_iters=-2: must be >= 0$"):  # a flag after it: its own value
+        ts.make_config([str(recipe), "--device=cpu", "--max_iters=-2"])
+
+
 def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_path):
     import train_shakespeare as ts
     first, _ = ts.make_config(TINY_RUN + ["--max_iters=4", "--eval_interval=2", "--sample_tokens=0", "--kv_budget=0.4",

@@ -122,10 +122,11 @@ def defaults():
     return {**{k: getattr(GPTConfig, k) for k in MODEL_KEYS}, **own}
 
 
-def read_recipe(path, known):
+def read_recipe(path, known, origins=None):
     """The key = value lines of a config file, as a dict, read as data (never run): each value a
     Python literal of its setting's type, as --key=value is checked. A line that is not such an
-    assignment, an unknown key or a value of the wrong type stops with the file and line named."""
+    assignment, an unknown key or a value of the wrong type stops with the file and line named.
+    origins, if given, gets each key's "file:line"."""
     if not os.path.isfile(path):
         dashes = f" (a setting takes two dashes: --{path.lstrip('-')})" if "=" in path else ""
         raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py{dashes}")
@@ -149,6 +150,8 @@ def read_recipe(path, known):
             raise SystemExit(f"{where}: {key} = {ast.unparse(line.value)} is not a value (a number, string, "
                              f"True/False or tuple), like {key} = {known[key]!r}") from None
         values[key] = of_type(value, known[key], where, f"{key} = {known[key]!r}")
+        if origins is not None:
+            origins[key] = where
     return values
 
 
@@ -193,10 +196,10 @@ def make_config(argv):
     if any(arg in ("-h", "--help") for arg in argv):
         print(help_text(machine_defaults(known["device"])))
         raise SystemExit(0)
-    overrides, flags, recipes = {}, set(), []
+    overrides, flags, recipes, origins = {}, set(), [], {}
     for arg in argv:
         if not arg.startswith("--"):
-            overrides.update(read_recipe(arg, known))
+            overrides.update(read_recipe(arg, known, origins))
             recipes.append(arg)
             continue
         key, eq, value = arg[2:].partition("=")
@@ -209,6 +212,7 @@ def make_config(argv):
                              f"(one word, with '=')")
         overrides[key] = parse_value(key, value if eq else "True", known[key])  # a bare --flag means True
         flags.add(key)
+        origins.pop(key, None)
     config = machine_defaults(str(overrides.get("device", known["device"])))
     config.update(overrides)
     for key in ("out_dir", "init_from"):  # paths: ~ is the home folder, as in a shell (which leaves --key=~/x as is)
@@ -223,7 +227,13 @@ def make_config(argv):
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     if config["dataset"] in RECALL_TASKS and "tokenizer" not in flags:  # the defaults' tokenizer reads Shakespeare;
         config["tokenizer"] = "char"  # a recall task's symbols are its own, one id a character
-    check_config(config)
+    try:
+        check_config(config)
+    except SystemExit as e:  # a value of a config file: said where it is written
+        where = [f"{key} is set at {origins[key]}" for key in origins if f"--{key}=" in str(e)]
+        if where:
+            raise SystemExit(f"{e} ({'; '.join(where)})") from None
+        raise
     unused = [f"--{key}={config[key]} ({why})" for key, why in unused_settings(config).items() if key in flags]
     if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
         print(f"note: this run does not use {'; '.join(unused)}")
