@@ -1347,8 +1347,25 @@ def test_annealed_budget_holds_lambda_at_zero_then_lands(tmp_path):
     assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03
 
 
-def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, capsys):
-    history = tiny_run(tmp_path, dense_warmup=10, max_iters=10, eval_interval=10, log_interval=5, sample_tokens=0)
+def stopped_at(monkeypatch, step):
+    """Ctrl-C right after step's eval and checkpoint: a run of step steps whose schedule goes on (a dense
+    warm-up that lasts the whole run is refused)."""
+    import train_shakespeare as ts
+    train_step = ts.train_step
+
+    def stop(run):
+        if run.it == step:
+            raise KeyboardInterrupt
+        return train_step(run)
+    monkeypatch.setattr(ts, "train_step", stop)
+
+
+def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, capsys, monkeypatch):
+    stopped_at(monkeypatch, 10)
+    with pytest.raises(SystemExit, match="stopped at step 10"):
+        tiny_run(tmp_path, dense_warmup=10, max_iters=12, eval_interval=10, log_interval=5, sample_tokens=0)
+    monkeypatch.undo()
+    history = load_checkpoint(tmp_path / "ckpt.pt")["history"]
     assert "dense warm-up" in capsys.readouterr().out and history["loss"][9] < history["loss"][0]
     assert all(e["kv_fraction"] == [1.0, 1.0] for e in history["evals"])  # the evals too see the dense model
     first = GPT.from_checkpoint(tmp_path / "ckpt.pt")
@@ -1361,7 +1378,7 @@ def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, caps
                            first.transformer.h[0].attn.scorer.proj.weight)  # joint training after it
 
 
-def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_dense(tmp_path):
+def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_dense(tmp_path, monkeypatch):
     """The scorers' initial weights come from draws given back: the same seed gives a NAtS model
     the backbone of a dense one (and the same later draws), so a dense warm-up repeats the dense
     run of its seed step for step."""
@@ -1375,8 +1392,11 @@ def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_d
     for name, p in models["dense"].items():
         assert torch.equal(p, models["nats"][name]), name
     runs = {}
-    for attention, changes in (("dense", dict(kv_weight=0.0)), ("nats", dict(dense_warmup=10, kv_weight=0.0))):
-        tiny_run(tmp_path / attention, attention=attention, max_iters=10, eval_interval=10, sample_tokens=0, **changes)
+    stopped_at(monkeypatch, 10)  # the first 10 steps of runs of 12
+    for attention, changes in (("dense", dict(kv_weight=0.0)), ("nats", dict(dense_warmup=11, kv_weight=0.0))):
+        with pytest.raises(SystemExit, match="stopped at step 10"):
+            tiny_run(tmp_path / attention, attention=attention, max_iters=12, eval_interval=10, sample_tokens=0,
+                     **changes)
         runs[attention] = dict(GPT.from_checkpoint(tmp_path / attention / "ckpt.pt").named_parameters())
     for name, p in runs["dense"].items():
         assert torch.equal(p, runs["nats"][name]), name  # 10 steps of training, bit for bit
