@@ -168,8 +168,13 @@ def train_in_processes(runs, jobs):
 
 
 def start_run(cfg, gpu):
+    """Start one run's process, its output in out_dir/train.log: a resumed run's goes after the log
+    it continues, under a line that says so."""
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    with open(os.path.join(cfg["out_dir"], "train.log"), "w") as log:
+    with open(os.path.join(cfg["out_dir"], "train.log"), "a" if cfg["resume"] else "w") as log:
+        if cfg["resume"]:
+            log.write(f"\n=== resumed {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            log.flush()  # before the process writes to the same file
         return subprocess.Popen([sys.executable, ts.__file__] + run_args(cfg), stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu))
 
@@ -305,12 +310,22 @@ def main(argv):
     own, rest = split_args(argv)
     base, why = ts.make_config(rest)
     print(f"sweep: {why}")
+    given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+    unused = [f"--{key}={value} ({why})" for key, value, why, used in (  # noted, as the training script notes its own
+        ("finetune_weights", own["finetune_weights"], "the lambdas of --finetune_iters, which is 0",
+         own["finetune_iters"] > 0),
+        ("seed", base["seed"], "--seeds gives every run its seed", not own["seeds"])) if key in given and not used]
+    if unused:
+        print(f"note: this sweep does not use {'; '.join(unused)}")
     runs = variants(own, base)
     for name, cfg, parent in runs:  # every run's settings and folder checked before the first starts
         if cfg["resume"] and not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) \
                 and not os.path.exists(os.path.join(cfg["out_dir"], "history.json")):
             cfg["resume"] = False  # a resumed sweep starts the runs it never reached
         try:
+            if cfg["resume"] and os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")):
+                # the check of the run's own --resume, as in its process, which is given all of run_args
+                cfg.update(ts.resumed_settings(cfg, {arg[2:].partition("=")[0] for arg in run_args(cfg)}))
             if parent is None:  # (a fine-tuning run's checkpoint comes from its parent run)
                 ts.check_config(cfg)
             ts.check_out_dir(cfg)

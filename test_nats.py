@@ -1435,8 +1435,25 @@ def test_annealed_budget_holds_lambda_at_zero_then_lands(tmp_path):
     assert abs(np.mean(history["evals"][-1]["kv_fraction"]) - 0.3) < 0.03
 
 
-def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, capsys):
-    history = tiny_run(tmp_path, dense_warmup=10, max_iters=10, eval_interval=10, log_interval=5, sample_tokens=0)
+def stopped_at(monkeypatch, step):
+    """Ctrl-C right after step's eval and checkpoint: a run of step steps whose schedule goes on (a dense
+    warm-up that lasts the whole run is refused)."""
+    import train_shakespeare as ts
+    train_step = ts.train_step
+
+    def stop(run):
+        if run.it == step:
+            raise KeyboardInterrupt
+        return train_step(run)
+    monkeypatch.setattr(ts, "train_step", stop)
+
+
+def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, capsys, monkeypatch):
+    stopped_at(monkeypatch, 10)
+    with pytest.raises(SystemExit, match="stopped at step 10"):
+        tiny_run(tmp_path, dense_warmup=10, max_iters=12, eval_interval=10, log_interval=5, sample_tokens=0)
+    monkeypatch.undo()
+    history = load_checkpoint(tmp_path / "ckpt.pt")["history"]
     assert "dense warm-up" in capsys.readouterr().out and history["loss"][9] < history["loss"][0]
     assert all(e["kv_fraction"] == [1.0, 1.0] for e in history["evals"])  # the evals too see the dense model
     first = GPT.from_checkpoint(tmp_path / "ckpt.pt")
@@ -1449,7 +1466,7 @@ def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, caps
                            first.transformer.h[0].attn.scorer.proj.weight)  # joint training after it
 
 
-def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_dense(tmp_path):
+def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_dense(tmp_path, monkeypatch):
     """The scorers' initial weights come from draws given back: the same seed gives a NAtS model
     the backbone of a dense one (and the same later draws), so a dense warm-up repeats the dense
     run of its seed step for step."""
@@ -1463,8 +1480,11 @@ def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_d
     for name, p in models["dense"].items():
         assert torch.equal(p, models["nats"][name]), name
     runs = {}
-    for attention, changes in (("dense", dict(kv_weight=0.0)), ("nats", dict(dense_warmup=10, kv_weight=0.0))):
-        tiny_run(tmp_path / attention, attention=attention, max_iters=10, eval_interval=10, sample_tokens=0, **changes)
+    stopped_at(monkeypatch, 10)  # the first 10 steps of runs of 12
+    for attention, changes in (("dense", dict(kv_weight=0.0)), ("nats", dict(dense_warmup=11, kv_weight=0.0))):
+        with pytest.raises(SystemExit, match="stopped at step 10"):
+            tiny_run(tmp_path / attention, attention=attention, max_iters=12, eval_interval=10, sample_tokens=0,
+                     **changes)
         runs[attention] = dict(GPT.from_checkpoint(tmp_path / attention / "ckpt.pt").named_parameters())
     for name, p in runs["dense"].items():
         assert torch.equal(p, runs["nats"][name]), name  # 10 steps of training, bit for bit
@@ -1474,6 +1494,34 @@ def test_nan_loss_stops_training_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match=r"loss is nan at step \d+") as stop:
         tiny_run(tmp_path, learning_rate=float("inf"), warmup_iters=0, grad_clip=0.0)
     assert "--init_std" in str(stop.value) and "--resume" not in str(stop.value)  # no checkpoint to resume yet
+
+
+def test_the_sliding_baseline_command_reads_back_as_the_runs_settings():
+    import shlex
+
+    import train_shakespeare as ts
+    cfg, _ = ts.make_config(TINY_RUN + ["--rope_scaling=(8.0, 1.0, 4.0, 64)", "--eval_contexts=16,32"])
+    again, _ = ts.make_config(shlex.split(ts.sliding_command(cfg, 4))[2:])  # as a shell passes it
+    assert (again["rope_scaling"], again["eval_contexts"], again["n_layer"]) == ((8.0, 1.0, 4.0, 64), "16,32", 2)
+    assert (again["attention"], again["window"]) == ("sliding", 4)
+
+
+def test_a_path_setting_starts_at_the_home_folder_with_a_tilde(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "ckpt.pt").touch()
+    cfg, _ = ts.make_config(["--device=cpu", "--out_dir=~/run", "--finetune_scorer", "--init_from=~/dense/ckpt.pt"])
+    assert (cfg["out_dir"], cfg["init_from"]) == (str(tmp_path / "run"), str(tmp_path / "dense" / "ckpt.pt"))
+
+
+def test_eval_lengths_past_the_context_are_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    monkeypatch.setattr(ts, "load_dataset", lambda *args: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit) as stop:
+        ts.train(tiny_config_dict(tmp_path / "run", eval_contexts="64"))
+    assert str(stop.value) == "--eval_contexts=64: the model's context is 32; pass lengths up to it"
+    assert not (tmp_path / "run").exists()
 
 
 def test_command_line_and_config_files(tmp_path):
@@ -1496,7 +1544,9 @@ def test_command_line_and_config_files(tmp_path):
 
 
 @pytest.mark.parametrize("bad, flag", [
-    (dict(device="mps"), "--device"), (dict(device="cuda:99"), "--device"), (dict(eval_iters=0), "--eval_iters"),
+    (dict(device="mps"), "--device"), (dict(device="cuda:99"), "--device"),
+    (dict(device="cpu:1"), "--device=cpu:1: the CPU is one device; pass --device=cpu"),
+    (dict(eval_iters=0), "--eval_iters"),
     (dict(eval_interval=0), "--eval_interval"), (dict(log_interval=0), "--log_interval"),
     (dict(block_size=0), "--block_size"), (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps"),
     (dict(kv_weight=-1.0), "--kv_weight"), (dict(window=-1), "--window"), (dict(n_head=5, n_embd=128), "n_head"),
@@ -1512,6 +1562,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(dtype="bfloat16", device="cpu"), "--dtype"), (dict(budget_anneal=-1), "--budget_anneal"),
     (dict(kv_budget=0.2, budget_anneal=100), "--budget_anneal"),  # longer than the run's 40 steps
     (dict(kv_budget=0.2, dense_warmup=40), "--dense_warmup=40 lasts the whole run"),
+    (dict(dense_warmup=40), "--dense_warmup=40 lasts the whole run of --max_iters=40 steps, so the NAtS scorers never"),
     (dict(warmup_iters=70), "--warmup_iters=70 --lr_decay_iters=60"),  # the rate would drop from its peak at once
     (dict(warmup_iters=60), "--warmup_iters=60 --lr_decay_iters=60"),
     (dict(dataset="recall", tokenizer="gpt2"), "--tokenizer=gpt2 tokenizes Shakespeare; --dataset=recall"),
@@ -1654,6 +1705,17 @@ def test_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_pa
     assert len(history["loss"]) == 5 and load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
 
 
+def test_the_folder_of_a_running_run_is_named_in_use_before_its_files_are_judged(tmp_path):
+    import train_shakespeare as ts
+    (tmp_path / "history.json").write_text("{}")  # a running run before its first checkpoint
+    lock = ts.claim_out_dir(str(tmp_path))
+    with pytest.raises(SystemExit, match="is in use by a running training job"):
+        ts.check_out_dir(tiny_config_dict(tmp_path))
+    lock.close()
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint"):
+        ts.check_out_dir(tiny_config_dict(tmp_path))
+
+
 def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, monkeypatch):
     import train_shakespeare as ts
     learning_rate_at = ts.learning_rate_at
@@ -1750,6 +1812,23 @@ def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
         (tmp_path / "shakespeare.txt").write_text(text)
         train, val, _, decode, vocab_size = data.load_corpus("char")
         assert decode(np.concatenate([train, val]).tolist()) == text and vocab_size == len(set(text))
+
+
+@pytest.mark.parametrize("damage", ["cut short", "text", "ids out of range", "empty"])
+def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, capsys, damage):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    text = "to be or not to be\n" * 20
+    (tmp_path / "shakespeare.txt").write_text(text)
+    data.load_corpus("char")
+    [cache] = (tmp_path / "cache").iterdir()
+    whole = cache.read_bytes()
+    if damage == "ids out of range":
+        np.save(cache, np.full(len(text), 200, dtype=np.uint16))
+    else:
+        cache.write_bytes({"cut short": whole[:len(whole) - 20], "text": b"garbage", "empty": b""}[damage])
+    train, val, _, decode, _ = data.load_corpus("char")
+    assert decode(np.concatenate([train, val]).tolist()) == text and cache.read_bytes() == whole
+    assert f"note: the cached tokens {cache} hold " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2383,6 +2462,47 @@ def test_an_eval_context_longer_than_the_val_split_is_refused_before_training(tm
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resumed_sweep_run_appends_to_its_log(tmp_path, monkeypatch):
+    import sweep
+    monkeypatch.setattr(sweep.subprocess, "Popen", lambda *args, **kwargs: None)
+    (tmp_path / "train.log").write_text("the first run's log\n")
+    cfg = tiny_config_dict(tmp_path, resume=True)
+    sweep.start_run(cfg, "")
+    assert re.fullmatch(r"the first run's log\n\n=== resumed [\d-]+ [\d:]+\n", (tmp_path / "train.log").read_text())
+    sweep.start_run(dict(cfg, resume=False), "")  # a new run (--overwrite) starts a new log
+    assert (tmp_path / "train.log").read_text() == ""
+
+
+def test_a_resumed_sweep_checks_each_run_as_its_resume_does_and_a_moved_one_continues(tmp_path):
+    """In this process (--jobs=1) as in its own, a resumed run refuses changed settings up front; a
+    sweep folder moved elsewhere resumes, its fine-tuned runs from the moved dense checkpoint."""
+    import shutil
+
+    import sweep
+    args = TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--sample_tokens=0", "--kv_budgets=", "--windows=",
+                       "--kv_weights=0.1", "--finetune_iters=2"]
+    sweep.main(args + [f"--out_dir={tmp_path / 'old'}"])
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    args += [f"--out_dir={tmp_path / 'new'}", "--resume"]
+    with pytest.raises(SystemExit, match=re.escape("sweep: run 'dense': --resume continues") + ".*"
+                       + re.escape("--learning_rate=0.01 (saved: 0.003)")):
+        sweep.main(args + ["--learning_rate=0.01"])
+    rows = sweep.main(args[:-1] + ["--max_iters=4", "--resume"])
+    assert {row["run"]: row["steps"] for row in rows} == {"dense": 4, "nats lambda=0.1": 4,
+                                                          "nats fine-tuned lambda=0.1": 2}
+
+
+def test_a_sweep_notes_its_flags_it_does_not_use(tmp_path, monkeypatch, capsys):
+    import sweep
+    monkeypatch.setattr(sweep, "train_in_turn", lambda runs: None)
+    sweep.main(TINY_RUN + ["--finetune_weights=0.5", "--seed=5", "--seeds=1", "--kv_budgets=", f"--out_dir={tmp_path}"])
+    assert ("note: this sweep does not use --finetune_weights=0.5 (the lambdas of --finetune_iters, which is 0); "
+            "--seed=5 (--seeds gives every run its seed)\n") in capsys.readouterr().out
+    sweep.main(TINY_RUN + ["--finetune_weights=0.5", "--finetune_iters=2", "--seed=5", "--kv_budgets=",
+                           f"--out_dir={tmp_path}"])
+    assert "note" not in capsys.readouterr().out
+
+
 def test_sweep_help_shows_the_sweeps_own_flags(capsys):
     import sweep
     with pytest.raises(SystemExit) as stop:
@@ -2452,6 +2572,16 @@ def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, 
     assert ts.make_config([str(recipe), "--device=cpu"])[0]["max_iters"] == 7
 
 
+def test_a_config_file_value_that_fails_a_check_is_named_by_its_file_and_line(tmp_path):
+    import train_shakespeare as ts
+    recipe = tmp_path / "bad.py"
+    recipe.write_text("# a recipe\nwindow = 4\nmax_iters = -1\n")
+    with pytest.raises(SystemExit, match=re.escape(f"--max_iters=-1: must be >= 0 (max_iters is set at {recipe}:3)")):
+        ts.make_config([str(recipe), "--device=cpu"])
+    with pytest.raises(SystemExit, match=r"--max_iters=-2: must be >= 0$"):  # a flag after it: its own value
+        ts.make_config([str(recipe), "--device=cpu", "--max_iters=-2"])
+
+
 def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_path):
     import train_shakespeare as ts
     first, _ = ts.make_config(TINY_RUN + ["--max_iters=4", "--eval_interval=2", "--sample_tokens=0", "--kv_budget=0.4",
@@ -2470,6 +2600,36 @@ def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_pa
     for flag in ("--resume", "--max_iters=6"):
         with pytest.raises(SystemExit, match="stopped before its first checkpoint, nothing to resume"):
             ts.train(ts.make_config(TINY_RUN + [flag, f"--out_dir={moved}"])[0])
+
+
+def test_resume_restores_settings_not_actions_and_a_moved_fine_tune_continues(tmp_path):
+    """--resume and --overwrite act once, at the start of a command: a run started with --overwrite
+    resumes; the checkpoint a fine-tune started from, moved with its folder, is passed anew like out_dir."""
+    import shutil
+
+    import train_shakespeare as ts
+    old, new = tmp_path / "old", tmp_path / "new"
+    tiny_run(old / "dense", max_iters=2, eval_interval=2, sample_tokens=0, overwrite=True)
+    tiny_run(old / "ft", max_iters=2, eval_interval=2, sample_tokens=0, finetune_scorer=True,
+             init_from=str(old / "dense" / "ckpt.pt"))
+    shutil.copytree(old, new)
+    resumed, _ = ts.make_config(["--device=cpu", "--resume", "--max_iters=4", f"--out_dir={new / 'dense'}"])
+    assert resumed["overwrite"] is False and len(ts.train(resumed)["loss"]) == 4
+    moved = str(new / "dense" / "ckpt.pt")
+    resumed, _ = ts.make_config(["--device=cpu", "--resume", f"--out_dir={new / 'ft'}", f"--init_from={moved}"])
+    assert resumed["init_from"] == moved and resumed["finetune_scorer"]
+
+
+def test_on_resume_a_schedule_too_long_for_max_iters_asks_for_a_longer_run(tmp_path):
+    """--resume keeps --budget_anneal and --dense_warmup: what it advises is a --max_iters that fits them."""
+    import train_shakespeare as ts
+    cfg = tiny_config_dict(tmp_path, kv_budget=0.6, budget_anneal=4, dense_warmup=2, max_iters=3, resume=True)
+    for short in (3, 2):
+        with pytest.raises(SystemExit, match=re.escape("pass --max_iters=6 or more (--resume keeps the schedule)")):
+            ts.check_config(dict(cfg, max_iters=short))
+    ts.check_config(dict(cfg, max_iters=6))
+    with pytest.raises(SystemExit, match=re.escape("pass --budget_anneal=0")):  # a new run may change it
+        ts.check_config(dict(cfg, resume=False))
 
 
 def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -121,10 +122,11 @@ def defaults():
     return {**{k: getattr(GPTConfig, k) for k in MODEL_KEYS}, **own}
 
 
-def read_recipe(path, known):
+def read_recipe(path, known, origins=None):
     """The key = value lines of a config file, as a dict, read as data (never run): each value a
     Python literal of its setting's type, as --key=value is checked. A line that is not such an
-    assignment, an unknown key or a value of the wrong type stops with the file and line named."""
+    assignment, an unknown key or a value of the wrong type stops with the file and line named.
+    origins, if given, gets each key's "file:line"."""
     if not os.path.isfile(path):
         dashes = f" (a setting takes two dashes: --{path.lstrip('-')})" if "=" in path else ""
         raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py{dashes}")
@@ -148,6 +150,8 @@ def read_recipe(path, known):
             raise SystemExit(f"{where}: {key} = {ast.unparse(line.value)} is not a value (a number, string, "
                              f"True/False or tuple), like {key} = {known[key]!r}") from None
         values[key] = of_type(value, known[key], where, f"{key} = {known[key]!r}")
+        if origins is not None:
+            origins[key] = where
     return values
 
 
@@ -192,10 +196,10 @@ def make_config(argv):
     if any(arg in ("-h", "--help") for arg in argv):
         print(help_text(machine_defaults(known["device"])))
         raise SystemExit(0)
-    overrides, flags, recipes = {}, set(), []
+    overrides, flags, recipes, origins = {}, set(), [], {}
     for arg in argv:
         if not arg.startswith("--"):
-            overrides.update(read_recipe(arg, known))
+            overrides.update(read_recipe(arg, known, origins))
             recipes.append(arg)
             continue
         key, eq, value = arg[2:].partition("=")
@@ -208,8 +212,11 @@ def make_config(argv):
                              f"(one word, with '=')")
         overrides[key] = parse_value(key, value if eq else "True", known[key])  # a bare --flag means True
         flags.add(key)
+        origins.pop(key, None)
     config = machine_defaults(str(overrides.get("device", known["device"])))
     config.update(overrides)
+    for key in ("out_dir", "init_from"):  # paths: ~ is the home folder, as in a shell (which leaves --key=~/x as is)
+        config[key] = os.path.expanduser(config[key])
     if config["resume"]:
         config = resumed_settings(config, set(overrides))
         recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
@@ -220,7 +227,13 @@ def make_config(argv):
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     if config["dataset"] in RECALL_TASKS and "tokenizer" not in flags:  # the defaults' tokenizer reads Shakespeare;
         config["tokenizer"] = "char"  # a recall task's symbols are its own, one id a character
-    check_config(config)
+    try:
+        check_config(config)
+    except SystemExit as e:  # a value of a config file: said where it is written
+        where = [f"{key} is set at {origins[key]}" for key in origins if f"--{key}=" in str(e)]
+        if where:
+            raise SystemExit(f"{e} ({'; '.join(where)})") from None
+        raise
     unused = [f"--{key}={config[key]} ({why})" for key, why in unused_settings(config).items() if key in flags]
     if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
         print(f"note: this run does not use {'; '.join(unused)}")
@@ -285,7 +298,8 @@ def comments_beside(source, statements):
     return found
 
 
-RESUME_MAY_CHANGE = {"resume", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
+ACTIONS = {"resume", "overwrite"}  # what this command does to out_dir, once at its start: never a saved setting
+RESUME_MAY_CHANGE = ACTIONS | {"max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
                      "sample_tokens", "show_layer", "show_head", "device", "compile", "eval_contexts",
                      "passkey_lengths", "passkey_trials",  # what a resumed run may set anew: how long, what it shows,
                      "out_dir"}  # and where it is (spelled otherwise, or moved)
@@ -302,14 +316,17 @@ def resumed_settings(config, given):
         saved = load_checkpoint(path).get("config", {})
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
-    changed = sorted(key for key in given - RESUME_MAY_CHANGE if key in saved and saved[key] != config[key])
+    may_change = set(RESUME_MAY_CHANGE)
+    if not is_pretrained(config["init_from"]) and not is_pretrained(saved.get("init_from", "")):
+        may_change.add("init_from")  # the checkpoint a fine-tune started from: like out_dir, moved or spelled otherwise
+    changed = sorted(key for key in given - may_change if key in saved and saved[key] != config[key])
     if changed:
         raise SystemExit(f"--resume continues the run in {config['out_dir']} with its saved settings; this run asks "
                          + ", ".join(f"--{key}={config[key]!r} (saved: {saved[key]!r})" for key in changed)
                          + ": drop them, or start a new run with another --out_dir")
     # where the run is and what it runs on are this machine's; the rest is the saved run's
     kept = {key: value for key, value in saved.items()
-            if key in config and key not in {"out_dir", "device"} | (RESUME_MAY_CHANGE & given)}
+            if key in config and key not in {"out_dir", "device"} | ACTIONS | (may_change & given)}
     return {**config, **kept, "resume": True}
 
 
@@ -336,6 +353,8 @@ def device_type(name):
     except RuntimeError:
         kind = None
     if kind is not None and kind.type == "cpu":
+        if kind.index:  # torch takes cpu:1 and runs on the one CPU device, cpu:0
+            raise SystemExit(f"--device={name}: the CPU is one device; pass --device=cpu")
         return "cpu"
     if kind is None or kind.type != "cuda":
         raise SystemExit(f"--device={name}: this script trains on 'cpu' or 'cuda' ('cuda:N' for one GPU)")
@@ -518,16 +537,21 @@ def check_sparsity_schedule(cfg):
     if cfg["random_global"] and cfg["attention"] != "random":
         raise SystemExit(f"--random_global={cfg['random_global']} is the Global share of --attention=random: pass "
                          f"that, or drop --random_global")
-    if cfg["kv_budget"] and cfg["dense_warmup"] >= cfg["max_iters"]:
+    # --resume keeps the run's schedule (RESUME_MAY_CHANGE): there only a longer --max_iters fits it
+    least = cfg["dense_warmup"] + max(1, cfg["budget_anneal"] if cfg["kv_budget"] else 0)
+    longer = f"--max_iters={least} or more (--resume keeps the schedule)"
+    if cfg["attention"] == "nats" and cfg["dense_warmup"] and cfg["dense_warmup"] >= cfg["max_iters"]:
         raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} lasts the whole run of --max_iters={cfg['max_iters']} "
-                         f"steps, so --kv_budget={cfg['kv_budget']} never acts: pass a shorter warm-up, like "
-                         f"--dense_warmup={cfg['max_iters'] // 2}")
+                         f"steps, so the NAtS scorers never act" + (f" (nor --kv_budget={cfg['kv_budget']})"
+                                                                    if cfg["kv_budget"] else "")
+                         + ": pass " + (longer if cfg["resume"] else
+                                        f"a shorter warm-up, like --dense_warmup={cfg['max_iters'] // 2}"))
     steps = cfg["max_iters"] - cfg["dense_warmup"]
     if cfg["kv_budget"] and cfg["budget_anneal"] > steps:
         raise SystemExit(f"--budget_anneal={cfg['budget_anneal']} is longer than the {steps} steps after the dense "
                          f"warm-up: the budget would not reach --kv_budget={cfg['kv_budget']}; pass "
-                         + (f"--budget_anneal={int(0.6 * steps)} (60 % of them) or 0" if int(0.6 * steps) else
-                            "--budget_anneal=0"))
+                         + (longer if cfg["resume"] else f"--budget_anneal={int(0.6 * steps)} (60 % of them) or 0"
+                            if int(0.6 * steps) else "--budget_anneal=0"))
     for key in NATS_SCHEDULE:
         if cfg[key] and cfg["attention"] != "nats":
             raise SystemExit(f"--{key}={cfg[key]} steers NAtS scorers: pass --attention=nats or drop --{key}")
@@ -716,8 +740,8 @@ def sliding_command(cfg, window):
     if is_pretrained(cfg["init_from"]):  # the pretrained weights as they are, with the sliding pattern
         same = [arg for arg in same if not arg.startswith("--max_iters=")] + [f"--init_from={cfg['init_from']}",
                                                                              "--max_iters=0"]
-    return " ".join(["python train_shakespeare.py", *same, "--attention=sliding", f"--window={window}",
-                     f"--out_dir=out-sliding-{window}"])
+    return " ".join(["python train_shakespeare.py"] + [shlex.quote(arg) for arg in [  # a shell reads it as printed
+        *same, "--attention=sliding", f"--window={window}", f"--out_dir=out-sliding-{window}"]])
 
 
 def show_token_types(model, tokens, decode, device, cfg):
@@ -895,6 +919,7 @@ def model_args_for(cfg, checkpoint, teacher):
 def check_out_dir(cfg):
     """An out_dir that holds a run is continued with --resume or deleted with --overwrite, never
     silently replaced."""
+    refuse_if_in_use(cfg["out_dir"])  # a running run's files are its own, whatever state they are in
     paths = [os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "history.json")]
     existing = [path for path in paths if os.path.exists(path)]
     for path in existing:
@@ -1056,6 +1081,10 @@ def start(cfg):
     checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
     teacher = load_init_from(cfg, device) if cfg["init_from"] else None
     model_args = model_args_for(cfg, checkpoint, teacher)
+    longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
+    if longest > model_args["block_size"]:  # the model's context: the checkpoint's or a pretrained model's
+        given = " ".join(f"--{key}={cfg[key]}" for key in ("eval_contexts", "passkey_lengths") if cfg[key])
+        raise SystemExit(f"{given}: the model's context is {model_args['block_size']}; pass lengths up to it")
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
     if checkpoint is not None and checkpoint.get("vocabulary") not in (None, vocabulary(cfg, data)):
@@ -1074,10 +1103,6 @@ def start(cfg):
                          f"{model_args['block_size']}; this run has {vocab_size} and --block_size={cfg['block_size']}"
                          f": pass --tokenizer=pretrained and a --block_size up to {model_args['block_size']}")
     model_args.setdefault("vocab_size", vocab_size)
-    longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
-    if longest > model_args["block_size"]:
-        raise SystemExit(f"--eval_contexts={cfg['eval_contexts']} --passkey_lengths={cfg['passkey_lengths']}: the "
-                         f"model's context is {model_args['block_size']}; pass lengths up to it")
     if max(token_counts(cfg["eval_contexts"]), default=0) >= len(data[1]):  # a window and its last target
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']}: the val split has {len(data[1]):,} tokens; pass "
                          f"contexts up to {len(data[1]) - 1}")
@@ -1107,9 +1132,25 @@ def claim_out_dir(out_dir):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise SystemExit(f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): "
-                         f"wait for it to end, or pass another --out_dir") from None
+        raise SystemExit(in_use(out_dir)) from None
     return lock
+
+
+def refuse_if_in_use(out_dir):
+    """Stop if a running run holds out_dir's lock (claim_out_dir), before its files are judged; writes nothing."""
+    path = os.path.join(out_dir, ".lock")
+    if fcntl is None or not os.path.isfile(path):
+        return
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go at once, when the file closes
+        except BlockingIOError:
+            raise SystemExit(in_use(out_dir)) from None
+
+
+def in_use(out_dir):
+    return (f"--out_dir={out_dir} is in use by a running training job (it holds {out_dir}/.lock): wait for it to end, "
+            f"or pass another --out_dir")
 
 
 def build(cfg, rank, world, device, model_args, teacher, data):
