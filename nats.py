@@ -1291,7 +1291,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Sample from a checkpoint of train_shakespeare.py and show what the evicting KV cache held, "
                     "or (--bench) time decoding against a dense cache on a CUDA GPU.")
-    parser.add_argument("--ckpt", default=os.path.join(OUT_DIR, "ckpt.pt"),
+    parser.add_argument("--ckpt", type=os.path.expanduser, default=os.path.join(OUT_DIR, "ckpt.pt"),
                         help="the out_dir/ckpt.pt a train_shakespeare.py run wrote (default: %(default)s)")
     parser.add_argument("--start", help="the prompt, or FILE:path to read it from a file (default: a new line, or "
                                         "the first symbol of a vocabulary without one)")
@@ -1336,7 +1336,7 @@ def parse_args(argv=None):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
                      f"(it writes {OUT_DIR}/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
     if args.start is not None and args.start.startswith("FILE:"):
-        path = args.start[len("FILE:"):]
+        path = os.path.expanduser(args.start[len("FILE:"):])
         if not os.path.isfile(path):
             what = "a folder" if os.path.isdir(path) else "no such file"
             parser.error(f"--start=FILE:{path}: {what}; pass the path of a text file, or the prompt itself")

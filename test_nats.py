@@ -1194,6 +1194,14 @@ def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys,
     assert stop.value.code == 2 and flag.format(folder=tmp_path) in capsys.readouterr().err
 
 
+def test_sampling_paths_start_at_the_home_folder_with_a_tilde(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_checkpoint(tmp_path)
+    (tmp_path / "prompt.txt").write_text("ROMEO:", encoding="utf-8")
+    nats.main(["--ckpt=~/ckpt.pt", "--start=FILE:~/prompt.txt", "--max_new_tokens=3", "--device=cpu"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
 @pytest.mark.parametrize("start, problem", [("é", "outside the vocabulary"), ("x" * 40, "block_size")])
 def test_command_line_checks_the_prompt_against_the_checkpoint(tmp_path, start, problem):
     with pytest.raises(SystemExit, match=f"--start: .*{problem}"):

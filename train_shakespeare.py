@@ -534,9 +534,6 @@ def check_sparsity_schedule(cfg):
                          f"(0, 1], like 0.15 (0: no budget, lambda stays --kv_weight)")
     if cfg["kv_budget"] and not cfg["dual_lr"] > 0 or cfg["dual_lr"] < 0:
         raise SystemExit(f"--dual_lr={cfg['dual_lr']}: the multiplier of --kv_budget needs a step size > 0, like 1.0")
-    if cfg["random_global"] and cfg["attention"] != "random":
-        raise SystemExit(f"--random_global={cfg['random_global']} is the Global share of --attention=random: pass "
-                         f"that, or drop --random_global")
     # --resume keeps the run's schedule (RESUME_MAY_CHANGE): there only a longer --max_iters fits it
     least = cfg["dense_warmup"] + max(1, cfg["budget_anneal"] if cfg["kv_budget"] else 0)
     longer = f"--max_iters={least} or more (--resume keeps the schedule)"
