@@ -1874,6 +1874,33 @@ def test_an_out_dir_whose_ckpt_is_a_folder_is_named_and_kept(tmp_path):
     assert (tmp_path / "ckpt.pt" / "precious.txt").read_text() == "a user's file"
 
 
+def test_an_out_dir_whose_lock_is_a_folder_is_named_and_kept(tmp_path):
+    (tmp_path / ".lock").mkdir()
+    for flags in (dict(overwrite=True), {}):
+        with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / '.lock'} is not a file")):
+            tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0, **flags)
+    assert os.listdir(tmp_path) == [".lock"]
+
+
+def test_a_users_file_of_a_name_the_run_writes_is_kept_unless_overwrite(tmp_path):
+    (tmp_path / "token_types.html").write_text("a user's page")
+    with pytest.raises(SystemExit, match=re.escape(f"holds {tmp_path / 'token_types.html'} and no run")):
+        tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0)
+    assert os.listdir(tmp_path) == ["token_types.html"]
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0, overwrite=True)
+    assert "NAtS token types" in (tmp_path / "token_types.html").read_text()
+
+
+def test_an_out_dir_that_is_a_broken_link_is_named_with_its_target(tmp_path):
+    import train_shakespeare as ts
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "x")
+    for out_dir in (tmp_path / "link", tmp_path / "link" / "run"):
+        with pytest.raises(SystemExit, match=re.escape(f"link is a link to {tmp_path / 'nowhere' / 'x'}, which does "
+                                                       f"not exist")):
+            ts.make_config(TINY_RUN + [f"--out_dir={out_dir}"])
+    assert os.listdir(tmp_path) == ["link"]
+
+
 def test_an_out_dir_that_cannot_hold_a_run_is_named_before_anything_is_written(tmp_path, monkeypatch):
     import train_shakespeare as ts
     (tmp_path / "a_file").write_text("not a folder")

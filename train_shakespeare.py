@@ -499,6 +499,9 @@ def check_out_dir_writable(out_dir):
         raise SystemExit(f"--out_dir is empty: pass the folder for ckpt.pt and history.json, like --out_dir={OUT_DIR}")
     existing = out_dir
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # os.makedirs would stop at it with a bare FileExistsError
+            raise SystemExit(f"--out_dir={out_dir}: {existing} is a link to {os.readlink(existing)}, which does not "
+                             f"exist; make that folder, or pass another --out_dir")
         existing = os.path.dirname(existing) or "."
     if not os.path.isdir(existing):
         raise SystemExit(f"--out_dir={out_dir}: {existing} is a file, not a folder; pass a folder, new or of a run")
@@ -913,14 +916,19 @@ def model_args_for(cfg, checkpoint, teacher):
     return {**wanted, **{key: given[key] for key in fixed if key in given}}
 
 
+RUN_FILES = ("ckpt.pt", "history.json", "token_types.html", ".lock")  # what a run writes in its out_dir: a run's
+# files, its picture of the token types (show_token_types) and its lock (claim_out_dir)
+
+
 def check_out_dir(cfg):
     """An out_dir that holds a run is continued with --resume or deleted with --overwrite, never
-    silently replaced."""
+    silently replaced; nor is a file of the name of one the run writes (RUN_FILES) in a folder of no run."""
     refuse_if_in_use(cfg["out_dir"])  # a running run's files are its own, whatever state they are in
-    paths = [os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "history.json")]
+    paths, written = ([os.path.join(cfg["out_dir"], name) for name in names] for names in (RUN_FILES[:2],
+                                                                                           RUN_FILES[2:]))
     existing = [path for path in paths if os.path.exists(path)]
-    for path in existing:
-        if not os.path.isfile(path):
+    for path in existing + written:
+        if os.path.exists(path) and not os.path.isfile(path):
             raise SystemExit(f"{path} is not a file: {cfg['out_dir']} holds something else than a run; move it away "
                              f"or pass another --out_dir")
     if existing == paths[1:] and not cfg["overwrite"]:  # stopped before its first eval wrote a checkpoint
@@ -931,6 +939,10 @@ def check_out_dir(cfg):
     if existing and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{cfg['out_dir']} holds a run ({', '.join(map(os.path.basename, existing))}): pass "
                          f"--resume to continue it, --overwrite to start over, or another --out_dir")
+    others = [path for path in written if os.path.isfile(path) and not path.endswith(".lock")]  # the user's?
+    if others and not existing and not cfg["overwrite"]:
+        raise SystemExit(f"{cfg['out_dir']} holds {', '.join(others)} and no run: this run would write over it; pass "
+                         f"--overwrite to replace it, or another --out_dir")
     return existing if cfg["overwrite"] else []
 
 
