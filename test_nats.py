@@ -1611,7 +1611,17 @@ def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path
     ts.make_config(TINY_RUN + ["--attention=dense", "--kv_weight=0.3", "--window=4"])
     assert capsys.readouterr().out == ("note: this run does not use --kv_weight=0.3 (--attention=dense has no "
                                        "scorers); --window=4 (dense attention has no mask)\n")
-    for used in (["--kv_weight=0.3"], ["--attention=sliding", "--window=4"], ["--kv_budget=0.5", "--dual_lr=0.5"]):
+    ts.make_config(TINY_RUN + ["--attention=dense", "--show_layer=1", "--show_head=0"])
+    assert capsys.readouterr().out == ("note: this run does not use --show_layer=1 (dense attention has no token types "
+                                       "to show); --show_head=0 (dense attention has no token types to show)\n")
+    recipe = tmp_path / "dense.py"
+    recipe.write_text("attention = 'dense'\nkv_weight = 0.3\n")
+    ts.make_config(TINY_RUN + [str(recipe)])
+    assert capsys.readouterr().out == (f"note: this run does not use kv_weight = 0.3 ({recipe}:2) (--attention=dense "
+                                       f"has no scorers)\n")
+    ts.make_config(TINY_RUN + [str(recipe), "--attention=nats"])
+    for used in (["--kv_weight=0.3"], ["--attention=sliding", "--window=4"], ["--kv_budget=0.5", "--dual_lr=0.5"],
+                 ["--attention=sliding", "--show_layer=1"]):
         ts.make_config(TINY_RUN + used)
     assert capsys.readouterr().out == ""
     recipe = tmp_path / "budget.py"

@@ -234,7 +234,8 @@ def make_config(argv):
         if where:
             raise SystemExit(f"{e} ({'; '.join(where)})") from None
         raise
-    unused = [f"--{key}={config[key]} ({why})" for key, why in unused_settings(config).items() if key in flags]
+    unused = [(f"--{key}={config[key]}" if key in flags else f"{key} = {config[key]!r} ({origins[key]})") + f" ({why})"
+              for key, why in unused_settings(config).items() if key in flags or key in origins]
     if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
         print(f"note: this run does not use {'; '.join(unused)}")
     return config, " + ".join([describe_base(config["device"])] + recipes)
@@ -242,16 +243,18 @@ def make_config(argv):
 
 def unused_settings(cfg):
     """{setting: why} of the settings a run of cfg does not read: those of NAtS scorers with another
-    attention, the multiplier's step without a KV budget, the mask's window and kernel with dense
-    attention, the fine-tuning loss without --finetune_scorer and dropout with it."""
+    attention, the multiplier's step without a KV budget, the mask's window and kernel and the token
+    types shown with dense attention, the fine-tuning loss without --finetune_scorer and dropout with it."""
     nats, masked = cfg["attention"] == "nats", cfg["attention"] != "dense"
     scorers, mask = f"--attention={cfg['attention']} has no scorers", "dense attention has no mask"
+    types = "dense attention has no token types to show"
     return {key: why for key, why, used in (
         ("kv_weight", scorers, nats), ("local_type", scorers, nats), ("scorer_bias", scorers, nats),
         ("gumbel", scorers, nats), ("dropout", "--finetune_scorer freezes the backbone, which runs without it",
                                     not cfg["finetune_scorer"]),
         ("dual_lr", "it steps the multiplier of a --kv_budget", cfg["kv_budget"] > 0),
-        ("window", mask, masked), ("attention_impl", mask, masked),
+        ("window", mask, masked), ("attention_impl", mask, masked), ("show_layer", types, masked),
+        ("show_head", types, masked),
         ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"])) if not used}
 
 
