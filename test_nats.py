@@ -1832,7 +1832,8 @@ def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
         assert decode(np.concatenate([train, val]).tolist()) == text and vocab_size == len(set(text))
 
 
-@pytest.mark.parametrize("damage", ["cut short", "text", "ids out of range", "empty"])
+@pytest.mark.parametrize("damage", ["cut short", "text", "ids out of range", "empty", "valid ids, too few",
+                                    "valid ids, too many"])
 def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, capsys, damage):
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
     text = "to be or not to be\n" * 20
@@ -1842,6 +1843,8 @@ def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, 
     whole = cache.read_bytes()
     if damage == "ids out of range":
         np.save(cache, np.full(len(text), 200, dtype=np.uint16))
+    elif damage.startswith("valid ids"):  # of this tokenizer, but not this corpus's: too few would be blamed on it
+        np.save(cache, np.zeros(20 if damage.endswith("few") else 2 * len(text), dtype=np.uint16))
     else:
         cache.write_bytes({"cut short": whole[:len(whole) - 20], "text": b"garbage", "empty": b""}[damage])
     train, val, _, decode, _ = data.load_corpus("char")

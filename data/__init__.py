@@ -79,22 +79,27 @@ def load_corpus(tokenizer, pretrained=""):
     # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     tokens = cached(os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy"),
-                    lambda: np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32), vocab_size)
+                    lambda: np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32), vocab_size,
+                    len(text) if tokenizer == "char" else None)  # one id a character; BPE's count is unknown
     split = int(0.9 * len(tokens))
     return tokens[:split], tokens[split:], encode, decode, vocab_size
 
 
-def cached(path, make, vocab_size):
+def cached(path, make, vocab_size, length=None):
     """The token ids saved at path, or make()'s, saved there on first use (never committed). A file
-    there that does not load as ids below vocab_size (cut short, overwritten) is derived data: it is
-    made again, with a line saying so. Where it cannot be saved (a read-only data/cache, a full disk)
-    the run goes on with it unsaved and a line says which folder to make writable."""
+    there that does not load as ids below vocab_size, or not as `length` of them where that is known
+    (cut short, overwritten), is derived data: it is made again, with a line saying so. Where it
+    cannot be saved (a read-only data/cache, a full disk) the run goes on with it unsaved and a line
+    says which folder to make writable."""
     if os.path.exists(path):
         try:
             array = np.load(path)
             if array.ndim == 1 and array.size and array.dtype.kind == "u" and array.max() < vocab_size:
-                return array
-            problem = "ids that are not this tokenizer's"
+                if length in (None, array.size):
+                    return array
+                problem = f"{array.size} ids, not the {length} of the corpus's characters"
+            else:
+                problem = "ids that are not this tokenizer's"
         except (OSError, ValueError, EOFError) as e:
             problem = f"no array ({' '.join(str(e).split())[:100]})"
         print(f"note: the cached tokens {path} hold {problem}: encoding the corpus again")
