@@ -2696,6 +2696,24 @@ def test_a_character_model_keeps_its_vocabulary_when_the_corpus_changes(tmp_path
     assert set(sample) <= set("to be or not to be, that is the question\n")
 
 
+def test_resume_on_an_edited_corpus_of_the_same_characters_stops(tmp_path, monkeypatch):
+    corpus = tmp_path / "data"
+    corpus.mkdir()
+    monkeypatch.setattr(data, "DATA_DIR", str(corpus))
+    (corpus / "shakespeare.txt").write_text("to be or not to be, that is the question\n" * 200)
+    tiny_run(tmp_path / "run", tokenizer="char", max_iters=4, eval_interval=4, sample_tokens=0)
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    (corpus / "shakespeare.txt").write_text("not to be or to be, that is the question\n" * 200)  # the same characters
+    with pytest.raises(SystemExit, match=re.escape(f"--resume: {corpus / 'shakespeare.txt'} has been edited since")):
+        tiny_run(tmp_path / "run", tokenizer="char", max_iters=8, eval_interval=4, resume=True)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    del checkpoint["corpus"]  # a checkpoint of before the digest: not checked
+    torch.save(checkpoint, tmp_path / "run" / "ckpt.pt")
+    tiny_run(tmp_path / "run", tokenizer="char", max_iters=8, eval_interval=4, sample_tokens=0, resume=True)
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["corpus"] == data.corpus_digest()
+
+
 def test_the_public_mask_functions_check_their_arguments():
     types = random_types(1, 2, 9, seed=1)
     with pytest.raises(ValueError, match="window must be an int >= 0"):

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, PASSKEY, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE,
-                  decodable_size, get_batch, load_dataset, recall, seed_of)
+                  corpus_digest, corpus_path, decodable_size, get_batch, load_dataset, recall, seed_of)
 from data.passkey import make_passkey
 from data.tokenizers import pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
@@ -847,7 +847,7 @@ def save_checkpoint(path, run):
     seed_of; kv_weight is lambda for the next step), and the history so far."""
     checkpoint = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), model_args=run.model_args,
                       iter_num=run.it, best_val_loss=run.best_val, kv_weight=run.kv_weight, history=run.history,
-                      config=run.cfg, vocabulary=vocabulary(run.cfg, run.data))
+                      config=run.cfg, vocabulary=vocabulary(run.cfg, run.data), corpus=run.corpus)
     save_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -1020,6 +1020,7 @@ class Run:
     history: dict = None  # per step the loss, the kv share of the argmax types and lambda; the evals; time so far
     resumed_at: int = None  # the step --resume continued from
     saved_at: int = None  # the step of the last checkpoint
+    corpus: str = None  # Shakespeare: the digest of the text it trains on (data.corpus_digest), checked by --resume
     out_dir_lock: object = field(default_factory=contextlib.nullcontext)  # rank 0's claim_out_dir
 
     def log(self, *args, **kwargs):
@@ -1102,6 +1103,10 @@ def start(cfg):
     if checkpoint is not None and checkpoint.get("vocabulary") not in (None, vocabulary(cfg, data)):
         raise SystemExit(f"--resume: data/shakespeare.txt has changed since {ckpt_path} was trained: its characters "
                          f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
+    corpus = corpus_digest() if cfg["dataset"] == "shakespeare" else None
+    if checkpoint is not None and checkpoint.get("corpus") not in (None, corpus):  # older checkpoints have none
+        raise SystemExit(f"--resume: {corpus_path()} has been edited since {ckpt_path} was trained: the run would "
+                         f"go on on other text; resume with the corpus it was trained on, or start over (--overwrite)")
     for length in token_counts(cfg["passkey_lengths"]):
         try:
             make_passkey(data[2], length, seed=0)
@@ -1119,6 +1124,7 @@ def start(cfg):
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']}: the val split has {len(data[1]):,} tokens; pass "
                          f"contexts up to {len(data[1]) - 1}")
     run = build(cfg, rank, world, device, model_args, teacher, data)
+    run.corpus = corpus
     if checkpoint is not None:
         resume_from(run, checkpoint)
     if rank == 0:  # all is checked and built: the out_dir is claimed, and --overwrite's old run goes only now

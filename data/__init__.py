@@ -77,12 +77,23 @@ def load_corpus(tokenizer, pretrained=""):
     else:
         encode, decode, vocab_size, tokenizer = pretrained_tokenizer(pretrained)
     # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    digest = text_digest(text)
     tokens = cached(os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy"),
                     lambda: np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32), vocab_size,
                     len(text) if tokenizer == "char" else None)  # one id a character; BPE's count is unknown
     split = int(0.9 * len(tokens))
     return tokens[:split], tokens[split:], encode, decode, vocab_size
+
+
+def text_digest(text):
+    """16 hex digits of the sha256 of a text: its token cache's name, and the corpus a checkpoint trained on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def corpus_digest():
+    """text_digest of the corpus as load_corpus reads it."""
+    with open(corpus_path(), encoding="utf-8") as f:
+        return text_digest(f.read())
 
 
 def cached(path, make, vocab_size, length=None):
