@@ -365,12 +365,18 @@ def least_kv_share(length, window, local_type=True):
     for g in range(1, length):
         if g > window:  # a Global before g - window leaves no key before g that saves as Local
             least = min(least, best[g - window - 1])
-        here, saved = math.inf, 0  # saved: what keys p+1 .. g-1 save as Local with Globals at p and g
-        for p in range(g - 1, max(g - window, 0) - 1, -1):
-            here = min(here, best[p] - saved)
-            if local_type:
-                saved += max(0, sliding[p] - (g - p + 1))  # key p as Local is seen by queries p .. g
-        best[g] = length - g - sliding[g] + min(here, least - saved)
+        lo = max(g - window, 0)
+        if g - lo > 32:  # a long window: numpy over it. save[j - lo]: key j as Local is seen by queries j .. g
+            save = np.maximum(0, np.array(sliding[lo:g]) - (g + 1 - np.arange(lo, g))) if local_type else [0]
+            saved = np.sum(save)  # what keys p+1 .. g-1 save as Local with Globals at p and g, for p = lo - 1
+            here = (np.array(best[lo:g]) - (saved - np.cumsum(save))).min()
+        else:
+            here, saved = math.inf, 0  # saved: what keys p+1 .. g-1 save as Local with Globals at p and g
+            for p in range(g - 1, lo - 1, -1):
+                here = min(here, best[p] - saved)
+                if local_type:
+                    saved += max(0, sliding[p] - (g - p + 1))  # key p as Local is seen by queries p .. g
+        best[g] = length - g - sliding[g] + float(min(here, least - saved))
     return (length + sum(sliding[1:]) + min(best)) / (length * (length + 1) / 2)
 
 
