@@ -23,6 +23,7 @@ import argparse
 import inspect
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, fields
 from functools import partial
@@ -98,7 +99,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}; "
                              f"pass an n_kv_head that divides it")
         if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"RoPE needs an even head size n_embd / n_head, got {self.n_embd // self.n_head}")
+            raise ValueError(f"n_embd / n_head = {self.n_embd // self.n_head}: RoPE needs an even head size; pass an "
+                             f"n_head that leaves n_embd / n_head even")
         if self.window < 0:
             raise ValueError(f"window must be >= 0 (0: a Sliding token is seen by its own query only), "
                              f"got {self.window}")
@@ -115,9 +117,10 @@ class GPTConfig:
         for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
-        if self.mlp_hidden < 0 or not self.norm_eps > 0:
-            raise ValueError(f"mlp_hidden must be >= 0 (0: 4 x n_embd) and norm_eps > 0, got {self.mlp_hidden} "
-                             f"and {self.norm_eps}")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden must be >= 0 (0: 4 x n_embd), got {self.mlp_hidden}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, like 1e-5, got {self.norm_eps}")
         if self.rope_scaling and not (len(self.rope_scaling) == 4 and all(
                 isinstance(x, (int, float)) and math.isfinite(x) for x in self.rope_scaling)
                 and self.rope_scaling[0] >= 1 and 0 < self.rope_scaling[1] < self.rope_scaling[2]
@@ -350,16 +353,31 @@ def least_kv_share(length, window, local_type=True):
     min(window + 1, length - j) as Sliding, and as Local by those up to the next Global token. So a
     Local key d < window places before a Global costs d + 1, less than as Sliding, and near the end
     a Global costs no more than a Sliding key: with Local the floor lies below a sink and the window
-    alone (sink_and_window_kv, the floor without Local). Dynamic programming over the Globals."""
-    sliding = np.minimum(window + 1, length - np.arange(length))  # the queries that see each key as Sliding
+    alone (sink_and_window_kv, the floor without Local). Dynamic programming over the Globals, in
+    time length x window: only the `window` keys before a Global can save as Local."""
+    for name, value, low in (("length", length, 1), ("window", window, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    length, window = int(length), min(int(window), length)  # a window past the sequence sees all of it
+    sliding = [min(window + 1, length - j) for j in range(length)]  # the queries that see each key as Sliding
     # best[g]: the least change, against every key Sliding, in the entries of keys 1..g, with g Global
-    best = np.zeros(length)  # (g = 0: the sink, no change)
+    best, least = [0.0] * length, math.inf  # (g = 0: the sink, no change); least: min of best[:g - window]
     for g in range(1, length):
-        # the keys between the Global before g and g: Local where that costs less than Sliding
-        saving = np.maximum(0, sliding[1:g] - (g - np.arange(1, g) + 1)) if local_type else np.zeros(g - 1)
-        after = np.append(np.cumsum(saving[::-1])[::-1], 0)  # after[p]: the saving of keys p+1 .. g-1
-        best[g] = length - g - sliding[g] + (best[:g] - after).min()
-    return (length + sliding[1:].sum() + best.min()) / (length * (length + 1) / 2)
+        if g > window:  # a Global before g - window leaves no key before g that saves as Local
+            least = min(least, best[g - window - 1])
+        lo = max(g - window, 0)
+        if g - lo > 32:  # a long window: numpy over it. save[j - lo]: key j as Local is seen by queries j .. g
+            save = np.maximum(0, np.array(sliding[lo:g]) - (g + 1 - np.arange(lo, g))) if local_type else [0]
+            saved = np.sum(save)  # what keys p+1 .. g-1 save as Local with Globals at p and g, for p = lo - 1
+            here = (np.array(best[lo:g]) - (saved - np.cumsum(save))).min()
+        else:
+            here, saved = math.inf, 0  # saved: what keys p+1 .. g-1 save as Local with Globals at p and g
+            for p in range(g - 1, lo - 1, -1):
+                here = min(here, best[p] - saved)
+                if local_type:
+                    saved += max(0, sliding[p] - (g - p + 1))  # key p as Local is seen by queries p .. g
+        best[g] = length - g - sliding[g] + float(min(here, least - saved))
+    return (length + sum(sliding[1:]) + min(best)) / (length * (length + 1) / 2)
 
 
 def matching_window(kv, length):
@@ -422,6 +440,9 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT takes a GPTConfig, got {type(config).__name__}; pass GPTConfig(**settings) "
+                            f"for a dict of settings")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -824,6 +845,10 @@ class KVCache:
     """
 
     def __init__(self, window, impl="auto"):
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ValueError(f"window must be an int >= 0, the model's config.window, got {window!r}")
+        if impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
         self.window, self.impl = window, impl  # impl: how step runs, see kernel.nats_decode
         self.k = self.v = None  # [B, H_kv, slots, D], the model's dtype
         self.pos = self.kind = None  # [B, H_kv, slots]: int32 position (-1: free), uint8 type
@@ -1044,6 +1069,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     if caches is not None and (not isinstance(caches, (list, tuple)) or len(caches) != model.config.n_layer):
         raise ValueError(f"caches must hold one KVCache per layer ({model.config.n_layer}), as model.new_caches() "
                          f"gives; got {caches!r}")
+    if caches is not None and any(getattr(c, "window", None) != model.config.window for c in caches):
+        raise ValueError(f"caches of window {[getattr(c, 'window', None) for c in caches]} for a model of window "
+                         f"{model.config.window} would evict other keys than its mask; use model.new_caches()")
     if caches is not None and caches[0].k is not None:
         raise ValueError("these caches already hold a sequence; pass fresh ones, model.new_caches(), or none")
     if max_new_tokens == 0:
@@ -1341,7 +1369,7 @@ def parse_args(argv=None):
             what = "a folder" if os.path.isdir(path) else "no such file"
             parser.error(f"--start=FILE:{path}: {what}; pass the path of a text file, or the prompt itself")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # without a byte-order mark an editor may write
                 args.start = f.read()
         except UnicodeDecodeError as e:
             parser.error(f"--start=FILE:{path} is not UTF-8 text (byte {e.start}); pass a text file saved as UTF-8")
@@ -1412,7 +1440,14 @@ def main(argv=None):
     elif args.bench:
         benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
     else:
-        sample(args)
+        try:
+            sample(args)
+        except BrokenPipeError:  # the reader closed stdout (| head): stop quietly, as a shell's commands do
+            try:  # the flush at exit would fail again: point stdout at devnull
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (AttributeError, OSError, ValueError):  # a stdout with no file descriptor
+                sys.stdout = open(os.devnull, "w")
+            raise SystemExit(141) from None  # 128 + SIGPIPE, the status `| head` gives
 
 
 if __name__ == "__main__":

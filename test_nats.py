@@ -12,6 +12,8 @@ import gc
 import json
 import os
 import re
+import sys
+import time
 
 import torch
 
@@ -866,6 +868,19 @@ def test_model_rejects_bad_configs(bad, field):
         tiny_config(**bad)
 
 
+def test_config_messages_lead_with_their_field():
+    """train_shakespeare.py prefixes "--" to a GPTConfig message, so each starts with the field it is about."""
+    for bad, field in [(dict(n_embd=6, n_head=2, n_kv_head=1), "n_embd / n_head = 3: RoPE"),
+                       (dict(norm_eps=-1.0), "norm_eps must be > 0"), (dict(mlp_hidden=-1), "mlp_hidden must")]:
+        with pytest.raises(ValueError, match="^" + re.escape(field)):
+            tiny_config(**bad)
+
+
+def test_a_gpt_of_a_dict_says_to_pass_a_gpt_config():
+    with pytest.raises(TypeError, match=r"GPTConfig\(\*\*settings\)"):
+        GPT(dict(tiny_config().__dict__))
+
+
 def test_model_rejects_sequences_longer_than_block_size():
     with pytest.raises(ValueError, match="block_size"):
         GPT(tiny_config())(torch.zeros(1, 33, dtype=torch.long))
@@ -1043,6 +1058,15 @@ def test_generate_past_block_size_with_bounded_cache():
     assert all(c.stats()["tokens_max"] == 3 + 1 for c in caches)  # the sink and the W newest tokens
 
 
+def test_generate_refuses_caches_of_another_window():
+    model = GPT(tiny_config(window=2))
+    with pytest.raises(ValueError, match=r"window \[7, 7\] for a model of window 2.*model.new_caches\(\)"):
+        nats.generate(model, torch.zeros(1, 3, dtype=torch.long), 12, caches=[nats.KVCache(7), nats.KVCache(7)])
+    for bad, name in [(dict(window=-1), "window"), (dict(window=2.0), "window"), (dict(window=2, impl="x"), "impl")]:
+        with pytest.raises(ValueError, match=f"^{name} must"):
+            nats.KVCache(**bad)
+
+
 def test_generate_at_temperature_zero_is_greedy():
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=64))
@@ -1165,6 +1189,27 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("JULIET:\nO")
 
 
+def test_sampling_reads_a_prompt_file_with_a_byte_order_mark(tmp_path, capsys):
+    prompt = tmp_path / "bom.txt"
+    prompt.write_text("JULIET:", encoding="utf-8-sig")
+    nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", f"--start=FILE:{prompt}", "--max_new_tokens=3", "--device=cpu"])
+    assert capsys.readouterr().out.startswith("JULIET:")
+
+
+def test_sampling_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    with pytest.raises(SystemExit) as stop:
+        nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", "--max_new_tokens=3", "--num_samples=3", "--device=cpu"])
+    assert stop.value.code == 141
+
+
 @pytest.mark.parametrize("bad, flag", [
     (["--ckpt={missing}"], "--ckpt"),
     (["--ckpt={folder}"], "--ckpt=" + os.path.join("{folder}", "ckpt.pt")),
@@ -1285,6 +1330,16 @@ def test_least_kv_share_is_the_least_of_every_type_assignment():
             assert nats.least_kv_share(T, W) == pytest.approx(kept.min().item())
             assert nats.least_kv_share(T, W, local_type=False) == pytest.approx(nats.sink_and_window_kv(T, W))
     assert nats.least_kv_share(64, 8) < nats.sink_and_window_kv(64, 8) - 0.03  # the CPU run's: 0.246 and 0.286
+
+
+def test_least_kv_share_checks_its_arguments_and_takes_long_sequences():
+    for length, window, name in [(0, 2, "length"), (10.5, 2, "length"), (True, 2, "length"), (10, -1, "window"),
+                                 (10, 2.0, "window")]:
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            nats.least_kv_share(length, window)
+    start = time.perf_counter()
+    assert 0 < nats.least_kv_share(10**5, 2) < nats.sink_and_window_kv(10**5, 2)
+    assert time.perf_counter() - start < 5  # linear in the length: was quadratic, minutes at 10**6
 
 
 def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path):
