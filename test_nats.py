@@ -2683,6 +2683,10 @@ def test_a_config_file_value_that_fails_a_check_is_named_by_its_file_and_line(tm
         ts.make_config([str(recipe), "--device=cpu"])
     with pytest.raises(SystemExit, match=r"--max_iters=-2: must be >= 0$"):  # a flag after it: its own value
         ts.make_config([str(recipe), "--device=cpu", "--max_iters=-2"])
+    recipe.write_text("n_layer = 2\nblock_size = 0\n")  # a model's value, which GPTConfig checks
+    where = f"--block_size must be >= 1, got 0 (block_size is set at {recipe}:2)"
+    with pytest.raises(SystemExit, match=re.escape(where)):
+        ts.make_config([str(recipe), "--device=cpu"])
 
 
 def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_path):

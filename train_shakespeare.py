@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -230,7 +231,7 @@ def make_config(argv):
     try:
         check_config(config)
     except SystemExit as e:  # a value of a config file: said where it is written
-        where = [f"{key} is set at {origins[key]}" for key in origins if f"--{key}=" in str(e)]
+        where = [f"{key} is set at {origins[key]}" for key in origins if re.search(rf"--{key}\b", str(e))]
         if where:
             raise SystemExit(f"{e} ({'; '.join(where)})") from None
         raise
