@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from data import decodable_size, load_dataset
 from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
-from kernel import GLOBAL, SLIDING, expired, kv_lengths, nats_attention, nats_decode
+from kernel import GLOBAL, SLIDING, check_window, expired, kv_lengths, nats_attention, nats_decode
 from kernel import LOCAL as LOCAL  # the three type ids come with the model, for its users
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
@@ -845,8 +845,7 @@ class KVCache:
     """
 
     def __init__(self, window, impl="auto"):
-        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-            raise ValueError(f"window must be an int >= 0, the model's config.window, got {window!r}")
+        check_window(window)  # the model's config.window
         if impl not in ("auto", "triton", "reference"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
         self.window, self.impl = window, impl  # impl: how step runs, see kernel.nats_decode
