@@ -2375,7 +2375,7 @@ def write_tiny_gguf(model, path):
     """A transformers Llama as llama.cpp's converter writes it in float32: its tensor names, q and k
     rows permuted to interleaved pairs (transformers undoes that when reading), the metadata
     transformers reads, and a byte-level BPE tokenizer (the 256 bytes, two merges, an end token)."""
-    import gguf
+    gguf = pytest.importorskip("gguf")  # transformers reads GGUF files through it (requirements.txt)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     cfg = model.config
     H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
