@@ -1632,6 +1632,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(dataset="far_recall", tokenizer="pretrained"), "--tokenizer=pretrained tokenizes Shakespeare"),
     (dict(n_layer=10**11), "--n_layer=100000000000 --n_embd=32: the model has at least 1.02e+15 parameters"),
     (dict(n_embd=2**30), "--n_layer=2 --n_embd=1073741824: the model has at least"),  # more than any memory holds
+    (dict(block_size=2**20), "--block_size=1048576 --batch_size=8 --n_head=2"),  # the reference's T x T: > 256 TiB
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts

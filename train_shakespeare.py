@@ -437,8 +437,10 @@ def check_config(cfg):
 
 
 def check_model_size(cfg):
-    """A model whose weights alone, in float32, need more than the device's memory is refused before
-    it is built (an absurd --n_layer would take hours to build, then run out)."""
+    """A run whose weights alone, in float32, need more than the device's memory is refused before
+    the model is built (an absurd --n_layer would take hours to build, then run out); so is one whose
+    attention, where the PyTorch reference runs it (a CPU, or --attention_impl=reference), needs more
+    than the memory for its [batch, heads, T, T] tensors (the Triton kernel needs O(T))."""
     hidden = cfg["mlp_hidden"] or 4 * cfg["n_embd"]
     # per layer at least the query and output projections and two MLP matrices: a lower bound
     least = cfg["n_layer"] * (2 * cfg["n_embd"] ** 2 + 2 * cfg["n_embd"] * hidden)
@@ -449,6 +451,19 @@ def check_model_size(cfg):
                          + f": the model has at least {least:.3g} parameters, {4 * least / 2**30:.3g} GiB in float32 "
                          f"for its weights alone, more than the {memory / 2**30:.3g} GiB of --device={cfg['device']}; "
                          f"pass a smaller model, like --n_layer=6 --n_embd=384 (the baby GPT)")
+    impl = cfg["attention_impl"]
+    if cfg["attention"] == "dense" or impl == "triton" or (impl == "auto" and device_type(cfg["device"]) == "cuda"):
+        return
+    # training keeps, per layer, at least the attention weights and the causal softmax of the type
+    # gradients for the backward pass (a pretrained model's sizes are known only once it is loaded)
+    layers = 1 if cfg["max_iters"] == 0 or is_pretrained(cfg["init_from"]) else cfg["n_layer"]
+    need = 2 * 4 * layers * cfg["batch_size"] * cfg["n_head"] * cfg["block_size"] ** 2
+    if memory and need > memory:
+        raise SystemExit(f"--block_size={cfg['block_size']} --batch_size={cfg['batch_size']} --n_head={cfg['n_head']}"
+                         f" --n_layer={cfg['n_layer']}: NAtS attention in PyTorch (--device={cfg['device']} "
+                         f"--attention_impl={impl}) holds [batch, heads, T, T] tensors, at least {need / 2**30:.3g} "
+                         f"GiB, more than the {memory / 2**30:.3g} GiB there; pass a smaller --block_size or "
+                         f"--batch_size, or a CUDA --device (the Triton kernel's memory grows with T, not T^2)")
 
 
 def device_memory(device):
