@@ -105,7 +105,8 @@ def kv_lengths(token_types, window):
     """Column lengths n_j (README, How NAtS works, "Regulariser"): how many queries see key j.
 
     The length of each type comes from the hard types (no gradient through f_j); the one-hot
-    types carry the straight-through gradient, so the sparsity term trains the scorer.
+    types carry the straight-through gradient, so the sparsity term trains the scorer. NaN types
+    give NaN lengths (see nats_attention). Returns [..., T] in the types' dtype.
     """
     reach = reach_by_type(token_types, window)  # checks the arguments first
     pos = torch.arange(token_types.shape[-2], device=token_types.device)[:, None]
@@ -1215,8 +1216,10 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     kernel on CUDA, the reference elsewhere. Both return the same values and the same
     gradients for q, k, v and the types. Raises ValueError for malformed inputs (wrong shapes,
     dtypes, devices, a negative window, types that are not one-hot on CPU: see is_one_hot) and,
-    on the kernel path,
-    for what the kernel does not support; RuntimeError where triton is not installed.
+    on the kernel path, for what the kernel does not support; RuntimeError where triton is not
+    installed. NaN types give NaN outputs for their KV head on both paths, as NaN q, k or v do: a
+    scorer that diverged shows as a NaN loss (which stops training with a message), not as an
+    error in the middle of a step.
     """
     if impl == "auto":
         impl = "triton" if q.is_cuda else "reference"
@@ -1225,7 +1228,12 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     if impl != "triton":
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     check_inputs(q, k, v, token_types, window)
-    return nats_attention_triton(q, k, v, token_types, window)
+    y = nats_attention_triton(q, k, v, token_types, window)
+    # The kernel reads only the types' argmax, where the reference's NaN types spread through its
+    # mask to all the KV head's outputs: the same here (0, or NaN for a KV head with a NaN type)
+    B, H, T, D = y.shape
+    nan = (token_types.detach().amax((-2, -1)) * 0).to(y.dtype)[:, :, None, None, None]  # amax: no overflow
+    return (y.view(B, nan.shape[1], H // nan.shape[1], T, D) + nan).view(B, H, T, D)
 
 
 def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):

@@ -224,6 +224,20 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the kernel needs trito
 IMPLS = ["reference", "triton"] if HAS_TRITON else ["reference"]
 
 
+@needs_triton
+def test_nan_types_give_nan_for_their_kv_head_on_both_paths():
+    """The kernel reads only the types' argmax; a NaN type must not come out finite there while
+    the reference gives NaN (a diverged scorer reads as a NaN loss on either path)."""
+    q, k, v = (torch.randn(2, 4, 9, 16, device=DEVICE) for _ in range(3))
+    types = random_types(2, 2, 9, seed=3).to(DEVICE)
+    types[1, 0, 4] = float("nan")  # as a scorer whose input is NaN makes them
+    for impl in ("reference", "triton"):
+        y = nats_attention(q, k[:, :2], v[:, :2], types, 3, impl=impl)
+        nan = y.isnan().flatten(2).all(-1)  # [B, H]: whole heads
+        assert nan[1, :2].all() and not nan[1, 2:].any() and not nan[0].any(), impl
+    assert kv_lengths(types, 3)[1, 0, 4].isnan() and not kv_lengths(types, 3)[0].isnan().any()
+
+
 def attention_and_grads(q, k, v, types, window, impl, dtype, grad_out):
     inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, types)]
     out = nats_attention(*inputs, window, impl=impl)
