@@ -187,12 +187,13 @@ def run_args(cfg):
 
 
 def collect(runs, since):
-    """A summary of every run whose history.json was written since the time `since` (this sweep's
-    runs, finished or stopped; not a failed run's leftover from an earlier sweep), with an eval."""
+    """A summary of every run of this sweep with an eval: those whose history.json was written
+    since the time `since` (finished or stopped; not a failed run's leftover from an earlier sweep)
+    and the runs it resumed (one that had finished leaves its history as it was)."""
     rows = []
     for name, cfg, _ in runs:
         path = os.path.join(cfg["out_dir"], "history.json")
-        if os.path.exists(path) and os.path.getmtime(path) >= int(since):
+        if os.path.exists(path) and (cfg["resume"] or os.path.getmtime(path) >= int(since)):
             with open(path) as f:
                 history = json.load(f)
             if history.get("evals"):
@@ -228,8 +229,9 @@ def spread(values, fmt):
     return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
 
 
-def write_table(rows, base, path):
-    """sweep.md: a row per variant, the mean over its seeds and every seed's value."""
+def write_table(rows, base, path, left=()):
+    """sweep.md: a row per variant, the mean over its seeds and every seed's value; then the runs
+    `left` out (a stopped sweep's runs that had no eval yet, or had not started)."""
     recall = base["dataset"] in RECALL_TASKS
     seeds = sorted({r["seed"] for r in rows})
     extra = long_context_keys(rows)
@@ -253,6 +255,9 @@ def write_table(rows, base, path):
                      + f" {kv} | {cache} | {types} | {min(r['steps'] for r in group)} |"
                      + f" {sum(r['minutes'] for r in group) / len(group):.1f} |"
                      + "".join(f" {long_context_cell(group, k)} |" for k in extra))
+    if left:
+        lines += ["", f"Not in the table (stopped before their first eval, or not started): {', '.join(left)}; "
+                      f"the same command with --resume continues the sweep."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -344,7 +349,8 @@ def main(argv):
         if rows:  # no run reached an eval: an earlier sweep's outputs stay as they are
             with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
                 json.dump(rows, f, indent=1)
-            write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"))
+            left = [name for name, _, _ in runs if name not in {r["run"] for r in rows}]
+            write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"), left)
             plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
     return rows
 

@@ -1646,6 +1646,8 @@ def test_command_line_and_config_files(tmp_path):
     (dict(dataset="far_recall", tokenizer="pretrained"), "--tokenizer=pretrained tokenizes Shakespeare"),
     (dict(n_layer=10**11), "--n_layer=100000000000 --n_embd=32: the model has at least 1.02e+15 parameters"),
     (dict(n_embd=2**30), "--n_layer=2 --n_embd=1073741824: the model has at least"),  # more than any memory holds
+    (dict(seed=-1), "--seed=-1: pass an integer >= 0"),
+    (dict(eval_contexts="64"), "--eval_contexts=64: the model's context is --block_size=32"),
     (dict(block_size=2**20), "--block_size=1048576 --batch_size=8 --n_head=2"),  # the reference's T x T: > 256 TiB
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
@@ -1655,6 +1657,22 @@ def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     with pytest.raises(SystemExit, match=re.escape(flag)):
         ts.train(tiny_config_dict(tmp_path / "run", **bad))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_that_may_differ(capsys, tmp_path):
+    import train_shakespeare as ts
+    ts.make_config(["--device=cpu"])  # config/cpu.py: 600 steps, decay over 600
+    assert "note" not in capsys.readouterr().out
+    ts.make_config(["--device=cpu", "--max_iters=100"])
+    assert re.search(r"note: the learning rate ends at 0\.\d+, not --min_lr=0\.0001: its decay lasts --lr_decay_iters="
+                     r"600 steps, the run --max_iters=100; pass --lr_decay_iters=100 to decay over the run",
+                     capsys.readouterr().out)
+    ts.make_config(["--device=cpu", "--max_iters=3", "--warmup_iters=10"])
+    assert "the warm-up (--warmup_iters=10) lasts past the run (--max_iters=3)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^--max_iters=abc: expected an int, like --max_iters=1000$"):
+        ts.make_config(["--device=cpu", "--max_iters=abc"])
+    _, why = ts.make_config(["--device=cpu", "--resume", f"--out_dir={tmp_path}"])  # no checkpoint: train says so
+    assert "ckpt.pt" not in why
 
 
 def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
@@ -1762,8 +1780,10 @@ def test_a_run_in_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(tmp_pat
         tiny_run(tmp_path, max_iters=5, eval_interval=5)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     capsys.readouterr()
-    tiny_run(tmp_path, max_iters=10, sample_tokens=0, resume=True)  # a finished run says so
+    history = (tmp_path / "history.json").read_bytes()
+    tiny_run(tmp_path, max_iters=10, sample_tokens=0, resume=True)  # a finished run says so, and leaves its files
     assert "at step 10 of 10: nothing left to train (raise --max_iters" in capsys.readouterr().out
+    assert (tmp_path / "history.json").read_bytes() == history and (tmp_path / "ckpt.pt").read_bytes() == before
     tiny_run(tmp_path, max_iters=5, eval_interval=5, overwrite=True, sample_tokens=0)
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
 
@@ -1791,6 +1811,27 @@ def test_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_pa
         holder.wait()
     history = tiny_run(tmp_path, overwrite=True, max_iters=5, eval_interval=5, sample_tokens=0)
     assert len(history["loss"]) == 5 and load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """kill, timeout and schedulers send SIGTERM: the run says where its checkpoint is, as for Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    run = subprocess.Popen([sys.executable, "-u", "train_shakespeare.py", *TINY_RUN, "--max_iters=100000",
+                            "--lr_decay_iters=100000", "--eval_interval=2", f"--out_dir={tmp_path}"],
+                           cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in run.stdout:  # the eval of step 4 comes after the first checkpoint (step 2)
+        output.append(line)
+        if line.startswith("eval     4"):
+            break
+    run.send_signal(signal.SIGTERM)
+    output.append(run.communicate(timeout=120)[0])
+    assert run.returncode == 1 and "stopped at step" in output[-1] and "continue with --resume" in output[-1], \
+        "".join(output)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] >= 2
 
 
 def test_the_folder_of_a_running_run_is_named_in_use_before_its_files_are_judged(tmp_path):
@@ -2299,14 +2340,17 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
                                "--windows=4", f"--out_dir={tmp_path}"])
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [row["run"] for row in rows] == ["dense"] and "| dense |" in (tmp_path / "sweep.md").read_text()
+    assert ("Not in the table (stopped before their first eval, or not started): sliding W=4, nats budget=0.5, "
+            "random Globals budget=0.5") in (tmp_path / "sweep.md").read_text()
     monkeypatch.setattr(ts, "train", train)
     args = TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--sample_tokens=0", "--kv_budgets=0.5", "--windows=4",
                        f"--out_dir={tmp_path}"]
     with pytest.raises(SystemExit, match="sweep: run 'dense': .* holds a run"):  # refused before any run, and
         sweep.main(args)                                                        # the table of the first stays
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
-    rows = sweep.main(args + ["--resume"])  # the dense run continues, the runs never reached start
+    rows = sweep.main(args + ["--resume"])  # the dense run (finished: its history left as it was) is in the
     assert [row["run"] for row in rows] == ["dense", "sliding W=4", "nats budget=0.5", "random Globals budget=0.5"]
+    assert "Not in the table" not in (tmp_path / "sweep.md").read_text()  # table; the runs never reached start
 
 
 @pytest.mark.slow

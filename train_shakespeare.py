@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import textwrap
 import time
@@ -163,7 +164,7 @@ def parse_value(key, value, default):
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--{key}={value}: expected {_a(default)} like --{key}={default!r} (its default)") from None
+        raise SystemExit(f"--{key}={value}: expected {_a(default)}, like --{key}={default!r}") from None
     return of_type(parsed, default, f"--{key}={value}", f"--{key}={default!r}")
 
 
@@ -172,11 +173,11 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 def of_type(value, default, where, example):
     """value as the type of its setting's default (an int where a float is expected becomes one),
-    or an error at `where` (the flag, or the config file's line) showing the default as `example`."""
+    or an error at `where` (the flag, or the config file's line) showing a value of the type as `example`."""
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(default):
-        raise SystemExit(f"{where}: expected {_a(default)} like {example} (its default), got {value!r}")
+        raise SystemExit(f"{where}: expected {_a(default)}, like {example}, got {value!r}")
     if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # 1e400 parses to inf; the model runs in float32
         raise SystemExit(f"{where}: expected a finite number within float32's range (up to 3.4e38), got {value!r}")
     if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
@@ -220,7 +221,8 @@ def make_config(argv):
         config[key] = os.path.expanduser(config[key])
     if config["resume"]:
         config = resumed_settings(config, set(overrides))
-        recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
+        if os.path.isfile(os.path.join(config["out_dir"], "ckpt.pt")):  # without one, train says so
+            recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
                          f"pass --kv_budget too, like --kv_budget=0.15")
@@ -239,7 +241,23 @@ def make_config(argv):
               for key, why in unused_settings(config).items() if key in flags or key in origins]
     if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
         print(f"note: this run does not use {'; '.join(unused)}")
+    if os.environ.get("RANK", "0") == "0" and schedule_note(config):
+        print(f"note: {schedule_note(config)}")
     return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+def schedule_note(cfg):
+    """What the learning-rate schedule does that a short run may not mean ("" if nothing): a warm-up
+    or a decay longer than the run (nanoGPT's convention: --lr_decay_iters is usually --max_iters)."""
+    steps, warmup, decay = cfg["max_iters"], cfg["warmup_iters"], cfg["lr_decay_iters"]
+    if not 0 < steps < decay:
+        return ""
+    end = learning_rate_at(steps - 1, cfg)
+    return (f"the learning rate ends at {end:.3g}, not --min_lr={cfg['min_lr']:g}: "
+            + (f"the warm-up (--warmup_iters={warmup}) lasts past the run (--max_iters={steps})" if warmup >= steps
+               else f"its decay lasts --lr_decay_iters={decay} steps, the run --max_iters={steps}")
+            + f"; pass --lr_decay_iters={steps}" + (" and a shorter --warmup_iters" if warmup >= steps else "")
+            + " to decay over the run")
 
 
 def unused_settings(cfg):
@@ -397,6 +415,8 @@ def check_config(cfg):
     for key in ("beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: AdamW's betas are in [0, 1), like 0.9 and 0.99")
+    if not cfg["seed"] >= 0:  # as nats.py's --seed: one rule for every script
+        raise SystemExit(f"--seed={cfg['seed']}: pass an integer >= 0, like --seed=1337")
     if not cfg["weight_decay"] >= 0:
         raise SystemExit(f"--weight_decay={cfg['weight_decay']}: must be >= 0, like 0.1")
     for key, allowed in (("dataset", DATASETS), ("tokenizer", TOKENIZERS),
@@ -509,6 +529,10 @@ def check_long_context(cfg):
                          f"--dataset={cfg['dataset']}")
     if not cfg["passkey_trials"] >= 1:
         raise SystemExit(f"--passkey_trials={cfg['passkey_trials']}: must be >= 1")
+    longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
+    if longest > cfg["block_size"] and not cfg["finetune_scorer"] and not is_pretrained(cfg["init_from"]):
+        given = " ".join(f"--{key}={cfg[key]}" for key in ("eval_contexts", "passkey_lengths") if cfg[key])
+        raise SystemExit(f"{given}: the model's context is --block_size={cfg['block_size']}; pass lengths up to it")
 
 
 def check_out_dir_writable(out_dir):
@@ -1355,13 +1379,13 @@ def final_report(run):
         # ran out of memory there)
     if run.rank != 0:
         return
-    save_history(run.history, cfg)
+    save_history_of(run)
     if cfg["sample_tokens"] > 0:
         print_sample(model, val_data, encode, decode, vocab_size, run.device, run.autocast, cfg)
     if cfg["eval_contexts"] or cfg["passkey_lengths"]:
         run.history["long_context"] = long_context_eval(model, val_data, encode, cfg, run.device, run.autocast)
         print(format_long_context(run.history["long_context"]))
-        save_history(run.history, cfg)
+        save_history_of(run)
     if model.config.attention == "dense":
         return
     snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
@@ -1373,10 +1397,23 @@ def final_report(run):
         run.history["global_share_by_role"] = last.get("global_share_by_role") or role_table(model, val_data,
                                                                                              run.device)
         print_types_by_role(run.history["global_share_by_role"], min(512, len(val_data)))
-        save_history(run.history, cfg)
+        save_history_of(run)
+
+
+def save_history_of(run):
+    """history.json, but after a resume with nothing left to train (the file stays as it was)."""
+    if run.it != run.resumed_at:
+        save_history(run.history, run.cfg)
+
+
+def interrupt(signum, frame):
+    """SIGTERM (kill, timeout, a cluster's scheduler) stops a run as Ctrl-C does: with where its
+    checkpoint is."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
         print(f"config: {why}: {describe_run(config)}, batch {config['batch_size']}, {config['max_iters']} steps "
