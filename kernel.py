@@ -1232,8 +1232,9 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     # The kernel reads only the types' argmax, where the reference's NaN types spread through its
     # mask to all the KV head's outputs: the same here (0, or NaN for a KV head with a NaN type)
     B, H, T, D = y.shape
-    nan = (token_types.detach().amax((-2, -1)) * 0).to(y.dtype)[:, :, None, None, None]  # amax: no overflow
-    return (y.view(B, nan.shape[1], H // nan.shape[1], T, D) + nan).view(B, H, T, D)
+    H_kv = token_types.shape[1]
+    nan = torch.where(token_types.detach().isnan().any(-1).any(-1), float("nan"), 0.0).to(y.dtype)  # [B, H_kv]
+    return (y.view(B, H_kv, H // H_kv, T, D) + nan[..., None, None, None]).view(B, H, T, D)
 
 
 def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
