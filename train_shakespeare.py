@@ -252,12 +252,10 @@ def schedule_note(cfg):
     steps, warmup, decay = cfg["max_iters"], cfg["warmup_iters"], cfg["lr_decay_iters"]
     if not 0 < steps < decay:
         return ""
-    end = learning_rate_at(steps - 1, cfg)
-    return (f"the learning rate ends at {end:.3g}, not --min_lr={cfg['min_lr']:g}: "
-            + (f"the warm-up (--warmup_iters={warmup}) lasts past the run (--max_iters={steps})" if warmup >= steps
-               else f"its decay lasts --lr_decay_iters={decay} steps, the run --max_iters={steps}")
-            + f"; pass --lr_decay_iters={steps}" + (" and a shorter --warmup_iters" if warmup >= steps else "")
-            + " to decay over the run")
+    longer, fix = ((f"--warmup_iters={warmup} >= --max_iters={steps}", "a shorter --warmup_iters and ")
+                   if warmup >= steps else (f"--lr_decay_iters={decay} > --max_iters={steps}", ""))
+    return (f"the rate ends at {learning_rate_at(steps - 1, cfg):.3g}, not --min_lr={cfg['min_lr']:g}: {longer}\n"
+            f"      (pass {fix}--lr_decay_iters={steps} to decay over the run)")
 
 
 def unused_settings(cfg):
