@@ -79,6 +79,8 @@ def numbers(own, key, kind):
                          f"like --{key}={example}") from None
     if len(set(values)) < len(values):  # two runs of one name would share a folder
         raise SystemExit(f"--{key}={own[key]} names a value twice; pass each once")
+    if not all(0 <= v < float("inf") for v in values):  # seeds, windows, lambdas and shares: none is negative
+        raise SystemExit(f"--{key}={own[key]}: pass finite numbers >= 0")
     return values
 
 
@@ -117,6 +119,10 @@ def seed_variants(own, base, tag):
     if own["finetune_iters"] > 0:
         given = numbers(own, "finetune_weights", float)
         middle = [nats[len(nats) // 2]] if nats else []
+        if not given and not middle:
+            raise SystemExit(f"--finetune_iters={own['finetune_iters']} fine-tunes at the lambdas of "
+                             f"--finetune_weights, or at the middle NAtS run's budget or lambda, and this sweep "
+                             f"has none: pass --finetune_weights=0.1, or --kv_budgets or --kv_weights")
         dense = os.path.join(run_dir(base, "dense" + tag), "ckpt.pt")
         steps = own["finetune_iters"]  # the learning rate's warm-up ends before its decay (check_config): the run's
         warmup = base["warmup_iters"] if base["warmup_iters"] < steps else steps // 10  # or a tenth of the steps
@@ -229,9 +235,10 @@ def spread(values, fmt):
     return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
 
 
-def write_table(rows, base, path, left=()):
+def write_table(rows, base, path, left=(), others=()):
     """sweep.md: a row per variant, the mean over its seeds and every seed's value; then the runs
-    `left` out (a stopped sweep's runs that had no eval yet, or had not started)."""
+    `left` out (a stopped sweep's runs that had no eval yet, or had not started) and the folders of
+    `others` beside them (runs of another sweep into the same out_dir)."""
     recall = base["dataset"] in RECALL_TASKS
     seeds = sorted({r["seed"] for r in rows})
     extra = long_context_keys(rows)
@@ -258,6 +265,9 @@ def write_table(rows, base, path, left=()):
     if left:
         lines += ["", f"Not in the table (stopped before their first eval, or not started): {', '.join(left)}; "
                       f"the same command with --resume continues the sweep."]
+    if others:
+        lines += ["", f"Also in {base['out_dir']}, not in this table (runs of another sweep into this folder): "
+                      f"{', '.join(others)}."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -350,7 +360,10 @@ def main(argv):
             with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
                 json.dump(rows, f, indent=1)
             left = [name for name, _, _ in runs if name not in {r["run"] for r in rows}]
-            write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"), left)
+            ours = {os.path.basename(cfg["out_dir"]) for _, cfg, _ in runs}
+            others = sorted(d for d in os.listdir(base["out_dir"]) if d not in ours
+                            and os.path.isfile(os.path.join(base["out_dir"], d, "history.json")))
+            write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"), left, others)
             plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
     return rows
 

@@ -1661,6 +1661,9 @@ def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
 
 def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_that_may_differ(capsys, tmp_path):
     import train_shakespeare as ts
+    ts.make_config(["--device=cpu", "--attention=sliding", "--window=64"])  # config/cpu.py: context 64
+    assert "note: --window=64 >= --block_size=64 - 1: a Sliding token stays to the end of the context, as a Global " \
+           "one: this is dense attention" in capsys.readouterr().out
     ts.make_config(["--device=cpu"])  # config/cpu.py: 600 steps, decay over 600
     assert "note" not in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--max_iters=100"])
@@ -1860,6 +1863,9 @@ def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, monkeypatch):
         tiny_run(tmp_path)
     assert "--resume" in str(stop.value)
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10
+    with pytest.raises(SystemExit, match=r"stopped at step 1\d: no checkpoint yet \(the first comes with the eval at "
+                                         r"step 18\)$"):  # a run shorter than --eval_interval: its last step's
+        tiny_run(tmp_path / "short", max_iters=18, lr_decay_iters=18, eval_interval=50)
 
 
 def test_unreadable_checkpoint_on_resume_stops_with_a_sentence(tmp_path):
@@ -2251,6 +2257,31 @@ def test_finetune_scorer_trains_only_the_scorers(tmp_path):
         tiny_run(tmp_path / "ft2", finetune_scorer=True, init_from=str(tmp_path / "dense" / "ckpt.pt"), n_embd=64)
 
 
+def test_a_fine_tunes_baseline_is_the_model_it_started_from_under_the_window(tmp_path, capsys):
+    """The sliding window to compare a fine-tune with evaluates the weights it started from (not a model
+    trained from scratch for the fine-tune's few steps); a run's folder or a .PT / .pth name is read as
+    the checkpoint it is or holds."""
+    import shlex
+
+    import train_shakespeare as ts
+    tiny_run(tmp_path / "dense", attention="dense", max_iters=4, eval_interval=4, sample_tokens=0)
+    dense = str(tmp_path / "dense" / "ckpt.pt")
+    capsys.readouterr()
+    tiny_run(tmp_path / "ft", finetune_scorer=True, init_from=dense, max_iters=2, eval_interval=2, sample_tokens=0)
+    command = next(line for line in capsys.readouterr().out.splitlines() if "--attention=sliding" in line)
+    assert f"--init_from={dense}" in command and "--max_iters=0" in command
+    cfg, _ = ts.make_config(shlex.split(command)[2:] + [f"--out_dir={tmp_path / 'sliding'}"])
+    history = ts.train(cfg)
+    assert len(history["evals"]) == 1 and history["evals"][0]["kv_fraction"][0] < 1  # the dense weights, windowed
+    with pytest.raises(SystemExit, match=re.escape(f"is the folder of a run: pass its checkpoint, --init_from={dense}")
+                       ):
+        tiny_run(tmp_path / "ft2", finetune_scorer=True, init_from=str(tmp_path / "dense"), max_iters=2)
+    (tmp_path / "DENSE.PT").symlink_to(dense)
+    assert not ts.is_pretrained(str(tmp_path / "DENSE.PT")) and not ts.is_pretrained("model.pth")
+    with pytest.raises(SystemExit, match="needs --finetune_scorer .*, or --max_iters=0 with --attention=dense"):
+        tiny_run(tmp_path / "x", init_from=dense, max_iters=2)
+
+
 # -----------------------------------------------------------------------------
 # the sweep: every variant trained and tabled, failed runs reported, flags checked
 
@@ -2283,10 +2314,14 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
         assert all(parent == "dense" and cfg["max_iters"] == 5 and cfg["finetune_scorer"] and cfg["dense_warmup"] == 0
                    and cfg["warmup_iters"] == 0  # the run's warm-up of 10 would outlast the 5 steps' decay
                    for name, cfg, parent in runs if "fine-tuned" in name)
-    for bad in ["--kv_weights=0.1,x", "--windows=16,wide", "--finetune_weights=a"]:
-        own, _ = sweep.split_args(["--finetune_iters=5", bad])
+    for bad in ["--kv_weights=0.1,x", "--windows=16,wide", "--finetune_weights=a", "--finetune_weights=-1",
+                "--finetune_weights=inf", "--seeds=-1", "--kv_weights=nan", "--windows=-4"]:
+        own, _ = sweep.split_args(["--finetune_iters=5", bad])  # before any run trains
         with pytest.raises(SystemExit, match=re.escape(bad)):
             sweep.variants(own, base)
+    own, _ = sweep.split_args(["--kv_budgets=", "--kv_weights=", "--finetune_iters=5"])  # nothing to fine-tune at
+    with pytest.raises(SystemExit, match="--finetune_iters=5 fine-tunes at the lambdas of --finetune_weights"):
+        sweep.variants(own, base)
 
 
 def test_sweep_runs_every_variant_for_every_seed_at_matched_budgets():
@@ -2349,9 +2384,13 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
     with pytest.raises(SystemExit, match="sweep: run 'dense': .* holds a run"):  # refused before any run, and
         sweep.main(args)                                                        # the table of the first stays
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    (tmp_path / "nats_budget=0.6").mkdir()  # a run of an earlier sweep with other flags, into the same folder
+    (tmp_path / "nats_budget=0.6" / "history.json").write_text("{}")
     rows = sweep.main(args + ["--resume"])  # the dense run (finished: its history left as it was) is in the
     assert [row["run"] for row in rows] == ["dense", "sliding W=4", "nats budget=0.5", "random Globals budget=0.5"]
     assert "Not in the table" not in (tmp_path / "sweep.md").read_text()  # table; the runs never reached start
+    assert f"Also in {tmp_path}, not in this table (runs of another sweep into this folder): nats_budget=0.6." \
+        in (tmp_path / "sweep.md").read_text()
 
 
 @pytest.mark.slow

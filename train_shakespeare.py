@@ -241,21 +241,27 @@ def make_config(argv):
               for key, why in unused_settings(config).items() if key in flags or key in origins]
     if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
         print(f"note: this run does not use {'; '.join(unused)}")
-    if os.environ.get("RANK", "0") == "0" and schedule_note(config):
-        print(f"note: {schedule_note(config)}")
+    for note in run_notes(config) if os.environ.get("RANK", "0") == "0" else []:
+        print(f"note: {note}")
     return config, " + ".join([describe_base(config["device"])] + recipes)
 
 
-def schedule_note(cfg):
-    """What the learning-rate schedule does that a short run may not mean ("" if nothing): a warm-up
-    or a decay longer than the run (nanoGPT's convention: --lr_decay_iters is usually --max_iters)."""
+def run_notes(cfg):
+    """What the settings do that a run may not mean, said but not refused: a learning-rate warm-up or
+    decay longer than the run (nanoGPT's convention: --lr_decay_iters is usually --max_iters), a
+    sliding window as long as the context."""
+    notes = []
     steps, warmup, decay = cfg["max_iters"], cfg["warmup_iters"], cfg["lr_decay_iters"]
-    if not 0 < steps < decay:
-        return ""
-    longer, fix = ((f"--warmup_iters={warmup} >= --max_iters={steps}", "a shorter --warmup_iters and ")
-                   if warmup >= steps else (f"--lr_decay_iters={decay} > --max_iters={steps}", ""))
-    return (f"the rate ends at {learning_rate_at(steps - 1, cfg):.3g}, not --min_lr={cfg['min_lr']:g}: {longer}\n"
-            f"      (pass {fix}--lr_decay_iters={steps} to decay over the run)")
+    if 0 < steps < decay:
+        longer, fix = ((f"--warmup_iters={warmup} >= --max_iters={steps}", "a shorter --warmup_iters and ")
+                       if warmup >= steps else (f"--lr_decay_iters={decay} > --max_iters={steps}", ""))
+        notes.append(f"the rate ends at {learning_rate_at(steps - 1, cfg):.3g}, not --min_lr={cfg['min_lr']:g}: "
+                     f"{longer}\n      (pass {fix}--lr_decay_iters={steps} to decay over the run)")
+    if cfg["attention"] != "dense" and cfg["window"] >= cfg["block_size"] - 1 and not cfg["init_from"]:
+        notes.append(f"--window={cfg['window']} >= --block_size={cfg['block_size']} - 1: a Sliding token stays to "
+                     f"the end of the context, as a Global one" + (": this is dense attention"
+                                                                     if cfg["attention"] == "sliding" else ""))
+    return notes
 
 
 def unused_settings(cfg):
@@ -437,9 +443,11 @@ def check_config(cfg):
         raise SystemExit(f"--attention_impl=triton needs a CUDA device (--device={cfg['device']}); pass "
                          f"--attention_impl=reference or auto on a CPU")
     check_sparsity_schedule(cfg)
-    if cfg["init_from"] and not cfg["finetune_scorer"] and not is_pretrained(cfg["init_from"]):
+    evaluated = cfg["max_iters"] == 0 and cfg["attention"] != "nats"  # a fixed pattern on the weights as they are
+    if cfg["init_from"] and not cfg["finetune_scorer"] and not is_pretrained(cfg["init_from"]) and not evaluated:
         raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
-                         f"trained model); to continue a run, pass --resume with its --out_dir")
+                         f"trained model), or --max_iters=0 with --attention=dense, sliding or random (its weights "
+                         f"evaluated under that pattern); to continue a run, pass --resume with its --out_dir")
     check_init_from(cfg)
     check_long_context(cfg)
     check_out_dir_writable(cfg["out_dir"])
@@ -498,14 +506,17 @@ def device_memory(device):
 def check_init_from(cfg):
     """--finetune_scorer starts from a checkpoint file or a pretrained model that is there; a
     pretrained model reads its own tokens, which only it has; distill names a loss."""
+    if os.path.isfile(os.path.join(cfg["init_from"], "ckpt.pt")):  # a run's folder, not an HF model's
+        raise SystemExit(f"--init_from={cfg['init_from']} is the folder of a run: pass its checkpoint, "
+                         f"--init_from={os.path.join(cfg['init_from'], 'ckpt.pt')}")
     if is_pretrained(cfg["init_from"]):
         try:
             pretrained_source(cfg["init_from"])
         except FileNotFoundError as e:
             raise SystemExit(f"--init_from: {e}") from None
-    elif cfg["finetune_scorer"] and not os.path.isfile(cfg["init_from"]):
-        raise SystemExit(f"--finetune_scorer needs --init_from=<checkpoint of a trained model, or a pretrained "
-                         f"model>, got {cfg['init_from']!r}")
+    elif (cfg["finetune_scorer"] or cfg["init_from"]) and not os.path.isfile(cfg["init_from"]):
+        raise SystemExit(f"--init_from needs a checkpoint of a trained model (out_dir/ckpt.pt) or a pretrained "
+                         f"model, got {cfg['init_from']!r}")
     if cfg["tokenizer"] == "pretrained" and not is_pretrained(cfg["init_from"]):
         raise SystemExit("--tokenizer=pretrained is the tokenizer of the pretrained model of --init_from: pass "
                          "--init_from=<GGUF file, HF folder or hub name>, or --tokenizer=gpt2")
@@ -528,7 +539,7 @@ def check_long_context(cfg):
     if not cfg["passkey_trials"] >= 1:
         raise SystemExit(f"--passkey_trials={cfg['passkey_trials']}: must be >= 1")
     longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
-    if longest > cfg["block_size"] and not cfg["finetune_scorer"] and not is_pretrained(cfg["init_from"]):
+    if longest > cfg["block_size"] and not cfg["init_from"]:  # else the context is the model's, known once loaded
         given = " ".join(f"--{key}={cfg[key]}" for key in ("eval_contexts", "passkey_lengths") if cfg[key])
         raise SystemExit(f"{given}: the model's context is --block_size={cfg['block_size']}; pass lengths up to it")
 
@@ -566,8 +577,9 @@ def describe_run(cfg):
 
 
 def is_pretrained(init_from):
-    """Whether --init_from names a pretrained model rather than a checkpoint of this script (.pt)."""
-    return bool(init_from) and not init_from.endswith(".pt")
+    """Whether --init_from names a pretrained model rather than a checkpoint of this script (.pt, or
+    PyTorch's other usual suffix .pth, in any case)."""
+    return bool(init_from) and not init_from.lower().endswith((".pt", ".pth"))
 
 
 def check_sparsity_schedule(cfg):
@@ -778,7 +790,7 @@ def sliding_command(cfg, window):
     nats_only = {"attention", "window", "out_dir", "resume", "overwrite", "kv_weight", "dual_lr", "init_from",
                  "finetune_scorer", "distill", *NATS_SCHEDULE}
     same = [f"--{key}={value}" for key, value in cfg.items() if key not in nats_only and base.get(key, value) != value]
-    if is_pretrained(cfg["init_from"]):  # the pretrained weights as they are, with the sliding pattern
+    if cfg["init_from"]:  # a fine-tune: the weights it started from as they are, with the sliding pattern
         same = [arg for arg in same if not arg.startswith("--max_iters=")] + [f"--init_from={cfg['init_from']}",
                                                                              "--max_iters=0"]
     return " ".join(["python train_shakespeare.py"] + [shlex.quote(arg) for arg in [  # a shell reads it as printed
@@ -943,7 +955,7 @@ def model_args_for(cfg, checkpoint, teacher):
         flag, source, given, fixed = "--resume", os.path.join(cfg["out_dir"], "ckpt.pt"), checkpoint["model_args"], \
             wanted
     elif teacher is not None and not is_pretrained(cfg["init_from"]):
-        flag, source, given, fixed = "--finetune_scorer", cfg["init_from"], asdict(teacher.config), TEACHER_KEYS
+        flag, source, given, fixed = "--init_from", cfg["init_from"], asdict(teacher.config), TEACHER_KEYS
     else:
         return wanted
     conflicts = [key for key in fixed if key in given and given[key] != wanted[key]]
@@ -1289,9 +1301,11 @@ def run_steps(run):
                 window_start, window_it = now, run.it
     except KeyboardInterrupt:
         ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        first = min(cfg["eval_interval"], cfg["max_iters"])  # the step of the first checkpoint
         where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
                  f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
-                 f"no checkpoint yet (the first comes with the eval at step {cfg['eval_interval']})")
+                 f"no checkpoint yet (the first comes with the eval at step {first})" if run.it < first else
+                 "no checkpoint: the first was being written")
         raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
     run.history["elapsed"] = elapsed_before + time.time() - start_time
 
