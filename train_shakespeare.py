@@ -87,7 +87,8 @@ dense_warmup = 0  # steps at the start with every token Global (dense attention)
 # fine-tuning only the scorers of a trained model, the authors' second recipe (config/smollm2.py: of a pretrained LLM)
 init_from = ""  # with finetune_scorer: the checkpoint (a .pt file, out_dir/ckpt.pt) of a trained model, or a
                 # pretrained Llama-family model: a GGUF file, an HF folder or a hub name (GPT.from_pretrained);
-                # a pretrained model without finetune_scorer trains whole (max_iters=0: evaluate it as it is)
+                # a pretrained model without finetune_scorer trains whole; with max_iters=0 and attention dense,
+                # sliding or random, either kind is evaluated as it is under that pattern (a fine-tune's baseline)
 finetune_scorer = False  # freeze that model, train the scorers to keep its outputs (distill)
 distill = "hidden"  # what the scorers learn to keep: "hidden", the final hidden states (mean squared error, the
                     # authors' recipe), or "logits", the next-token distribution (KL divergence)
