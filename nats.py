@@ -602,6 +602,10 @@ class GPT(nn.Module):
         load_checkpoint, whose errors it raises) or the dict load_checkpoint returned."""
         if not isinstance(checkpoint, dict):
             checkpoint = load_checkpoint(checkpoint, device)
+        if not all(isinstance(checkpoint.get(key), dict) for key in ("model_args", "model")):
+            raise ValueError(f"checkpoint must be a path or the dict load_checkpoint returns for a checkpoint of "
+                             f"train_shakespeare.py, with 'model_args' and 'model' dicts; got a dict with keys "
+                             f"{list(checkpoint)[:6]}")
         try:
             model = cls(GPTConfig(**checkpoint["model_args"]))
             model.load_state_dict(checkpoint["model"])
@@ -834,6 +838,34 @@ TEMPERATURE, TOP_K = 0.8, 200  # how samples are drawn by default, here and at t
 MIN_TEMPERATURE = 1e-6  # below it sampling is greedy: logits / temperature could overflow float32
 
 
+def check_prompt_kv(k, v, kind):
+    """Raise a ValueError naming what to pass for a prompt's k, v [B, H_kv, T, D] and kind [B, H_kv, T]
+    that KVCache.fill cannot keep (a bad type would only show at the next step, as a uint8 slot)."""
+    if not all(isinstance(t, torch.Tensor) for t in (k, v, kind)):
+        raise ValueError(f"k, v and kind must be tensors; got {type(k).__name__}, {type(v).__name__}, "
+                         f"{type(kind).__name__}")
+    if k.dim() != 4 or k.shape != v.shape or 0 in k.shape or k.dtype != v.dtype or not k.is_floating_point():
+        raise ValueError(f"k and v must be the prompt's keys and values [B, H_kv, T, D], non-empty, of one floating "
+                         f"dtype; got k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}")
+    if kind.dtype == torch.bool or kind.is_floating_point() or kind.is_complex() or kind.shape != k.shape[:3]:
+        raise ValueError(f"kind must be the prompt's types as an integer tensor [B, H_kv, T] = {list(k.shape[:3])} "
+                         f"(long: 0 G, 1 L, 2 S); got {kind.dtype} {tuple(kind.shape)}")
+    if not k.device == v.device == kind.device:
+        raise ValueError(f"k, v and kind must be on one device; got {k.device}, {v.device}, {kind.device}")
+    if ((kind < 0) | (kind > 2)).any():  # a sync, as fill's own: it runs once per prompt
+        raise ValueError(f"kind must hold types 0, 1 or 2 (G, L, S); got {kind.min().item()}..{kind.max().item()}")
+
+
+def refuse_grad(what, **tensors):
+    """Raise a ValueError for KVCache.<what> on tensors that need a gradient: the cache is written in
+    place, so it would join the autograd graph, which grows with every step and breaks a second backward."""
+    # getattr: a non-tensor is named by the checks after this one
+    needs = [name for name, t in tensors.items() if getattr(t, "requires_grad", False)]
+    if needs and torch.is_grad_enabled():
+        raise ValueError(f"KVCache.{what} got tensors that require grad ({', '.join(needs)}), but the cache is for "
+                         f"inference; wrap the calls in torch.no_grad() (as generate does), or pass detached tensors")
+
+
 class KVCache:
     """One layer's KV cache for generation: per (batch row, KV head) the same fixed number of
     slots, each holding a key, a value, its token's position (-1: a free slot) and type.
@@ -860,9 +892,13 @@ class KVCache:
         return self.pos.shape[-1]
 
     def fill(self, k, v, kind):
-        """Start from a prompt at positions 0 .. T-1: k, v [B, H_kv, T, D], kind [B, H_kv, T] (long,
+        """Start from a prompt at positions 0 .. T-1: k, v [B, H_kv, T, D], kind [B, H_kv, T] (integers,
         0 G, 1 L, 2 S). Keeps what the next query reads, in order, in as many slots as the fullest
-        row needs (one GPU sync); grow() adds room."""
+        row needs (one GPU sync); grow() adds room. Raises ValueError for malformed inputs and for
+        ones that need a gradient (the cache is for inference)."""
+        check_prompt_kv(k, v, kind)
+        refuse_grad("fill", k=k, v=v)
+        kind = kind.long()
         T, D = k.shape[2:]
         pos = torch.arange(T, device=k.device).expand(kind.shape)
         last_global = torch.where(kind == GLOBAL, pos, -1).amax(-1, keepdim=True)
@@ -877,7 +913,13 @@ class KVCache:
 
     def grow(self, slots):
         """Add free slots, up to `slots` per row. Between steps only: the tensors are replaced, so
-        a CUDA graph of the step must be recorded again."""
+        a CUDA graph of the step must be recorded again. Raises ValueError before fill() or for
+        fewer slots than the cache has."""
+        if self.k is None:
+            raise ValueError("call fill() first: grow adds free slots to a cache that holds a prompt")
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < self.slots:
+            raise ValueError(f"slots must be an int >= {self.slots}, the slots the cache has; got {slots!r}")
+
         def pad(t, value):
             return torch.cat([t, t.new_full((*t.shape[:2], slots - self.slots, *t.shape[3:]), value)], dim=2)
         # free slots hold zeros: their weight is 0, and 0 x NaN from uninitialised memory would not be
@@ -887,7 +929,11 @@ class KVCache:
         """One token per row through the cache (kernel.nats_decode): k, v [B, H_kv, 1, D] of type
         kind [B, H_kv, 1] (long) at position pos [1] (int32) go into a free slot of its row (make_room
         has made sure there is one), its queries q [B, H, 1, D] attend over the valid slots, and the
-        slots no later query reads are freed. Returns [B, H, 1, D]."""
+        slots no later query reads are freed. Returns [B, H, 1, D]. Raises ValueError before fill(),
+        for inputs that need a gradient and for malformed ones (kernel.check_decode_inputs)."""
+        if self.k is None:
+            raise ValueError("the cache is empty: call fill() with the prompt first")
+        refuse_grad("step", q=q, k=k, v=v)
         return nats_decode(q, k, v, kind, pos, (self.k, self.v, self.pos, self.kind), self.window, self.impl)
 
     def held(self):

@@ -1081,6 +1081,75 @@ def test_generate_refuses_caches_of_another_window():
             nats.KVCache(**bad)
 
 
+def test_kv_cache_fill_checks_the_prompt_itself():
+    k, v = torch.randn(2, 1, 2, 6, 4).unbind(0)
+    kind = torch.full((1, 2, 6), SLIDING)
+    for bad_k, bad_v, bad_kind, message in [
+            (k, v, torch.full((1, 2, 6), 7), r"^kind must hold types 0, 1 or 2 \(G, L, S\); got 7\.\.7"),  # was uint8 7
+            (k, v, kind - 3, "^kind must hold types 0, 1 or 2"),
+            (k, v, kind.float(), r"^kind must be the prompt's types as an integer tensor \[B, H_kv, T\] = \[1, 2, 6\]"),
+            (k, v, kind.bool(), "^kind must be .* an integer tensor"),
+            (k, v, kind[..., :5], "^kind must be .* an integer tensor"),
+            (k, v, kind.to("meta"), "^k, v and kind must be on one device"),
+            (k, v[:, :, :5], kind, r"^k and v must be the prompt's keys and values \[B, H_kv, T, D\]"),  # index error
+            (k[0], v[0], kind[0], "^k and v must be"),
+            (k, v.double(), kind, "^k and v must be .* one floating dtype"),
+            (k.long(), v.long(), kind, "^k and v must be .* one floating dtype"),
+            (k[:, :, :0], v[:, :, :0], kind[..., :0], "^k and v must be .* non-empty"),
+            (k, v, [SLIDING] * 6, "^k, v and kind must be tensors")]:
+        cache = KVCache(2)
+        with pytest.raises(ValueError, match=message):
+            cache.fill(bad_k, bad_v, bad_kind)
+        assert cache.k is None  # nothing kept
+    cache, int32 = KVCache(2), KVCache(2)
+    cache.fill(k, v, kind)
+    int32.fill(k, v, kind.int())  # any integer dtype holds the types
+    assert torch.equal(cache.pos, int32.pos) and torch.equal(cache.kind, int32.kind)
+
+
+def test_kv_cache_grow_and_step_need_a_filled_cache():
+    q, k, v = torch.randn(3, 1, 2, 1, 4).unbind(0)
+    kind, pos = torch.full((1, 2, 1), SLIDING), torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^call fill\(\) first"):  # was an AttributeError on None
+        KVCache(2).grow(4)
+    with pytest.raises(ValueError, match=r"call fill\(\) with the prompt first"):  # was "cache must be 4 tensors"
+        KVCache(2).step(q, k, v, kind, pos)
+    cache = KVCache(2, "reference")
+    cache.fill(k, v, kind)
+    cache.grow(3)
+    for slots in (2, True, 4.0):  # 2: fewer than it has, was a negative dimension
+        with pytest.raises(ValueError, match=r"^slots must be an int >= 3, the slots the cache has; got"):
+            cache.grow(slots)
+    cache.grow(3)  # as many as it has: nothing to add
+    assert cache.slots == 3
+    cache.step(q, k, v, kind, pos)
+    assert cache.pos[0, 0].tolist() == [0, 1, -1]
+
+
+def test_kv_cache_is_for_inference_only():
+    q, k, v = (torch.randn(1, 2, 1, 4, requires_grad=True) for _ in range(3))
+    kind, pos = torch.full((1, 2, 1), SLIDING), torch.tensor([1], dtype=torch.int32)
+    cache = KVCache(2, "reference")
+    with pytest.raises(ValueError, match=r"^KVCache.fill got tensors that require grad \(k, v\).*torch.no_grad\(\)"):
+        cache.fill(k, v, kind)
+    with torch.no_grad():
+        cache.fill(k, v, kind)
+    cache.grow(4)
+    # the in-place write joined the autograd graph, and a second backward failed
+    with pytest.raises(ValueError, match=r"^KVCache.step got tensors that require grad \(q\), but the cache is for"):
+        cache.step(q, k.detach(), v.detach(), kind, pos)
+    with torch.no_grad():
+        for t in (1, 2):
+            cache.step(q, k, v, kind, torch.tensor([t], dtype=torch.int32))
+    assert cache.k.grad_fn is None and cache.pos[0, 0].tolist() == [-1, 1, 2, -1]  # token 0 slid out of the window
+
+
+def test_from_checkpoint_names_what_a_dict_must_hold():
+    for checkpoint in ({"a": 1}, {"model_args": {}, "optimizer": {}}):  # was a KeyError
+        with pytest.raises(ValueError, match=r"'model_args' and 'model' dicts; got a dict with keys \['"):
+            GPT.from_checkpoint(checkpoint)
+
+
 def test_generate_at_temperature_zero_is_greedy():
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=64))
