@@ -106,12 +106,14 @@ def kv_lengths(token_types, window):
 
     The length of each type comes from the hard types (no gradient through f_j); the one-hot
     types carry the straight-through gradient, so the sparsity term trains the scorer. NaN types
-    give NaN lengths (see nats_attention). Returns [..., T] in the types' dtype.
+    give NaN lengths (see nats_attention). Returns [..., T], float32 (float64 for float64 types):
+    bfloat16 would round a length of 299 to 300.
     """
     reach = reach_by_type(token_types, window)  # checks the arguments first
     pos = torch.arange(token_types.shape[-2], device=token_types.device)[:, None]
     lengths = reach - pos + 1
-    return (token_types * lengths.to(token_types.dtype)).sum(-1)
+    acc = torch.promote_types(token_types.dtype, torch.float32)
+    return (token_types.to(acc) * lengths.to(acc)).sum(-1)
 
 
 # -----------------------------------------------------------------------------

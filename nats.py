@@ -122,11 +122,11 @@ class GPTConfig:
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, like 1e-5, got {self.norm_eps}")
         if self.rope_scaling and not (len(self.rope_scaling) == 4 and all(
-                isinstance(x, (int, float)) and math.isfinite(x) for x in self.rope_scaling)
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in self.rope_scaling)
                 and self.rope_scaling[0] >= 1 and 0 < self.rope_scaling[1] < self.rope_scaling[2]
-                and self.rope_scaling[3] > 0):
+                and self.rope_scaling[3] >= 1):
             raise ValueError(f"rope_scaling must be () or Llama 3's (factor >= 1, 0 < low_freq_factor < "
-                             f"high_freq_factor, original context length > 0), like (8.0, 1.0, 4.0, 8192), "
+                             f"high_freq_factor, original context length >= 1 token), like (8.0, 1.0, 4.0, 8192), "
                              f"got {self.rope_scaling!r}")
         if not 0 < self.rope_base < math.inf:
             raise ValueError(f"rope_base must be a finite number > 0, like 10000.0, got {self.rope_base}")
@@ -537,9 +537,12 @@ class GPT(nn.Module):
         2 Sliding).
         """
         number = isinstance(kv_weight, (int, float)) and not isinstance(kv_weight, bool)
-        if not (number and 0 <= kv_weight < math.inf or isinstance(kv_weight, torch.Tensor) and kv_weight.dim() == 0):
+        scalar = isinstance(kv_weight, torch.Tensor) and kv_weight.dim() == 0 and kv_weight.is_floating_point()
+        if not (number and 0 <= kv_weight < math.inf or scalar) or (  # a CPU tensor's value is read as a number's
+                scalar and kv_weight.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not 0 <= kv_weight < math.inf):
             raise ValueError(f"kv_weight must be a finite number >= 0 (a negative weight rewards keeping keys) or a "
-                             f"0-d tensor, got {kv_weight!r}")
+                             f"0-d float tensor, got {kv_weight!r}")
         if distill not in ("hidden", "logits"):
             raise ValueError(f"distill must be 'hidden' or 'logits', got {distill!r}")
         if teacher is not None and (not isinstance(teacher, GPT) or any(
@@ -549,6 +552,9 @@ class GPT(nn.Module):
                              f"{getattr(teacher, 'config', type(teacher).__name__)}")
         if targets is not None:
             self.check_ids(targets, "targets", idx.shape, low=-1)
+            if targets.device != idx.device:
+                raise ValueError(f"targets are on {targets.device} but idx on {idx.device}; pass "
+                                 f"targets.to(idx.device)")
         hidden, layers = self.hidden_states(idx, all_global=all_global)
         logits = self.lm_head(hidden)
         dense = self.config.attention == "dense"
@@ -1094,8 +1100,12 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     (a bool is no count), caches that are not one per layer or already hold a sequence, and, at
     the end, for logits that were NaN or infinite (a broken model)."""
     device = model.lm_head.weight.device
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
+    if idx.dim() != 2 or 0 in idx.shape:
+        raise ValueError(f"the prompt must be [batch, tokens] with at least one row and one token, got shape "
+                         f"{tuple(idx.shape)}")
+    # numpy's scalars (a value read from an array) are numbers too
+    max_new_tokens, top_k, temperature = (x.item() if isinstance(x, np.generic) else x
+                                          for x in (max_new_tokens, top_k, temperature))
     if idx.device != device:
         raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -1218,6 +1228,15 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
     graph), tokens/s and its ratio to the first variant's, the bytes a step reads (weights and
     the caches' buffers) and the bandwidth that makes against a copy measured in the same run,
     the caches' MB. Prints a table and returns its rows (dicts)."""
+    counts = [*contexts, *batches, new_tokens, warmup]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts) or min(counts[:-1]) < 1 \
+            or not 0 <= warmup < new_tokens:
+        raise ValueError(f"contexts, batches and new_tokens must be ints >= 1, warmup an int in 0..new_tokens - 1 "
+                         f"(tokens/s is timed over the steps after it); got contexts={contexts}, batches={batches}, "
+                         f"new_tokens={new_tokens!r}, warmup={warmup!r}")
+    if len(mix) != 3 or not all(0 <= m <= 1 for m in mix) or not math.isclose(sum(mix), 1):
+        raise ValueError(f"mix must be the shares of Global, Local and Sliding tokens, three numbers >= 0 that sum "
+                         f"to 1, like (0.05, 0.15, 0.8); got {mix}")
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
     copy = copy_rate(device)
     print(f"{name}, {dtype}, torch {torch.__version__}, G/L/S mix {mix}, W = {GPTConfig.window}, {new_tokens} "

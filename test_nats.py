@@ -238,6 +238,13 @@ def test_nan_types_give_nan_for_their_kv_head_on_both_paths():
     assert kv_lengths(types, 3)[1, 0, 4].isnan() and not kv_lengths(types, 3)[0].isnan().any()
 
 
+def test_kv_lengths_count_exactly_in_low_precision():
+    """bfloat16 holds 8 bits of mantissa: 299 would round to 300 (and float16 4999 to 5000)."""
+    for dtype, T in [(torch.bfloat16, 300), (torch.float16, 5000)]:
+        lengths = kv_lengths(torch.nn.functional.one_hot(torch.zeros(T, dtype=torch.long), 3).to(dtype), 2)
+        assert lengths[:3].tolist() == [T, T - 1, T - 2] and lengths.dtype == torch.float32
+
+
 def attention_and_grads(q, k, v, types, window, impl, dtype, grad_out):
     inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, types)]
     out = nats_attention(*inputs, window, impl=impl)
@@ -792,13 +799,50 @@ def test_forward_names_bad_targets_kv_weights_distill_and_teachers():
         with pytest.raises(ValueError, match=match):
             model(idx, targets)
     assert model(idx, idx.int())[1].isfinite()  # int32 targets, as int32 ids
-    for kv_weight in ("0.1", float("inf"), float("nan"), True, torch.ones(2)):
+    for kv_weight in ("0.1", float("inf"), float("nan"), True, torch.ones(2), torch.tensor(-5.0),
+                      torch.tensor(float("nan")), torch.tensor(1)):  # a CPU tensor's value is checked as a float's
         with pytest.raises(ValueError, match="kv_weight must be a finite number >= 0"):
             model(idx, idx, kv_weight=kv_weight)
+    with pytest.raises(ValueError, match=r"targets are on meta but idx on cpu; pass targets.to\(idx.device\)"):
+        model(idx, idx.to("meta"))
     with pytest.raises(ValueError, match="distill must be 'hidden' or 'logits'"):
         model(idx, idx, teacher=model, distill="bogus")
     with pytest.raises(ValueError, match="teacher must be a GPT of the same n_embd"):
         model(idx, idx, teacher=GPT(tiny_config(n_embd=64)))
+
+
+def test_config_generate_and_benchmark_name_odd_arguments():
+    for scaling in [(True, 0.5, 4, 8192), (8.0, 1.0, 4.0, 0.5)]:  # a bool factor, half a token of context
+        with pytest.raises(ValueError, match="rope_scaling must be"):
+            tiny_config(rope_scaling=scaling)
+    model = GPT(tiny_config()).eval()
+    with pytest.raises(ValueError, match="at least one row and one token"):
+        nats.generate(model, torch.zeros(0, 3, dtype=torch.long), 3)
+    out = nats.generate(model, torch.zeros(1, 3, dtype=torch.long), np.int64(2), np.float32(0.5), np.int64(5))
+    assert out.shape == (1, 5)  # numpy's scalars are numbers
+    for kwargs, match in [(dict(new_tokens=4, warmup=16), "warmup an int in 0..new_tokens - 1"),
+                          (dict(contexts=(0,)), "contexts, batches and new_tokens must be ints >= 1"),
+                          (dict(mix=(1.0, 1.0, 0.0)), "three numbers >= 0 that sum to 1")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            benchmark_decode(**{**dict(contexts=(16,), batches=(1,), device="cpu"), **kwargs})
+
+
+def test_the_data_generators_name_odd_arguments():
+    from data.passkey import make_passkey
+    from data.recall import make_far_sequences, make_sequences, query_mask
+    from data.tokenizers import char_tokenizer
+    encode, decode, _ = char_tokenizer(data.passkey.INTRO + data.passkey.FILLER + data.passkey.QUESTION
+                                       + "0123456789" + data.passkey.NEEDLE)
+    for call, match in [(lambda: make_passkey(lambda s: [], 400, 0), "encode must turn text into a non-empty list"),
+                        (lambda: make_passkey(lambda s: np.array(encode(s)), 400, 0), "encode must turn text"),
+                        (lambda: make_passkey(encode, 400.5, 0), "length must be an int >= 0, got 400.5"),
+                        (lambda: make_passkey(encode, 400, -1), "seed must be an int >= 0, got -1"),
+                        (lambda: make_sequences(0, 64, 0), "n must be an int >= 1, got 0"),
+                        (lambda: make_far_sequences(2, 64, -3), "seed must be an int >= 0, got -3"),
+                        (lambda: query_mask(np.zeros(5)), r"sequences must be \[n, length\]"),
+                        (lambda: decode([-1]), r"ids must be in 0\.\.")]:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_all_global_forward_is_dense_attention_without_the_scorers():
@@ -1716,6 +1760,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(n_layer=10**11), "--n_layer=100000000000 --n_embd=32: the model has at least 1.02e+15 parameters"),
     (dict(n_embd=2**30), "--n_layer=2 --n_embd=1073741824: the model has at least"),  # more than any memory holds
     (dict(seed=-1), "--seed=-1: pass an integer >= 0"),
+    (dict(eval_contexts="16,32,16"), "--eval_contexts=16,32,16 names a length twice"),
     (dict(eval_contexts="64"), "--eval_contexts=64: the model's context is --block_size=32"),
     (dict(block_size=2**20), "--block_size=1048576 --batch_size=8 --n_head=2"),  # the reference's T x T: > 256 TiB
 ])
@@ -1726,6 +1771,17 @@ def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     with pytest.raises(SystemExit, match=re.escape(flag)):
         ts.train(tiny_config_dict(tmp_path / "run", **bad))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("env", [dict(RANK="0", WORLD_SIZE="2"), dict(WORLD_SIZE="1"), dict(RANK="abc"),
+                                 dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="x", MASTER_PORT="1")])
+def test_torchruns_variables_set_by_hand_are_named_before_anything(monkeypatch, env):
+    """Else init_process_group fails with a traceback, or waits for peers that never come."""
+    import train_shakespeare as ts
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match="set, but not as torchrun sets them .* launch with torchrun"):
+        ts.make_config(TINY_RUN)
 
 
 def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_that_may_differ(capsys, tmp_path):

@@ -199,6 +199,7 @@ def make_config(argv):
     if any(arg in ("-h", "--help") for arg in argv):
         print(help_text(machine_defaults(known["device"])))
         raise SystemExit(0)
+    check_launch(os.environ)
     overrides, flags, recipes, origins = {}, set(), [], {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -534,6 +535,8 @@ def check_long_context(cfg):
         lengths = cfg[key].split(",") if cfg[key] else []
         if not all(n.isdigit() and int(n) > 0 for n in lengths):
             raise SystemExit(f"--{key}={cfg[key]}: pass token counts separated by commas, like --{key}=2048,8192")
+        if len({int(n) for n in lengths}) < len(lengths):  # the history keeps one result per length
+            raise SystemExit(f"--{key}={cfg[key]} names a length twice; pass each once")
     if (cfg["eval_contexts"] or cfg["passkey_lengths"]) and cfg["dataset"] != "shakespeare":
         raise SystemExit(f"--eval_contexts and --passkey_lengths measure a language model: drop them for "
                          f"--dataset={cfg['dataset']}")
@@ -1000,6 +1003,22 @@ def check_out_dir(cfg):
     return existing if cfg["overwrite"] else []
 
 
+LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets for each process
+
+
+def check_launch(env):
+    """A run with any of torchrun's variables set needs all of them, as torchrun sets them: else
+    init_process_group fails with a traceback, or waits for peers that never come."""
+    given = [name for name in LAUNCH if name in env]
+    if not given:
+        return
+    numbers = [env.get(name, "") for name in LAUNCH[:3]]
+    if len(given) < len(LAUNCH) or not all(n.isdigit() for n in numbers) or int(numbers[0]) >= int(numbers[1]):
+        raise SystemExit(f"{' '.join(f'{name}={env[name]}' for name in given)} set, but not as torchrun sets them "
+                         f"(all of {', '.join(LAUNCH)}, 0 <= RANK < WORLD_SIZE): launch with torchrun --standalone "
+                         f"--nproc_per_node=<GPUs> train_shakespeare.py ..., or unset them for one process")
+
+
 def setup_distributed(device):
     """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) join the process group: NCCL and one GPU
     per process on CUDA, gloo on CPU. Returns (rank, world size, this process's device); a plain
@@ -1284,6 +1303,9 @@ def run_steps(run):
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
     start_time, start_it, elapsed_before = time.time(), run.it, run.history["elapsed"]
     window_start, window_it = time.time(), run.it
+    # only here: Python runs a handler between bytecodes, and set-up can block in C (a rendezvous with
+    # peers that never come), where the default SIGTERM, which ends the process at once, still works
+    on_sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             # an eval every eval_interval steps and at the end; a resumed run has its first in the history
@@ -1308,6 +1330,8 @@ def run_steps(run):
                  f"no checkpoint yet (the first comes with the eval at step {first})" if run.it < first else
                  "no checkpoint: the first was being written")
         raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     run.history["elapsed"] = elapsed_before + time.time() - start_time
 
 
@@ -1420,13 +1444,12 @@ def save_history_of(run):
 
 
 def interrupt(signum, frame):
-    """SIGTERM (kill, timeout, a cluster's scheduler) stops a run as Ctrl-C does: with where its
+    """SIGTERM (kill, timeout, a cluster's scheduler) stops the steps as Ctrl-C does: with where the
     checkpoint is."""
     raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupt)
     config, why = make_config(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
         print(f"config: {why}: {describe_run(config)}, batch {config['batch_size']}, {config['max_iters']} steps "

@@ -13,6 +13,8 @@ The wording is the common one of the passkey test (Mohtashami & Jaggi, "Landmark
 """
 import numpy as np
 
+from data.recall import check_counts
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -23,12 +25,16 @@ QUESTION = " What is the pass key? The pass key is"
 def make_passkey(encode, length, seed):
     """One trial of about `length` tokens: (prompt ids, answer ids), the key at a depth drawn
     uniformly in the filler. encode: str -> list of ids (the model's tokenizer). The answer is
-    the key as the tokenizer writes it after the question (" 60417"). Raises ValueError if
-    `length` cannot hold the intro, the key and the question."""
+    the key as the tokenizer writes it after the question (" 60417"). Raises ValueError for a
+    length or seed that is no int >= 0, an encode that gives no list of ids, or if `length` cannot
+    hold the intro, the key and the question."""
+    check_counts(length=(length, 0), seed=(seed, 0))
     rng = np.random.default_rng(seed)
     key = str(rng.integers(10_000, 100_000))
-    intro, needle, question = encode(INTRO), encode(NEEDLE.format(key=key)), encode(QUESTION)
-    filler = encode(FILLER)
+    intro, needle, question, filler = (encode(text) for text in (INTRO, NEEDLE.format(key=key), QUESTION, FILLER))
+    if not all(isinstance(ids, list) and ids for ids in (intro, needle, question, filler)):
+        raise ValueError(f"encode must turn text into a non-empty list of token ids, as tiktoken's encode_ordinary "
+                         f"does; got {type(filler).__name__} {str(filler)[:40]} for {FILLER[:20]!r}...")
     room = length - len(intro) - len(needle) - len(question)
     if room < len(filler):
         raise ValueError(f"a passkey trial needs more than {length - room + len(filler)} tokens, got length={length}")

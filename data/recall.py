@@ -34,9 +34,19 @@ N_PAIRS, N_QUERIES = 8, 4
 VAL_SEED = 5678  # the held-out set; training sequences come from each batch's own seed
 
 
+def check_counts(**counts):
+    """Raise a ValueError naming the first of counts {name: (value, least)} that is not an int (a
+    bool is none) >= its least: numpy's own errors name no argument."""
+    for name, (value, least) in counts.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 def make_sequences(n, length, seed):
     """n encoded sequences [n, length] (uint8 indices into ALPHABET), reproducible from the seed:
-    the pairs, a bar, then filler with the queries. Raises ValueError if length cannot hold them."""
+    the pairs, a bar, then filler with the queries. Raises ValueError for counts that are no ints
+    (n >= 1, seed >= 0) and if length cannot hold them."""
+    check_counts(n=(n, 1), length=(length, 0), seed=(seed, 0))
     fixed = N_PAIRS * 2 + 1 + N_QUERIES * 2  # the pairs, the bar, the queries with their answers
     if length < fixed + 1:
         raise ValueError(f"recall sequences need at least {fixed + 1} characters (block_size >= {fixed}), got {length}")
@@ -51,7 +61,9 @@ def make_sequences(n, length, seed):
 def make_far_sequences(n, length, seed):
     """n encoded sequences [n, length] (uint8 indices into ALPHABET), reproducible from the seed:
     the pairs at random places in the first quarter, the queries at random places in the second
-    half, filler around them. Raises ValueError if length cannot hold them (length >= 64)."""
+    half, filler around them. Raises ValueError for counts that are no ints (n >= 1, seed >= 0) and
+    if length cannot hold them (length >= 64)."""
+    check_counts(n=(n, 1), length=(length, 0), seed=(seed, 0))
     if length < 64:
         raise ValueError(f"far-query recall needs at least 64 characters (block_size >= 63), got {length}")
     rng = np.random.default_rng(seed)
@@ -88,7 +100,10 @@ def place(rng, rows, items, start, end):
 
 def query_mask(sequences):
     """True where a character is a query: a key that came before in its row (every key appears
-    once in the pairs and at most once as a query; the filler holds none)."""
+    once in the pairs and at most once as a query; the filler holds none). sequences: [n, length]
+    indices into ALPHABET; raises ValueError for another shape."""
+    if np.ndim(sequences) != 2:
+        raise ValueError(f"sequences must be [n, length] indices into ALPHABET, got shape {np.shape(sequences)}")
     mask = np.zeros(sequences.shape, dtype=bool)
     for key in range(len(KEYS)):
         is_key = sequences == key

@@ -24,7 +24,12 @@ def char_tokenizer(text):
     """encode, decode and the vocabulary size of the characters of text."""
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
-    return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(chars[i] for i in ids)), len(chars)
+
+    def decode(ids):  # a negative id would index from the end
+        if not all(0 <= i < len(chars) for i in ids):
+            raise ValueError(f"ids must be in 0..{len(chars) - 1} (the characters), got {min(ids)}..{max(ids)}")
+        return "".join(chars[i] for i in ids)
+    return (lambda s: [stoi[c] for c in s]), decode, len(chars)
 
 
 def gpt2_tokenizer():
