@@ -15,6 +15,7 @@ the same values and gradients from O(T) integers per (batch, KV head).
 """
 import functools
 import math
+import numbers
 import os
 
 import torch
@@ -966,8 +967,8 @@ def check_kernel_support(q):
 
 
 def check_window(window):
-    """Raise a ValueError for a window that is not an int >= 0 (a bool is none)."""
-    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+    """Raise a ValueError for a window that is not an int >= 0 (numpy's ints are; a bool is none)."""
+    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
 
 
@@ -1025,7 +1026,7 @@ def nats_decode_reference(q, k, v, kind, t, cache, window):
     kinds [B, H_kv, slots] uint8), updated in place; a free slot must exist. Returns [B, H, 1, D].
     Raises ValueError for malformed inputs (check_decode_inputs)."""
     check_decode_inputs(q, k, v, kind, t, cache, window)
-    window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
+    window = min(int(window), 2**30)  # the same eviction, and t - W stays far from int32's limit
     k_cache, v_cache, pos, kinds = cache
     B, H, _, D = q.shape
     slot = pos.argmin(-1, keepdim=True)  # free slots (-1) sort first
@@ -1230,7 +1231,7 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     if impl != "triton":
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     check_inputs(q, k, v, token_types, window)
-    y = nats_attention_triton(q, k, v, token_types, window)
+    y = nats_attention_triton(q, k, v, token_types, int(window))  # a numpy int is no Triton scalar
     # The kernel reads only the types' argmax, where the reference's NaN types spread through its
     # mask to all the KV head's outputs: the same here (0, or NaN for a KV head with a NaN type)
     B, H, T, D = y.shape
@@ -1252,7 +1253,7 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
     if impl != "triton":
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     check_decode_inputs(q, k, v, kind, t, cache, window)
-    window = min(window, 2**30)  # the same eviction, and t - W stays far from int32's limit
+    window = min(int(window), 2**30)  # the same eviction, and t - W stays far from int32's limit
     check_kernel_support(q)
     if INTERPRETING and q.dtype == torch.bfloat16:  # its bf16 arithmetic is wrong, and the cache is written in place
         raise ValueError("the Triton interpreter computes bfloat16 wrongly: pass float32 or float16 tensors, or "

@@ -22,6 +22,7 @@ step a CUDA graph replays, the decoder, generate); the decode benchmark; the com
 import argparse
 import inspect
 import math
+import numbers
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from data import decodable_size, load_dataset
 from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
-from kernel import GLOBAL, SLIDING, check_window, expired, kv_lengths, nats_attention, nats_decode
+from kernel import GLOBAL, INTERPRETING, SLIDING, check_window, expired, kv_lengths, nats_attention, nats_decode
 from kernel import LOCAL as LOCAL  # the three type ids come with the model, for its users
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
@@ -606,6 +607,9 @@ class GPT(nn.Module):
     def from_checkpoint(cls, checkpoint, device="cpu"):
         """The model saved by train_shakespeare.py: checkpoint is the file's path (read with
         load_checkpoint, whose errors it raises) or the dict load_checkpoint returned."""
+        if not isinstance(checkpoint, (dict, str, os.PathLike)):
+            raise ValueError(f"checkpoint must be a path or the dict load_checkpoint returns, got "
+                             f"{type(checkpoint).__name__}")
         if not isinstance(checkpoint, dict):
             checkpoint = load_checkpoint(checkpoint, device)
         if not all(isinstance(checkpoint.get(key), dict) for key in ("model_args", "model")):
@@ -886,15 +890,21 @@ class KVCache:
         check_window(window)  # the model's config.window
         if impl not in ("auto", "triton", "reference"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-        self.window, self.impl = window, impl  # impl: how step runs, see kernel.nats_decode
+        self.window, self.impl = int(window), impl  # impl: how step runs, see kernel.nats_decode
         self.k = self.v = None  # [B, H_kv, slots, D], the model's dtype
         self.pos = self.kind = None  # [B, H_kv, slots]: int32 position (-1: free), uint8 type
         # tokens written so far, i.e. the next one's position: counted by fill and the Decoder on the
         # host, since step runs inside a CUDA graph, where Python code does not run again
         self.seen = 0
 
+    def check_filled(self):
+        """Raise a ValueError for an empty cache: fill() comes first."""
+        if self.pos is None:
+            raise ValueError("the cache is empty: call fill() with the prompt first")
+
     @property
     def slots(self):
+        self.check_filled()
         return self.pos.shape[-1]
 
     def fill(self, k, v, kind):
@@ -921,10 +931,9 @@ class KVCache:
         """Add free slots, up to `slots` per row. Between steps only: the tensors are replaced, so
         a CUDA graph of the step must be recorded again. Raises ValueError before fill() or for
         fewer slots than the cache has."""
-        if self.k is None:
-            raise ValueError("call fill() first: grow adds free slots to a cache that holds a prompt")
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < self.slots:
+        if not isinstance(slots, numbers.Integral) or isinstance(slots, bool) or slots < self.slots:  # fill() first
             raise ValueError(f"slots must be an int >= {self.slots}, the slots the cache has; got {slots!r}")
+        slots = int(slots)
 
         def pad(t, value):
             return torch.cat([t, t.new_full((*t.shape[:2], slots - self.slots, *t.shape[3:]), value)], dim=2)
@@ -937,13 +946,13 @@ class KVCache:
         has made sure there is one), its queries q [B, H, 1, D] attend over the valid slots, and the
         slots no later query reads are freed. Returns [B, H, 1, D]. Raises ValueError before fill(),
         for inputs that need a gradient and for malformed ones (kernel.check_decode_inputs)."""
-        if self.k is None:
-            raise ValueError("the cache is empty: call fill() with the prompt first")
+        self.check_filled()
         refuse_grad("step", q=q, k=k, v=v)
         return nats_decode(q, k, v, kind, pos, (self.k, self.v, self.pos, self.kind), self.window, self.impl)
 
     def held(self):
         """Tokens held per (batch row, KV head): long [B, H_kv], on the cache's device."""
+        self.check_filled()
         return (self.pos >= 0).sum(-1)
 
     def stats(self):
@@ -1104,8 +1113,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
         raise ValueError(f"the prompt must be [batch, tokens] with at least one row and one token, got shape "
                          f"{tuple(idx.shape)}")
     # numpy's scalars (a value read from an array) are numbers too
-    max_new_tokens, top_k, temperature = (x.item() if isinstance(x, np.generic) else x
-                                          for x in (max_new_tokens, top_k, temperature))
+    max_new_tokens, top_k, temperature, decodable = (x.item() if isinstance(x, np.generic) else x
+                                                     for x in (max_new_tokens, top_k, temperature, decodable))
     if idx.device != device:
         raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -1209,6 +1218,7 @@ DECODE_VARIANTS = (  # (name, attention, the caches' impl, torch.compile): the s
     ("NAtS unfused", "nats", "reference", False))  # the step as it was: PyTorch operations under a CUDA graph
 # a deep pretrained model compiles for a minute per variant (SmolLM2's 30 layers: 35-67 s): the fused rows
 # eager, then compiled, each NAtS against dense with the same cache layout
+CPU_DECODE_VARIANTS = (("dense SDPA", "dense", "reference", False), ("NAtS unfused", "nats", "reference", False))
 PRETRAINED_DECODE_VARIANTS = (("dense SDPA", "dense", "reference", False), ("dense fused", "dense", "triton", False),
                               ("NAtS fused", "nats", "triton", False),
                               ("dense fused, compiled", "dense", "triton", True),
@@ -1228,15 +1238,24 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
     graph), tokens/s and its ratio to the first variant's, the bytes a step reads (weights and
     the caches' buffers) and the bandwidth that makes against a copy measured in the same run,
     the caches' MB. Prints a table and returns its rows (dicts)."""
-    counts = [*contexts, *batches, new_tokens, warmup]
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts) or min(counts[:-1]) < 1 \
-            or not 0 <= warmup < new_tokens:
-        raise ValueError(f"contexts, batches and new_tokens must be ints >= 1, warmup an int in 0..new_tokens - 1 "
-                         f"(tokens/s is timed over the steps after it); got contexts={contexts}, batches={batches}, "
-                         f"new_tokens={new_tokens!r}, warmup={warmup!r}")
-    if len(mix) != 3 or not all(0 <= m <= 1 for m in mix) or not math.isclose(sum(mix), 1):
+    def counts(*values):
+        return all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in values)
+    if not (isinstance(contexts, (tuple, list)) and isinstance(batches, (tuple, list)) and contexts and batches
+            and counts(*contexts, *batches, new_tokens, warmup) and min(*contexts, *batches) >= 1
+            and 0 <= warmup < new_tokens):
+        raise ValueError(f"contexts and batches must be tuples of ints >= 1, new_tokens an int >= 1 and warmup one in "
+                         f"0..new_tokens - 1 (tokens/s is timed over the steps after it); got contexts={contexts!r}, "
+                         f"batches={batches!r}, new_tokens={new_tokens!r}, warmup={warmup!r}")
+    if not (isinstance(mix, (tuple, list)) and len(mix) == 3 and all(isinstance(m, numbers.Real) for m in mix)
+            and all(0 <= m <= 1 for m in mix) and math.isclose(sum(mix), 1)):
         raise ValueError(f"mix must be the shares of Global, Local and Sliding tokens, three numbers >= 0 that sum "
-                         f"to 1, like (0.05, 0.15, 0.8); got {mix}")
+                         f"to 1, like (0.05, 0.15, 0.8); got {mix!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype, like torch.bfloat16; got {dtype!r}")
+    if torch.device(device).type != "cuda" and not INTERPRETING and any(v[2] == "triton" for v in variants):
+        raise ValueError(f"the variants {[v[0] for v in variants if v[2] == 'triton']} run the Triton kernels, which "
+                         f"need CUDA (or TRITON_INTERPRET=1 set before import); on {device} pass variants="
+                         f"CPU_DECODE_VARIANTS")
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
     copy = copy_rate(device)
     print(f"{name}, {dtype}, torch {torch.__version__}, G/L/S mix {mix}, W = {GPTConfig.window}, {new_tokens} "
@@ -1422,7 +1441,8 @@ def parse_args(argv=None):
     if args.bench:
         if device.type != "cuda":
             parser.error("--bench times decoding at 4k-128k context on a CUDA GPU; on a CPU call benchmark_decode("
-                         "contexts=(512,), batches=(1,), device='cpu', dtype=torch.float32) from Python instead")
+                         "contexts=(512,), batches=(1,), device='cpu', dtype=torch.float32, "
+                         "variants=CPU_DECODE_VARIANTS) from Python instead")
         return args
     if os.path.isdir(args.ckpt):
         parser.error(f"--ckpt: {args.ckpt} is a folder; pass the checkpoint in it, "

@@ -811,18 +811,31 @@ def test_forward_names_bad_targets_kv_weights_distill_and_teachers():
         model(idx, idx, teacher=GPT(tiny_config(n_embd=64)))
 
 
-def test_config_generate_and_benchmark_name_odd_arguments():
+def test_config_generate_and_benchmark_name_odd_arguments(monkeypatch):
     for scaling in [(True, 0.5, 4, 8192), (8.0, 1.0, 4.0, 0.5)]:  # a bool factor, half a token of context
         with pytest.raises(ValueError, match="rope_scaling must be"):
             tiny_config(rope_scaling=scaling)
     model = GPT(tiny_config()).eval()
     with pytest.raises(ValueError, match="at least one row and one token"):
         nats.generate(model, torch.zeros(0, 3, dtype=torch.long), 3)
-    out = nats.generate(model, torch.zeros(1, 3, dtype=torch.long), np.int64(2), np.float32(0.5), np.int64(5))
+    out = nats.generate(model, torch.zeros(1, 3, dtype=torch.long), np.int64(2), np.float32(0.5), np.int64(5),
+                        decodable=np.int64(40))
     assert out.shape == (1, 5)  # numpy's scalars are numbers
-    for kwargs, match in [(dict(new_tokens=4, warmup=16), "warmup an int in 0..new_tokens - 1"),
-                          (dict(contexts=(0,)), "contexts, batches and new_tokens must be ints >= 1"),
-                          (dict(mix=(1.0, 1.0, 0.0)), "three numbers >= 0 that sum to 1")]:
+    assert kv_lengths(random_types(1, 1, 5), np.int64(2)).shape == (1, 1, 5) and KVCache(np.int64(4)).window == 4
+    with pytest.raises(ValueError, match="checkpoint must be a path or the dict"):
+        GPT.from_checkpoint(None)
+    for call in (lambda c: c.held(), lambda c: c.stats(), lambda c: c.slots):
+        with pytest.raises(ValueError, match=r"the cache is empty: call fill\(\) with the prompt first"):
+            call(KVCache(4))
+    for kwargs, match in [(dict(new_tokens=4, warmup=16), "warmup one in 0..new_tokens - 1"),
+                          (dict(contexts=(0,)), "contexts and batches must be tuples of ints >= 1"),
+                          (dict(contexts=()), "contexts and batches must be tuples"),
+                          (dict(batches=4), "contexts and batches must be tuples"),
+                          (dict(mix=(1.0, 1.0, 0.0)), "three numbers >= 0 that sum to 1"),
+                          (dict(mix="abc"), "three numbers >= 0 that sum to 1"),
+                          (dict(dtype="float32"), "dtype must be a torch dtype"),
+                          (dict(variants=(("x", "nats", "triton", False),), interpreting=False), "pass variants=")]:
+        monkeypatch.setattr(nats, "INTERPRETING", kwargs.pop("interpreting", nats.INTERPRETING))
         with pytest.raises(ValueError, match=re.escape(match)):
             benchmark_decode(**{**dict(contexts=(16,), batches=(1,), device="cpu"), **kwargs})
 
@@ -840,6 +853,8 @@ def test_the_data_generators_name_odd_arguments():
                         (lambda: make_sequences(0, 64, 0), "n must be an int >= 1, got 0"),
                         (lambda: make_far_sequences(2, 64, -3), "seed must be an int >= 0, got -3"),
                         (lambda: query_mask(np.zeros(5)), r"sequences must be \[n, length\]"),
+                        (lambda: query_mask([1, 2, 3]), r"sequences must be \[n, length\]"),
+                        (lambda: make_passkey(None, 300, 0), "encode must be the tokenizer's"),
                         (lambda: decode([-1]), r"ids must be in 0\.\.")]:
         with pytest.raises(ValueError, match=match):
             call()
@@ -1154,7 +1169,7 @@ def test_kv_cache_fill_checks_the_prompt_itself():
 def test_kv_cache_grow_and_step_need_a_filled_cache():
     q, k, v = torch.randn(3, 1, 2, 1, 4).unbind(0)
     kind, pos = torch.full((1, 2, 1), SLIDING), torch.tensor([1], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"^call fill\(\) first"):  # was an AttributeError on None
+    with pytest.raises(ValueError, match=r"^the cache is empty: call fill\(\)"):  # was an AttributeError on None
         KVCache(2).grow(4)
     with pytest.raises(ValueError, match=r"call fill\(\) with the prompt first"):  # was "cache must be 4 tensors"
         KVCache(2).step(q, k, v, kind, pos)
@@ -1215,7 +1230,7 @@ def test_sampling_draws_from_the_top_k_softmax():
 def test_generate_rejects_bad_input():
     model = GPT(tiny_config())
     prompt = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="at least one row and one token"):
         nats.generate(model, prompt[:, :0], 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         nats.generate(model, prompt, -1)
@@ -1786,6 +1801,10 @@ def test_torchruns_variables_set_by_hand_are_named_before_anything(monkeypatch, 
 
 def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_that_may_differ(capsys, tmp_path):
     import train_shakespeare as ts
+    ts.make_config(["--device=cpu", "--max_iters=100", "--resume", f"--out_dir={tmp_path}"])  # keeps its schedule
+    assert "rate ends" not in capsys.readouterr().out
+    ts.make_config(["--device=cpu", "--attention=random"])
+    assert "--random_global=0 makes only token 0 Global" in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--attention=sliding", "--window=64"])  # config/cpu.py: context 64
     assert "note: --window=64 >= --block_size=64 - 1: a Sliding token stays to the end of the context, as a Global " \
            "one: this is dense attention" in capsys.readouterr().out
@@ -2405,6 +2424,8 @@ def test_a_fine_tunes_baseline_is_the_model_it_started_from_under_the_window(tmp
     assert not ts.is_pretrained(str(tmp_path / "DENSE.PT")) and not ts.is_pretrained("model.pth")
     with pytest.raises(SystemExit, match="needs --finetune_scorer .*, or --max_iters=0 with --attention=dense"):
         tiny_run(tmp_path / "x", init_from=dense, max_iters=2)
+    with pytest.raises(SystemExit, match="--resume continues the run in .*, which did not start from --init_from"):
+        ts.make_config(TINY_RUN + ["--resume", f"--init_from={dense}", f"--out_dir={tmp_path / 'dense'}"])
 
 
 # -----------------------------------------------------------------------------

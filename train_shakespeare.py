@@ -254,12 +254,16 @@ def run_notes(cfg):
     sliding window as long as the context."""
     notes = []
     steps, warmup, decay = cfg["max_iters"], cfg["warmup_iters"], cfg["lr_decay_iters"]
-    if 0 < steps < decay:
+    if 0 < steps < decay and not cfg["resume"]:  # a resumed run keeps its schedule (RESUME_MAY_CHANGE)
         longer, fix = ((f"--warmup_iters={warmup} >= --max_iters={steps}", "a shorter --warmup_iters and ")
                        if warmup >= steps else (f"--lr_decay_iters={decay} > --max_iters={steps}", ""))
         notes.append(f"the rate ends at {learning_rate_at(steps - 1, cfg):.3g}, not --min_lr={cfg['min_lr']:g}: "
                      f"{longer}\n      (pass {fix}--lr_decay_iters={steps} to decay over the run)")
-    if cfg["attention"] != "dense" and cfg["window"] >= cfg["block_size"] - 1 and not cfg["init_from"]:
+    if cfg["attention"] == "random" and not cfg["random_global"]:
+        notes.append("--attention=random with --random_global=0 makes only token 0 Global, the rest Sliding: the "
+                     "sink + sliding window of --attention=sliding; pass a share, like --random_global=0.1")
+    # (a pretrained model's context is its own, known once it is loaded)
+    if cfg["attention"] != "dense" and cfg["window"] >= cfg["block_size"] - 1 and not is_pretrained(cfg["init_from"]):
         notes.append(f"--window={cfg['window']} >= --block_size={cfg['block_size']} - 1: a Sliding token stays to "
                      f"the end of the context, as a Global one" + (": this is dense attention"
                                                                      if cfg["attention"] == "sliding" else ""))
@@ -447,6 +451,9 @@ def check_config(cfg):
     check_sparsity_schedule(cfg)
     evaluated = cfg["max_iters"] == 0 and cfg["attention"] != "nats"  # a fixed pattern on the weights as they are
     if cfg["init_from"] and not cfg["finetune_scorer"] and not is_pretrained(cfg["init_from"]) and not evaluated:
+        if cfg["resume"]:
+            raise SystemExit(f"--resume continues the run in {cfg['out_dir']}, which did not start from --init_from="
+                             f"{cfg['init_from']}: drop --init_from")
         raise SystemExit(f"--init_from={cfg['init_from']} needs --finetune_scorer (the recipe that starts from a "
                          f"trained model), or --max_iters=0 with --attention=dense, sliding or random (its weights "
                          f"evaluated under that pattern); to continue a run, pass --resume with its --out_dir")

@@ -23,12 +23,16 @@ QUESTION = " What is the pass key? The pass key is"
 
 
 def make_passkey(encode, length, seed):
-    """One trial of about `length` tokens: (prompt ids, answer ids), the key at a depth drawn
+    """One trial of about `length` tokens (the filler in whole blocks of its five sentences: up to
+    one block, about 20 GPT-2 tokens, short): (prompt ids, answer ids), the key at a depth drawn
     uniformly in the filler. encode: str -> list of ids (the model's tokenizer). The answer is
     the key as the tokenizer writes it after the question (" 60417"). Raises ValueError for a
     length or seed that is no int >= 0, an encode that gives no list of ids, or if `length` cannot
     hold the intro, the key and the question."""
     check_counts(length=(length, 0), seed=(seed, 0))
+    if not callable(encode):
+        raise ValueError(f"encode must be the tokenizer's str -> list of ids, like tiktoken's encode_ordinary; got "
+                         f"{encode!r}")
     rng = np.random.default_rng(seed)
     key = str(rng.integers(10_000, 100_000))
     intro, needle, question, filler = (encode(text) for text in (INTRO, NEEDLE.format(key=key), QUESTION, FILLER))

@@ -102,8 +102,9 @@ def query_mask(sequences):
     """True where a character is a query: a key that came before in its row (every key appears
     once in the pairs and at most once as a query; the filler holds none). sequences: [n, length]
     indices into ALPHABET; raises ValueError for another shape."""
-    if np.ndim(sequences) != 2:
-        raise ValueError(f"sequences must be [n, length] indices into ALPHABET, got shape {np.shape(sequences)}")
+    sequences = np.asarray(sequences)
+    if sequences.ndim != 2:
+        raise ValueError(f"sequences must be [n, length] indices into ALPHABET, got shape {sequences.shape}")
     mask = np.zeros(sequences.shape, dtype=bool)
     for key in range(len(KEYS)):
         is_key = sequences == key
