@@ -1804,7 +1804,7 @@ def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_th
     ts.make_config(["--device=cpu", "--max_iters=100", "--resume", f"--out_dir={tmp_path}"])  # keeps its schedule
     assert "rate ends" not in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--attention=random"])
-    assert "--random_global=0 makes only token 0 Global" in capsys.readouterr().out
+    assert "--random_global=0 is the sink + sliding window (token 0 Global)" in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--attention=sliding", "--window=64"])  # config/cpu.py: context 64
     assert "note: --window=64 >= --block_size=64 - 1: a Sliding token stays to the end of the context, as a Global " \
            "one: this is dense attention" in capsys.readouterr().out
@@ -1862,7 +1862,7 @@ def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path
     assert capsys.readouterr().out == ""
     recipe = tmp_path / "budget.py"
     recipe.write_text("kv_budget = 0.5\nbudget_anneal = 10\n")  # annealed, as on a GPU
-    own, rest = sweep.split_args(run + [str(recipe), "--kv_weight=0.2", "--kv_budgets=0.5", "--kv_weights=0.1",
+    own, rest = sweep.split_args(run + [str(recipe), "--kv_weight=0.2", "--kv_budgets=0.8", "--kv_weights=0.1",
                                              "--windows=4", "--finetune_iters=3", f"--out_dir={tmp_path}"])
     base, _ = ts.make_config(rest)
     (tmp_path / "dense").mkdir()

@@ -260,8 +260,7 @@ def run_notes(cfg):
         notes.append(f"the rate ends at {learning_rate_at(steps - 1, cfg):.3g}, not --min_lr={cfg['min_lr']:g}: "
                      f"{longer}\n      (pass {fix}--lr_decay_iters={steps} to decay over the run)")
     if cfg["attention"] == "random" and not cfg["random_global"]:
-        notes.append("--attention=random with --random_global=0 makes only token 0 Global, the rest Sliding: the "
-                     "sink + sliding window of --attention=sliding; pass a share, like --random_global=0.1")
+        notes.append("--attention=random with --random_global=0 is the sink + sliding window (token 0 Global)")
     # (a pretrained model's context is its own, known once it is loaded)
     if cfg["attention"] != "dense" and cfg["window"] >= cfg["block_size"] - 1 and not is_pretrained(cfg["init_from"]):
         notes.append(f"--window={cfg['window']} >= --block_size={cfg['block_size']} - 1: a Sliding token stays to "
