@@ -62,6 +62,9 @@ def split_args(argv):
         elif key in ("attention", "random_global", "local_type"):  # each run has its own
             raise SystemExit(f"--{key}: the sweep sets it for each run (dense, sliding, NAtS, random Globals, G+S); "
                              f"drop it")
+        elif key == "kv_budget":  # the training script's flag: each NAtS run has its own
+            raise SystemExit(f"--kv_budget: the sweep's NAtS runs take their budgets from --kv_budgets; pass "
+                             f"--kv_budgets={value or '0.1,0.15'}")
         else:
             rest.append(arg)
     if own["jobs"] < 1:
@@ -345,7 +348,8 @@ def main(argv):
                 ts.check_config(cfg)
             ts.check_out_dir(cfg)
         except SystemExit as e:
-            raise SystemExit(f"sweep: run {name!r}: {e}") from None
+            # a run's budget is the sweep's --kv_budgets: its message names the flag this command takes
+            raise SystemExit(f"sweep: run {name!r}: {str(e).replace('--kv_budget=', '--kv_budgets=')}") from None
     started = time.time()
     on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
     try:

@@ -1501,8 +1501,12 @@ def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path):
     assert ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.45"])[0]["kv_budget"] == 0.45  # above 0.371
     with pytest.raises(SystemExit, match=re.escape("keeps less than 0.521")):
         ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.45", "--local_type=False"])
-    with pytest.raises(SystemExit, match=re.escape("run 'nats budget=0.1'")):  # a sweep's budgets before any run
+    with pytest.raises(SystemExit, match=re.escape("run 'nats budget=0.1'")) as stop:  # a sweep's budgets first
         sweep.main(TINY_RUN + ["--kv_budgets=0.1", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
+    assert "like --kv_budgets=0." in str(stop.value)  # the flag the sweep takes, not the training script's
+    with pytest.raises(SystemExit, match=re.escape("--kv_budget: the sweep's NAtS runs take their budgets from "
+                                                   "--kv_budgets; pass --kv_budgets=0.53")):
+        sweep.main(TINY_RUN + ["--kv_budget=0.53", f"--out_dir={tmp_path / 'sweep'}"])
 
 
 def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
@@ -1801,6 +1805,11 @@ def test_torchruns_variables_set_by_hand_are_named_before_anything(monkeypatch, 
 
 def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_that_may_differ(capsys, tmp_path):
     import train_shakespeare as ts
+    recipe = tmp_path / "steps.py"
+    recipe.write_text("max_iters = 4\n")
+    ts.make_config(["--device=cpu", "--max_iters=3", "--warmup_iters=1", "--lr_decay_iters=4", str(recipe)])
+    assert f"note: set again, the later wins: --max_iters=3 by {recipe}:1 (config files go before flags)" \
+        in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--max_iters=100", "--resume", f"--out_dir={tmp_path}"])  # keeps its schedule
     assert "rate ends" not in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--attention=random"])
@@ -2426,6 +2435,13 @@ def test_a_fine_tunes_baseline_is_the_model_it_started_from_under_the_window(tmp
         tiny_run(tmp_path / "x", init_from=dense, max_iters=2)
     with pytest.raises(SystemExit, match="--resume continues the run in .*, which did not start from --init_from"):
         ts.make_config(TINY_RUN + ["--resume", f"--init_from={dense}", f"--out_dir={tmp_path / 'dense'}"])
+    with pytest.raises(SystemExit, match="is the checkpoint --overwrite deletes"):  # the base of the fine-tune: lost
+        ts.make_config(TINY_RUN + ["--finetune_scorer", f"--init_from={dense}", "--overwrite",
+                                   f"--out_dir={tmp_path / 'dense'}"])
+    os.rename(dense, tmp_path / "moved.pt")  # the fine-tune's base moved: its resume says where to point it
+    with pytest.raises(SystemExit, match=re.escape(f"--resume: the run started from --init_from={dense}, which is "
+                                                   f"not there now; pass --init_from=<where it is now>")):
+        ts.make_config(["--resume", f"--out_dir={tmp_path / 'ft'}"])
 
 
 # -----------------------------------------------------------------------------

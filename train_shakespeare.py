@@ -200,10 +200,14 @@ def make_config(argv):
         print(help_text(machine_defaults(known["device"])))
         raise SystemExit(0)
     check_launch(os.environ)
-    overrides, flags, recipes, origins = {}, set(), [], {}
+    overrides, flags, recipes, origins, overridden = {}, set(), [], {}, []
     for arg in argv:
         if not arg.startswith("--"):
-            overrides.update(read_recipe(arg, known, origins))
+            recipe = read_recipe(arg, known, origins)
+            # argv is read in order, so a config file after a flag sets it again: said, as it may not be meant
+            overridden += [f"--{key}={overrides[key]} by {origins[key]}" for key in recipe if key in flags]
+            flags -= set(recipe)
+            overrides.update(recipe)
             recipes.append(arg)
             continue
         key, eq, value = arg[2:].partition("=")
@@ -243,7 +247,9 @@ def make_config(argv):
               for key, why in unused_settings(config).items() if key in flags or key in origins]
     if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
         print(f"note: this run does not use {'; '.join(unused)}")
-    for note in run_notes(config) if os.environ.get("RANK", "0") == "0" else []:
+    notes = [f"set again, the later wins: {'; '.join(overridden)} (config files go before flags)"] \
+        if overridden else []
+    for note in notes + run_notes(config) if os.environ.get("RANK", "0") == "0" else []:
         print(f"note: {note}")
     return config, " + ".join([describe_base(config["device"])] + recipes)
 
@@ -463,6 +469,11 @@ def check_config(cfg):
         raise SystemExit(f"--finetune_scorer trains NAtS scorers; drop --attention={cfg['attention']}")
     if cfg["resume"] and cfg["overwrite"]:
         raise SystemExit("--resume continues the run in out_dir, --overwrite deletes it: pass one of them")
+    old = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["overwrite"] and os.path.isfile(old) and os.path.isfile(cfg["init_from"]) \
+            and os.path.samefile(old, cfg["init_from"]):
+        raise SystemExit(f"--init_from={cfg['init_from']} is the checkpoint --overwrite deletes in --out_dir="
+                         f"{cfg['out_dir']}: pass another --out_dir for the new run")
     if not (-1 <= cfg["show_layer"] < cfg["n_layer"] and -1 <= cfg["show_head"] < cfg["n_kv_head"]):
         raise SystemExit(f"--show_layer={cfg['show_layer']} --show_head={cfg['show_head']}: the model has "
                          f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
@@ -522,6 +533,9 @@ def check_init_from(cfg):
             pretrained_source(cfg["init_from"])
         except FileNotFoundError as e:
             raise SystemExit(f"--init_from: {e}") from None
+    elif (cfg["finetune_scorer"] or cfg["init_from"]) and not os.path.isfile(cfg["init_from"]) and cfg["resume"]:
+        raise SystemExit(f"--resume: the run started from --init_from={cfg['init_from']}, which is not there now; "
+                         f"pass --init_from=<where it is now> with --resume")
     elif (cfg["finetune_scorer"] or cfg["init_from"]) and not os.path.isfile(cfg["init_from"]):
         raise SystemExit(f"--init_from needs a checkpoint of a trained model (out_dir/ckpt.pt) or a pretrained "
                          f"model, got {cfg['init_from']!r}")
