@@ -1816,8 +1816,8 @@ def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_th
     ts.make_config(["--device=cpu", "--attention=random"])
     assert "--random_global=0 is the sink + sliding window (token 0 Global)" in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--attention=sliding", "--window=64"])  # config/cpu.py: context 64
-    assert "note: --window=64 >= --block_size=64 - 1: a Sliding token stays to the end of the context, as a Global " \
-           "one: this is dense attention" in capsys.readouterr().out
+    assert "note: --window=64 >= --block_size=64 - 1: Sliding tokens stay to the end, as Global ones (dense " \
+           "attention)\n" in capsys.readouterr().out
     ts.make_config(["--device=cpu"])  # config/cpu.py: 600 steps, decay over 600
     assert "note" not in capsys.readouterr().out
     ts.make_config(["--device=cpu", "--max_iters=100"])

@@ -261,7 +261,7 @@ def make_config(argv):
 def run_notes(cfg):
     """What the settings do that a run may not mean, said but not refused: a learning-rate warm-up or
     decay longer than the run (nanoGPT's convention: --lr_decay_iters is usually --max_iters), a
-    sliding window as long as the context."""
+    random pattern without random Globals, a sliding window as long as the context."""
     notes = []
     steps, warmup, decay = cfg["max_iters"], cfg["warmup_iters"], cfg["lr_decay_iters"]
     if 0 < steps < decay and not cfg["resume"]:  # a resumed run keeps its schedule (RESUME_MAY_CHANGE)
@@ -273,9 +273,8 @@ def run_notes(cfg):
         notes.append("--attention=random with --random_global=0 is the sink + sliding window (token 0 Global)")
     # (a pretrained model's context is its own, known once it is loaded)
     if cfg["attention"] != "dense" and cfg["window"] >= cfg["block_size"] - 1 and not is_pretrained(cfg["init_from"]):
-        notes.append(f"--window={cfg['window']} >= --block_size={cfg['block_size']} - 1: a Sliding token stays to "
-                     f"the end of the context, as a Global one" + (": this is dense attention"
-                                                                     if cfg["attention"] == "sliding" else ""))
+        notes.append(f"--window={cfg['window']} >= --block_size={cfg['block_size']} - 1: Sliding tokens stay to "
+                     f"the end, as Global ones" + (" (dense attention)" if cfg["attention"] == "sliding" else ""))
     return notes
 
 
