@@ -1990,6 +1990,8 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     assert run.returncode == 1 and "stopped at step" in output[-1] and "continue with --resume" in output[-1], \
         "".join(output)
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] >= 2
+    history = json.loads((tmp_path / "history.json").read_text())  # whole, with the checkpoint's eval, and no
+    assert history["evals"][-1]["iter"] >= 4 and not list(tmp_path.glob("*.tmp"))  # half-written file left
 
 
 def test_the_folder_of_a_running_run_is_named_in_use_before_its_files_are_judged(tmp_path):

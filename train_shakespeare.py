@@ -1351,6 +1351,8 @@ def run_steps(run):
                                     eta))
                 window_start, window_it = now, run.it
     except KeyboardInterrupt:
+        if run.rank == 0 and run.history["evals"]:  # the stop may have cut a write of history.json short
+            save_history(run.history, cfg)
         ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
         first = min(cfg["eval_interval"], cfg["max_iters"])  # the step of the first checkpoint
         where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
