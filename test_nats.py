@@ -1989,9 +1989,9 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     output.append(run.communicate(timeout=120)[0])
     assert run.returncode == 1 and "stopped at step" in output[-1] and "continue with --resume" in output[-1], \
         "".join(output)
-    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] >= 2
-    history = json.loads((tmp_path / "history.json").read_text())  # whole, with the checkpoint's eval, and no
-    assert history["evals"][-1]["iter"] >= 4 and not list(tmp_path.glob("*.tmp"))  # half-written file left
+    saved = load_checkpoint(tmp_path / "ckpt.pt")["iter_num"]
+    history = json.loads((tmp_path / "history.json").read_text())  # whole, up to the checkpoint's eval at least,
+    assert saved >= 2 and history["evals"][-1]["iter"] >= saved and not list(tmp_path.glob("*.tmp"))  # no .tmp
 
 
 def test_the_folder_of_a_running_run_is_named_in_use_before_its_files_are_judged(tmp_path):

@@ -904,6 +904,10 @@ def save_atomically(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM in the middle: no half-written file stays behind
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
