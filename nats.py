@@ -675,8 +675,11 @@ class eval_mode:
 def load_checkpoint(path, device="cpu"):
     """The dict train_shakespeare.py saves (model, model_args, and for --resume the optimizer
     state, step and history), with tensors on device. Raises FileNotFoundError if there is no
-    file and ValueError, in one sentence, if the file is not such a checkpoint (truncated by a
-    run stopped while writing, or another program's file)."""
+    file (IsADirectoryError for a run's folder, naming the ckpt.pt to pass) and ValueError, in
+    one sentence, if the file is not such a checkpoint (truncated by a run stopped while
+    writing, or another program's file)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; pass the checkpoint in it, {os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -1100,14 +1103,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     return [B, T + max_new_tokens]. The prompt is prefilled in one forward with hard types,
     then one token per step goes through the evicting caches (pass empty ones from
     new_caches() to inspect them afterwards); on CUDA the step replays a CUDA graph (see
-    Decoder; cuda_graph=False runs it eagerly; compile: see Decoder). temperature 0 (or below
-    MIN_TEMPERATURE) is greedy decoding (the most likely token); top_k keeps the k most likely; ids from `decodable`
-    on (an output layer padded past the tokenizer's vocabulary, data.decodable_size) are never
-    drawn. Past block_size positions keep counting; memory stays bounded as long as Global
-    tokens stay sparse. Raises ValueError for a malformed prompt, one longer than block_size, a
-    temperature that is no finite number >= 0, max_new_tokens, top_k or decodable out of range
-    (a bool is no count), caches that are not one per layer or already hold a sequence, and, at
-    the end, for logits that were NaN or infinite (a broken model)."""
+    Decoder; cuda_graph=False runs it eagerly; compile: see Decoder). The model runs in eval()
+    mode whatever its mode (argmax types, by which the caches evict; no dropout) and is left in
+    its mode. temperature 0 (or below MIN_TEMPERATURE) is greedy decoding (the most likely
+    token); top_k keeps the k most likely; ids from `decodable` on (an output layer padded past
+    the tokenizer's vocabulary, data.decodable_size) are never drawn. Past block_size positions
+    keep counting; memory stays bounded as long as Global tokens stay sparse. Raises ValueError
+    for a malformed prompt, one longer than block_size, a temperature that is no finite number
+    >= 0, max_new_tokens, top_k or decodable out of range (a bool is no count), caches that are
+    not one per layer or already hold a sequence, and, at the end, for logits that were NaN or
+    infinite (a broken model)."""
     device = model.lm_head.weight.device
     if idx.dim() != 2 or 0 in idx.shape:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one row and one token, got shape "
@@ -1257,7 +1262,7 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
                          f"need CUDA (or TRITON_INTERPRET=1 set before import); on {device} pass variants="
                          f"CPU_DECODE_VARIANTS")
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
-    copy = copy_rate(device)
+    copy = copy_rate(device, 2**30 if torch.device(device).type == "cuda" else 2**26)  # a CPU test: 128 MB, not 2 GB
     print(f"{name}, {dtype}, torch {torch.__version__}, G/L/S mix {mix}, W = {GPTConfig.window}, {new_tokens} "
           f"tokens decoded after the prompt, tokens/s over the last {new_tokens - warmup} (all rows of the batch); "
           f"device copy rate measured now {copy / 1e9:.0f} GB/s")
@@ -1357,18 +1362,22 @@ def kernels_per_step(decoder, token):
 
 
 def copy_rate(device, size=2**30):
-    """Bytes per second a device-to-device copy of `size` bytes moves (read and write), median of 20."""
-    if torch.device(device).type != "cuda":
-        return float("nan")
+    """Bytes per second a copy of `size` bytes within the device moves (read and write), median of
+    20: timed by CUDA events on a GPU, by the clock on a CPU."""
     src, dst = (torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2))
     times = []
     for _ in range(21):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        if src.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
     return 2 * size / sorted(times[1:])[10]
 
 
@@ -1413,8 +1422,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=at_least(1, int), default=500, help="tokens sampled per sample")
     parser.add_argument("--temperature", type=at_least(0.0, float), default=TEMPERATURE,
                         help="0: always the most likely token")
-    parser.add_argument("--top_k", type=at_least(1, int), default=TOP_K,
-                        help="sample among the k most likely tokens (at most the vocabulary)")
+    parser.add_argument("--top_k", type=at_least(1, int),
+                        help=f"sample among the k most likely tokens, at most the vocabulary (default: {TOP_K}, or "
+                             f"the whole vocabulary if smaller)")
     parser.add_argument("--seed", type=at_least(0, int, below=2**63), default=SEED)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
@@ -1505,12 +1515,15 @@ def sample(args):
     if len(prompt) > model.config.block_size:
         raise SystemExit(f"--start: the prompt has {len(prompt)} tokens, more than the model's block_size "
                          f"{model.config.block_size}; pass a shorter one")
+    if args.top_k is not None and args.top_k > decodable:
+        raise SystemExit(f"--top_k={args.top_k}: the model can draw {decodable} tokens; pass at most --top_k="
+                         f"{decodable} (or leave it out: {min(TOP_K, decodable)})")
     torch.manual_seed(args.seed)
     idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
     caches = model.new_caches()
     try:
-        out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k, decodable), caches=caches,
-                       decodable=decodable, compile=args.compile)
+        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k or min(TOP_K, decodable),
+                       caches=caches, decodable=decodable, compile=args.compile)
     except ValueError as e:  # what only the checkpoint's weights show: NaN or infinite logits
         raise SystemExit(f"--ckpt={args.ckpt}: {e}") from None
     for row in out.tolist():

@@ -55,6 +55,8 @@ def split_args(argv):
     rest = []
     for arg in argv:
         key, _, value = arg[2:].partition("=")
+        if arg.startswith("--") and key == "seeds" and not value:  # as if left out would silently take the config's
+            raise SystemExit("--seeds is empty: pass seeds like --seeds=1,2,3, or leave it out for the config's seed")
         if arg.startswith("--") and key in own:
             if isinstance(own[key], int) and not value.isdigit():
                 raise SystemExit(f"--{key}={value}: expected a whole number like {own[key]}")
@@ -142,7 +144,13 @@ def train_in_turn(runs):
     for name, cfg, _ in runs:
         print(f"\n=== {name}")
         torch.compiler.reset()  # each run compiles its own model; the last run's graphs would only pile up
-        ts.train(cfg)
+        try:
+            ts.train(cfg)
+        except SystemExit as e:  # stopped (Ctrl-C, SIGTERM) or failed: after the run's message, the sweep's hint
+            if not isinstance(e.code, str):
+                raise
+            raise SystemExit(f"{e.code}\nsweep: stopped in run {name!r}; the same sweep command with --resume "
+                             f"continues the sweep") from None
 
 
 def train_in_processes(runs, jobs):

@@ -1203,17 +1203,22 @@ def test_kv_cache_is_for_inference_only():
     assert cache.k.grad_fn is None and cache.pos[0, 0].tolist() == [-1, 1, 2, -1]  # token 0 slid out of the window
 
 
-def test_from_checkpoint_names_what_a_dict_must_hold():
+def test_from_checkpoint_names_what_a_dict_must_hold(tmp_path):
     for checkpoint in ({"a": 1}, {"model_args": {}, "optimizer": {}}):  # was a KeyError
         with pytest.raises(ValueError, match=r"'model_args' and 'model' dicts; got a dict with keys \['"):
             GPT.from_checkpoint(checkpoint)
+    tiny_checkpoint(tmp_path)  # a run's folder: the ckpt.pt in it is named (was "no checkpoint at")
+    with pytest.raises(IsADirectoryError, match=re.escape(f"pass the checkpoint in it, {tmp_path / 'ckpt.pt'}")):
+        GPT.from_checkpoint(tmp_path)
 
 
 def test_generate_at_temperature_zero_is_greedy():
     torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=64))
+    model = GPT(tiny_config(block_size=64, dropout=0.5))
     prompt = torch.randint(50, (2, 5))
-    out = nats.generate(model, prompt, 20, temperature=0.0)
+    out = nats.generate(model.train(), prompt, 20, temperature=0.0)  # in eval() mode: argmax types, no dropout
+    assert model.training
+    model.eval()
     logits = nats.decode(model, out, prefill=5)  # the same prefill and steps as generate
     assert torch.equal(out[:, 5:], logits[:, 4:-1].argmax(-1))
     assert torch.equal(out, nats.generate(model, prompt, 20, temperature=0.0, top_k=3))
@@ -1277,7 +1282,8 @@ def test_decode_benchmark_runs_on_cpu(capsys):
         assert nats_row["cache_mb"] < 0.5 * nats_row["dense_cache_mb"]  # NAtS keeps a fraction of it
         assert nats_row["tokens_per_s"] > 0 and nats_row["first_token_s"] > 0
         assert nats_row["bytes_per_step"] < dense["bytes_per_step"]  # the same weights, fewer cache bytes
-    assert capsys.readouterr().out.count("| 300 |") == 4
+    out = capsys.readouterr().out
+    assert out.count("| 300 |") == 4 and "nan" not in out  # the copy rate is measured on a CPU too
 
 
 @cuda
@@ -1415,6 +1421,9 @@ def test_command_line_stops_on_broken_weights_and_prompts_a_recall_model(tmp_pat
     assert capsys.readouterr().out.startswith(data.recall.ALPHABET[0])
     with pytest.raises(SystemExit, match=re.escape(f"pass a prompt of its symbols, {data.recall.ALPHABET[:40]!r}")):
         nats.main([f"--ckpt={tmp_path / 'recall.pt'}", "--device=cpu", "--start=\n"])
+    n = len(data.recall.ALPHABET)  # fewer symbols than the default top_k: that is capped, a given one refused
+    with pytest.raises(SystemExit, match=f"--top_k={n + 1}: the model can draw {n} tokens; pass at most --top_k={n}"):
+        nats.main([f"--ckpt={tmp_path / 'recall.pt'}", "--device=cpu", f"--top_k={n + 1}"])
 
 
 # -----------------------------------------------------------------------------
@@ -2484,6 +2493,8 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
         own, _ = sweep.split_args(["--finetune_iters=5", bad])  # before any run trains
         with pytest.raises(SystemExit, match=re.escape(bad)):
             sweep.variants(own, base)
+    with pytest.raises(SystemExit, match="--seeds is empty: pass seeds like --seeds=1,2,3"):  # not the config's seed
+        sweep.split_args(["--seeds="])
     own, _ = sweep.split_args(["--kv_budgets=", "--kv_weights=", "--finetune_iters=5"])  # nothing to fine-tune at
     with pytest.raises(SystemExit, match="--finetune_iters=5 fine-tunes at the lambdas of --finetune_weights"):
         sweep.variants(own, base)
@@ -2531,14 +2542,16 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
 
     def stopped_at_the_second_run(cfg):
         calls.append(cfg["out_dir"])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+        if len(calls) == 2:  # as train says it when Ctrl-C lands in the steps
+            raise SystemExit("\nstopped at step 1: no checkpoint yet (the first comes with the eval at step 2)")
         return train(cfg)
 
     monkeypatch.setattr(ts, "train", stopped_at_the_second_run)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         sweep.main(TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--sample_tokens=0", "--kv_budgets=0.5",
                                "--windows=4", f"--out_dir={tmp_path}"])
+    assert str(stop.value.code).startswith("\nstopped at step 1: no checkpoint yet") and str(stop.value.code).endswith(
+        "sweep: stopped in run 'sliding W=4'; the same sweep command with --resume continues the sweep")  # the last
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [row["run"] for row in rows] == ["dense"] and "| dense |" in (tmp_path / "sweep.md").read_text()
     assert ("Not in the table (stopped before their first eval, or not started): sliding W=4, nats budget=0.5, "

@@ -949,7 +949,7 @@ def read_checkpoint(path, device, flag):
     """load_checkpoint, with its errors as a message naming the flag that asked for the file."""
     try:
         return load_checkpoint(path, device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         raise SystemExit(f"{flag}: {e}") from None
 
 
