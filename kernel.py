@@ -966,9 +966,14 @@ def check_kernel_support(q):
                          "pass impl='reference' on CPU")
 
 
+def is_count(value, least=0):
+    """Whether value is an int >= least: numpy's ints are, a bool (True == 1) is none."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
 def check_window(window):
-    """Raise a ValueError for a window that is not an int >= 0 (numpy's ints are; a bool is none)."""
-    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 0:
+    """Raise a ValueError for a window that is not an int >= 0."""
+    if not is_count(window):
         raise ValueError(f"window must be an int >= 0; got {window!r}")
 
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from data import decodable_size, load_dataset
 from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
-from kernel import GLOBAL, INTERPRETING, SLIDING, check_window, expired, kv_lengths, nats_attention, nats_decode
+from kernel import (GLOBAL, INTERPRETING, SLIDING, check_window, expired, is_count, kv_lengths, nats_attention,
+                    nats_decode)
 from kernel import LOCAL as LOCAL  # the three type ids come with the model, for its users
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
@@ -357,7 +358,7 @@ def least_kv_share(length, window, local_type=True):
     alone (sink_and_window_kv, the floor without Local). Dynamic programming over the Globals, in
     time length x window: only the `window` keys before a Global can save as Local."""
     for name, value, low in (("length", length, 1), ("window", window, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        if not is_count(value, low):
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     length, window = int(length), min(int(window), length)  # a window past the sequence sees all of it
     sliding = [min(window + 1, length - j) for j in range(length)]  # the queries that see each key as Sliding
@@ -934,7 +935,7 @@ class KVCache:
         """Add free slots, up to `slots` per row. Between steps only: the tensors are replaced, so
         a CUDA graph of the step must be recorded again. Raises ValueError before fill() or for
         fewer slots than the cache has."""
-        if not isinstance(slots, numbers.Integral) or isinstance(slots, bool) or slots < self.slots:  # fill() first
+        if not is_count(slots, self.slots):  # self.slots raises before fill()
             raise ValueError(f"slots must be an int >= {self.slots}, the slots the cache has; got {slots!r}")
         slots = int(slots)
 
@@ -1122,19 +1123,17 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
                                                      for x in (max_new_tokens, top_k, temperature, decodable))
     if idx.device != device:
         raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    if not is_count(max_new_tokens):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):  # True is no count
-        raise ValueError(f"top_k must be an int or None, got {top_k!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0: always the most likely token), got "
                          f"{temperature!r}")  # inf would draw uniformly, whatever the model says
     decodable = model.config.vocab_size if decodable is None else decodable
-    if not isinstance(decodable, int) or isinstance(decodable, bool) or not 1 <= decodable <= model.config.vocab_size:
+    if not is_count(decodable, 1) or decodable > model.config.vocab_size:
         raise ValueError(f"decodable must be an int in 1..{model.config.vocab_size} (vocab_size; the ids from it on "
                          f"are never drawn) or None, got {decodable!r}")
-    if top_k is not None and not 1 <= top_k <= decodable:
-        raise ValueError(f"top_k must be in 1..{decodable} (the ids that can be drawn), got {top_k}")
+    if top_k is not None and not (is_count(top_k, 1) and top_k <= decodable):
+        raise ValueError(f"top_k must be an int in 1..{decodable} (the ids that can be drawn) or None, got {top_k!r}")
     if caches is not None and (not isinstance(caches, (list, tuple)) or len(caches) != model.config.n_layer):
         raise ValueError(f"caches must hold one KVCache per layer ({model.config.n_layer}), as model.new_caches() "
                          f"gives; got {caches!r}")
@@ -1185,7 +1184,7 @@ def decode(model, idx, prefill=1, caches=None, cuda_graph=None):
     in one forward, then one token at a time through evicting caches (new_caches() unless
     given). Equals forward() in eval() mode; tests use it. cuda_graph: see Decoder. Raises
     ValueError for a prefill out of range."""
-    if not isinstance(prefill, int) or isinstance(prefill, bool) or not 1 <= prefill <= idx.shape[1]:
+    if not is_count(prefill, 1) or prefill > idx.shape[1]:
         raise ValueError(f"prefill must be in 1..{idx.shape[1]} (the prompt's tokens), got {prefill}")
     caches = model.new_caches() if caches is None else caches
     with eval_mode(model):
@@ -1243,11 +1242,9 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
     graph), tokens/s and its ratio to the first variant's, the bytes a step reads (weights and
     the caches' buffers) and the bandwidth that makes against a copy measured in the same run,
     the caches' MB. Prints a table and returns its rows (dicts)."""
-    def counts(*values):
-        return all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in values)
     if not (isinstance(contexts, (tuple, list)) and isinstance(batches, (tuple, list)) and contexts and batches
-            and counts(*contexts, *batches, new_tokens, warmup) and min(*contexts, *batches) >= 1
-            and 0 <= warmup < new_tokens):
+            and all(is_count(n, 1) for n in (*contexts, *batches)) and is_count(warmup) and is_count(new_tokens)
+            and warmup < new_tokens):
         raise ValueError(f"contexts and batches must be tuples of ints >= 1, new_tokens an int >= 1 and warmup one in "
                          f"0..new_tokens - 1 (tokens/s is timed over the steps after it); got contexts={contexts!r}, "
                          f"batches={batches!r}, new_tokens={new_tokens!r}, warmup={warmup!r}")

@@ -570,10 +570,16 @@ def check_long_context(cfg):
                          f"--dataset={cfg['dataset']}")
     if not cfg["passkey_trials"] >= 1:
         raise SystemExit(f"--passkey_trials={cfg['passkey_trials']}: must be >= 1")
+    if not cfg["init_from"]:  # else the context is the model's, known once it is loaded (start)
+        check_lengths_fit(cfg, cfg["block_size"], f"--block_size={cfg['block_size']}")
+
+
+def check_lengths_fit(cfg, block_size, named):
+    """--eval_contexts and --passkey_lengths up to the model's context, block_size (`named` in the message)."""
     longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
-    if longest > cfg["block_size"] and not cfg["init_from"]:  # else the context is the model's, known once loaded
+    if longest > block_size:
         given = " ".join(f"--{key}={cfg[key]}" for key in ("eval_contexts", "passkey_lengths") if cfg[key])
-        raise SystemExit(f"{given}: the model's context is --block_size={cfg['block_size']}; pass lengths up to it")
+        raise SystemExit(f"{given}: the model's context is {named}; pass lengths up to it")
 
 
 def check_out_dir_writable(out_dir):
@@ -1196,10 +1202,7 @@ def start(cfg):
     checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
     teacher = load_init_from(cfg, device) if cfg["init_from"] else None
     model_args = model_args_for(cfg, checkpoint, teacher)
-    longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
-    if longest > model_args["block_size"]:  # the model's context: the checkpoint's or a pretrained model's
-        given = " ".join(f"--{key}={cfg[key]}" for key in ("eval_contexts", "passkey_lengths") if cfg[key])
-        raise SystemExit(f"{given}: the model's context is {model_args['block_size']}; pass lengths up to it")
+    check_lengths_fit(cfg, model_args["block_size"], model_args["block_size"])  # the checkpoint's or pretrained's
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
     if checkpoint is not None and checkpoint.get("vocabulary") not in (None, vocabulary(cfg, data)):
