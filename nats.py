@@ -1531,20 +1531,20 @@ def sample(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.bench and args.pretrained:
-        benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype], pretrained=args.pretrained,
-                         variants=PRETRAINED_DECODE_VARIANTS)
-    elif args.bench:
-        benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
-    else:
-        try:
+    try:
+        if args.bench and args.pretrained:
+            benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype],
+                             pretrained=args.pretrained, variants=PRETRAINED_DECODE_VARIANTS)
+        elif args.bench:
+            benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
+        else:
             sample(args)
-        except BrokenPipeError:  # the reader closed stdout (| head): stop quietly, as a shell's commands do
-            try:  # the flush at exit would fail again: point stdout at devnull
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (AttributeError, OSError, ValueError):  # a stdout with no file descriptor
-                sys.stdout = open(os.devnull, "w")
-            raise SystemExit(141) from None  # 128 + SIGPIPE, the status `| head` gives
+    except BrokenPipeError:  # the reader closed stdout (| head): stop quietly, as a shell's commands do
+        try:  # the flush at exit would fail again: point stdout at devnull
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # a stdout with no file descriptor
+            sys.stdout = open(os.devnull, "w")
+        raise SystemExit(141) from None  # 128 + SIGPIPE, the status `| head` gives
 
 
 if __name__ == "__main__":

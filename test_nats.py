@@ -1356,6 +1356,12 @@ def test_sampling_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", "--max_new_tokens=3", "--num_samples=3", "--device=cpu"])
     assert stop.value.code == 141
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())  # (the stop pointed stdout at devnull)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the benchmark's table too (on a GPU)
+    monkeypatch.setattr(nats, "benchmark_decode", lambda *a, **kw: print("| context | batch |"))
+    with pytest.raises(SystemExit) as stop:
+        nats.main(["--bench", "--device=cuda"])
+    assert stop.value.code == 141
 
 
 @pytest.mark.parametrize("bad, flag", [
