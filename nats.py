@@ -634,6 +634,10 @@ class GPT(nn.Module):
         model as trained, or NAtS's; by default NAtS scorers with scorer_bias=5 and zero weights,
         so the model starts as its dense self. Raises FileNotFoundError, OSError (what to pass,
         how to get a model) or ValueError (an unsupported architecture) from load_hf and config_from_hf."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
+        if unknown:  # before the weights are read
+            raise ValueError(f"GPTConfig has no field {', '.join(unknown)}; overrides are GPTConfig fields, like "
+                             f"attention='dense' or window=128")
         hf_config, hf_state_dict = load_hf(source)
         config = GPTConfig(**{**config_from_hf(hf_config), "scorer_bias": 5.0, **overrides})
         model = cls(config)
@@ -673,14 +677,23 @@ class eval_mode:
         self.model.train(self.was_training)
 
 
+def folder_not_checkpoint(path):
+    """What to say when a folder is given for a checkpoint: the ckpt.pt in it, if there is one."""
+    inside = os.path.join(path, "ckpt.pt")
+    return (f"{path} is a folder; pass the checkpoint in it, {inside}" if os.path.isfile(inside) else
+            f"{path} is a folder, not a checkpoint; pass the ckpt.pt a train_shakespeare.py run wrote")
+
+
 def load_checkpoint(path, device="cpu"):
     """The dict train_shakespeare.py saves (model, model_args, and for --resume the optimizer
     state, step and history), with tensors on device. Raises FileNotFoundError if there is no
     file (IsADirectoryError for a run's folder, naming the ckpt.pt to pass) and ValueError, in
     one sentence, if the file is not such a checkpoint (truncated by a run stopped while
     writing, or another program's file)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be the checkpoint's path (a str or os.PathLike), got {type(path).__name__}")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a folder; pass the checkpoint in it, {os.path.join(path, 'ckpt.pt')}")
+        raise IsADirectoryError(folder_not_checkpoint(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -985,7 +998,8 @@ def cache_report(caches, attention):
         return f"KV cache after {seen} tokens: dense, every token in every layer and head, {dense / 1e3:.1f} kB"
     held = " ".join(f"{s['tokens_mean']:.0f}/{s['tokens_max']:.0f}" for s in stats)
     return (f"KV cache after {seen} tokens, tokens held per KV head in each layer (mean/max): {held}\n"
-            f"  {kept / 1e3:.1f} kB allocated, {kept / dense:.0%} of the {dense / 1e3:.1f} kB of a dense cache")
+            f"  {kept / 1e3:.1f} kB allocated (free slots, the cache grows in steps, and each slot's position and "
+            f"type included), {kept / dense:.0%} of the {dense / 1e3:.1f} kB of a dense cache")
 
 
 def make_room(caches, steps_left):
@@ -1115,6 +1129,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     not one per layer or already hold a sequence, and, at the end, for logits that were NaN or
     infinite (a broken model)."""
     device = model.lm_head.weight.device
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"idx must be a tensor of token ids [batch, tokens], like torch.tensor([[0, 1]]), got "
+                         f"{type(idx).__name__}")
     if idx.dim() != 2 or 0 in idx.shape:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one row and one token, got shape "
                          f"{tuple(idx.shape)}")
@@ -1452,8 +1469,7 @@ def parse_args(argv=None):
                          "variants=CPU_DECODE_VARIANTS) from Python instead")
         return args
     if os.path.isdir(args.ckpt):
-        parser.error(f"--ckpt: {args.ckpt} is a folder; pass the checkpoint in it, "
-                     f"--ckpt={os.path.join(args.ckpt, 'ckpt.pt')}")
+        parser.error(f"--ckpt: {folder_not_checkpoint(args.ckpt)}")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
                      f"(it writes {OUT_DIR}/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
@@ -1472,6 +1488,24 @@ def parse_args(argv=None):
     if args.start == "":
         parser.error("--start is empty; pass a prompt of at least one character (the default is a new line)")
     return args
+
+
+def device_memory(device):
+    """The bytes of memory of a device: the GPU's, or the machine's for the CPU (None where the OS
+    does not say)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
+def is_out_of_memory(e):
+    """Whether e is a failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, the CPU
+    allocator's RuntimeError, or one of them as torch.compile passes it on."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
+        text in str(e) for text in ("can't allocate memory", "out of memory"))
 
 
 def sample(args):
@@ -1515,6 +1549,17 @@ def sample(args):
     if args.top_k is not None and args.top_k > decodable:
         raise SystemExit(f"--top_k={args.top_k}: the model can draw {decodable} tokens; pass at most --top_k="
                          f"{decodable} (or leave it out: {min(TOP_K, decodable)})")
+    if len(prompt) + args.max_new_tokens > model.config.block_size:  # generate allows it; a user should know
+        print(f"note: the prompt's {len(prompt)} and {args.max_new_tokens} new tokens run past the model's context, "
+              f"block_size {model.config.block_size}: positions it never trained at", file=sys.stderr)
+    # the samples are one batch: the prompt's forward holds at least its hidden states and the logits
+    config, memory = model.config, device_memory(device)
+    least = args.num_samples * (len(prompt) * config.n_embd * model.lm_head.weight.element_size()
+                                + 4 * config.vocab_size + 8 * (len(prompt) + args.max_new_tokens))
+    too_many = (f"--num_samples={args.num_samples}: the samples are drawn at once, as one batch, and need more than "
+                f"the memory of --device={args.device}")
+    if memory and least > memory:
+        raise SystemExit(f"{too_many} ({memory / 2**30:.3g} GiB; at least {least / 2**30:.3g} GiB here); pass fewer")
     torch.manual_seed(args.seed)
     idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
     caches = model.new_caches()
@@ -1523,6 +1568,10 @@ def sample(args):
                        caches=caches, decodable=decodable, compile=args.compile)
     except ValueError as e:  # what only the checkpoint's weights show: NaN or infinite logits
         raise SystemExit(f"--ckpt={args.ckpt}: {e}") from None
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise SystemExit(f"{too_many}; pass fewer (or a shorter --max_new_tokens)") from None
     for row in out.tolist():
         print(decode(row))
         print("---------------")

