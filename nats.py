@@ -26,6 +26,7 @@ import numbers
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -710,6 +711,8 @@ def load_checkpoint(path, device="cpu"):
         if "WeightsUnpickler error:" in reason:  # torch.load's advice on weights_only wraps the actual reason
             reason = reason.split("WeightsUnpickler error:", 1)[1].strip()
         reason = reason.split("\n")[0].split(". ")[0] or type(e).__name__
+        if not zipfile.is_zipfile(path):  # the unpickler's complaint about the first byte says nothing to a user
+            reason = "not a zip archive, the format torch.save writes"
         raise ValueError(f"{path} cannot be read as a checkpoint: it is truncated or not a PyTorch "
                          f"checkpoint ({reason})") from e
     parts = [checkpoint.get(key) for key in ("model", "model_args")] if isinstance(checkpoint, dict) else [None]
