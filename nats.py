@@ -1240,9 +1240,9 @@ DECODE_VARIANTS = (  # (name, attention, the caches' impl, torch.compile): the s
     ("dense fused", "dense", "triton", True),  # the same fused step as NAtS, every token Global
     ("NAtS fused", "nats", "triton", True),
     ("NAtS unfused", "nats", "reference", False))  # the step as it was: PyTorch operations under a CUDA graph
+CPU_DECODE_VARIANTS = (("dense SDPA", "dense", "reference", False), ("NAtS unfused", "nats", "reference", False))
 # a deep pretrained model compiles for a minute per variant (SmolLM2's 30 layers: 35-67 s): the fused rows
 # eager, then compiled, each NAtS against dense with the same cache layout
-CPU_DECODE_VARIANTS = (("dense SDPA", "dense", "reference", False), ("NAtS unfused", "nats", "reference", False))
 PRETRAINED_DECODE_VARIANTS = (("dense SDPA", "dense", "reference", False), ("dense fused", "dense", "triton", False),
                               ("NAtS fused", "nats", "triton", False),
                               ("dense fused, compiled", "dense", "triton", True),
