@@ -1019,6 +1019,7 @@ def expired(kind, pos, t, last_global, window):
     j <= t - W; Globals stay. kind, pos [..., n] (free slots: pos -1, any result); t and
     last_global broadcast against them. window: an int >= 0. Returns bool [..., n]."""
     check_window(window)
+    window = min(int(window), 2**62)  # the same eviction, and t - W stays within int64
     return ((kind == LOCAL) & (pos < last_global)) | ((kind == SLIDING) & (pos <= t - window))
 
 
@@ -1181,8 +1182,16 @@ def _(q, k, v, kind, t, k_cache, v_cache, pos, kinds, window):
 # The public entry point
 
 
+def check_tensors(**tensors):
+    """Raise a ValueError naming each argument that is not a torch.Tensor (a list, a numpy array)."""
+    wrong = [f"{name} ({type(x).__name__})" for name, x in tensors.items() if not isinstance(x, torch.Tensor)]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} must be torch tensors; convert with torch.as_tensor")
+
+
 def check_inputs(q, k, v, token_types, window):
     """Raise a ValueError that says what to pass instead of a malformed input."""
+    check_tensors(q=q, k=k, v=v, token_types=token_types)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-d [batch, heads, seq, head_dim]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -1229,6 +1238,7 @@ def nats_attention(q, k, v, token_types, window, impl="auto"):
     scorer that diverged shows as a NaN loss (which stops training with a message), not as an
     error in the middle of a step.
     """
+    check_tensors(q=q, k=k, v=v, token_types=token_types)
     if impl == "auto":
         impl = "triton" if q.is_cuda else "reference"
     if impl == "reference":
@@ -1252,7 +1262,7 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
     freed, the reference into the first slot free before it: the same keys are held. Raises
     ValueError for malformed inputs, and for what the kernel does not support."""
     if impl == "auto":
-        impl = "triton" if q.is_cuda else "reference"
+        impl = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "reference"  # (which names a non-tensor)
     if impl == "reference":
         return nats_decode_reference(q, k, v, kind, t, cache, window)  # checks its inputs
     if impl != "triton":
@@ -1272,9 +1282,12 @@ def nats_decode(q, k, v, kind, t, cache, window, impl="auto"):
 def check_decode_inputs(q, k, v, kind, t, cache, window):
     """Raise a ValueError that names what to pass instead of a malformed decode step (see
     nats_decode_reference for the arguments)."""
+    check_tensors(q=q, k=k, v=v, kind=kind)  # (t has its own message below)
     if not (isinstance(cache, (tuple, list)) and len(cache) == 4 and all(isinstance(x, torch.Tensor) for x in cache)):
         raise ValueError(f"cache must be 4 tensors (k_cache, v_cache, pos, kinds), as a KVCache holds; got "
                          f"{type(cache).__name__} of {len(cache) if isinstance(cache, (tuple, list)) else '?'}")
+    if any(0 in x.stride() and x.numel() > 1 for x in cache):  # written in place: one element per slot
+        raise ValueError("the cache's tensors must not be expanded views (a stride of 0); pass their .clone()")
     k_cache, v_cache, pos, kinds = cache
     if any(x.dim() != 4 for x in (q, k, v, k_cache, v_cache)) or any(x.dim() != 3 for x in (pos, kinds, kind)):
         raise ValueError(f"q [B, H, 1, D], k, v [B, H_kv, 1, D], kind [B, H_kv, 1] and the cache's k, v "
@@ -1338,7 +1351,10 @@ def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, h
     """One table, everything timed in this run with triton.testing.do_bench (median; the "graph"
     rows with do_bench_cudagraph, replayed from a CUDA graph): this kernel, dense causal SDPA,
     FlexAttention with the same mask.
-    TFLOP/s counts useful_flops, against a bf16 matmul measured in the same run."""
+    TFLOP/s counts useful_flops, against a bf16 matmul measured in the same run. Raises
+    ValueError without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise ValueError("the kernel benchmark needs a CUDA GPU; the tests (pytest) check the kernel on a CPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
           f"B={batch} H={heads} W={window}; ratio = time / dense SDPA (same pass); TFLOP/s of useful work "
           f"(useful_flops), bf16 matmul ceiling measured now: {_matmul_ceiling():.0f} TFLOP/s")

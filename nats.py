@@ -138,6 +138,10 @@ class GPTConfig:
                              f"got {self.scorer_bias}")
 
 
+# the fields of the attention pattern, which a pretrained model's own config leaves to us
+ATTENTION_FIELDS = ("attention", "attention_impl", "window", "random_global", "local_type", "gumbel", "scorer_bias")
+
+
 def rope_table(pos, head_dim, base, scaling=()):
     """RoPE's cos and sin [T, head_dim] (float32) at positions pos [T] (integers): channel pair
     (2i, 2i + 1) turns by the angle pos * base^(-2i / head_dim), so both channels of a pair get
@@ -341,10 +345,22 @@ class CausalSelfAttention(nn.Module):
 # The kv shares of the fixed patterns token_kinds makes: what a NAtS run is compared with at equal kv.
 
 
+def check_kv_args(length, window=0, **shares):
+    """Raise a ValueError unless length is an int >= 1, window an int >= 0 and each of shares (by
+    name) a number in [0, 1]: the arguments of the kv-share formulas below."""
+    for name, value, low in (("length", length, 1), ("window", window, 0)):
+        if not is_count(value, low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value in shares.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a share of the attention entries in [0, 1], got {value!r}")
+
+
 def sink_and_window_kv(length, window):
     """The kv share of the sliding baseline (attention="sliding": token 0 Global, the rest Sliding
     with this window) at this sequence length: key 0 is seen by all `length` queries, key j > 0 by
     min(W + 1, length - j) of them."""
+    check_kv_args(length, window)
     m = min(window + 1, length - 1)
     sliding = m * (m + 1) / 2 + (length - 1 - m) * (window + 1)  # sum over d = length - j of min(W + 1, d)
     return (length + sliding) / (length * (length + 1) / 2)
@@ -358,9 +374,9 @@ def least_kv_share(length, window, local_type=True):
     a Global costs no more than a Sliding key: with Local the floor lies below a sink and the window
     alone (sink_and_window_kv, the floor without Local). Dynamic programming over the Globals, in
     time length x window: only the `window` keys before a Global can save as Local."""
-    for name, value, low in (("length", length, 1), ("window", window, 0)):
-        if not is_count(value, low):
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    check_kv_args(length, window)
+    if not isinstance(local_type, bool):  # "False" would be true
+        raise ValueError(f"local_type must be True or False, got {local_type!r}")
     length, window = int(length), min(int(window), length)  # a window past the sequence sees all of it
     sliding = [min(window + 1, length - j) for j in range(length)]  # the queries that see each key as Sliding
     # best[g]: the least change, against every key Sliding, in the entries of keys 1..g, with g Global
@@ -385,6 +401,9 @@ def least_kv_share(length, window, local_type=True):
 
 def matching_window(kv, length):
     """The window whose sliding baseline keeps the kv share closest to kv at this length."""
+    check_kv_args(length)
+    if isinstance(kv, bool) or not isinstance(kv, numbers.Real) or math.isnan(kv):  # (a measured one may pass 1)
+        raise ValueError(f"kv must be a kv share (a number), got {kv!r}")
     return min(range(length), key=lambda w: abs(sink_and_window_kv(length, w) - kv))
 
 
@@ -392,6 +411,7 @@ def random_global_share(budget, length, window):
     """The chance p of each token but the first being Global (the rest Sliding, token 0 Global)
     whose expected kv_fraction over sequences of `length` is `budget`: kv is linear in p, from
     the sink-plus-window pattern's share at p = 0 to 1 at p = 1. Clipped to [0, 1]."""
+    check_kv_args(length, window, budget=budget)
     floor = sink_and_window_kv(length, window)
     return min(1.0, max(0.0, (budget - floor) / (1 - floor))) if floor < 1 else 0.0  # the window sees all
 
@@ -492,6 +512,8 @@ class GPT(nn.Module):
         token Global in every layer (dense attention; the scorers are not run). Raises ValueError
         for a sequence longer than block_size."""
         self.check_ids(idx, "idx")
+        if (pos is None) != (rope is None):
+            raise ValueError("pass pos and rope together (rope: the rope_table of pos), or neither")
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
         if pos is None:
@@ -507,9 +529,13 @@ class GPT(nn.Module):
     def check_ids(self, ids, name, shape=None, low=0):
         """Raise a ValueError naming `name` unless ids are token ids [batch, tokens] (of `shape` if
         given), long or int32, in low..vocab_size - 1 (-1 marks a target not scored)."""
-        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32) or shape is not None and ids.shape != shape:
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor of token ids [batch, tokens], like torch.tensor([[0, 1]]); got "
+                             f"{type(ids).__name__}")
+        if ids.dim() != 2 or 0 in ids.shape or ids.dtype not in (torch.long, torch.int32) or (
+                shape is not None and ids.shape != shape):
             raise ValueError(f"{name} must be token ids [batch, tokens]{'' if shape is None else f' = {list(shape)}'}, "
-                             f"long or int32; got {ids.dtype} of shape {tuple(ids.shape)}")
+                             f"at least one of each, long or int32; got {ids.dtype} of shape {tuple(ids.shape)}")
         # reading the ids needs a GPU sync: checked on the CPU, where torch's own errors name no bound
         if ids.device.type == "cpu" and not torch.compiler.is_compiling() and ids.numel() \
                 and not low <= ids.min() <= ids.max() < self.config.vocab_size:
@@ -539,13 +565,16 @@ class GPT(nn.Module):
         cache_size [n_layer] and token_types [n_layer, B, H_kv, T] (long: 0 Global, 1 Local,
         2 Sliding).
         """
-        number = isinstance(kv_weight, (int, float)) and not isinstance(kv_weight, bool)
+        number = isinstance(kv_weight, numbers.Real) and not isinstance(kv_weight, bool)  # numpy's floats too
         scalar = isinstance(kv_weight, torch.Tensor) and kv_weight.dim() == 0 and kv_weight.is_floating_point()
-        if not (number and 0 <= kv_weight < math.inf or scalar) or (  # a CPU tensor's value is read as a number's
+        largest = torch.finfo(torch.float32).max  # the loss is float32: beyond it the term is inf
+        if not (number and 0 <= kv_weight <= largest or scalar) or (  # a CPU tensor's value is read as a number's
                 scalar and kv_weight.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not 0 <= kv_weight < math.inf):
-            raise ValueError(f"kv_weight must be a finite number >= 0 (a negative weight rewards keeping keys) or a "
-                             f"0-d float tensor, got {kv_weight!r}")
+                and not 0 <= kv_weight <= largest):
+            raise ValueError(f"kv_weight must be a finite number >= 0 (a negative weight rewards keeping keys) and "
+                             f"<= {largest:.3g} (float32), or a 0-d float tensor of one, got {kv_weight!r}")
+        if not isinstance(all_global, bool):  # any non-empty string would be true
+            raise ValueError(f"all_global must be True or False, got {all_global!r}")
         if distill not in ("hidden", "logits"):
             raise ValueError(f"distill must be 'hidden' or 'logits', got {distill!r}")
         if teacher is not None and (not isinstance(teacher, GPT) or any(
@@ -612,6 +641,7 @@ class GPT(nn.Module):
         if not isinstance(checkpoint, (dict, str, os.PathLike)):
             raise ValueError(f"checkpoint must be a path or the dict load_checkpoint returns, got "
                              f"{type(checkpoint).__name__}")
+        device = check_device(device)
         if not isinstance(checkpoint, dict):
             checkpoint = load_checkpoint(checkpoint, device)
         if not all(isinstance(checkpoint.get(key), dict) for key in ("model_args", "model")):
@@ -639,6 +669,7 @@ class GPT(nn.Module):
         if unknown:  # before the weights are read
             raise ValueError(f"GPTConfig has no field {', '.join(unknown)}; overrides are GPTConfig fields, like "
                              f"attention='dense' or window=128")
+        GPTConfig(**{k: v for k, v in overrides.items() if k in ATTENTION_FIELDS})  # their values too, first
         hf_config, hf_state_dict = load_hf(source)
         config = GPTConfig(**{**config_from_hf(hf_config), "scorer_bias": 5.0, **overrides})
         model = cls(config)
@@ -685,6 +716,18 @@ def folder_not_checkpoint(path):
             f"{path} is a folder, not a checkpoint; pass the ckpt.pt a train_shakespeare.py run wrote")
 
 
+def check_device(device):
+    """device as a torch.device, or a ValueError naming what to pass: not a device, or CUDA where
+    none is visible."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: no CUDA GPU is visible here; pass device='cpu'")
+    return device
+
+
 def load_checkpoint(path, device="cpu"):
     """The dict train_shakespeare.py saves (model, model_args, and for --resume the optimizer
     state, step and history), with tensors on device. Raises FileNotFoundError if there is no
@@ -697,12 +740,7 @@ def load_checkpoint(path, device="cpu"):
         raise IsADirectoryError(folder_not_checkpoint(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}: no CUDA GPU is visible here; load {path} with device='cpu'")
+    device = check_device(device)
     try:
         # tensors and plain Python values only: a checkpoint never needs to run code to load
         checkpoint = torch.load(path, map_location=device, weights_only=True)
@@ -719,8 +757,28 @@ def load_checkpoint(path, device="cpu"):
     if not all(isinstance(part, dict) for part in parts):
         raise ValueError(f"{path} is a PyTorch file but not a checkpoint of train_shakespeare.py "
                          f"(it has no 'model' and 'model_args' dicts)")
+    for key, (fits, what) in CHECKPOINT_FIELDS.items():  # a file edited by hand fails here, not steps later
+        if key in checkpoint and not fits(checkpoint[key]):
+            raise ValueError(f"{path} holds {key}={repr(checkpoint[key])[:40]}, not {what}: the file was edited or "
+                             f"written by another program")
     checkpoint["model_args"].pop("kv_weight", None)  # lambda's start, a model field in checkpoints before 2026-12
     return checkpoint
+
+
+def is_real(value, least=-math.inf):
+    """Whether value is a real number (not a bool, not NaN) >= least."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= least
+
+
+# what train_shakespeare.py saves besides the weights, and what --resume and sampling read of it
+CHECKPOINT_FIELDS = dict(
+    iter_num=(is_count, "a step, an int >= 0"), best_val_loss=(is_real, "a loss, a number"),
+    kv_weight=(lambda v: is_real(v, 0) and v < math.inf, "lambda, a finite number >= 0"),
+    optimizer=(lambda v: isinstance(v, dict), "the optimizer's state, a dict"),
+    history=(lambda v: isinstance(v, dict), "the run's history, a dict"),
+    config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
+    vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
+    corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))
 
 
 # -----------------------------------------------------------------------------
@@ -1114,6 +1172,52 @@ class Decoder:
         return logits
 
 
+def device_memory(device):
+    """The bytes of memory of a device: the GPU's, or the machine's for the CPU (None where the OS
+    does not say)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
+def is_out_of_memory(e):
+    """Whether e is a failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, the CPU
+    allocator's RuntimeError, or one of them as torch.compile passes it on."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
+        text in str(e) for text in ("can't allocate memory", "out of memory"))
+
+
+def check_decoding(model, idx, caches, cuda_graph):
+    """Raise a ValueError naming what to pass unless model is a GPT, idx a prompt [B, T] (B, T >= 1)
+    on its device, caches None or fresh ones of the model (new_caches()) and cuda_graph None or a
+    bool: the arguments generate and decode share."""
+    if not isinstance(model, GPT):
+        raise ValueError(f"model must be a GPT, got {type(model).__name__}")
+    device = model.lm_head.weight.device
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"idx must be a tensor of token ids [batch, tokens], like torch.tensor([[0, 1]]), got "
+                         f"{type(idx).__name__}")
+    if idx.dim() != 2 or 0 in idx.shape:
+        raise ValueError(f"the prompt must be [batch, tokens] with at least one row and one token, got shape "
+                         f"{tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
+    if caches is not None and (not isinstance(caches, (list, tuple)) or len(caches) != model.config.n_layer
+                               or not all(isinstance(c, KVCache) for c in caches)):
+        raise ValueError(f"caches must hold one KVCache per layer ({model.config.n_layer}), as model.new_caches() "
+                         f"gives; got {caches!r}")
+    if caches is not None and any(c.window != model.config.window for c in caches):
+        raise ValueError(f"caches of window {[c.window for c in caches]} for a model of window "
+                         f"{model.config.window} would evict other keys than its mask; use model.new_caches()")
+    if caches is not None and caches[0].k is not None:
+        raise ValueError("these caches already hold a sequence; pass fresh ones, model.new_caches(), or none")
+    if cuda_graph not in (None, True, False):
+        raise ValueError(f"cuda_graph must be None (on CUDA), True or False, got {cuda_graph!r}")
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=None, cuda_graph=None,
              decodable=None, compile=False):
@@ -1131,20 +1235,15 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     >= 0, max_new_tokens, top_k or decodable out of range (a bool is no count), caches that are
     not one per layer or already hold a sequence, and, at the end, for logits that were NaN or
     infinite (a broken model)."""
-    device = model.lm_head.weight.device
-    if not isinstance(idx, torch.Tensor):
-        raise ValueError(f"idx must be a tensor of token ids [batch, tokens], like torch.tensor([[0, 1]]), got "
-                         f"{type(idx).__name__}")
-    if idx.dim() != 2 or 0 in idx.shape:
-        raise ValueError(f"the prompt must be [batch, tokens] with at least one row and one token, got shape "
-                         f"{tuple(idx.shape)}")
+    check_decoding(model, idx, caches, cuda_graph)
     # numpy's scalars (a value read from an array) are numbers too
     max_new_tokens, top_k, temperature, decodable = (x.item() if isinstance(x, np.generic) else x
                                                      for x in (max_new_tokens, top_k, temperature, decodable))
-    if idx.device != device:
-        raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
-    if not is_count(max_new_tokens):
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    device = model.lm_head.weight.device
+    memory = device_memory(device) or math.inf
+    if not is_count(max_new_tokens) or 8 * idx.shape[0] * (idx.shape[1] + max_new_tokens) > memory:
+        raise ValueError(f"max_new_tokens must be an int >= 0 whose tokens fit in the device's memory, got "
+                         f"{max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0: always the most likely token), got "
                          f"{temperature!r}")  # inf would draw uniformly, whatever the model says
@@ -1154,14 +1253,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
                          f"are never drawn) or None, got {decodable!r}")
     if top_k is not None and not (is_count(top_k, 1) and top_k <= decodable):
         raise ValueError(f"top_k must be an int in 1..{decodable} (the ids that can be drawn) or None, got {top_k!r}")
-    if caches is not None and (not isinstance(caches, (list, tuple)) or len(caches) != model.config.n_layer):
-        raise ValueError(f"caches must hold one KVCache per layer ({model.config.n_layer}), as model.new_caches() "
-                         f"gives; got {caches!r}")
-    if caches is not None and any(getattr(c, "window", None) != model.config.window for c in caches):
-        raise ValueError(f"caches of window {[getattr(c, 'window', None) for c in caches]} for a model of window "
-                         f"{model.config.window} would evict other keys than its mask; use model.new_caches()")
-    if caches is not None and caches[0].k is not None:
-        raise ValueError("these caches already hold a sequence; pass fresh ones, model.new_caches(), or none")
     if max_new_tokens == 0:
         return idx
     caches = model.new_caches() if caches is None else caches
@@ -1203,7 +1294,8 @@ def decode(model, idx, prefill=1, caches=None, cuda_graph=None):
     """Logits [B, T, vocab] of every position of idx [B, T]: the first `prefill` (>= 1) tokens
     in one forward, then one token at a time through evicting caches (new_caches() unless
     given). Equals forward() in eval() mode; tests use it. cuda_graph: see Decoder. Raises
-    ValueError for a prefill out of range."""
+    ValueError for a prefill out of range and the arguments check_decoding refuses."""
+    check_decoding(model, idx, caches, cuda_graph)
     if not is_count(prefill, 1) or prefill > idx.shape[1]:
         raise ValueError(f"prefill must be in 1..{idx.shape[1]} (the prompt's tokens), got {prefill}")
     caches = model.new_caches() if caches is None else caches
@@ -1221,10 +1313,15 @@ def decode(model, idx, prefill=1, caches=None, cuda_graph=None):
 class FixedTypes(nn.Module):
     """A stand-in for the scorer with preset types by position, kinds [H_kv, length] or, a set for
     each batch row, [B, H_kv, length] (long: 0 G, 1 L, 2 S; a batch of fewer rows takes the first
-    ones): for benchmarks that need a realistic mix before any training, and for tests."""
+    ones): for benchmarks that need a realistic mix before any training, and for tests. Raises
+    ValueError for kinds of another shape, dtype or values."""
 
     def __init__(self, kinds):
         super().__init__()
+        if not isinstance(kinds, torch.Tensor) or kinds.dtype != torch.long or kinds.dim() not in (2, 3) \
+                or ((kinds < 0) | (kinds > 2)).any():
+            raise ValueError(f"kinds must be a long tensor [H_kv, length] or [B, H_kv, length] of types 0, 1, 2 "
+                             f"(G, L, S); got {kinds!r}"[:300])
         self.register_buffer("table", kinds)
 
     def forward(self, x, pos):
@@ -1491,24 +1588,6 @@ def parse_args(argv=None):
     if args.start == "":
         parser.error("--start is empty; pass a prompt of at least one character (the default is a new line)")
     return args
-
-
-def device_memory(device):
-    """The bytes of memory of a device: the GPU's, or the machine's for the CPU (None where the OS
-    does not say)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
-        return None
-
-
-def is_out_of_memory(e):
-    """Whether e is a failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, the CPU
-    allocator's RuntimeError, or one of them as torch.compile passes it on."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
-        text in str(e) for text in ("can't allocate memory", "out of memory"))
 
 
 def sample(args):

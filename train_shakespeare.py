@@ -773,7 +773,7 @@ def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, 
     else:
         try:
             prompt = [encode("\n")]
-        except KeyError:
+        except (KeyError, ValueError):  # (BPE has every character; a character corpus may lack a new line)
             prompt = [val_data[:1].tolist()]
     prompt = torch.tensor(prompt, device=device)
     caches = model.new_caches()

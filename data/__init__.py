@@ -28,7 +28,12 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
     """(train, val, encode, decode, vocab_size) of one of DATASETS: token arrays for Shakespeare
     (load_corpus; tokenizer "pretrained" is the own one of the pretrained model at `pretrained`), a
     generator and a fixed val set for the recall tasks (load_recall, sequences of block_size + 1).
-    Raises SystemExit naming the corpus or --dataset for a context it cannot fill."""
+    Raises SystemExit naming the corpus or --dataset for a context it cannot fill, ValueError for
+    a dataset, tokenizer or block_size (an int >= 1) that is none."""
+    if dataset not in DATASETS or tokenizer not in TOKENIZERS:
+        raise ValueError(f"dataset must be one of {DATASETS} and tokenizer one of {TOKENIZERS}; got {dataset!r}, "
+                         f"{tokenizer!r}")
+    recall.check_counts(block_size=(block_size, 1))
     if dataset == "shakespeare":
         corpus = load_corpus(tokenizer, pretrained)
         val = corpus[1]  # the shorter split: a tenth

@@ -49,7 +49,8 @@ def make_sequences(n, length, seed):
     check_counts(n=(n, 1), length=(length, 0), seed=(seed, 0))
     fixed = N_PAIRS * 2 + 1 + N_QUERIES * 2  # the pairs, the bar, the queries with their answers
     if length < fixed + 1:
-        raise ValueError(f"recall sequences need at least {fixed + 1} characters (block_size >= {fixed}), got {length}")
+        raise ValueError(f"recall sequences need at least {fixed + 1} characters (block_size >= {fixed}), got "
+                         f"{length} (block_size {length - 1})")
     rng = np.random.default_rng(seed)
     pairs, queries = draw_pairs(rng, n)
     bar = np.full((n, 1), ALPHABET.index("|"))
@@ -65,7 +66,8 @@ def make_far_sequences(n, length, seed):
     if length cannot hold them (length >= 64)."""
     check_counts(n=(n, 1), length=(length, 0), seed=(seed, 0))
     if length < 64:
-        raise ValueError(f"far-query recall needs at least 64 characters (block_size >= 63), got {length}")
+        raise ValueError(f"far-query recall needs at least 64 characters (block_size >= 63), got {length} "
+                         f"(block_size {length - 1})")
     rng = np.random.default_rng(seed)
     pairs, queries = draw_pairs(rng, n)
     rows = filler(rng, n, length)

