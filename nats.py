@@ -1052,7 +1052,10 @@ class KVCache:
 
 def cache_report(caches, attention):
     """What the caches (one KVCache per layer) held after generation, per layer, and their
-    memory against a dense cache: a line or two of text for the terminal."""
+    memory against a dense cache: a line or two of text for the terminal. Raises ValueError for
+    caches that are not filled KVCaches."""
+    if not (isinstance(caches, (list, tuple)) and caches and all(isinstance(c, KVCache) for c in caches)):
+        raise ValueError(f"caches must be a model's KVCaches, one per layer, after generate; got {caches!r}"[:200])
     stats = [c.stats() for c in caches]
     seen, kept, dense = stats[0]["seen"], sum(s["bytes"] for s in stats), sum(s["dense_bytes"] for s in stats)
     if attention == "dense":
@@ -1136,7 +1139,9 @@ class Decoder:
         CUDA device. compile: the step through torch.compile, which fuses its small operations
         (norms, RoPE, the scorer, the MLP's activation) into a few kernels, the decode kernel
         staying one operator; it takes tens of seconds once per model, so it pays for long
-        generations. Raises ValueError for cuda_graph=True off CUDA."""
+        generations. Raises ValueError for a length < 1 and cuda_graph=True off CUDA."""
+        if not is_count(length, 1):
+            raise ValueError(f"length must be an int >= 1 (the tokens the decoder will be fed), got {length!r}")
         device = model.lm_head.weight.device
         self.model, self.caches, self.length = model, caches, length
         self.rope = model.rope(torch.arange(length, device=device))

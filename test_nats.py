@@ -3181,6 +3181,12 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: data.load_dataset("shakespeare", "bogus", 32), "tokenizer one of"),
         (lambda: data.load_dataset("shakespeare", "char", None), "block_size must be an int >= 1"),
         (lambda: data.char_tokenizer("ab")[0]("a€"), "'€' is not one of the 2 characters of the vocabulary"),
+        (lambda: data.get_batch([1, 2, 3], 2, 4, 0, "cpu"), "data must be a 1-d or 2-d numpy array"),
+        (lambda: data.get_batch(np.arange(100), 0, 4, 0, "cpu"), "batch_size must be an int >= 1"),
+        (lambda: data.get_batch(np.arange(100), 2, 4, 1.5, "cpu"), "seed must be an int >= 0"),
+        (lambda: data.get_batch(np.arange(5), 2, 4, 0, "cpu"), "data has 5 tokens, fewer than a window"),
+        (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
+        (lambda: nats.Decoder(model, model.new_caches(), -3), "length must be an int >= 1"),
     ]
     if not torch.cuda.is_available():
         cases.append((lambda: kernel.benchmark(lengths=(64,), head_dims=(16,)), "needs a CUDA GPU"))

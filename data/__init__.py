@@ -157,7 +157,16 @@ def seed_of(seed, stream, index):
 def get_batch(data, batch_size, block_size, seed, device):
     """Random windows of a token stream (1-d data); or recall sequences, drawn fresh from the seed
     (data a function: training) or picked from a fixed set (2-d data, one a row: val), whose
-    targets are -1 (not scored) except at the answers. Returns x, y: long [batch_size, block_size]."""
+    targets are -1 (not scored) except at the answers. Returns x, y: long [batch_size, block_size].
+    Raises ValueError for data that is none of these, counts that are no ints (batch_size,
+    block_size >= 1, seed >= 0) or a stream shorter than a window."""
+    if not (callable(data) or isinstance(data, np.ndarray) and data.ndim in (1, 2)):
+        raise ValueError(f"data must be a 1-d or 2-d numpy array of token ids or a sequence generator, got "
+                         f"{type(data).__name__}")
+    recall.check_counts(batch_size=(batch_size, 1), block_size=(block_size, 1), seed=(seed, 0))
+    if not callable(data) and data.ndim == 1 and len(data) < block_size + 2:
+        raise ValueError(f"data has {len(data)} tokens, fewer than a window of block_size={block_size} needs "
+                         f"({block_size + 2})")
     generator = torch.Generator().manual_seed(seed)
     if callable(data):
         rows = data(batch_size, seed)
