@@ -971,6 +971,11 @@ def is_count(value, least=0):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
 
 
+def is_real(value, least=-math.inf):
+    """Whether value is a real number >= least: numpy's floats are; a bool and NaN are none."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= least
+
+
 def check_window(window):
     """Raise a ValueError for a window that is not an int >= 0."""
     if not is_count(window):

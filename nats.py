@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from data import decodable_size, load_dataset
 from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
-from kernel import (GLOBAL, INTERPRETING, SLIDING, check_window, expired, is_count, kv_lengths, nats_attention,
-                    nats_decode)
+from kernel import (GLOBAL, INTERPRETING, SLIDING, check_window, expired, is_count, is_real, kv_lengths,
+                    nats_attention, nats_decode)
 from kernel import LOCAL as LOCAL  # the three type ids come with the model, for its users
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
@@ -352,7 +352,7 @@ def check_kv_args(length, window=0, **shares):
         if not is_count(value, low):
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     for name, value in shares.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        if not (is_real(value, 0) and value <= 1):
             raise ValueError(f"{name} must be a share of the attention entries in [0, 1], got {value!r}")
 
 
@@ -402,7 +402,7 @@ def least_kv_share(length, window, local_type=True):
 def matching_window(kv, length):
     """The window whose sliding baseline keeps the kv share closest to kv at this length."""
     check_kv_args(length)
-    if isinstance(kv, bool) or not isinstance(kv, numbers.Real) or math.isnan(kv):  # (a measured one may pass 1)
+    if not is_real(kv):  # (not checked against [0, 1]: a measured share may pass 1 by a rounding)
         raise ValueError(f"kv must be a kv share (a number), got {kv!r}")
     return min(range(length), key=lambda w: abs(sink_and_window_kv(length, w) - kv))
 
@@ -716,6 +716,17 @@ def folder_not_checkpoint(path):
             f"{path} is a folder, not a checkpoint; pass the ckpt.pt a train_shakespeare.py run wrote")
 
 
+# what train_shakespeare.py saves besides the weights, and what --resume and sampling read of it
+CHECKPOINT_FIELDS = dict(
+    iter_num=(is_count, "a step, an int >= 0"), best_val_loss=(is_real, "a loss, a number"),
+    kv_weight=(lambda v: is_real(v, 0) and v < math.inf, "lambda, a finite number >= 0"),
+    optimizer=(lambda v: isinstance(v, dict), "the optimizer's state, a dict"),
+    history=(lambda v: isinstance(v, dict), "the run's history, a dict"),
+    config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
+    vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
+    corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))
+
+
 def check_device(device):
     """device as a torch.device, or a ValueError naming what to pass: not a device, or CUDA where
     none is visible."""
@@ -733,7 +744,8 @@ def load_checkpoint(path, device="cpu"):
     state, step and history), with tensors on device. Raises FileNotFoundError if there is no
     file (IsADirectoryError for a run's folder, naming the ckpt.pt to pass) and ValueError, in
     one sentence, if the file is not such a checkpoint (truncated by a run stopped while
-    writing, or another program's file)."""
+    writing, another program's file, or one with a field of CHECKPOINT_FIELDS edited), or for a
+    path or device that is none."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be the checkpoint's path (a str or os.PathLike), got {type(path).__name__}")
     if os.path.isdir(path):
@@ -763,22 +775,6 @@ def load_checkpoint(path, device="cpu"):
                              f"written by another program")
     checkpoint["model_args"].pop("kv_weight", None)  # lambda's start, a model field in checkpoints before 2026-12
     return checkpoint
-
-
-def is_real(value, least=-math.inf):
-    """Whether value is a real number (not a bool, not NaN) >= least."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= least
-
-
-# what train_shakespeare.py saves besides the weights, and what --resume and sampling read of it
-CHECKPOINT_FIELDS = dict(
-    iter_num=(is_count, "a step, an int >= 0"), best_val_loss=(is_real, "a loss, a number"),
-    kv_weight=(lambda v: is_real(v, 0) and v < math.inf, "lambda, a finite number >= 0"),
-    optimizer=(lambda v: isinstance(v, dict), "the optimizer's state, a dict"),
-    history=(lambda v: isinstance(v, dict), "the run's history, a dict"),
-    config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
-    vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
-    corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))
 
 
 # -----------------------------------------------------------------------------
