@@ -89,12 +89,14 @@ def check_mask_args(token_types, window):
 
 
 def last_visible_query(token_types, window):
-    """The last query that sees key j: key j is visible to queries j .. this. Returns long [..., T]."""
+    """The last query that sees key j: key j is visible to queries j .. this. Returns long [..., T].
+    Integers hold no NaN: a NaN type reads as its argmax, Global (nats_attention and kv_lengths
+    give NaN for it)."""
     return reach_by_type(token_types, window).gather(-1, token_types.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def visible_mask(token_types, window):
-    """The hard mask: bool [..., T, T], True where query i sees key j."""
+    """The hard mask: bool [..., T, T], True where query i sees key j (NaN types: see last_visible_query)."""
     last = last_visible_query(token_types, window).unsqueeze(-2)  # checks the arguments first
     T = token_types.shape[-2]
     i = torch.arange(T, device=token_types.device)[:, None]

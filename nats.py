@@ -1364,7 +1364,8 @@ def benchmark_decode(contexts=(4096, 32768, 131072), batches=(1, 16), mix=(0.05,
             and all(is_count(n, 1) for n in (*contexts, *batches)) and is_count(warmup) and is_count(new_tokens)
             and warmup < new_tokens):
         raise ValueError(f"contexts and batches must be tuples of ints >= 1, new_tokens an int >= 1 and warmup one in "
-                         f"0..new_tokens - 1 (tokens/s is timed over the steps after it); got contexts={contexts!r}, "
+                         f"0..new_tokens - 1 (tokens/s is timed over the steps after it; warmup is 16 unless given); "
+                         f"got contexts={contexts!r}, "
                          f"batches={batches!r}, new_tokens={new_tokens!r}, warmup={warmup!r}")
     if not (isinstance(mix, (tuple, list)) and len(mix) == 3 and all(isinstance(m, numbers.Real) for m in mix)
             and all(0 <= m <= 1 for m in mix) and math.isclose(sum(mix), 1)):
@@ -1629,9 +1630,9 @@ def sample(args):
     if len(prompt) > model.config.block_size:
         raise SystemExit(f"--start: the prompt has {len(prompt)} tokens, more than the model's block_size "
                          f"{model.config.block_size}; pass a shorter one")
-    if args.top_k is not None and args.top_k > decodable:
-        raise SystemExit(f"--top_k={args.top_k}: the model can draw {decodable} tokens; pass at most --top_k="
-                         f"{decodable} (or leave it out: {min(TOP_K, decodable)})")
+    if args.top_k is not None and args.top_k > decodable:  # the README's command on a character model
+        print(f"note: --top_k={args.top_k} is more than the {decodable} tokens this model can draw: sampling among "
+              f"all of them", file=sys.stderr)
     if len(prompt) + args.max_new_tokens > model.config.block_size:  # generate allows it; a user should know
         print(f"note: the prompt's {len(prompt)} and {args.max_new_tokens} new tokens run past the model's context, "
               f"block_size {model.config.block_size}: positions it never trained at", file=sys.stderr)
@@ -1647,7 +1648,7 @@ def sample(args):
     idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
     caches = model.new_caches()
     try:
-        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k or min(TOP_K, decodable),
+        out = generate(model, idx, args.max_new_tokens, args.temperature, min(args.top_k or TOP_K, decodable),
                        caches=caches, decodable=decodable, compile=args.compile)
     except ValueError as e:  # what only the checkpoint's weights show: NaN or infinite logits
         raise SystemExit(f"--ckpt={args.ckpt}: {e}") from None

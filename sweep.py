@@ -341,6 +341,10 @@ def main(argv):
             raise SystemExit(f"{e}; or one of the sweep's own: {', '.join(SWEEP_DEFAULTS)}") from None
         raise
     ts.refuse_if_in_use(base["out_dir"])  # a running run's folder: the sweep's runs and table would go in it
+    table = os.path.join(base["out_dir"], "sweep.md")
+    if os.path.isfile(table) and not (base["resume"] or base["overwrite"]):  # another sweep's table would go
+        raise SystemExit(f"{table} is the table of an earlier sweep: pass --resume to continue that sweep, "
+                         f"--overwrite to write this one's over it, or another --out_dir")
     print(f"sweep: {why}")
     given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
     unused = [f"--{key}={value} ({why})" for key, value, why, used in (  # noted, as the training script notes its own
@@ -382,18 +386,24 @@ def main(argv):
             train_in_processes(runs, own["jobs"])
         else:
             train_in_turn(runs)
+    except KeyboardInterrupt:  # Ctrl-C between the runs' steps, or while the processes run
+        raise SystemExit("\nsweep: stopped; the same sweep command with --resume continues the sweep") from None
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
-        rows = collect(runs, started)
-        if rows:  # no run reached an eval: an earlier sweep's outputs stay as they are
-            with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
-                json.dump(rows, f, indent=1)
-            left = [name for name, _, _ in runs if name not in {r["run"] for r in rows}]
-            ours = {os.path.basename(cfg["out_dir"]) for _, cfg, _ in runs}
-            others = sorted(d for d in os.listdir(base["out_dir"]) if d not in ours
-                            and os.path.isfile(os.path.join(base["out_dir"], d, "history.json")))
-            write_table(rows, base, os.path.join(base["out_dir"], "sweep.md"), left, others)
-            plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
+        on_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would cut the outputs short
+        try:
+            rows = collect(runs, started)
+            if rows:  # no run reached an eval: an earlier sweep's outputs stay as they are
+                with open(os.path.join(base["out_dir"], "sweep.json"), "w") as f:
+                    json.dump(rows, f, indent=1)
+                left = [name for name, _, _ in runs if name not in {r["run"] for r in rows}]
+                ours = {os.path.basename(cfg["out_dir"]) for _, cfg, _ in runs}
+                others = sorted(d for d in os.listdir(base["out_dir"]) if d not in ours
+                                and os.path.isfile(os.path.join(base["out_dir"], d, "history.json")))
+                write_table(rows, base, table, left, others)
+                plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
+        finally:
+            signal.signal(signal.SIGINT, on_sigint)
     return rows
 
 

@@ -171,7 +171,8 @@ def parse_value(key, value, default):
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--{key}={value}: expected {_a(default)}, like --{key}={default!r}") from None
+        what = "a finite number" if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity") else _a(default)
+        raise SystemExit(f"--{key}={value}: expected {what}, like --{key}={default!r}") from None
     return of_type(parsed, default, f"--{key}={value}", f"--{key}={default!r}")
 
 
@@ -283,8 +284,11 @@ def run_notes(cfg):
 def unused_settings(cfg):
     """{setting: why} of the settings a run of cfg does not read: those of NAtS scorers with another
     attention, the multiplier's step without a KV budget, the mask's window and kernel and the token
-    types shown with dense attention, the fine-tuning loss without --finetune_scorer and dropout with it."""
+    types shown with dense attention, the fine-tuning loss without --finetune_scorer and dropout with it,
+    the model's shape when --init_from is a pretrained model (it has its own)."""
     nats, masked = cfg["attention"] == "nats", cfg["attention"] != "dense"
+    own_shape = [(key, "the pretrained model of --init_from has its own shape", not is_pretrained(cfg["init_from"]))
+                 for key in TEACHER_KEYS if key != "block_size"]  # (the context of training is the run's)
     scorers, mask = f"--attention={cfg['attention']} has no scorers", "dense attention has no mask"
     types = "dense attention has no token types to show"
     return {key: why for key, why, used in (
@@ -294,7 +298,7 @@ def unused_settings(cfg):
         ("dual_lr", "it steps the multiplier of a --kv_budget", cfg["kv_budget"] > 0),
         ("window", mask, masked), ("attention_impl", mask, masked), ("show_layer", types, masked),
         ("show_head", types, masked),
-        ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"])) if not used}
+        ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"]), *own_shape) if not used}
 
 
 def help_text(here):
@@ -516,6 +520,9 @@ def check_model_size(cfg):
                          f"--batch_size, or a CUDA --device (the Triton kernel's memory grows with T, not T^2)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: an HF folder's tokenizer
+
+
 def check_init_from(cfg):
     """--finetune_scorer starts from a checkpoint file or a pretrained model that is there; a
     pretrained model reads its own tokens, which only it has; distill names a loss."""
@@ -527,6 +534,12 @@ def check_init_from(cfg):
             source = pretrained_source(cfg["init_from"])
         except FileNotFoundError as e:
             raise SystemExit(f"--init_from: {e}") from None
+        folder = source["pretrained_model_name_or_path"]
+        if "gguf_file" not in source and os.path.isdir(folder) and cfg["tokenizer"] == "pretrained" and not any(
+                os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):  # before the weights load
+            raise SystemExit(f"--init_from={cfg['init_from']} holds no tokenizer ({', '.join(TOKENIZER_FILES)}), "
+                             f"which --tokenizer=pretrained reads: save the model's tokenizer there too "
+                             f"(tokenizer.save_pretrained)")
         if "gguf_file" in source:  # its first four bytes, before the other checks send the user elsewhere
             with open(os.path.join(source["pretrained_model_name_or_path"], source["gguf_file"]), "rb") as f:
                 if f.read(4) != b"GGUF":
@@ -1018,8 +1031,9 @@ def check_out_dir(cfg):
             raise SystemExit(f"{path} is not a file: {cfg['out_dir']} holds something else than a run; move it away "
                              f"or pass another --out_dir")
     if existing == paths[1:] and not cfg["overwrite"]:  # stopped before its first eval wrote a checkpoint
-        raise SystemExit(f"{cfg['out_dir']} holds the history of a run stopped before its first checkpoint, nothing to "
-                         f"resume: pass --overwrite to start over, or another --out_dir")
+        raise SystemExit(f"{cfg['out_dir']} holds the history of a run without a checkpoint (stopped before its first, "
+                         f"or an evaluation with --max_iters=0), nothing to resume: pass --overwrite to start over, or "
+                         f"another --out_dir")
     if cfg["resume"] and not existing:
         raise SystemExit(f"--resume: no checkpoint at {paths[0]}; pass the --out_dir of the run to continue")
     if existing and not cfg["resume"] and not cfg["overwrite"]:

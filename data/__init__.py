@@ -52,7 +52,7 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
 def decodable_size(dataset, tokenizer, vocab_size):
     """How many token ids, from 0, the decoder of load_dataset's data turns into text: GPT-2's
     50257 under its output layer's padded vocab_size; every id for the other tokenizers."""
-    return GPT2_VOCAB if dataset == "shakespeare" and tokenizer == "gpt2" else vocab_size
+    return min(GPT2_VOCAB, vocab_size) if dataset == "shakespeare" and tokenizer == "gpt2" else vocab_size
 
 
 def corpus_path():
