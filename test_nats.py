@@ -1935,6 +1935,7 @@ def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path
     (["--max_iters=ten"], "expected an int, like --max_iters="),
     (["max_iters=10"], "a setting takes two dashes: --max_iters=10"),  # read as a config file's name
     (["config"], "config is a folder; pass a file of key = value lines"),
+    (["--learning_rate=nan"], "--learning_rate=nan: expected a finite number"),  # not "a float": nan is one
 ])
 def test_command_line_mistakes_say_what_to_write(argv, message):
     import train_shakespeare as ts
@@ -3232,6 +3233,7 @@ def test_flags_and_numbers_of_the_api_are_checked_in_range():
             call()
     loss = model(x, y, kv_weight=np.float32(0.1))[1]  # a numpy float is a number, as generate takes it
     assert torch.isfinite(loss)
+    assert data.decodable_size("shakespeare", "gpt2", 100) == 100  # GPT-2's 50257 ids, but not past the model's
 
 
 def test_a_window_past_int64_generates_as_one_past_the_sequence():
