@@ -363,9 +363,12 @@ def main(argv):
     for note, names in notes.items():
         print(f"note: {note} ({'every run' if len(names) == len(runs) else 'runs ' + ', '.join(names)})")
     for name, cfg, parent in runs:  # every run's settings and folder checked before the first starts
-        if cfg["resume"] and not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) \
-                and not os.path.exists(os.path.join(cfg["out_dir"], "history.json")):
-            cfg["resume"] = False  # a resumed sweep starts the runs it never reached
+        if cfg["resume"] and not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")):
+            # a resumed sweep starts the runs it never reached, and starts over those stopped before their first
+            # checkpoint (a history alone: nothing to continue)
+            cfg["resume"], cfg["overwrite"] = False, os.path.exists(os.path.join(cfg["out_dir"], "history.json"))
+            if cfg["overwrite"]:
+                print(f"sweep: run {name!r} stopped before its first checkpoint: it starts over")
         try:
             if cfg["resume"] and os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")):
                 # the check of the run's own --resume, as in its process, which is given all of run_args

@@ -2580,7 +2580,7 @@ def test_sweep_tiny_far_recall_over_seeds_writes_one_row_per_variant(tmp_path):
     assert "seeds 1, 2" in table and "recall accuracy" in table
 
 
-def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeypatch):
+def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeypatch, capsys):
     import sweep
     import train_shakespeare as ts
     train, calls = ts.train, []
@@ -2609,9 +2609,13 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     (tmp_path / "nats_budget=0.6").mkdir()  # a run of an earlier sweep with other flags, into the same folder
     (tmp_path / "nats_budget=0.6" / "history.json").write_text("{}")
+    (tmp_path / "sliding_W=4").mkdir()  # as a run stopped before its first checkpoint leaves its folder
+    (tmp_path / "sliding_W=4" / "history.json").write_text('{"evals": []}')
+    capsys.readouterr()
     rows = sweep.main(args + ["--resume"])  # the dense run (finished: its history left as it was) is in the
     assert [row["run"] for row in rows] == ["dense", "sliding W=4", "nats budget=0.5", "random Globals budget=0.5"]
     assert "Not in the table" not in (tmp_path / "sweep.md").read_text()  # table; the runs never reached start
+    assert "sweep: run 'sliding W=4' stopped before its first checkpoint: it starts over" in capsys.readouterr().out
     assert f"Also in {tmp_path}, not in this table (runs of another sweep into this folder): nats_budget=0.6." \
         in (tmp_path / "sweep.md").read_text()
 
@@ -3058,7 +3062,7 @@ def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_pa
     assert resumed["out_dir"] == f"{moved}{os.sep}" and resumed["seed"] == 7
     os.remove(moved / "ckpt.pt")  # as a run stopped before its first eval leaves it: a history alone
     for flag in ("--resume", "--max_iters=6"):
-        with pytest.raises(SystemExit, match="without a checkpoint \\(stopped before its first, .*\\), nothing to resume"):
+        with pytest.raises(SystemExit, match=r"without a checkpoint \(stopped before .*\), nothing to resume"):
             ts.train(ts.make_config(TINY_RUN + [flag, f"--out_dir={moved}"])[0])
 
 
