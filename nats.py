@@ -623,7 +623,8 @@ class GPT(nn.Module):
         (eval() mode: argmax, no noise): long [n_layer, B, H_kv, T], 0 Global, 1 Local, 2 Sliding.
         Raises ValueError for dense attention, which has no types."""
         if self.config.attention == "dense":
-            raise ValueError("dense attention has no token types; use a model with attention 'nats' or 'sliding'")
+            raise ValueError("dense attention has no token types; use a model with attention 'nats', 'sliding' or "
+                             "'random'")
         with eval_mode(self):
             return self(idx)[2]["token_types"]
 
@@ -721,7 +722,8 @@ CHECKPOINT_FIELDS = dict(
     iter_num=(is_count, "a step, an int >= 0"), best_val_loss=(is_real, "a loss, a number"),
     kv_weight=(lambda v: is_real(v, 0) and v < math.inf, "lambda, a finite number >= 0"),
     optimizer=(lambda v: isinstance(v, dict), "the optimizer's state, a dict"),
-    history=(lambda v: isinstance(v, dict), "the run's history, a dict"),
+    history=(lambda v: isinstance(v, dict) and isinstance(v.get("evals"), list), "the run's history, a dict with "
+             "its 'evals'"),
     config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
     vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
     corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))

@@ -2975,6 +2975,10 @@ def test_overwrite_deletes_a_run_only_once_every_value_is_checked(tmp_path):
         with pytest.raises(SystemExit, match="--" + next(iter(bad))):
             tiny_run(tmp_path, overwrite=True, **bad)
         assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "history.json").exists()
+    import train_shakespeare as ts
+    assert (tmp_path / "token_types.html").exists()  # the old run's picture goes with it: a stop leaves none
+    assert sorted(map(os.path.basename, ts.check_out_dir(tiny_config_dict(tmp_path, overwrite=True)))) == [
+        "ckpt.pt", "history.json", "token_types.html"]
 
 
 def test_sampling_never_draws_an_id_the_tokenizer_cannot_decode():
@@ -3251,7 +3255,9 @@ def test_a_window_past_int64_generates_as_one_past_the_sequence():
 
 @pytest.mark.parametrize("key, value, message", [
     ("iter_num", "1500", "a step, an int >= 0"), ("iter_num", -5, "a step, an int >= 0"),
-    ("history", [1, 2], "the run's history, a dict"), ("kv_weight", float("nan"), "lambda, a finite number >= 0"),
+    ("history", [1, 2], "the run's history, a dict with its 'evals'"),
+    ("history", {}, "the run's history, a dict with its 'evals'"),  # resumed, it would replace history.json
+    ("kv_weight", float("nan"), "lambda, a finite number >= 0"),
     ("best_val_loss", None, "a loss, a number"), ("vocabulary", 5, "the characters of a char model, a str"),
 ])
 def test_a_checkpoint_edited_by_hand_is_refused_when_read(tmp_path, key, value, message):

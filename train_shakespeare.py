@@ -1043,7 +1043,7 @@ def check_out_dir(cfg):
     if others and not existing and not cfg["overwrite"]:
         raise SystemExit(f"{cfg['out_dir']} holds {', '.join(others)} and no run: this run would write over it; pass "
                          f"--overwrite to replace it, or another --out_dir")
-    return existing if cfg["overwrite"] else []
+    return existing + others if cfg["overwrite"] else []  # the old run's picture too: a stop must not leave it
 
 
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets for each process
