@@ -3295,3 +3295,18 @@ def test_a_sweep_stays_out_of_a_running_runs_folder_and_names_its_own_flags(tmp_
                type_share=None, minutes=1.0)
     sweep.write_table([row, dict(row, run="nats", variant="nats", steps=100)], base, str(tmp_path / "sweep.md"))
     assert "100 iterations (dense: more, from an earlier --max_iters; see steps)" in (tmp_path / "sweep.md").read_text()
+
+
+def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_loads(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0)
+    original = torch.load(tmp_path / "ckpt.pt")
+    monkeypatch.setattr(ts, "load_dataset", lambda *a: pytest.fail("the data loaded first"))
+    for edit, message in [(lambda c: c.pop("optimizer"), "lacks optimizer, which --resume continues from"),
+                          (lambda c: c.pop("config"), "lacks config"),
+                          (lambda c: c["config"].update(window="eight"), "saved window='eight': expected an int")]:
+        checkpoint = {**original, "config": dict(original["config"])}
+        edit(checkpoint)
+        torch.save(checkpoint, tmp_path / "ckpt.pt")
+        with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))}.*{message}"):
+            ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])

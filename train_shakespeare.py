@@ -359,9 +359,14 @@ def resumed_settings(config, given):
     if not os.path.isfile(path):
         return config
     try:
-        saved = load_checkpoint(path).get("config", {})
+        checkpoint = load_checkpoint(path)
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
+    missing = [key for key in ("config", "optimizer", "iter_num", "best_val_loss") if key not in checkpoint]
+    if missing:  # named now, not as a KeyError once the data has loaded
+        raise SystemExit(f"--resume: {path} lacks {', '.join(missing)}, which --resume continues from (the file was "
+                         f"edited or written by another program); pass --overwrite to start over")
+    saved = checkpoint["config"]
     may_change = set(RESUME_MAY_CHANGE)
     if not is_pretrained(config["init_from"]) and not is_pretrained(saved.get("init_from", "")):
         may_change.add("init_from")  # the checkpoint a fine-tune started from: like out_dir, moved or spelled otherwise
@@ -371,7 +376,8 @@ def resumed_settings(config, given):
                          + ", ".join(f"--{key}={config[key]!r} (saved: {saved[key]!r})" for key in changed)
                          + ": drop them, or start a new run with another --out_dir")
     # where the run is and what it runs on are this machine's; the rest is the saved run's
-    kept = {key: value for key, value in saved.items()
+    kept = {key: of_type(value, config[key], f"--resume: {path} saved {key}={value!r}", f"{key}={config[key]!r}")
+            for key, value in saved.items()  # (of its setting's type: a file edited by hand is named as such)
             if key in config and key not in {"out_dir", "device"} | ACTIONS | (may_change & given)}
     return {**config, **kept, "resume": True}
 
