@@ -233,6 +233,9 @@ def attention_stats(token_types, window, argmax_types=None):
     cache_size        keys the last query reads (the cache at the end of the sequence), averaged
                       over (batch, KV head)
     """
+    if not isinstance(token_types, torch.Tensor) or token_types.dim() != 4 or token_types.shape[-1] != 3:
+        raise ValueError(f"token_types must be one-hot [B, H_kv, T, 3], got "
+                         f"{tuple(getattr(token_types, 'shape', ())) or type(token_types).__name__}")
     B, H_kv, T, _ = token_types.shape
     causal = B * H_kv * T * (T + 1) / 2
     # the sampled types of training differ from the argmax while the scorer is unsure, and a KV
@@ -466,6 +469,7 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT takes a GPTConfig, got {type(config).__name__}; pass GPTConfig(**settings) "
                             f"for a dict of settings")
+        config.__post_init__()  # its checks again: a field set after it was made (config.n_head = 3) is one too
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

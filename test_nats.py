@@ -3242,6 +3242,12 @@ def test_flags_and_numbers_of_the_api_are_checked_in_range():
     loss = model(x, y, kv_weight=np.float32(0.1))[1]  # a numpy float is a number, as generate takes it
     assert torch.isfinite(loss)
     assert data.decodable_size("shakespeare", "gpt2", 100) == 100  # GPT-2's 50257 ids, but not past the model's
+    config = tiny_config()
+    config.n_head = 3  # set after the checks ran: GPT checks again (was a reshape error in the first forward)
+    with pytest.raises(ValueError, match="n_embd=32 must be a multiple of n_head=3"):
+        GPT(config)
+    with pytest.raises(ValueError, match=r"token_types must be one-hot \[B, H_kv, T, 3\], got \(1, 1, 4\)"):
+        attention_stats(torch.zeros(1, 1, 4, dtype=torch.long), 2)
 
 
 def test_a_window_past_int64_generates_as_one_past_the_sequence():
@@ -3310,3 +3316,8 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
         torch.save(checkpoint, tmp_path / "ckpt.pt")
         with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))}.*{message}"):
             ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
+    monkeypatch.undo()
+    original["model"] = {name: torch.full_like(w, float("nan")) for name, w in original["model"].items()}
+    torch.save(original, tmp_path / "ckpt.pt")  # weights that give NaN at once: no advice to resume from them
+    with pytest.raises(SystemExit, match="the checkpoint it resumed from, step 2 .* gives it at once: its weights are"):
+        ts.train(ts.make_config(TINY_RUN + ["--resume", "--max_iters=4", f"--out_dir={tmp_path}"])[0])

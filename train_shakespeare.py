@@ -1416,6 +1416,9 @@ def train_step(run):
     if not math.isfinite(loss):
         saved = (f", or --resume from the checkpoint of step {run.saved_at} in {cfg['out_dir']}"
                  if run.saved_at is not None else "")
+        if it == run.resumed_at:  # at once: that checkpoint is where the NaN comes from
+            saved = (f"; the checkpoint it resumed from, step {it} in {cfg['out_dir']}, gives it at once: its weights "
+                     f"are broken, start over with --overwrite")
         raise SystemExit(f"loss is {loss} at step {it}: stopping. Try a lower --learning_rate, --dtype=float32, or "
                          f"settings nearer their defaults (--init_std, --rope_base, --kv_weight, --grad_clip){saved}")
     run.history["loss"][it] = loss
