@@ -991,7 +991,9 @@ class KVCache:
         """Start from a prompt at positions 0 .. T-1: k, v [B, H_kv, T, D], kind [B, H_kv, T] (integers,
         0 G, 1 L, 2 S). Keeps what the next query reads, in order, in as many slots as the fullest
         row needs (one GPU sync); grow() adds room. Raises ValueError for malformed inputs and for
-        ones that need a gradient (the cache is for inference)."""
+        ones that need a gradient (the cache is for inference), and for a cache filled already."""
+        if self.k is not None:  # its slots hold another sequence: the new one would start in the middle of it
+            raise ValueError("the cache holds a sequence already; fill a fresh one (model.new_caches())")
         check_prompt_kv(k, v, kind)
         refuse_grad("fill", k=k, v=v)
         kind = kind.long()

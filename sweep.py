@@ -46,7 +46,8 @@ from nats import random_global_share
 
 SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
                       finetune_weights="", gs_budgets="", jobs=1)
-FIXED = dict.fromkeys(ts.NATS_SCHEDULE, 0)  # what a recipe's NAtS schedule becomes in runs without one
+FIXED = {key: type(ts.defaults()[key])() for key in ts.NATS_SCHEDULE}  # a recipe's NAtS schedule in runs without
+# one: zeros of each setting's type, as the run's own process reads its flags (0.0 for kv_budget)
 
 
 def split_args(argv):

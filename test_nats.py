@@ -3177,6 +3177,8 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
     kind, t = torch.full((1, 2, 1), SLIDING), torch.tensor([12], dtype=torch.int32)
     expanded = [cache[0][:, :, :1].expand(1, 2, 8, 8)] + cache[1:]  # every slot one element: written in place
     ckpt = load_checkpoint(tiny_checkpoint(tmp_path))
+    filled = KVCache(3)
+    filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long))
     cases = [
         (lambda: model([[1, 2, 3]]), "idx must be a tensor of token ids"),
         (lambda: model(x, [[1, 2, 3, 4, 5]]), "targets must be a tensor of token ids"),
@@ -3210,6 +3212,9 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: data.get_batch(np.arange(100), 0, 4, 0, "cpu"), "batch_size must be an int >= 1"),
         (lambda: data.get_batch(np.arange(100), 2, 4, 1.5, "cpu"), "seed must be an int >= 0"),
         (lambda: data.get_batch(np.arange(5), 2, 4, 0, "cpu"), "data has 5 tokens, fewer than a window"),
+        (lambda: data.get_batch(np.zeros((5, 4), dtype=np.int64), 2, 8, 0, "cpu"), "rows must be sequences of"),
+        (lambda: data.get_batch(np.arange(100) + 0.5, 2, 4, 0, "cpu"), "data must hold token ids"),
+        (lambda: filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long)), "holds a sequence already"),
         (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
         (lambda: nats.Decoder(model, model.new_caches(), -3), "length must be an int >= 1"),
     ]
@@ -3321,3 +3326,22 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
     torch.save(original, tmp_path / "ckpt.pt")  # weights that give NaN at once: no advice to resume from them
     with pytest.raises(SystemExit, match="the checkpoint it resumed from, step 2 .* gives it at once: its weights are"):
         ts.train(ts.make_config(TINY_RUN + ["--resume", "--max_iters=4", f"--out_dir={tmp_path}"])[0])
+    with pytest.raises(SystemExit, match="the sample after training: the model's logits were NaN"):  # nothing to
+        ts.train(ts.make_config(TINY_RUN + ["--resume", "--max_iters=2", f"--out_dir={tmp_path}"])[0])  # train
+
+
+def test_resume_takes_a_saved_setting_of_the_same_value_in_another_number_type(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0)
+    checkpoint = torch.load(tmp_path / "ckpt.pt")
+    checkpoint["config"]["kv_budget"] = 0.0  # as a sweep's run saves it from its flags; the sweep's config holds 0
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    resumed = ts.resumed_settings({**ts.defaults(), "out_dir": str(tmp_path), "kv_budget": 0}, {"kv_budget"})
+    assert resumed["kv_budget"] == 0.0 and isinstance(resumed["kv_budget"], float)
+
+    def interrupted(run):  # Ctrl-C in the sample or the evals after the last step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "final_report", interrupted)
+    with pytest.raises(SystemExit, match="stopped in the report after training .* checkpoint of step 2 in .* whole"):
+        ts.train(ts.make_config(TINY_RUN + ["--resume", "--max_iters=2", f"--out_dir={tmp_path}"])[0])

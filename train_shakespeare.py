@@ -376,7 +376,8 @@ def resumed_settings(config, given):
                          + ", ".join(f"--{key}={config[key]!r} (saved: {saved[key]!r})" for key in changed)
                          + ": drop them, or start a new run with another --out_dir")
     # where the run is and what it runs on are this machine's; the rest is the saved run's
-    kept = {key: of_type(value, config[key], f"--resume: {path} saved {key}={value!r}", f"{key}={config[key]!r}")
+    known = defaults()  # each setting's type (a sweep's run may hold 0 for a float setting: the same value)
+    kept = {key: of_type(value, known[key], f"--resume: {path} saved {key}={value!r}", f"{key}={known[key]!r}")
             for key, value in saved.items()  # (of its setting's type: a file edited by hand is named as such)
             if key in config and key not in {"out_dir", "device"} | ACTIONS | (may_change & given)}
     return {**config, **kept, "resume": True}
@@ -798,8 +799,11 @@ def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, 
     caches = model.new_caches()
     with autocast:
         decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
-        sample = generate(model, prompt, cfg["sample_tokens"], TEMPERATURE, min(TOP_K, decodable), caches=caches,
-                          decodable=decodable)
+        try:
+            sample = generate(model, prompt, cfg["sample_tokens"], TEMPERATURE, min(TOP_K, decodable), caches=caches,
+                              decodable=decodable)
+        except ValueError as e:  # NaN logits: the weights trained, or resumed, are broken
+            raise SystemExit(f"the sample after training: {e}") from None
     print(f"\nsample:\n{decode(sample[0].tolist())}")
     print(cache_report(caches, model.config.attention))
 
@@ -1157,7 +1161,12 @@ def train(cfg):
         run = start(cfg)
         with run.out_dir_lock:  # let go when the run ends, or fails
             run_steps(run)
-            final_report(run)
+            try:
+                final_report(run)
+            except KeyboardInterrupt:  # the checkpoint and history are written: only the report is cut short
+                raise SystemExit(f"\nstopped in the report after training (the sample, the long-context evals, the "
+                                 f"token types); the checkpoint of step {run.saved_at} in {cfg['out_dir']} is "
+                                 f"whole") from None
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
