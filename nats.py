@@ -233,9 +233,12 @@ def attention_stats(token_types, window, argmax_types=None):
     cache_size        keys the last query reads (the cache at the end of the sequence), averaged
                       over (batch, KV head)
     """
-    if not isinstance(token_types, torch.Tensor) or token_types.dim() != 4 or token_types.shape[-1] != 3:
-        raise ValueError(f"token_types must be one-hot [B, H_kv, T, 3], got "
-                         f"{tuple(getattr(token_types, 'shape', ())) or type(token_types).__name__}")
+    for name, types in (("token_types", token_types), ("argmax_types", argmax_types)):
+        if (types is not None or name == "token_types") and not (
+                isinstance(types, torch.Tensor) and types.dim() == 4 and types.shape[-1] == 3
+                and types.shape == token_types.shape):
+            raise ValueError(f"{name} must be one-hot [B, H_kv, T, 3] (both of one shape), got "
+                             f"{tuple(getattr(types, 'shape', ())) or type(types).__name__}")
     B, H_kv, T, _ = token_types.shape
     causal = B * H_kv * T * (T + 1) / 2
     # the sampled types of training differ from the argmax while the scorer is unsure, and a KV

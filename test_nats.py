@@ -3214,6 +3214,7 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: data.get_batch(np.arange(5), 2, 4, 0, "cpu"), "data has 5 tokens, fewer than a window"),
         (lambda: data.get_batch(np.zeros((5, 4), dtype=np.int64), 2, 8, 0, "cpu"), "rows must be sequences of"),
         (lambda: data.get_batch(np.arange(100) + 0.5, 2, 4, 0, "cpu"), "data must hold token ids"),
+        (lambda: data.get_batch(np.arange(100), 2, 4, 0, "tpu"), "device='tpu' is not a device"),
         (lambda: filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long)), "holds a sequence already"),
         (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
         (lambda: nats.Decoder(model, model.new_caches(), -3), "length must be an int >= 1"),
@@ -3251,8 +3252,11 @@ def test_flags_and_numbers_of_the_api_are_checked_in_range():
     config.n_head = 3  # set after the checks ran: GPT checks again (was a reshape error in the first forward)
     with pytest.raises(ValueError, match="n_embd=32 must be a multiple of n_head=3"):
         GPT(config)
-    with pytest.raises(ValueError, match=r"token_types must be one-hot \[B, H_kv, T, 3\], got \(1, 1, 4\)"):
+    with pytest.raises(ValueError, match=r"token_types must be one-hot \[B, H_kv, T, 3\] .*, got \(1, 1, 4\)"):
         attention_stats(torch.zeros(1, 1, 4, dtype=torch.long), 2)
+    types = random_types(2, 1, 4)
+    with pytest.raises(ValueError, match=r"argmax_types must be one-hot \[B, H_kv, T, 3\] .*, got \(1, 1, 4, 3\)"):
+        attention_stats(types, 2, argmax_types=types[:1])
 
 
 def test_a_window_past_int64_generates_as_one_past_the_sequence():

@@ -164,6 +164,10 @@ def get_batch(data, batch_size, block_size, seed, device):
         raise ValueError(f"data must be a 1-d or 2-d numpy array of token ids or a sequence generator, got "
                          f"{type(data).__name__}")
     recall.check_counts(batch_size=(batch_size, 1), block_size=(block_size, 1), seed=(seed, 0))
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
     if not callable(data) and not np.issubdtype(data.dtype, np.integer):
         raise ValueError(f"data must hold token ids (integers), got {data.dtype}")
     if not callable(data) and data.ndim == 2 and data.shape[1] != block_size + 1:
