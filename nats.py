@@ -1025,15 +1025,15 @@ class KVCache:
         # free slots hold zeros: their weight is 0, and 0 x NaN from uninitialised memory would not be
         self.k, self.v, self.pos, self.kind = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1), pad(self.kind, 0)
 
-    def step(self, q, k, v, kind, pos):
+    def step(self, q, k, v, kind, t):
         """One token per row through the cache (kernel.nats_decode): k, v [B, H_kv, 1, D] of type
-        kind [B, H_kv, 1] (long) at position pos [1] (int32) go into a free slot of its row (make_room
+        kind [B, H_kv, 1] (long) at position t [1] (int32) go into a free slot of its row (make_room
         has made sure there is one), its queries q [B, H, 1, D] attend over the valid slots, and the
         slots no later query reads are freed. Returns [B, H, 1, D]. Raises ValueError before fill(),
         for inputs that need a gradient and for malformed ones (kernel.check_decode_inputs)."""
         self.check_filled()
         refuse_grad("step", q=q, k=k, v=v)
-        return nats_decode(q, k, v, kind, pos, (self.k, self.v, self.pos, self.kind), self.window, self.impl)
+        return nats_decode(q, k, v, kind, t, (self.k, self.v, self.pos, self.kind), self.window, self.impl)
 
     def held(self):
         """Tokens held per (batch row, KV head): long [B, H_kv], on the cache's device."""

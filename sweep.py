@@ -335,6 +335,9 @@ def main(argv):
         print(__doc__ + "\nThe training script's settings: python train_shakespeare.py --help")
         raise SystemExit(0)
     own, rest = split_args(argv)
+    # each NAtS run takes its own budget from --kv_budgets: the training script's --kv_budget is not checked, only noted
+    budget = [arg.partition("=")[2] for arg in rest if arg.partition("=")[0] == "--kv_budget"]
+    rest = [arg for arg in rest if arg.partition("=")[0] != "--kv_budget"]
     try:
         base, why = ts.make_config(rest)
     except SystemExit as e:  # an unknown flag: the sweep's own are known too
@@ -352,7 +355,7 @@ def main(argv):
         ("finetune_weights", own["finetune_weights"], "the lambdas of --finetune_iters, which is 0",
          own["finetune_iters"] > 0),
         ("seed", base["seed"], "--seeds gives every run its seed", not own["seeds"]),
-        ("kv_budget", base["kv_budget"], "each NAtS run takes its own from --kv_budgets", False))
+        ("kv_budget", budget[-1] if budget else None, "each NAtS run takes its own from --kv_budgets", False))
         if key in given and not used]
     if unused:
         print(f"note: this sweep does not use {'; '.join(unused)}")
@@ -363,6 +366,9 @@ def main(argv):
             notes.setdefault(note, []).append(name)
     for note, names in notes.items():
         print(f"note: {note} ({'every run' if len(names) == len(runs) else 'runs ' + ', '.join(names)})")
+    if base["resume"] and not any(os.path.exists(os.path.join(cfg["out_dir"], file))
+                                  for _, cfg, _ in runs for file in ts.RUN_FILES[:2]):  # (as the training script says)
+        print(f"sweep: --resume: {base['out_dir']} holds no run of this sweep; it starts them all")
     for name, cfg, parent in runs:  # every run's settings and folder checked before the first starts
         if cfg["resume"] and not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")):
             # a resumed sweep starts the runs it never reached, and starts over those stopped before their first

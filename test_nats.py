@@ -1551,9 +1551,9 @@ def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=re.escape("(--kv_budgets=0.1,0.15 is the sweep's default: pass your own)")):
         sweep.main(TINY_RUN + ["--window=8", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])  # budgets not given
     monkeypatch.setattr(sweep, "train_in_turn", lambda runs: None)
-    sweep.main(TINY_RUN + ["--kv_budget=0.53", "--kv_budgets=0.6", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
-    assert "note: this sweep does not use --kv_budget=0.53 (each NAtS run takes its own from --kv_budgets)" \
-        in capsys.readouterr().out
+    sweep.main(TINY_RUN + ["--kv_budget=5", "--kv_budgets=0.6", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
+    assert "note: this sweep does not use --kv_budget=5 (each NAtS run takes its own from --kv_budgets)" \
+        in capsys.readouterr().out  # not refused for a range it is not used in
 
 
 def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
@@ -2626,6 +2626,10 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
     with pytest.raises(SystemExit, match="sweep: stopped; the same sweep command with --resume continues the sweep"):
         sweep.main(args + ["--resume"])
     assert json.loads((tmp_path / "sweep.json").read_text())[0]["run"] == "dense"  # the outputs written still
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a folder that holds none of the sweep's runs: said, not resumed silently
+        sweep.main(args[:-1] + [f"--out_dir={tmp_path / 'new'}", "--resume"])
+    assert f"sweep: --resume: {tmp_path / 'new'} holds no run of this sweep; it starts them all" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -3319,8 +3323,10 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
     monkeypatch.setattr(ts, "load_dataset", lambda *a: pytest.fail("the data loaded first"))
     for edit, message in [(lambda c: c.pop("optimizer"), "lacks optimizer, which --resume continues from"),
                           (lambda c: c.pop("config"), "lacks config"),
-                          (lambda c: c["config"].update(window="eight"), "saved window='eight': expected an int")]:
-        checkpoint = {**original, "config": dict(original["config"])}
+                          (lambda c: c["config"].update(window="eight"), "saved window='eight': expected an int"),
+                          (lambda c: c["model_args"].update(n_layer=3), "with n_layer=3 but settings that say n_layer="
+                                                                        "2: the file was edited")]:  # no flag mends it
+        checkpoint = {**original, "config": dict(original["config"]), "model_args": dict(original["model_args"])}
         edit(checkpoint)
         torch.save(checkpoint, tmp_path / "ckpt.pt")
         with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))}.*{message}"):

@@ -1018,6 +1018,9 @@ def model_args_for(cfg, checkpoint, teacher):
     if conflicts:
         has = ", ".join(f"{key}={given[key]!r}" for key in conflicts)
         asks = ", ".join(f"{key}={wanted[key]!r}" for key in conflicts)
+        if checkpoint is not None and any(key in checkpoint["config"] for key in conflicts):  # --resume took those
+            raise SystemExit(f"--resume: {source} holds a model with {has} but settings that say {asks}: the file was "
+                             f"edited or written by another program; pass --overwrite to start over")  # from there
         fix = " ".join(f"--{key}={given[key]}" for key in conflicts)
         raise SystemExit(f"{flag}: {source} holds a model with {has}; this run asks for {asks} (from a flag, "
                          f"a config file or config/cpu.py): pass {fix}"
