@@ -2629,7 +2629,8 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
     capsys.readouterr()
     with pytest.raises(SystemExit):  # a folder that holds none of the sweep's runs: said, not resumed silently
         sweep.main(args[:-1] + [f"--out_dir={tmp_path / 'new'}", "--resume"])
-    assert f"sweep: --resume: {tmp_path / 'new'} holds no run of this sweep; it starts them all" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"sweep: --resume: {tmp_path / 'new'} holds no run of this sweep; it starts them all" in out
 
 
 @pytest.mark.slow
