@@ -328,6 +328,36 @@ def plot(rows, base, path):
     print(f"wrote {path}")
 
 
+def shared_settings(own, rest, given):
+    """The settings the runs share (train_shakespeare.py's make_config of the rest of argv) and
+    what they are based on. Each run resumes from its own folder, so the sweep's folder is not
+    read as a run's; each NAtS run takes its budget from --kv_budgets (or --gs_budgets), so
+    --kv_budget and a config file's kv_budget are none of theirs: the shared settings are checked
+    with the sweep's largest budget, if it has any (each run's own is checked with it later)."""
+    resume = [ts.parse_value("resume", value or "True", False) for key, _, value in
+              (arg[2:].partition("=") for arg in rest if arg.startswith("--")) if key == "resume"]
+    budget = max(numbers(own, "kv_budgets", float) or numbers(own, "gs_budgets", float), default=0.0)
+    argv = [arg for arg in rest if arg.partition("=")[0] not in ("--resume", "--kv_budget")]
+    try:
+        base, why = ts.make_config(argv + [f"--kv_budget={budget}"])
+    except SystemExit as e:
+        if str(e).startswith("unknown argument"):  # the sweep's own flags are known too
+            raise SystemExit(f"{e}; or one of the sweep's own: {', '.join(SWEEP_DEFAULTS)}") from None
+        raise SystemExit(sweeps_message(str(e), given)) from None
+    base["resume"] = bool(resume and resume[-1])
+    if base["resume"] and base["overwrite"]:
+        raise SystemExit("--resume continues the sweep in out_dir, --overwrite starts its runs over: pass one of them")
+    return base, why
+
+
+def sweeps_message(message, given):
+    """A training script's message about the budget, naming the flag the sweep takes for it."""
+    message = message.replace("--kv_budget=", "--kv_budgets=")
+    if "--kv_budgets=" in message and "kv_budgets" not in given:
+        message += f" (--kv_budgets={SWEEP_DEFAULTS['kv_budgets']} is the sweep's default: pass your own)"
+    return message
+
+
 def main(argv):
     """Run the sweep; returns the table's rows (a dict per run that has an eval). Stopped by
     Ctrl-C or SIGTERM, it still writes the outputs of what the runs reached, then stops."""
@@ -335,27 +365,19 @@ def main(argv):
         print(__doc__ + "\nThe training script's settings: python train_shakespeare.py --help")
         raise SystemExit(0)
     own, rest = split_args(argv)
-    # each NAtS run takes its own budget from --kv_budgets: the training script's --kv_budget is not checked, only noted
-    budget = [arg.partition("=")[2] for arg in rest if arg.partition("=")[0] == "--kv_budget"]
-    rest = [arg for arg in rest if arg.partition("=")[0] != "--kv_budget"]
-    try:
-        base, why = ts.make_config(rest)
-    except SystemExit as e:  # an unknown flag: the sweep's own are known too
-        if str(e).startswith("unknown argument"):
-            raise SystemExit(f"{e}; or one of the sweep's own: {', '.join(SWEEP_DEFAULTS)}") from None
-        raise
+    given = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))  # flag: its last value
+    base, why = shared_settings(own, rest, given)
     ts.refuse_if_in_use(base["out_dir"])  # a running run's folder: the sweep's runs and table would go in it
     table = os.path.join(base["out_dir"], "sweep.md")
     if os.path.isfile(table) and not (base["resume"] or base["overwrite"]):  # another sweep's table would go
         raise SystemExit(f"{table} is the table of an earlier sweep: pass --resume to continue that sweep, "
                          f"--overwrite to write this one's over it, or another --out_dir")
     print(f"sweep: {why}")
-    given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
     unused = [f"--{key}={value} ({why})" for key, value, why, used in (  # noted, as the training script notes its own
         ("finetune_weights", own["finetune_weights"], "the lambdas of --finetune_iters, which is 0",
          own["finetune_iters"] > 0),
         ("seed", base["seed"], "--seeds gives every run its seed", not own["seeds"]),
-        ("kv_budget", budget[-1] if budget else None, "each NAtS run takes its own from --kv_budgets", False))
+        ("kv_budget", given.get("kv_budget"), "each NAtS run takes its own from --kv_budgets", False))
         if key in given and not used]
     if unused:
         print(f"note: this sweep does not use {'; '.join(unused)}")
@@ -384,11 +406,7 @@ def main(argv):
                 ts.check_config(cfg)
             ts.check_out_dir(cfg)
         except SystemExit as e:
-            # a run's budget is the sweep's --kv_budgets: its message names the flag this command takes
-            message = str(e).replace("--kv_budget=", "--kv_budgets=")
-            if "--kv_budgets=" in message and "kv_budgets" not in given:
-                message += f" (--kv_budgets={SWEEP_DEFAULTS['kv_budgets']} is the sweep's default: pass your own)"
-            raise SystemExit(f"sweep: run {name!r}: {message}") from None
+            raise SystemExit(f"sweep: run {name!r}: {sweeps_message(str(e), given)}") from None
     started = time.time()
     on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
     try:

@@ -1546,14 +1546,20 @@ def test_an_unreachable_kv_budget_is_refused_with_its_floor(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=re.escape("keeps less than 0.521")):
         ts.make_config(TINY_RUN + ["--window=8", "--kv_budget=0.45", "--local_type=False"])
     with pytest.raises(SystemExit, match=re.escape("run 'nats budget=0.1'")) as stop:  # a sweep's budgets first
-        sweep.main(TINY_RUN + ["--kv_budgets=0.1", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
+        sweep.main(TINY_RUN + ["--kv_budgets=0.1,0.5", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
     assert "like --kv_budgets=0." in str(stop.value)  # the flag the sweep takes, not the training script's
+    with pytest.raises(SystemExit, match=r"^--kv_budgets=0.1: at --block_size=32 .* like --kv_budgets=0\.") as stop:
+        sweep.main(TINY_RUN + ["--kv_budgets=0.1", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])  # the largest
     with pytest.raises(SystemExit, match=re.escape("(--kv_budgets=0.1,0.15 is the sweep's default: pass your own)")):
         sweep.main(TINY_RUN + ["--window=8", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])  # budgets not given
     monkeypatch.setattr(sweep, "train_in_turn", lambda runs: None)
     sweep.main(TINY_RUN + ["--kv_budget=5", "--kv_budgets=0.6", "--windows=", f"--out_dir={tmp_path / 'sweep'}"])
     assert "note: this sweep does not use --kv_budget=5 (each NAtS run takes its own from --kv_budgets)" \
         in capsys.readouterr().out  # not refused for a range it is not used in
+    tiny_run(tmp_path / "run", max_iters=2, eval_interval=2, sample_tokens=0)  # a run's folder (the default out_dir
+    sweep.main(TINY_RUN + ["--resume", "--n_embd=16", "--kv_budgets=0.6", "--windows=",
+                           f"--out_dir={tmp_path / 'run'}"])
+    assert "holds no run of this sweep" in capsys.readouterr().out  # of both), not resumed as the sweep's settings
 
 
 def test_progress_lines_fit_100_columns_without_colour_codes(tmp_path, capsys):
@@ -3306,7 +3312,7 @@ def test_a_sweep_stays_out_of_a_running_runs_folder_and_names_its_own_flags(tmp_
     (tmp_path / "run").mkdir()
     lock = sweep.ts.claim_out_dir(str(tmp_path / "run"))  # as a training run holds its folder while it runs
     with pytest.raises(SystemExit, match="is in use by a running training job"):
-        sweep.main(TINY_RUN + [f"--out_dir={tmp_path / 'run'}"])
+        sweep.main(TINY_RUN + ["--kv_budgets=0.6", f"--out_dir={tmp_path / 'run'}"])
     lock.close()
     with pytest.raises(SystemExit, match="unknown argument '--kv_budgetz=0.1'.*or one of the sweep's own: kv_budgets"):
         sweep.main(TINY_RUN + ["--kv_budgetz=0.1", f"--out_dir={tmp_path / 'sweep'}"])

@@ -4,9 +4,9 @@
 # at kv <= 0.15 on an H200):
 #     python train_shakespeare.py config/recall.py --out_dir=out-recall
 #     python sweep.py config/recall.py --kv_budgets=0.15 --windows=18 --seeds=1,2,3 --jobs=12 --out_dir=out-recall-sweep
-# The results table of 2026-11-28 came before the budget and the warm-up; to repeat it add
-# --kv_budget=0 --dense_warmup=0:
-#     python sweep.py config/recall.py --kv_budget=0 --dense_warmup=0 --kv_budgets= \
+# The results table of 2026-11-28 came before the budget and the warm-up; to repeat it, fixed lambdas
+# and no warm-up:
+#     python sweep.py config/recall.py --dense_warmup=0 --kv_budgets= \
 #         --kv_weights=0.03,0.04,0.05,0.07,0.1 --windows=16 --finetune_iters=1000 \
 #         --finetune_weights=0.1,0.3,1,3 --out_dir=out-recall
 # A GPU run takes a few minutes; on a CPU, hours (config/recall_cpu.py is a CPU-size version).
