@@ -3362,3 +3362,33 @@ def test_resume_takes_a_saved_setting_of_the_same_value_in_another_number_type(t
     monkeypatch.setattr(ts, "final_report", interrupted)
     with pytest.raises(SystemExit, match="stopped in the report after training .* checkpoint of step 2 in .* whole"):
         ts.train(ts.make_config(TINY_RUN + ["--resume", "--max_iters=2", f"--out_dir={tmp_path}"])[0])
+
+
+def test_resume_may_move_the_run_to_another_machine_and_its_pretrained_model_elsewhere(tmp_path):
+    import train_shakespeare as ts
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0)
+    checkpoint = torch.load(tmp_path / "ckpt.pt")
+    checkpoint["config"].update(dtype="bfloat16", device="cuda")  # as a GPU run saves it
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match="a CPU run trains in float32; pass --dtype=float32"):
+        ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])
+    assert ts.make_config(TINY_RUN + ["--resume", "--dtype=float32", f"--out_dir={tmp_path}"])[0]["dtype"] == "float32"
+    checkpoint["config"].update(init_from="/the/model/it/was.gguf")  # a retrofit's model, since moved
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    moved = {**ts.defaults(), "out_dir": str(tmp_path), "init_from": "/where/it/is.gguf"}
+    assert ts.resumed_settings(moved, {"init_from"})["init_from"] == "/where/it/is.gguf"
+    with pytest.raises(SystemExit, match="this run asks --init_from='run/ckpt.pt'"):  # not a model of another kind
+        ts.resumed_settings(dict(moved, init_from="run/ckpt.pt"), {"init_from"})
+
+
+def test_a_passkey_length_whose_answer_runs_past_the_context_is_refused_before_training(tmp_path, monkeypatch):
+    import train_shakespeare as ts
+    run = TINY_RUN + ["--block_size=425", "--passkey_trials=3", "--eval_contexts=", "--sample_tokens=0",
+                      f"--out_dir={tmp_path}"]
+    monkeypatch.setattr(ts, "build", lambda *a: pytest.fail("the model was built first"))
+    with pytest.raises(SystemExit, match=r"--passkey_lengths=425: a trial of 425 tokens with its answer reads 4\d\d, "
+                                         r"past the context of 425; pass lengths up to 420"):
+        ts.train(ts.make_config(run + ["--passkey_lengths=425"])[0])  # (the filler fills it to the last character)
+    monkeypatch.undo()
+    result = ts.train(ts.make_config(run + ["--passkey_lengths=420", "--max_iters=0"])[0])
+    assert "passkey@420" in result["long_context"]

@@ -54,7 +54,7 @@ except ImportError:  # Windows
 # a GPU"); config/cpu.py makes it the CPU run, on characters
 # I/O
 out_dir = OUT_DIR  # ckpt.pt, history.json and token_types.html go here
-resume = False  # continue out_dir/ckpt.pt where it stopped, with its settings (but how long it runs and what it shows)
+resume = False  # continue out_dir/ckpt.pt with its settings (but how long it runs, what it shows, and on what)
 overwrite = False  # start over in an out_dir that holds a run: its checkpoint and history are deleted
 eval_interval = 250  # steps between evals; every eval also writes the checkpoint
 eval_iters = 40  # batches per eval, the same ones every time
@@ -348,7 +348,7 @@ ACTIONS = {"resume", "overwrite"}  # what this command does to out_dir, once at 
 RESUME_MAY_CHANGE = ACTIONS | {"max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
                      "sample_tokens", "show_layer", "show_head", "device", "compile", "eval_contexts",
                      "passkey_lengths", "passkey_trials",  # what a resumed run may set anew: how long, what it shows,
-                     "out_dir"}  # and where it is (spelled otherwise, or moved)
+                     "out_dir", "dtype"}  # where it is (spelled otherwise, or moved), and what it runs on
 
 
 def resumed_settings(config, given):
@@ -368,8 +368,9 @@ def resumed_settings(config, given):
                          f"edited or written by another program); pass --overwrite to start over")
     saved = checkpoint["config"]
     may_change = set(RESUME_MAY_CHANGE)
-    if not is_pretrained(config["init_from"]) and not is_pretrained(saved.get("init_from", "")):
-        may_change.add("init_from")  # the checkpoint a fine-tune started from: like out_dir, moved or spelled otherwise
+    if is_pretrained(config["init_from"]) == is_pretrained(saved.get("init_from", "")):
+        may_change.add("init_from")  # the model a fine-tune started from: like out_dir, moved or spelled otherwise
+    # (another model of another shape stops the run: model_args_for)
     changed = sorted(key for key in given - may_change if key in saved and saved[key] != config[key])
     if changed:
         raise SystemExit(f"--resume continues the run in {config['out_dir']} with its saved settings; this run asks "
@@ -540,7 +541,8 @@ def check_init_from(cfg):
         try:
             source = pretrained_source(cfg["init_from"])
         except FileNotFoundError as e:
-            raise SystemExit(f"--init_from: {e}") from None
+            moved = "; if it has moved, pass --init_from=<where it is now> with --resume" if cfg["resume"] else ""
+            raise SystemExit(f"--init_from: {e}{moved}") from None
         folder = source["pretrained_model_name_or_path"]
         if "gguf_file" not in source and os.path.isdir(folder) and cfg["tokenizer"] == "pretrained" and not any(
                 os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):  # before the weights load
@@ -735,13 +737,18 @@ def long_context_eval(model, val_data, encode, cfg, device, autocast, max_tokens
             result[f"ppl@{T}"], result[f"kv@{T}"] = math.exp(totals[0] / n), (totals[1] / n).item()
         for length in token_counts(cfg["passkey_lengths"]):
             right = 0
-            for trial in range(cfg["passkey_trials"]):
-                prompt, answer = make_passkey(encode, length, seed=seed_of(cfg["seed"], PASSKEY, length * 1000 + trial))
+            for prompt, answer in make_trials(cfg, encode, length):
                 ids = torch.tensor(prompt + answer, device=device)[None]
                 guess = model(ids[:, :-1])[0][0, len(prompt) - 1:].argmax(-1)
                 right += guess.tolist() == answer
             result[f"passkey@{length}"] = right / cfg["passkey_trials"]
     return result
+
+
+def make_trials(cfg, encode, length):
+    """The --passkey_trials trials of a length: (prompt ids, answer ids), the same every eval."""
+    return [make_passkey(encode, length, seed=seed_of(cfg["seed"], PASSKEY, length * 1000 + trial))
+            for trial in range(cfg["passkey_trials"])]
 
 
 def format_long_context(result):
@@ -1230,9 +1237,13 @@ def start(cfg):
                          f"go on on other text; resume with the corpus it was trained on, or start over (--overwrite)")
     for length in token_counts(cfg["passkey_lengths"]):
         try:
-            make_passkey(data[2], length, seed=0)
+            read = max(len(prompt) + len(answer) - 1 for prompt, answer in make_trials(cfg, data[2], length))
         except ValueError as e:
             raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: {e}") from None
+        if read > model_args["block_size"]:  # the model reads the prompt and all but the answer's last token
+            raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: a trial of {length} tokens with its answer "
+                             f"reads {read}, past the context of {model_args['block_size']}; pass lengths up to "
+                             f"{model_args['block_size'] - 5} (the answer, 6 characters, follows the prompt)")
     if checkpoint is not None and checkpoint["model_args"].get("vocab_size", vocab_size) != vocab_size:
         raise SystemExit(f"--resume: {ckpt_path} was trained on {checkpoint['model_args']['vocab_size']} token "
                          f"ids, this data has {vocab_size}: pass the --dataset and --tokenizer it was trained with")
