@@ -151,13 +151,15 @@ def train_in_turn(runs):
         except SystemExit as e:  # stopped (Ctrl-C, SIGTERM) or failed: after the run's message, the sweep's hint
             if not isinstance(e.code, str):
                 raise
-            raise SystemExit(f"{e.code}\nsweep: stopped in run {name!r}; the same sweep command with --resume "
-                             f"continues the sweep") from None
+            hint = ("the same sweep command with --resume continues the sweep" if e.code.startswith("\nstopped")
+                    else "the runs before it are in the table")  # a failure would fail again when resumed
+            raise SystemExit(f"{e.code}\nsweep: stopped in run {name!r}; {hint}") from None
 
 
 def train_in_processes(runs, jobs):
     """Train the runs `jobs` at a time, each in its own process (its log in out_dir/train.log), on
-    the visible GPU running the fewest of them; a run waits for the run it starts from."""
+    the visible GPU running the fewest of them; a run waits for the run it starts from. Returns
+    the names of the runs that failed or were skipped (the run they start from failed)."""
     gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     pending, running, finished = list(runs), {}, set()
     try:
@@ -178,6 +180,7 @@ def train_in_processes(runs, jobs):
                 print(f"skipped, the run they start from failed: {', '.join(run[0] for run in pending)}")
                 break
             time.sleep(2)
+        return [name for name, _, _ in runs if name not in finished]
     finally:  # stopped (Ctrl-C, a timeout): stop the runs too
         for process, _, _ in running.values():
             process.terminate()
@@ -245,10 +248,10 @@ def spread(values, fmt):
     return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
 
 
-def write_table(rows, base, path, left=(), others=()):
+def write_table(rows, base, path, left=(), others=(), failed=()):
     """sweep.md: a row per variant, the mean over its seeds and every seed's value; then the runs
-    `left` out (a stopped sweep's runs that had no eval yet, or had not started) and the folders of
-    `others` beside them (runs of another sweep into the same out_dir)."""
+    `left` out (a stopped sweep's runs that had no eval yet, or had not started), the folders of
+    `others` beside them (runs of another sweep into the same out_dir) and the runs that `failed`."""
     recall = base["dataset"] in RECALL_TASKS
     seeds = sorted({r["seed"] for r in rows})
     extra = long_context_keys(rows)
@@ -280,6 +283,9 @@ def write_table(rows, base, path, left=(), others=()):
     if others:
         lines += ["", f"Also in {base['out_dir']}, not in this table (runs of another sweep into this folder): "
                       f"{', '.join(others)}."]
+    if failed:
+        lines += ["", f"Failed or skipped (their train.log says why; a row of theirs holds their last eval): "
+                      f"{', '.join(failed)}."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -409,9 +415,10 @@ def main(argv):
             raise SystemExit(f"sweep: run {name!r}: {sweeps_message(str(e), given)}") from None
     started = time.time()
     on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
+    failed = []
     try:
         if own["jobs"] > 1:
-            train_in_processes(runs, own["jobs"])
+            failed = train_in_processes(runs, own["jobs"])
         else:
             train_in_turn(runs)
     except KeyboardInterrupt:  # Ctrl-C between the runs' steps, or while the processes run
@@ -428,10 +435,13 @@ def main(argv):
                 ours = {os.path.basename(cfg["out_dir"]) for _, cfg, _ in runs}
                 others = sorted(d for d in os.listdir(base["out_dir"]) if d not in ours
                                 and os.path.isfile(os.path.join(base["out_dir"], d, "history.json")))
-                write_table(rows, base, table, left, others)
+                write_table(rows, base, table, left, others, failed)
                 plot(rows, base, os.path.join(base["out_dir"], "sweep.png"))
         finally:
             signal.signal(signal.SIGINT, on_sigint)
+    if failed:
+        raise SystemExit(f"sweep: {len(failed)} of {len(runs)} runs failed or were skipped: {', '.join(failed)} "
+                         f"(see their train.log)")
     return rows
 
 

@@ -2628,6 +2628,7 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
     def interrupted(runs):  # Ctrl-C while the runs' processes train (--jobs > 1): no traceback
         raise KeyboardInterrupt
 
+    train_in_turn = sweep.train_in_turn
     monkeypatch.setattr(sweep, "train_in_turn", interrupted)
     with pytest.raises(SystemExit, match="sweep: stopped; the same sweep command with --resume continues the sweep"):
         sweep.main(args + ["--resume"])
@@ -2637,6 +2638,10 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
         sweep.main(args[:-1] + [f"--out_dir={tmp_path / 'new'}", "--resume"])
     out = capsys.readouterr().out
     assert f"sweep: --resume: {tmp_path / 'new'} holds no run of this sweep; it starts them all" in out
+    monkeypatch.setattr(sweep, "train_in_turn", train_in_turn)
+    monkeypatch.setattr(ts, "train", lambda cfg: sys.exit("the loss is NaN at step 1"))  # failed, not stopped:
+    with pytest.raises(SystemExit, match="sweep: stopped in run 'dense'; the runs before it are in the table$"):
+        sweep.main(args + ["--resume"])  # a --resume would fail again, so no hint to resume
 
 
 @pytest.mark.slow
@@ -2646,9 +2651,13 @@ def test_sweep_in_processes_reports_failed_runs_and_skips_what_needs_them(tmp_pa
     (tmp_path / "dense").mkdir(parents=True)
     (tmp_path / "dense" / "history.json").write_text("{}")  # a run already there: the dense run must not start
     monkeypatch.setattr(ts, "check_out_dir", lambda cfg: [])  # the sweep's own check would refuse it up front
-    rows = sweep.main(TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--kv_budgets=", "--kv_weights=0.1",
-                                  "--windows=4", "--finetune_iters=2", "--jobs=2", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match=re.escape("sweep: 2 of 4 runs failed or were skipped: dense, nats "
+                                                   "fine-tuned lambda=0.1 (see their train.log)")):  # exit status 1
+        sweep.main(TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--kv_budgets=", "--kv_weights=0.1",
+                               "--windows=4", "--finetune_iters=2", "--jobs=2", f"--out_dir={tmp_path}"])
+    rows = json.loads((tmp_path / "sweep.json").read_text())
     assert sorted(row["run"] for row in rows) == ["nats lambda=0.1", "sliding W=4"]
+    assert "Failed or skipped (their train.log says why" in (tmp_path / "sweep.md").read_text()
     assert "--overwrite" in (tmp_path / "dense" / "train.log").read_text()
     assert not (tmp_path / "nats_fine-tuned_lambda=0.1").exists()  # never started: its dense run failed
 
@@ -3392,3 +3401,22 @@ def test_a_passkey_length_whose_answer_runs_past_the_context_is_refused_before_t
     monkeypatch.undo()
     result = ts.train(ts.make_config(run + ["--passkey_lengths=420", "--max_iters=0"])[0])
     assert "passkey@420" in result["long_context"]
+
+
+def test_a_stop_in_the_first_eval_or_the_report_says_what_is_on_disk(tmp_path, monkeypatch):
+    import signal
+    import train_shakespeare as ts
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "evaluate", stopped)  # Ctrl-C in the eval of step 0, before any checkpoint
+    with pytest.raises(SystemExit, match=r"stopped at step 0: no checkpoint yet \(the first comes with the eval at "):
+        tiny_run(tmp_path / "a", max_iters=4, eval_interval=2)
+    with pytest.raises(SystemExit, match=r"stopped at step 0: no checkpoint \(--max_iters=0 only evaluates\)"):
+        tiny_run(tmp_path / "b", max_iters=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(ts, "final_report", lambda run: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
+    with pytest.raises(SystemExit, match="stopped in the report after training .* checkpoint of step 2 .* whole"):
+        tiny_run(tmp_path / "c", max_iters=2, eval_interval=2)  # SIGTERM there, as Ctrl-C: said, not a silent end
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

@@ -1169,7 +1169,7 @@ def train(cfg):
     run = None
     try:
         run = start(cfg)
-        with run.out_dir_lock:  # let go when the run ends, or fails
+        with run.out_dir_lock, sigterm_as_ctrl_c():  # the lock let go when the run ends, or fails
             run_steps(run)
             try:
                 final_report(run)
@@ -1365,9 +1365,6 @@ def run_steps(run):
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
     start_time, start_it, elapsed_before = time.time(), run.it, run.history["elapsed"]
     window_start, window_it = time.time(), run.it
-    # only here: Python runs a handler between bytecodes, and set-up can block in C (a rendezvous with
-    # peers that never come), where the default SIGTERM, which ends the process at once, still works
-    on_sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             # an eval every eval_interval steps and at the end; a resumed run has its first in the history
@@ -1391,11 +1388,10 @@ def run_steps(run):
         first = min(cfg["eval_interval"], cfg["max_iters"])  # the step of the first checkpoint
         where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
                  f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
+                 "no checkpoint (--max_iters=0 only evaluates)" if not cfg["max_iters"] else
                  f"no checkpoint yet (the first comes with the eval at step {first})" if run.it < first else
-                 "no checkpoint: the first was being written")
+                 f"no checkpoint yet (the eval at step {first}, which writes the first, was cut short)")
         raise SystemExit(f"\nstopped at step {run.it}: {where}") from None
-    finally:
-        signal.signal(signal.SIGTERM, on_sigterm)
     run.history["elapsed"] = elapsed_before + time.time() - start_time
 
 
@@ -1509,10 +1505,19 @@ def save_history_of(run):
         save_history(run.history, run.cfg)
 
 
-def interrupt(signum, frame):
-    """SIGTERM (kill, timeout, a cluster's scheduler) stops the steps as Ctrl-C does: with where the
-    checkpoint is."""
-    raise KeyboardInterrupt
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside the block, SIGTERM (kill, timeout, a cluster's scheduler) stops the run as Ctrl-C
+    does: with where the checkpoint is. Only around the steps and the report: Python runs a
+    handler between bytecodes, and set-up can block in C (a rendezvous with peers that never
+    come), where the default SIGTERM, which ends the process at once, still works."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
