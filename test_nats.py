@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -2239,11 +2240,14 @@ def test_a_users_file_of_a_name_the_run_writes_is_kept_unless_overwrite(tmp_path
 def test_an_out_dir_that_is_a_broken_link_is_named_with_its_target(tmp_path):
     import train_shakespeare as ts
     (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "x")
-    for out_dir in (tmp_path / "link", tmp_path / "link" / "run"):
-        with pytest.raises(SystemExit, match=re.escape(f"link is a link to {tmp_path / 'nowhere' / 'x'}, which does "
-                                                       f"not exist")):
+    (tmp_path / "loop").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop")  # which exists, as a link, but leads nowhere either
+    for out_dir, target in [(tmp_path / "link", tmp_path / "nowhere" / "x"),
+                            (tmp_path / "link" / "run", tmp_path / "nowhere"), (tmp_path / "loop", "loop2")]:
+        with pytest.raises(SystemExit, match=re.escape(f"is a link to {target}") + ".*, which leads to no folder "
+                                             r"\(it does not exist, or the links go in a loop\)"):
             ts.make_config(TINY_RUN + [f"--out_dir={out_dir}"])
-    assert os.listdir(tmp_path) == ["link"]
+    assert sorted(os.listdir(tmp_path)) == ["link", "loop", "loop2"]
 
 
 def test_an_out_dir_that_cannot_hold_a_run_is_named_before_anything_is_written(tmp_path, monkeypatch):
@@ -2256,10 +2260,15 @@ def test_an_out_dir_that_cannot_hold_a_run_is_named_before_anything_is_written(t
     for out_dir, message in [("", "--out_dir is empty: pass the folder"),
                              (tmp_path / "a_file", "a_file is a file, not a folder"),
                              (tmp_path / "a_file" / "run", "a_file is a file, not a folder"),
-                             (read_only / "run", "read_only is read-only (or not this user's to write)")]:
+                             (read_only / "run", "read_only is read-only (or not this user's to write)"),
+                             (tmp_path / ("a" * 300) / "run", "a folder name of 300 bytes, and this file system ")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
             ts.make_config(TINY_RUN + [f"--out_dir={out_dir}"])
     assert sorted(os.listdir(tmp_path)) == ["a_file", "read_only"] and not os.listdir(read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda dir, prefix: (_ for _ in ()).throw(OSError(30, "Read-only file "
+                                                                                                   "system")))
+    with pytest.raises(SystemExit, match=f"no folder can be made in {re.escape(str(tmp_path))} \\(Read-only file"):
+        ts.make_config(TINY_RUN + [f"--out_dir={tmp_path / 'run'}"])  # as in /proc, which os.access calls writable
 
 
 def test_a_checkpoint_folder_made_read_only_is_not_blamed_on_disk_space(tmp_path, monkeypatch):
@@ -3038,6 +3047,7 @@ def test_sampling_treats_a_vanishing_temperature_as_greedy_and_stops_on_broken_l
     ("attention = 'dense\n", "bad.py:1: not a line of key = value (unterminated string literal"),
     ("window = int('3')\n", "bad.py:1: window = int('3') is not a value"),
     ("windw = 3\n", "bad.py:1: unknown setting 'windw'"),
+    ("eval_iters = 1\n# more\neval_iters = 2\n", "bad.py:3: eval_iters is set already, at line 1; set it once"),
     ("learning_rate = 1e400\n", "bad.py:1: expected a finite number within float32's range"),
     ("seed = 99999999999999999999999\n", "bad.py:1: expected an integer that fits in 64 bits"),
 ])

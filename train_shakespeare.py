@@ -25,6 +25,7 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import textwrap
 import time
 import tokenize
@@ -145,7 +146,7 @@ def read_recipe(path, known, origins=None):
         where = f":{e.lineno}" if getattr(e, "lineno", None) else ""
         raise SystemExit(f"{path}{where}: not a line of key = value ({getattr(e, 'msg', e)}), like the lines of "
                          f"{example}") from None
-    values = {}
+    values, line_of = {}, {}
     for line in lines:
         where = f"{path}:{line.lineno}"
         if not (isinstance(line, ast.Assign) and len(line.targets) == 1 and isinstance(line.targets[0], ast.Name)):
@@ -153,6 +154,9 @@ def read_recipe(path, known, origins=None):
         key = line.targets[0].id
         if key not in known:
             raise SystemExit(f"{where}: unknown setting {key!r}; known: {', '.join(known)}")
+        if key in line_of:  # in data, the second line would silently undo the first
+            raise SystemExit(f"{where}: {key} is set already, at line {line_of[key]}; set it once")
+        line_of[key] = line.lineno
         try:
             value = ast.literal_eval(line.value)
         except ValueError:
@@ -603,14 +607,25 @@ def check_out_dir_writable(out_dir):
     existing = out_dir
     while not os.path.exists(existing):
         if os.path.islink(existing):  # os.makedirs would stop at it with a bare FileExistsError
-            raise SystemExit(f"--out_dir={out_dir}: {existing} is a link to {os.readlink(existing)}, which does not "
-                             f"exist; make that folder, or pass another --out_dir")
+            raise SystemExit(f"--out_dir={out_dir}: {existing} is a link to {os.readlink(existing)}, which leads to "
+                             f"no folder (it does not exist, or the links go in a loop); make that folder, or pass "
+                             f"another --out_dir")
         existing = os.path.dirname(existing) or "."
     if not os.path.isdir(existing):
         raise SystemExit(f"--out_dir={out_dir}: {existing} is a file, not a folder; pass a folder, new or of a run")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SystemExit(f"--out_dir={out_dir}: {existing} is read-only (or not this user's to write); pass a folder "
                          f"you can write to")
+    longest = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    for name in os.path.relpath(out_dir, existing).split(os.sep):
+        if len(os.fsencode(name)) > longest:
+            raise SystemExit(f"--out_dir={out_dir}: a folder name of {len(os.fsencode(name))} bytes, and this file "
+                             f"system takes up to {longest}; pass a shorter one")
+    try:  # a folder made and removed at once: some file systems (/proc, /sys) refuse what os.access allows
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".out_dir-check-"))
+    except OSError as e:
+        raise SystemExit(f"--out_dir={out_dir}: no folder can be made in {existing} ({e.strerror}); pass a folder "
+                         f"you can write to") from None
 
 
 def token_counts(text):
