@@ -1836,6 +1836,8 @@ def test_command_line_and_config_files(tmp_path):
     (dict(eval_contexts="16,32,16"), "--eval_contexts=16,32,16 names a length twice"),
     (dict(eval_contexts="64"), "--eval_contexts=64: the model's context is --block_size=32"),
     (dict(block_size=2**20), "--block_size=1048576 --batch_size=8 --n_head=2"),  # the reference's T x T: > 256 TiB
+    (dict(attention="dense", batch_size=10**8), "--batch_size=100000000 --block_size=32 --n_layer=2: the activations "
+                                               "a step keeps take at least 3.05e+03 GiB"),  # any attention's
 ])
 def test_bad_settings_stop_before_any_data_or_file(tmp_path, bad, flag):
     import train_shakespeare as ts
@@ -1855,6 +1857,22 @@ def test_torchruns_variables_set_by_hand_are_named_before_anything(monkeypatch, 
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit, match="set, but not as torchrun sets them .* launch with torchrun"):
         ts.make_config(TINY_RUN)
+
+
+def test_a_whole_set_of_torchruns_variables_left_in_a_shell_says_it_waits(monkeypatch, capsys):
+    import train_shakespeare as ts
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="localhost",
+                            MASTER_PORT="29512").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ts.dist, "init_process_group", lambda backend: None)  # would wait for the peer
+    monkeypatch.setattr(ts.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(ts.dist, "get_world_size", lambda: 2)
+    ts.setup_distributed("cpu")
+    assert ("note: RANK=0 WORLD_SIZE=2 are set, without torchrun: waiting for the other processes at localhost:29512"
+            in capsys.readouterr().out)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")  # torchrun's: its peers are there
+    ts.setup_distributed("cpu")
+    assert capsys.readouterr().out == ""
 
 
 def test_a_schedule_longer_than_the_run_is_noted_and_messages_show_no_default_that_may_differ(capsys, tmp_path):

@@ -505,8 +505,9 @@ def check_config(cfg):
 def check_model_size(cfg):
     """A run whose weights alone, in float32, need more than the device's memory is refused before
     the model is built (an absurd --n_layer would take hours to build, then run out); so is one whose
-    attention, where the PyTorch reference runs it (a CPU, or --attention_impl=reference), needs more
-    than the memory for its [batch, heads, T, T] tensors (the Triton kernel needs O(T))."""
+    activations need more (lower bounds both), and one whose attention, where the PyTorch reference
+    runs it (a CPU, or --attention_impl=reference), needs more than the memory for its
+    [batch, heads, T, T] tensors (the Triton kernel needs O(T))."""
     hidden = cfg["mlp_hidden"] or 4 * cfg["n_embd"]
     # per layer at least the query and output projections and two MLP matrices: a lower bound
     least = cfg["n_layer"] * (2 * cfg["n_embd"] ** 2 + 2 * cfg["n_embd"] * hidden)
@@ -517,12 +518,20 @@ def check_model_size(cfg):
                          + f": the model has at least {least:.3g} parameters, {4 * least / 2**30:.3g} GiB in float32 "
                          f"for its weights alone, more than the {memory / 2**30:.3g} GiB of --device={cfg['device']}; "
                          f"pass a smaller model, like --n_layer=6 --n_embd=384 (the baby GPT)")
+    # training keeps, per layer, at least its MLP's activations for the backward pass, whatever the
+    # attention (an eval one layer's at a time; a pretrained model's sizes are known once it is loaded)
+    layers = 1 if cfg["max_iters"] == 0 or is_pretrained(cfg["init_from"]) else cfg["n_layer"]
+    need = 4 * layers * cfg["batch_size"] * cfg["block_size"] * hidden
+    if memory and need > memory and not is_pretrained(cfg["init_from"]):
+        bs, gas = cfg["batch_size"], cfg["gradient_accumulation_steps"]
+        raise SystemExit(f"--batch_size={bs} --block_size={cfg['block_size']} --n_layer={cfg['n_layer']}: the "
+                         f"activations a step keeps take at least {need / 2**30:.3g} GiB, more than the "
+                         f"{memory / 2**30:.3g} GiB of --device={cfg['device']}; pass a smaller --batch_size (with a "
+                         f"larger --gradient_accumulation_steps={gas}, the same tokens a step) or --block_size")
     impl = cfg["attention_impl"]
     if cfg["attention"] == "dense" or impl == "triton" or (impl == "auto" and device_type(cfg["device"]) == "cuda"):
         return
-    # training keeps, per layer, at least the attention weights and the causal softmax of the type
-    # gradients for the backward pass (a pretrained model's sizes are known only once it is loaded)
-    layers = 1 if cfg["max_iters"] == 0 or is_pretrained(cfg["init_from"]) else cfg["n_layer"]
+    # and the attention weights and the causal softmax of the type gradients
     need = 2 * 4 * layers * cfg["batch_size"] * cfg["n_head"] * cfg["block_size"] ** 2
     if memory and need > memory:
         raise SystemExit(f"--block_size={cfg['block_size']} --batch_size={cfg['batch_size']} --n_head={cfg['n_head']}"
@@ -1106,6 +1115,10 @@ def setup_distributed(device):
     if device_type(device) == "cuda":
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it; variables left in a shell wait silently
+        print(f"note: RANK={os.environ['RANK']} WORLD_SIZE={os.environ['WORLD_SIZE']} are set, without torchrun: "
+              f"waiting for the other processes at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+              f"(torch waits up to 30 minutes); for a run of one process, unset RANK and WORLD_SIZE", flush=True)
     dist.init_process_group("nccl" if device_type(device) == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
