@@ -33,6 +33,7 @@ its log (train.log when --jobs > 1), history.json, checkpoint and token-type pic
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -358,7 +359,7 @@ def shared_settings(own, rest, given):
 
 def sweeps_message(message, given):
     """A training script's message about the budget, naming the flag the sweep takes for it."""
-    message = message.replace("--kv_budget=", "--kv_budgets=")
+    message = re.sub(r"--kv_budget\b(?!s)", "--kv_budgets", message)
     if "--kv_budgets=" in message and "kv_budgets" not in given:
         message += f" (--kv_budgets={SWEEP_DEFAULTS['kv_budgets']} is the sweep's default: pass your own)"
     return message

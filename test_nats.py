@@ -1763,8 +1763,11 @@ def test_the_sliding_baseline_command_reads_back_as_the_runs_settings():
     import shlex
 
     import train_shakespeare as ts
-    cfg, _ = ts.make_config(TINY_RUN + ["--rope_scaling=(8.0, 1.0, 4.0, 64)", "--eval_contexts=16,32"])
-    again, _ = ts.make_config(shlex.split(ts.sliding_command(cfg, 4))[2:])  # as a shell passes it
+    cfg, _ = ts.make_config(TINY_RUN + ["--rope_scaling=(8.0, 1.0, 4.0, 64)", "--eval_contexts=16,32",
+                                        "--scorer_bias=2.0", "--gumbel=False"])
+    command = ts.sliding_command(cfg, 4)
+    assert "--scorer_bias" not in command and "--gumbel" not in command  # the scorers' settings: the window has none
+    again, _ = ts.make_config(shlex.split(command)[2:])  # as a shell passes it
     assert (again["rope_scaling"], again["eval_contexts"], again["n_layer"]) == ((8.0, 1.0, 4.0, 64), "16,32", 2)
     assert (again["attention"], again["window"]) == ("sliding", 4)
 
@@ -1915,7 +1918,8 @@ def test_fixed_patterns_drop_a_recipes_budget_but_not_a_flag(tmp_path):
     assert (cfg["kv_budget"], cfg["dense_warmup"], cfg["budget_anneal"]) == (0.0, 0, 0)
     with pytest.raises(SystemExit, match="--kv_budget=0.2 steers NAtS"):
         ts.make_config(TINY_RUN + [str(recipe), "--attention=dense", "--kv_budget=0.2"])
-    with pytest.raises(SystemExit, match="--budget_anneal=10 anneals a KV budget, and this run has none"):
+    with pytest.raises(SystemExit, match="--budget_anneal=10 anneals a KV budget, and this run has none: pass one "
+                                         r"too, like --kv_budget=0\.53"):  # above the floor at this context
         ts.make_config(TINY_RUN + ["--budget_anneal=10"])  # the CPU run has no budget
 
 
@@ -3448,3 +3452,16 @@ def test_a_stop_in_the_first_eval_or_the_report_says_what_is_on_disk(tmp_path, m
     with pytest.raises(SystemExit, match="stopped in the report after training .* checkpoint of step 2 .* whole"):
         tiny_run(tmp_path / "c", max_iters=2, eval_interval=2)  # SIGTERM there, as Ctrl-C: said, not a silent end
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_a_retrofit_checkpoint_as_init_from_says_what_to_do_instead(tmp_path):
+    import train_shakespeare as ts
+    path = tiny_checkpoint(tmp_path)
+    checkpoint = torch.load(path)
+    checkpoint["config"].update(tokenizer="pretrained", init_from="smol.gguf")  # as a retrofit of smol.gguf saves it
+    torch.save(checkpoint, path)
+    for tokenizer in ("char", "pretrained"):  # no advice to pass the other, which sent the user back
+        with pytest.raises(SystemExit, match=f"is a retrofit of smol.gguf, .* continue it with --resume --out_dir="
+                                             f"{re.escape(str(tmp_path))}, or retrofit anew from --init_from=smol"):
+            ts.load_init_from(tiny_config_dict(tmp_path / "new", init_from=str(path), finetune_scorer=True,
+                                               tokenizer=tokenizer), "cpu")

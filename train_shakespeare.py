@@ -242,7 +242,7 @@ def make_config(argv):
             recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
-                         f"pass --kv_budget too, like --kv_budget=0.15")
+                         f"pass one too, like --kv_budget={least_budget(config)}")
     if config["attention"] != "nats":  # the defaults' or a recipe's KV budget steers NAtS scorers, which this has not
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
     if config["dataset"] in RECALL_TASKS and "tokenizer" not in flags:  # the defaults' tokenizer reads Shakespeare;
@@ -657,6 +657,12 @@ def is_pretrained(init_from):
     return bool(init_from) and not init_from.lower().endswith((".pt", ".pth"))
 
 
+def least_budget(cfg):
+    """A KV budget to suggest: 0.15, or at this context and window the share a sink and the window
+    keep, rounded up, if that is more (the floor of any assignment of types is below it)."""
+    return max(0.15, math.ceil(sink_and_window_kv(cfg["block_size"], cfg["window"]) * 100) / 100)
+
+
 def check_sparsity_schedule(cfg):
     """The KV budget and the dense warm-up act on NAtS scorers; a budget is a share of the entries,
     no less than any assignment of types can keep (nats.least_kv_share)."""
@@ -689,7 +695,7 @@ def check_sparsity_schedule(cfg):
         raise SystemExit(f"--kv_budget={cfg['kv_budget']}: at --block_size={cfg['block_size']} and --window="
                          f"{cfg['window']} no assignment of token types keeps less than {floor:.3f} of the attention "
                          f"entries (a sink and the window alone keep {sink:.3f}): pass a budget above that, like "
-                         f"--kv_budget={math.ceil(sink * 100) / 100}, a smaller --window or a longer --block_size")
+                         f"--kv_budget={least_budget(cfg)}, a smaller --window or a longer --block_size")
     if cfg["dense_warmup"] and cfg["finetune_scorer"]:
         raise SystemExit(f"--dense_warmup={cfg['dense_warmup']} trains the backbone densely first, but "
                          f"--finetune_scorer keeps the backbone frozen: drop one of them")
@@ -872,7 +878,9 @@ def sliding_command(cfg, window):
     base = machine_defaults(cfg["device"])
     nats_only = {"attention", "window", "out_dir", "resume", "overwrite", "kv_weight", "dual_lr", "init_from",
                  "finetune_scorer", "distill", *NATS_SCHEDULE}
-    same = [f"--{key}={value}" for key, value in cfg.items() if key not in nats_only and base.get(key, value) != value]
+    unused = unused_settings(dict(cfg, attention="sliding", finetune_scorer=False))  # such as the scorers' own
+    same = [f"--{key}={value}" for key, value in cfg.items()
+            if key not in nats_only and key not in unused and base.get(key, value) != value]
     if cfg["init_from"]:  # a fine-tune: the weights it started from as they are, with the sliding pattern
         same = [arg for arg in same if not arg.startswith("--max_iters=")] + [f"--init_from={cfg['init_from']}",
                                                                              "--max_iters=0"]
@@ -1017,6 +1025,11 @@ def load_init_from(cfg, device):
         saved = checkpoint.get("config", {})
         keys = ("dataset", "tokenizer") if cfg["dataset"] == "shakespeare" else ("dataset",)  # recall: no tokenizer
         other = [f"--{key}={saved[key]}" for key in keys if key in saved and saved[key] != cfg[key]]
+        if saved.get("tokenizer") == "pretrained":  # its tokens are those of the pretrained model it started from
+            raise SystemExit(f"--init_from={cfg['init_from']} is a retrofit of {saved.get('init_from')}, and "
+                             f"--init_from takes the checkpoint of a model trained here from scratch: continue it "
+                             f"with --resume --out_dir={os.path.dirname(cfg['init_from']) or '.'}, or retrofit "
+                             f"anew from --init_from={saved.get('init_from')}")
         if other:
             raise SystemExit(f"--init_from={cfg['init_from']} was trained with {' '.join(other)}: pass the same")
         try:
