@@ -2322,7 +2322,13 @@ def test_a_read_only_cache_folder_leaves_the_tokens_unsaved_and_says_so(tmp_path
     assert decode(np.concatenate([train, val]).tolist()) == text
     out = capsys.readouterr().out
     assert f"could not cache the encoded corpus in {tmp_path / 'cache'} (Permission denied)" in out
-    assert "until that folder is writable" in out and os.listdir(tmp_path / "cache") == []
+    assert "until that is writable" in out and os.listdir(tmp_path / "cache") == []
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    (tmp_path / "cache").rmdir()
+    (tmp_path / "cache").write_text("a file where the cache folder goes")
+    data.load_corpus("char")
+    assert "(File exists): it is encoded again on every run until that is a folder, writable" in capsys.readouterr().out
 
 
 def test_gpt2_tokenizer_offline_says_how_to_point_at_a_copy(monkeypatch):

@@ -144,8 +144,10 @@ def cached(path, make, vocab_size, length=None, head=()):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        print(f"could not cache the encoded corpus in {os.path.dirname(path)} ({e.strerror or e}): it is encoded "
-              f"again on every run until that folder is writable")
+        folder = os.path.dirname(path)
+        fix = "a folder, writable" if os.path.exists(folder) and not os.path.isdir(folder) else "writable"
+        print(f"could not cache the encoded corpus in {folder} ({e.strerror or e}): it is encoded again on every "
+              f"run until that is {fix}")
     return array
 
 
