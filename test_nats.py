@@ -3613,3 +3613,105 @@ def test_load_dataset_and_the_tokenizers_name_what_they_cannot_take():
     assert all((recall.roles(seqs.tolist())[role] == mask).all() for role, mask in recall.roles(seqs).items())
     with pytest.raises(ValueError, match=r"sequences must be \[n, length\]"):
         recall.answer_mask([0, 1, 2])
+
+
+# -----------------------------------------------------------------------------
+# round 17: broken pretrained files, overrides of a pretrained shape, empty types, a retrofit's moved model
+
+
+def test_from_pretrained_names_a_truncated_or_foreign_weights_file(tmp_path, tiny_gguf):
+    whole = open(tiny_gguf[0], "rb").read()
+    for size in (4, 2000, len(whole) // 2, len(whole) - 10):  # in its header, its tensors' table, its data
+        (tmp_path / "cut.gguf").write_bytes(whole[:size])
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cut.gguf'} cannot be read as a GGUF file: it "
+                                                       f"is truncated (a download or copy cut short) or not a GGUF")):
+            GPT.from_pretrained(str(tmp_path / "cut.gguf"))
+    (tmp_path / "cut.gguf").write_bytes(b"GGUFxxxx")
+    with pytest.raises(ValueError, match="cut.gguf cannot be read as a GGUF file"):
+        GPT.from_pretrained(str(tmp_path / "cut.gguf"))
+    model = hf_tiny("llama")
+    model.save_pretrained(tmp_path / "hf")
+    weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    for size in (0, 8, len(weights) // 2):
+        (tmp_path / "hf" / "model.safetensors").write_bytes(weights[:size])
+        with pytest.raises(ValueError, match="model.safetensors cannot be read as a safetensors file: it is truncated"):
+            GPT.from_pretrained(str(tmp_path / "hf"))
+    os.remove(tmp_path / "hf" / "model.safetensors")  # an older HF folder: torch.save's pytorch_model.bin
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    weights = (tmp_path / "hf" / "pytorch_model.bin").read_bytes()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ValueError, match="pytorch_model.bin cannot be read as a PyTorch file: it is truncated"):
+        GPT.from_pretrained(str(tmp_path / "hf"))
+
+
+def test_from_pretrained_refuses_overrides_of_the_pretrained_shape_before_reading_weights(monkeypatch, tiny_gguf):
+    path = tiny_gguf[0]
+    for overrides, named in [(dict(n_layer=3), "n_layer=3"), (dict(vocab_size=5), "vocab_size=5"),
+                             (dict(n_embd=128, n_head=8), "n_embd=128, n_head=8"), (dict(n_kv_head=4), "n_kv_head=4"),
+                             (dict(mlp_hidden=64), "mlp_hidden=64"), (dict(rope_base=500000.0), "rope_base=500000.0"),
+                             (dict(norm="layernorm"), "norm='layernorm'"), (dict(tie_embeddings=False), "tie_embed")]:
+        with monkeypatch.context() as m:
+            m.setattr(nats, "load_hf", lambda source: pytest.fail("the weights were read first"))
+            with pytest.raises(ValueError, match=f"{named}.*: the pretrained model fixes that .* overrides may set "
+                                                 f"only attention, "):
+                GPT.from_pretrained(path, **overrides)
+    with monkeypatch.context() as m:
+        m.setattr(nats, "load_hf", lambda source: pytest.fail("the weights were read first"))
+        with pytest.raises(ValueError, match="block_size must be >= 1"):  # an allowed one's value, checked first too
+            GPT.from_pretrained(path, block_size=0)
+    model = GPT.from_pretrained(path, block_size=64, dropout=0.1, window=4)  # the context and the attention: ours
+    assert (model.config.block_size, model.config.dropout, model.config.window, model.config.n_layer) == (64, 0.1, 4, 2)
+
+
+def test_attention_stats_refuses_types_of_no_tokens():
+    for shape in [(1, 1, 0, 3), (0, 2, 4, 3), (2, 0, 4, 3)]:  # no entries: the kv share would be 0 / 0, NaN
+        with pytest.raises(ValueError, match=re.escape(f"B, H_kv and T >= 1 (both of one shape), got {shape}")):
+            attention_stats(torch.zeros(shape), 2)
+
+
+def test_sampling_a_retrofit_whose_pretrained_model_moved_names_init_from(tmp_path, tiny_gguf, capsys):
+    (tmp_path / "llama").mkdir()
+    gguf_bytes = open(tiny_gguf[0], "rb").read()
+    (tmp_path / "llama" / "tiny.gguf").write_bytes(gguf_bytes)
+    model = GPT.from_pretrained(str(tmp_path / "llama" / "tiny.gguf"), window=4)
+    ckpt = tmp_path / "ckpt.pt"  # as a retrofit run saves it: every weight, and where the model's tokenizer is
+    torch.save(dict(model=model.state_dict(), model_args=dict(model.config.__dict__),
+                    config=dict(dataset="shakespeare", tokenizer="pretrained",
+                                init_from=str(tmp_path / "llama" / "tiny.gguf"))), ckpt)
+    os.rename(tmp_path / "llama", tmp_path / "moved")
+    sample = [f"--ckpt={ckpt}", "--start=To be", "--max_new_tokens=4", "--device=cpu"]
+    with pytest.raises(SystemExit, match=re.escape(
+            f"the pretrained model it was fine-tuned from, whose tokenizer sampling loads from "
+            f"{tmp_path / 'llama' / 'tiny.gguf'}, but nothing is there now: put the model back there, or pass "
+            f"--init_from=<where it is now>")):
+        nats.main(sample)
+    capsys.readouterr()
+    nats.main(sample + [f"--init_from={tmp_path / 'moved' / 'tiny.gguf'}"])
+    assert capsys.readouterr().out.startswith("To be")
+    (tmp_path / "cut.gguf").write_bytes(gguf_bytes[:2000])
+    with pytest.raises(SystemExit, match="--init_from: .*cut.gguf cannot be read as a GGUF file: it is truncated"):
+        nats.main(sample + [f"--init_from={tmp_path / 'cut.gguf'}"])
+    with pytest.raises(SystemExit, match="--init_from is where the pretrained model of a retrofit is now.*tokenizer "
+                                         "char .*: drop it"):
+        nats.main([f"--ckpt={tiny_checkpoint(tmp_path / 'moved')}", "--device=cpu", f"--init_from={ckpt}"])
+    with pytest.raises(SystemExit):  # the benchmark's model is --pretrained
+        nats.main(["--bench", "--pretrained=x.gguf", "--init_from=x.gguf"])
+    assert "--init_from goes with a --ckpt" in capsys.readouterr().err
+
+
+def test_sampling_gpt2_tokens_offline_names_tiktoken_not_a_training_flag(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    config = tiny_config(vocab_size=nats.GPT2_PADDED_VOCAB)
+    torch.save(dict(model=GPT(config).state_dict(), model_args=dict(config.__dict__),
+                    config=dict(dataset="shakespeare", tokenizer="gpt2")), tmp_path / "ckpt.pt")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(SystemExit) as stop:
+        nats.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--device=cpu", "--max_new_tokens=2"])
+    message = str(stop.value)
+    assert message.startswith(f"--ckpt: {tmp_path / 'ckpt.pt'} reads text in GPT-2's BPE tokens, but tiktoken could "
+                              f"not get the GPT-2 BPE files (ConnectionError)")
+    assert "set TIKTOKEN_CACHE_DIR=" in message and "--tokenizer" not in message
