@@ -740,8 +740,10 @@ CHECKPOINT_FIELDS = dict(
     iter_num=(is_count, "a step, an int >= 0"), best_val_loss=(is_real, "a loss, a number"),
     kv_weight=(lambda v: is_real(v, 0) and v < math.inf, "lambda, a finite number >= 0"),
     optimizer=(lambda v: isinstance(v, dict), "the optimizer's state, a dict"),
-    history=(lambda v: isinstance(v, dict) and isinstance(v.get("evals"), list), "the run's history, a dict with "
-             "its 'evals'"),
+    history=(lambda v: isinstance(v, dict) and isinstance(v.get("evals"), list) and is_real(v.get("elapsed", 0), 0)
+             and all(isinstance(v.get(key, {}), dict) for key in ("loss", "eval_kv_fraction", "kv_weight")),
+             "the run's history, a dict with its 'evals' (a list), 'loss', 'eval_kv_fraction' and 'kv_weight' (dicts "
+             "by step) and 'elapsed' (seconds)"),
     config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
     vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
     corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))
@@ -1653,7 +1655,7 @@ def parse_args(argv=None):
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
                      f"(it writes {OUT_DIR}/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")
-    if args.start is not None and args.start.startswith("FILE:"):
+    if args.start is not None and args.start[:5].upper() == "FILE:":  # file:, as a user may type it, too
         path = os.path.expanduser(args.start[len("FILE:"):])
         if not os.path.isfile(path):
             what = "a folder" if os.path.isdir(path) else "no such file"
