@@ -741,9 +741,10 @@ CHECKPOINT_FIELDS = dict(
     kv_weight=(lambda v: is_real(v, 0) and v < math.inf, "lambda, a finite number >= 0"),
     optimizer=(lambda v: isinstance(v, dict), "the optimizer's state, a dict"),
     history=(lambda v: isinstance(v, dict) and isinstance(v.get("evals"), list) and is_real(v.get("elapsed", 0), 0)
-             and all(isinstance(v.get(key, {}), dict) for key in ("loss", "eval_kv_fraction", "kv_weight")),
+             and all(isinstance(v.get(key, {}), dict) and all(is_real(x) and math.isfinite(x) for x in v[key].values())
+                     for key in ("loss", "eval_kv_fraction", "kv_weight") if key in v),
              "the run's history, a dict with its 'evals' (a list), 'loss', 'eval_kv_fraction' and 'kv_weight' (dicts "
-             "by step) and 'elapsed' (seconds)"),
+             "of finite numbers by step) and 'elapsed' (seconds)"),
     config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
     vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
     corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))
@@ -795,6 +796,10 @@ def load_checkpoint(path, device="cpu"):
         if key in checkpoint and not fits(checkpoint[key]):
             raise ValueError(f"{path} holds {key}={repr(checkpoint[key])[:40]}, not {what}: the file was edited or "
                              f"written by another program")
+    evals = checkpoint.get("history", {}).get("evals")  # a checkpoint is written with the eval of its step
+    if evals and "iter_num" in checkpoint and evals[-1].get("iter") != checkpoint["iter_num"]:
+        raise ValueError(f"{path} holds iter_num={checkpoint['iter_num']}, but its history's last eval is of step "
+                         f"{evals[-1].get('iter')}: the file was edited or written by another program")
     checkpoint["model_args"].pop("kv_weight", None)  # lambda's start, a model field in checkpoints before 2026-12
     return checkpoint
 

@@ -3331,9 +3331,10 @@ def test_a_window_past_int64_generates_as_one_past_the_sequence():
     ("iter_num", "1500", "a step, an int >= 0"), ("iter_num", -5, "a step, an int >= 0"),
     ("history", [1, 2], "the run's history, a dict with its 'evals'"),
     ("history", {}, "the run's history, a dict with its 'evals'"),  # resumed, it would replace history.json
-    ("history", {"evals": [], "loss": []}, "'loss', 'eval_kv_fraction' and 'kv_weight' \\(dicts by step\\)"),
-    ("history", {"evals": [], "kv_weight": None}, "'kv_weight' \\(dicts by step\\)"),  # the step after the
+    ("history", {"evals": [], "loss": []}, "'loss', 'eval_kv_fraction' and 'kv_weight' \\(dicts of finite"),
+    ("history", {"evals": [], "kv_weight": None}, "'kv_weight' \\(dicts of finite"),  # the step after the
     ("history", {"evals": [], "elapsed": "x"}, "and 'elapsed' \\(seconds\\)"),  # resume failed on these
+    ("history", {"evals": [], "loss": {3: float("nan")}}, "dicts of finite numbers"),  # not JSON when written
     ("kv_weight", float("nan"), "lambda, a finite number >= 0"),
     ("best_val_loss", None, "a loss, a number"), ("vocabulary", 5, "the characters of a char model, a str"),
 ])
@@ -3383,7 +3384,9 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
                           (lambda c: c.pop("config"), "lacks config"),
                           (lambda c: c["config"].update(window="eight"), "saved window='eight': expected an int"),
                           (lambda c: c["model_args"].update(n_layer=3), "with n_layer=3 but settings that say n_layer="
-                                                                        "2: the file was edited")]:  # no flag mends it
+                                                                        "2: the file was edited"),  # no flag mends it
+                          (lambda c: c.update(iter_num=1), "holds iter_num=1, but its history's last eval is of step "
+                                                           "2: the file was edited")]:  # a step rewound by hand
         checkpoint = {**original, "config": dict(original["config"]), "model_args": dict(original["model_args"])}
         edit(checkpoint)
         torch.save(checkpoint, tmp_path / "ckpt.pt")
