@@ -3461,6 +3461,16 @@ def test_a_stop_in_the_first_eval_or_the_report_says_what_is_on_disk(tmp_path, m
     with pytest.raises(SystemExit, match=r"stopped at step 0: no checkpoint \(--max_iters=0 only evaluates\)"):
         tiny_run(tmp_path / "b", max_iters=0)
     monkeypatch.undo()
+    train_step = ts.train_step
+
+    def stopped_at_step_3(run):
+        if run.it == 3:
+            raise KeyboardInterrupt
+        return train_step(run)
+
+    monkeypatch.setattr(ts, "train_step", stopped_at_step_3)
+    with pytest.raises(SystemExit, match=re.escape(f"continue with --resume --out_dir='{tmp_path / 'a b'}' and")):
+        tiny_run(tmp_path / "a b", max_iters=4, eval_interval=2)  # a command to paste, quoted as a shell reads it
     monkeypatch.setattr(ts, "final_report", lambda run: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
     with pytest.raises(SystemExit, match="stopped in the report after training .* checkpoint of step 2 .* whole"):
         tiny_run(tmp_path / "c", max_iters=2, eval_interval=2)  # SIGTERM there, as Ctrl-C: said, not a silent end

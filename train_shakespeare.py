@@ -1026,10 +1026,11 @@ def load_init_from(cfg, device):
         keys = ("dataset", "tokenizer") if cfg["dataset"] == "shakespeare" else ("dataset",)  # recall: no tokenizer
         other = [f"--{key}={saved[key]}" for key in keys if key in saved and saved[key] != cfg[key]]
         if saved.get("tokenizer") == "pretrained":  # its tokens are those of the pretrained model it started from
+            folder = shlex.quote(os.path.dirname(cfg["init_from"]) or ".")  # as a shell reads it
             raise SystemExit(f"--init_from={cfg['init_from']} is a retrofit of {saved.get('init_from')}, and "
                              f"--init_from takes the checkpoint of a model trained here from scratch: continue it "
-                             f"with --resume --out_dir={os.path.dirname(cfg['init_from']) or '.'}, or retrofit "
-                             f"anew from --init_from={saved.get('init_from')}")
+                             f"with --resume --out_dir={folder}, or retrofit anew from --init_from="
+                             f"{saved.get('init_from')}")
         if other:
             raise SystemExit(f"--init_from={cfg['init_from']} was trained with {' '.join(other)}: pass the same")
         try:
@@ -1428,7 +1429,7 @@ def run_steps(run):
         ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
         first = min(cfg["eval_interval"], cfg["max_iters"])  # the step of the first checkpoint
         where = (f"the checkpoint of step {run.saved_at} is {ckpt_path}; continue with --resume "
-                 f"--out_dir={cfg['out_dir']} and the same other settings" if run.saved_at is not None else
+                 f"--out_dir={shlex.quote(cfg['out_dir'])} and the same other settings" if run.saved_at is not None else
                  "no checkpoint (--max_iters=0 only evaluates)" if not cfg["max_iters"] else
                  f"no checkpoint yet (the first comes with the eval at step {first})" if run.it < first else
                  f"no checkpoint yet (the eval at step {first}, which writes the first, was cut short)")
