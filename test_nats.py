@@ -3627,6 +3627,9 @@ def test_load_dataset_and_the_tokenizers_name_what_they_cannot_take():
         with pytest.raises(ValueError, match=re.escape("ids must be in 0..2 (ints, the characters' indices), got")):
             decode(ids)
     assert decode([np.int64(2), 0]) == "ca"
+    for text in (b"abc", ""):
+        with pytest.raises(ValueError, match="text must be the corpus, a non-empty str"):
+            char_tokenizer(text)
     seqs = recall.make_sequences(3, 64, 0)
     assert (recall.answer_mask(seqs.tolist()) == recall.answer_mask(seqs)).all()
     assert all((recall.roles(seqs.tolist())[role] == mask).all() for role, mask in recall.roles(seqs).items())

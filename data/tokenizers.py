@@ -24,7 +24,9 @@ GPT2_FETCH_SECONDS = 120  # the time tiktoken gets to download the GPT-2 files (
 
 def char_tokenizer(text):
     """encode, decode and the vocabulary size of the characters of text. Both raise ValueError for
-    what is outside the vocabulary: a character, an id."""
+    what is outside the vocabulary: a character, an id; so does text that is no non-empty str."""
+    if not (isinstance(text, str) and text):  # bytes would give ids of byte values, "" a vocabulary of none
+        raise ValueError(f"text must be the corpus, a non-empty str, got {type(text).__name__} {text!r:.40}")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
 
