@@ -3653,6 +3653,11 @@ def test_from_pretrained_names_a_truncated_or_foreign_weights_file(tmp_path, tin
         GPT.from_pretrained(str(tmp_path / "cut.gguf"))
     model = hf_tiny("llama")
     model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, hidden_size=32)))  # weights of 64
+    with pytest.raises(ValueError, match="its config.json does not fit its weights: edited, or of another model"):
+        GPT.from_pretrained(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
     for size in (0, 8, len(weights) // 2):
         (tmp_path / "hf" / "model.safetensors").write_bytes(weights[:size])
