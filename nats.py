@@ -25,6 +25,7 @@ import math
 import numbers
 import os
 import sys
+import textwrap
 import time
 import zipfile
 from dataclasses import dataclass, fields
@@ -664,8 +665,9 @@ class GPT(nn.Module):
             model = cls(GPTConfig(**checkpoint["model_args"]))
             model.load_state_dict(checkpoint["model"])
         except (TypeError, ValueError, RuntimeError) as e:  # a field GPTConfig lacks or refuses, weights of another
-            reason = " ".join(str(e).replace("Error(s) in loading state_dict for GPT:", "").split())  # shape
-            raise ValueError(f"the checkpoint's model_args and weights do not make a GPT: {reason[:300]}") from e
+            reason = str(e).replace("Error(s) in loading state_dict for GPT:", "")  # which weight, which shape
+            raise ValueError(f"the checkpoint's model_args and weights do not make a GPT: "
+                             f"{textwrap.shorten(reason, 300, placeholder=' ...')}") from e
         return model.to(device)
 
     @classmethod

@@ -3488,6 +3488,9 @@ def test_a_retrofit_checkpoint_as_init_from_says_what_to_do_instead(tmp_path):
                                              f"{re.escape(str(tmp_path))}, or retrofit anew from --init_from=smol"):
             ts.load_init_from(tiny_config_dict(tmp_path / "new", init_from=str(path), finetune_scorer=True,
                                                tokenizer=tokenizer), "cpu")
+    with pytest.raises(SystemExit, match=r"--init_from needs a checkpoint .* got '.*nowhere.pt' \(nothing is there\)"):
+        ts.check_init_from(tiny_config_dict(tmp_path / "new", init_from=str(tmp_path / "nowhere.pt"),
+                                            finetune_scorer=True))
 
 
 # -----------------------------------------------------------------------------

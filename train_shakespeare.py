@@ -571,8 +571,9 @@ def check_init_from(cfg):
         raise SystemExit(f"--resume: the run started from --init_from={cfg['init_from']}, which is not there now; "
                          f"pass --init_from=<where it is now> with --resume")
     elif (cfg["finetune_scorer"] or cfg["init_from"]) and not os.path.isfile(cfg["init_from"]):
+        got = "nothing is there" if cfg["init_from"] and not os.path.exists(cfg["init_from"]) else "not a file"
         raise SystemExit(f"--init_from needs a checkpoint of a trained model (out_dir/ckpt.pt) or a pretrained "
-                         f"model, got {cfg['init_from']!r}")
+                         f"model, got {cfg['init_from']!r} ({got if cfg['init_from'] else 'empty'})")
     if cfg["tokenizer"] == "pretrained" and not is_pretrained(cfg["init_from"]):
         raise SystemExit("--tokenizer=pretrained is the tokenizer of the pretrained model of --init_from: pass "
                          "--init_from=<GGUF file, HF folder or hub name>, or --tokenizer=gpt2")
@@ -1388,9 +1389,9 @@ def resume_from(run, checkpoint):
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.it, run.best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
     except (KeyError, ValueError, RuntimeError) as e:  # written by another program, or by hand
+        reason = textwrap.shorten(str(e), 200, placeholder=" ...")  # whole words: torch's names each weight
         raise SystemExit(f"--resume: {os.path.join(run.cfg['out_dir'], 'ckpt.pt')} does not hold this run's weights, "
-                         f"optimizer and step ({' '.join(str(e).split())[:200]}); pass --overwrite to start over") \
-            from None
+                         f"optimizer and step ({reason}); pass --overwrite to start over") from None
     run.resumed_at = run.saved_at = run.it
     run.kv_weight = checkpoint.get("kv_weight", run.kv_weight)  # older checkpoints: a fixed lambda
     run.history = dict(run.history, **checkpoint.get("history", {}))  # older checkpoints kept no history
