@@ -341,8 +341,6 @@ def shared_settings(own, rest, given):
     read as a run's; each NAtS run takes its budget from --kv_budgets (or --gs_budgets), so
     --kv_budget and a config file's kv_budget are none of theirs: the shared settings are checked
     with the sweep's largest budget, if it has any (each run's own is checked with it later)."""
-    resume = [ts.parse_value("resume", value or "True", False) for key, _, value in
-              (arg[2:].partition("=") for arg in rest if arg.startswith("--")) if key == "resume"]
     budget = max(numbers(own, "kv_budgets", float) or numbers(own, "gs_budgets", float), default=0.0)
     argv = [arg for arg in rest if arg.partition("=")[0] not in ("--resume", "--kv_budget")]
     try:
@@ -351,7 +349,7 @@ def shared_settings(own, rest, given):
         if str(e).startswith("unknown argument"):  # the sweep's own flags are known too
             raise SystemExit(f"{e}; or one of the sweep's own: {', '.join(SWEEP_DEFAULTS)}") from None
         raise SystemExit(sweeps_message(str(e), given)) from None
-    base["resume"] = bool(resume and resume[-1])
+    base["resume"] = "resume" in given and ts.parse_value("resume", given["resume"] or "True", False)  # a bare flag
     if base["resume"] and base["overwrite"]:
         raise SystemExit("--resume continues the sweep in out_dir, --overwrite starts its runs over: pass one of them")
     return base, why
