@@ -951,9 +951,10 @@ def read_pretrained(source, read):
         return read(where)
     except Exception as e:  # a cut GGUF header raises struct.error, a cut safetensors file a SafetensorError, ...
         check_weights_files(where)
-        if isinstance(e, RuntimeError):  # the files read, but do not fit together (transformers printed which)
-            raise ValueError(f"transformers could not load {source}: {str(e).strip().splitlines()[-1][:200]} (its "
-                             f"config.json does not fit its weights: edited, or of another model)") from None
+        if isinstance(e, RuntimeError) and not is_out_of_memory(e):  # the files read, but do not fit together
+            reason = textwrap.shorten(str(e).strip().splitlines()[-1], 200, placeholder=" ...")  # (transformers
+            raise ValueError(f"transformers could not load {source}: {reason} (its config.json does not fit its "
+                             f"weights: edited, or of another model)") from None  # printed which)
         if not isinstance(e, (OSError, ValueError)):
             raise
         raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
