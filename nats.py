@@ -1088,10 +1088,18 @@ class KVCache:
     def grow(self, slots):
         """Add free slots, up to `slots` per row. Between steps only: the tensors are replaced, so
         a CUDA graph of the step must be recorded again. Raises ValueError before fill() or for
-        fewer slots than the cache has."""
+        fewer slots than the cache has, MemoryError where the grown cache would not fit in the
+        memory free now (free_memory)."""
         if not is_count(slots, self.slots):  # self.slots raises before fill()
             raise ValueError(f"slots must be an int >= {self.slots}, the slots the cache has; got {slots!r}")
         slots = int(slots)
+        # the old and the new tensors are held together while they are copied; a CPU's system would
+        # rather kill the process than fail the allocation, so the cache checks first
+        need = sum(t[:, :, :1].nelement() * t.element_size() for t in (self.k, self.v, self.pos, self.kind)) * slots
+        free = free_memory(self.k.device)
+        if free is not None and need > free:
+            raise MemoryError(f"the KV cache of {self.slots} slots per row would grow to {slots}: {need / 2**30:.3g} "
+                              f"GiB, more than the {free / 2**30:.3g} GiB free on the {self.k.device.type}")
 
         def pad(t, value):
             return torch.cat([t, t.new_full((*t.shape[:2], slots - self.slots, *t.shape[3:]), value)], dim=2)
@@ -1268,6 +1276,18 @@ def device_memory(device):
         return None
 
 
+def free_memory(device):
+    """The bytes a new allocation on the CPU can take now (the system's MemAvailable; None where the
+    OS does not say). None on a GPU, whose allocator fails the allocation itself with a message."""
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux
+        return None
+
+
 def is_out_of_memory(e):
     """Whether e is a failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, the CPU
     allocator's RuntimeError, or one of them as torch.compile passes it on."""
@@ -1319,7 +1339,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, caches=Non
     for a malformed prompt, one longer than block_size, a temperature that is no finite number
     >= 0, max_new_tokens, top_k or decodable out of range (a bool is no count), caches that are
     not one per layer or already hold a sequence, and, at the end, for logits that were NaN or
-    infinite (a broken model)."""
+    infinite (a broken model); MemoryError where the caches would outgrow the CPU's free memory
+    (KVCache.grow)."""
     check_decoding(model, idx, caches, cuda_graph)
     # numpy's scalars (a value read from an array) are numbers too
     max_new_tokens, top_k, temperature, decodable = (x.item() if isinstance(x, np.generic) else x
@@ -1729,7 +1750,8 @@ def sample(args):
     # the samples are one batch: the prompt's forward holds at least its hidden states and the logits
     config, memory = model.config, device_memory(device)
     least = args.num_samples * (len(prompt) * config.n_embd * model.lm_head.weight.element_size()
-                                + 4 * config.vocab_size + 8 * (len(prompt) + args.max_new_tokens))
+                                + 4 * config.vocab_size + 44 * (len(prompt) + args.max_new_tokens))  # each id: 8
+    # bytes in the tensor, 36 as a Python int to decode
     too_many = (f"--num_samples={args.num_samples}: the samples are drawn at once, as one batch, and need more than "
                 f"the memory of --device={args.device}")
     if memory and least > memory:
@@ -1745,6 +1767,9 @@ def sample(args):
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
+        if isinstance(e, MemoryError) and "KV cache" in str(e):  # the tokens kept, which grow with the sample
+            raise SystemExit(f"--max_new_tokens={args.max_new_tokens}: {e} (the tokens this model keeps); pass a "
+                             f"shorter --max_new_tokens or fewer --num_samples") from None
         raise SystemExit(f"{too_many}; pass fewer (or a shorter --max_new_tokens)") from None
     for row in out.tolist():
         print(decode(row))

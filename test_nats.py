@@ -1437,6 +1437,14 @@ def test_sampling_more_than_memory_holds_names_num_samples(tmp_path, monkeypatch
     def out_of_memory(*args, **kwargs):  # what the estimate cannot see coming
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000000 bytes")
 
+    monkeypatch.setattr(nats, "free_memory", lambda device: 2000)  # the tokens kept outgrow the memory free: a
+    # CPU's system would kill the process (a sample of 10^8 tokens grew to 22 GB), the cache says so before
+    with pytest.raises(MemoryError, match=r"the KV cache of \d+ slots per row would grow to \d+: .* GiB, more than "
+                                          r"the 1.86e-06 GiB free on the cpu"):
+        nats.generate(GPT(tiny_config()), torch.zeros(1, 3, dtype=torch.long), 100)
+    with pytest.raises(SystemExit, match=r"^--max_new_tokens=100: the KV cache .* free on the cpu \(the tokens this "
+                                         r"model keeps\); pass a shorter --max_new_tokens or fewer --num_samples$"):
+        nats.main([f"--ckpt={ckpt}", "--max_new_tokens=100", "--device=cpu"])
     monkeypatch.setattr(nats, "generate", out_of_memory)
     with pytest.raises(SystemExit, match=r"--num_samples=2: .*; pass fewer \(or a shorter --max_new_tokens\)$"):
         nats.main([f"--ckpt={ckpt}", "--num_samples=2", "--device=cpu"])
