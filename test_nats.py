@@ -3394,13 +3394,22 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
                           (lambda c: c["model_args"].update(n_layer=3), "with n_layer=3 but settings that say n_layer="
                                                                         "2: the file was edited"),  # no flag mends it
                           (lambda c: c.update(iter_num=1), "holds iter_num=1, but its history's last eval is of step "
-                                                           "2: the file was edited")]:  # a step rewound by hand
+                                                           "2: the file was edited"),  # a step rewound by hand
+                          (lambda c: c["config"].update(windw=3), "saved settings this script does not have, windw "
+                                                                  r"\(the file was edited")]:  # it would be dropped
         checkpoint = {**original, "config": dict(original["config"]), "model_args": dict(original["model_args"])}
         edit(checkpoint)
         torch.save(checkpoint, tmp_path / "ckpt.pt")
         with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))}.*{message}"):
             ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
     monkeypatch.undo()
+    for edit, message in [(dict(dataset="recall"), "dataset='recall', tokenizer='char', of 64"),  # not the corpus's
+                          (dict(tokenizer="gpt2"), "dataset='shakespeare', tokenizer='gpt2', of 50304")]:  # fault
+        torch.save({**original, "config": {**original["config"], **edit}}, tmp_path / "ckpt.pt")
+        with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))} holds a model of "
+                                             f"{original['model_args']['vocab_size']} token ids \\(characters\\) but "
+                                             f"settings that say {message}: the file was edited"):
+            ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
     original["model"] = {name: torch.full_like(w, float("nan")) for name, w in original["model"].items()}
     torch.save(original, tmp_path / "ckpt.pt")  # weights that give NaN at once: no advice to resume from them
     with pytest.raises(SystemExit, match="the checkpoint it resumed from, step 2 .* gives it at once: its weights are"):

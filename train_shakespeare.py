@@ -371,6 +371,10 @@ def resumed_settings(config, given):
         raise SystemExit(f"--resume: {path} lacks {', '.join(missing)}, which --resume continues from (the file was "
                          f"edited or written by another program); pass --overwrite to start over")
     saved = checkpoint["config"]
+    unknown = sorted(set(saved) - set(config))
+    if unknown:  # a setting that would be dropped without a word
+        raise SystemExit(f"--resume: {path} saved settings this script does not have, {', '.join(unknown)} (the file "
+                         f"was edited or written by another version of it); pass --overwrite to start over")
     may_change = set(RESUME_MAY_CHANGE)
     if is_pretrained(config["init_from"]) == is_pretrained(saved.get("init_from", "")):
         may_change.add("init_from")  # the model a fine-tune started from: like out_dir, moved or spelled otherwise
@@ -1254,6 +1258,24 @@ def out_of_memory(cfg, run):
             f"the model ({model}); pass smaller ones, like {smaller}; {disk}")
 
 
+def check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path):
+    """--resume: stop unless the data is what the checkpoint's model was trained on. The dataset and
+    tokenizer are the saved settings, so a model of other token ids is a file edited by hand; a
+    character corpus of other symbols, or of other text (corpus: its corpus_digest), was edited since."""
+    saved, now = checkpoint.get("vocabulary"), vocabulary(cfg, data)
+    if saved is not None and now is not None and saved != now and cfg["dataset"] == "shakespeare":
+        raise SystemExit(f"--resume: {corpus_path()} has changed since {ckpt_path} was trained: its characters "
+                         f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
+    if (saved is None) != (now is None) or checkpoint["model_args"].get("vocab_size", data[-1]) != data[-1]:
+        raise SystemExit(f"--resume: {ckpt_path} holds a model of {checkpoint['model_args'].get('vocab_size')} token "
+                         f"ids{' (characters)' if saved else ''} but settings that say dataset={cfg['dataset']!r}, "
+                         f"tokenizer={cfg['tokenizer']!r}, of {data[-1]}: the file was edited or written by another "
+                         f"program; pass --overwrite to start over")
+    if checkpoint.get("corpus") not in (None, corpus):  # older checkpoints have none
+        raise SystemExit(f"--resume: {corpus_path()} has been edited since {ckpt_path} was trained: the run would "
+                         f"go on on other text; resume with the corpus it was trained on, or start over (--overwrite)")
+
+
 def start(cfg):
     """Everything a run needs before its first step, checked before anything is written: the
     processes, the checkpoint to resume or the model to fine-tune, the data, the model and its
@@ -1271,13 +1293,9 @@ def start(cfg):
     check_lengths_fit(cfg, model_args["block_size"], model_args["block_size"])  # the checkpoint's or pretrained's
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
-    if checkpoint is not None and checkpoint.get("vocabulary") not in (None, vocabulary(cfg, data)):
-        raise SystemExit(f"--resume: data/shakespeare.txt has changed since {ckpt_path} was trained: its characters "
-                         f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
     corpus = corpus_digest() if cfg["dataset"] == "shakespeare" else None
-    if checkpoint is not None and checkpoint.get("corpus") not in (None, corpus):  # older checkpoints have none
-        raise SystemExit(f"--resume: {corpus_path()} has been edited since {ckpt_path} was trained: the run would "
-                         f"go on on other text; resume with the corpus it was trained on, or start over (--overwrite)")
+    if checkpoint is not None:
+        check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path)
     for length in token_counts(cfg["passkey_lengths"]):
         try:
             read = max(len(prompt) + len(answer) - 1 for prompt, answer in make_trials(cfg, data[2], length))
@@ -1287,9 +1305,6 @@ def start(cfg):
             raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: a trial of {length} tokens with its answer "
                              f"reads {read}, past the context of {model_args['block_size']}; pass lengths up to "
                              f"{model_args['block_size'] - 5} (the answer, 6 characters, follows the prompt)")
-    if checkpoint is not None and checkpoint["model_args"].get("vocab_size", vocab_size) != vocab_size:
-        raise SystemExit(f"--resume: {ckpt_path} was trained on {checkpoint['model_args']['vocab_size']} token "
-                         f"ids, this data has {vocab_size}: pass the --dataset and --tokenizer it was trained with")
     if model_args.get("vocab_size", vocab_size) < vocab_size or model_args["block_size"] < cfg["block_size"]:
         raise SystemExit(f"--init_from={cfg['init_from']} has {model_args['vocab_size']} token ids and a context of "
                          f"{model_args['block_size']}; this run has {vocab_size} and --block_size={cfg['block_size']}"
