@@ -855,6 +855,9 @@ def test_the_data_generators_name_odd_arguments():
                         (lambda: make_far_sequences(2, 64, -3), "seed must be an int >= 0, got -3"),
                         (lambda: query_mask(np.zeros(5)), r"sequences must be \[n, length\]"),
                         (lambda: query_mask([1, 2, 3]), r"sequences must be \[n, length\]"),
+                        (lambda: query_mask([[0, 1, len(data.recall.ALPHABET)]]), r"indices into ALPHABET, 0\.\."),
+                        (lambda: query_mask([[0.5, 1.0]]), "integer indices into ALPHABET"),
+                        (lambda: data.load_dataset("recall", "gpt2", 64), "tokenizer must be 'char' for dataset"),
                         (lambda: make_passkey(None, 300, 0), "encode must be the tokenizer's"),
                         (lambda: decode([-1]), r"ids must be in 0\.\.")]:
         with pytest.raises(ValueError, match=match):

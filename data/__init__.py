@@ -30,11 +30,14 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
     (load_corpus; tokenizer "pretrained" is the own one of the pretrained model at `pretrained`), a
     generator and a fixed val set for the recall tasks (load_recall, sequences of block_size + 1).
     Raises SystemExit naming the corpus or --dataset for a context it cannot fill (or hold in
-    memory), ValueError for a dataset, tokenizer or block_size (an int >= 1) that is none, or for
-    tokenizer "pretrained" without `pretrained`."""
+    memory), ValueError for a dataset, tokenizer or block_size (an int >= 1) that is none, a recall
+    task's tokenizer other than "char", or tokenizer "pretrained" without `pretrained`."""
     if dataset not in DATASETS or tokenizer not in TOKENIZERS:
         raise ValueError(f"dataset must be one of {DATASETS} and tokenizer one of {TOKENIZERS}; got {dataset!r}, "
                          f"{tokenizer!r}")
+    if dataset != "shakespeare" and tokenizer != "char":
+        raise ValueError(f"tokenizer must be 'char' for dataset {dataset!r}: its sequences are of its own alphabet's "
+                         f"symbols; got {tokenizer!r}")
     recall.check_counts(block_size=(block_size, 1))
     if dataset == "shakespeare":
         corpus = load_corpus(tokenizer, pretrained)

@@ -103,10 +103,13 @@ def place(rng, rows, items, start, end):
 def query_mask(sequences):
     """True where a character is a query: a key that came before in its row (every key appears
     once in the pairs and at most once as a query; the filler holds none). sequences: [n, length]
-    indices into ALPHABET; raises ValueError for another shape."""
+    indices into ALPHABET; raises ValueError for another shape, dtype or index."""
     sequences = np.asarray(sequences)
     if sequences.ndim != 2:
         raise ValueError(f"sequences must be [n, length] indices into ALPHABET, got shape {sequences.shape}")
+    if sequences.size and (sequences.dtype.kind not in "iu" or sequences.min() < 0 or sequences.max() >= len(ALPHABET)):
+        raise ValueError(f"sequences must be integer indices into ALPHABET, 0..{len(ALPHABET) - 1}; got "
+                         f"{sequences.dtype} {sequences.min()}..{sequences.max()}")
     mask = np.zeros(sequences.shape, dtype=bool)
     for key in range(len(KEYS)):
         is_key = sequences == key
