@@ -3741,6 +3741,10 @@ def test_sampling_a_retrofit_whose_pretrained_model_moved_names_init_from(tmp_pa
     (tmp_path / "cut.gguf").write_bytes(gguf_bytes[:2000])
     with pytest.raises(SystemExit, match="--init_from: .*cut.gguf cannot be read as a GGUF file: it is truncated"):
         nats.main(sample + [f"--init_from={tmp_path / 'cut.gguf'}"])
+    hf_tiny("llama").save_pretrained(tmp_path / "hf")  # an HF folder without its tokenizer: named, not the hub's text
+    with pytest.raises(SystemExit, match=r"^--init_from: .*hf holds no tokenizer \(tokenizer.json, tokenizer.model, "
+                                         r"vocab.json\), whose tokens the model reads: save the model's tokenizer"):
+        nats.main(sample + [f"--init_from={tmp_path / 'hf'}"])
     with pytest.raises(SystemExit, match="--init_from is where the pretrained model of a retrofit is now.*tokenizer "
                                          "char .*: drop it"):
         nats.main([f"--ckpt={tiny_checkpoint(tmp_path / 'moved')}", "--device=cpu", f"--init_from={ckpt}"])

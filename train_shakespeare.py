@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, PASSKEY, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE,
                   corpus_digest, corpus_path, decodable_size, get_batch, load_dataset, recall, seed_of)
 from data.passkey import make_passkey
-from data.tokenizers import pretrained_source
+from data.tokenizers import check_tokenizer_files, pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report,
                   device_memory, eval_mode, generate, is_out_of_memory, least_kv_share, load_checkpoint,
                   matching_window, sink_and_window_kv)
@@ -545,9 +545,6 @@ def check_model_size(cfg):
                          f"--batch_size, or a CUDA --device (the Triton kernel's memory grows with T, not T^2)")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: an HF folder's tokenizer
-
-
 def check_init_from(cfg):
     """--finetune_scorer starts from a checkpoint file or a pretrained model that is there; a
     pretrained model reads its own tokens, which only it has; distill names a loss."""
@@ -561,11 +558,11 @@ def check_init_from(cfg):
             moved = "; if it has moved, pass --init_from=<where it is now> with --resume" if cfg["resume"] else ""
             raise SystemExit(f"--init_from: {e}{moved}") from None
         folder = source["pretrained_model_name_or_path"]
-        if "gguf_file" not in source and os.path.isdir(folder) and cfg["tokenizer"] == "pretrained" and not any(
-                os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):  # before the weights load
-            raise SystemExit(f"--init_from={cfg['init_from']} holds no tokenizer ({', '.join(TOKENIZER_FILES)}), "
-                             f"which --tokenizer=pretrained reads: save the model's tokenizer there too "
-                             f"(tokenizer.save_pretrained)")
+        if cfg["tokenizer"] == "pretrained":  # before the weights load
+            try:
+                check_tokenizer_files(cfg["init_from"])
+            except FileNotFoundError as e:
+                raise SystemExit(f"--init_from={e} (--tokenizer=pretrained)") from None
         if "gguf_file" in source:  # its first four bytes, before the other checks send the user elsewhere
             with open(os.path.join(folder, source["gguf_file"]), "rb") as f:
                 if f.read(4) != b"GGUF":

@@ -104,12 +104,28 @@ def pretrained_source(source):
     return dict(pretrained_model_name_or_path=source)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: an HF folder's tokenizer
+
+
+def check_tokenizer_files(source):
+    """Raise a FileNotFoundError where source is an HF folder that holds no tokenizer (transformers'
+    own message for it is about the hub); pretrained_source's errors otherwise. A GGUF file holds its own."""
+    where = pretrained_source(source)
+    folder = where["pretrained_model_name_or_path"]
+    if "gguf_file" not in where and os.path.isdir(folder) and not any(
+            os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}), whose tokens the model "
+                                f"reads: save the model's tokenizer there too (tokenizer.save_pretrained)")
+    return where
+
+
 def pretrained_tokenizer(source):
     """encode, decode, the vocabulary size and a name of a pretrained model's own tokenizer, loaded
     by transformers from where pretrained_source finds it (no special tokens added). The name,
-    "pretrained-" and a hash of the vocabulary, tells tokenizers apart wherever their files are."""
+    "pretrained-" and a hash of the vocabulary, tells tokenizers apart wherever their files are.
+    Raises FileNotFoundError for a folder without one (check_tokenizer_files)."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(**pretrained_source(source))
+    tok = AutoTokenizer.from_pretrained(**check_tokenizer_files(source))
     tok.model_max_length = 2**62  # a corpus is encoded in one go: no warning that it is longer than a context
     name = "pretrained-" + hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()[:8]
     return (lambda s: tok.encode(s, add_special_tokens=False)), tok.decode, len(tok), name
