@@ -316,6 +316,10 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         if token_types is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_head < cfg.n_head)
+        elif cfg.attention_impl == "triton" and not (q.is_cuda or INTERPRETING):  # the kernel's message names impl
+            raise ValueError(f"attention_impl='triton' runs the Triton kernel on CUDA tensors, and this model is on "
+                             f"the {q.device.type}: move it to a GPU (model.to('cuda')) or build it with "
+                             f"attention_impl='auto' (the kernel on CUDA) or 'reference'")
         else:
             y = nats_attention(q, k, v, token_types.to(q.dtype), cfg.window, impl=cfg.attention_impl)
         return self.project(y)
@@ -935,6 +939,11 @@ def load_hf(source):
         **where, dtype=torch.float32, output_loading_info=True))
     tied = getattr(hf_model.config, "tie_word_embeddings", False)
     missing = [k for k in info.get("missing_keys", ()) if not (tied and k == "lm_head.weight")]
+    unexpected = list(info.get("unexpected_keys", ()))
+    if (missing or info.get("mismatched_keys")) and unexpected:  # weights of one model under the config of another
+        raise ValueError(f"{source}: its weights are not those its config describes (model_type "
+                         f"{hf_model.config.model_type!r}): it lacks {sorted(missing)[:3]} and holds "
+                         f"{sorted(unexpected)[:3]}; the config was edited, or belongs to another model")
     if missing or info.get("mismatched_keys"):
         raise ValueError(f"{source} lacks weights its config describes: {missing[:6]} "
                          f"{list(info.get('mismatched_keys', ()))[:6]}; transformers would make them up at random")

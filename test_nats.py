@@ -1276,6 +1276,10 @@ def test_generate_rejects_bad_input():
             nats.generate(model, prompt, **{"max_new_tokens": 5, **bad})
     with pytest.raises(ValueError, match=r"idx must be a tensor of token ids \[batch, tokens\], .* got list"):
         nats.generate(model, prompt.tolist(), 5)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(ValueError, match=r"attention_impl='triton' .* this "
+                                                                         r"model is on the cpu: move it to a GPU"):
+        patch.setattr(nats, "INTERPRETING", False)  # built for the kernel, used on a CPU without Triton's interpreter
+        GPT(tiny_config(attention_impl="triton"))(prompt)
     for ids, message in [(prompt.float(), "long or int32"), (prompt[0], r"\[batch, tokens\]"),
                          (prompt + 50, r"0\.\.49 \(vocab_size\); got 50\.\.50"), (prompt - 1, "got -1")]:
         with pytest.raises(ValueError, match=message):
@@ -3679,6 +3683,11 @@ def test_from_pretrained_names_a_truncated_or_foreign_weights_file(tmp_path, tin
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, hidden_size=32)))  # weights of 64
     with pytest.raises(ValueError, match="its config.json does not fit its weights: edited, or of another model"):
+        GPT.from_pretrained(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))  # another model's
+    with pytest.raises(ValueError, match=r"hf: its weights are not those its config describes \(model_type 'gpt2'\): "
+                                         r"it lacks \['transformer.h.0.attn.c_attn.bias', .* and holds "
+                                         r"\['model.embed_tokens.weight'"):
         GPT.from_pretrained(str(tmp_path / "hf"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
