@@ -758,7 +758,14 @@ def key_metadata(token_types: torch.Tensor, window: int) -> list[torch.Tensor]:
     band_start: for query i, the first key j with last_q_local >= i (T if none): query tiles
     start their band there. global_pos: the Global positions, sorted, padded with T;
     n_global_upto: Globals at or before j.
+
+    Raises ValueError for types that are not [B, H_kv, T, 3] on a CUDA device (or in Triton's
+    interpreter) and a window that is not an int >= 0; nats_attention checks the rest.
     """
+    if token_types.dim() != 4 or not (token_types.is_cuda or INTERPRETING):
+        raise ValueError(f"key_metadata runs a Triton kernel on the types [batch, kv_heads, seq, 3] on a CUDA device; "
+                         f"got {tuple(token_types.shape)} on {token_types.device}")
+    check_window(window)
     meta = _empty_metadata(token_types)
     B, H_kv, T, _ = token_types.shape
     n_groups = dict(zip(META_FIELDS, meta))["reach_local"].shape[-1]

@@ -3269,6 +3269,9 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: nats.decode(model, x, caches=["a", "b"]), "caches must hold one KVCache per layer"),
         (lambda: nats_attention([[1.0]], k, v, types, 2), r"q \(list\) must be torch tensors"),
         (lambda: nats_attention(q, k, v, None, 2), r"token_types \(NoneType\) must be torch tensors"),
+        (lambda: kernel.key_metadata(types[0], 2), r"key_metadata runs a Triton kernel on the types \[batch, "
+                                                   r"kv_heads, seq, 3\] on a CUDA device; got \(2, 5, 3\)"),
+        (lambda: kernel.key_metadata(types, -1), "window must be an int >= 0"),
         (lambda: nats_attention_reference(None, k, v, types, 2), r"q \(NoneType\) must be torch tensors"),
         (lambda: nats_decode([1], k1, v1, kind, t, cache, 2), r"q \(list\) must be torch tensors"),
         (lambda: nats_decode(q1, k1, v1, kind, t, expanded, 2), "must not be expanded views"),
