@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import decodable_size, load_dataset
+from data import check_device, decodable_size, load_dataset
 from data.tokenizers import (GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, gpt2_tokenizer, pretrained_source,
                              pretrained_tokenizer)
 from kernel import (GLOBAL, INTERPRETING, SLIDING, check_window, expired, is_count, is_real, kv_lengths,
@@ -754,18 +754,6 @@ CHECKPOINT_FIELDS = dict(
     config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
     vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
     corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))
-
-
-def check_device(device):
-    """device as a torch.device, or a ValueError naming what to pass: not a device, or CUDA where
-    none is visible."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}: no CUDA GPU is visible here; pass device='cpu'")
-    return device
 
 
 def load_checkpoint(path, device="cpu"):

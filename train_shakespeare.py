@@ -1263,7 +1263,7 @@ def check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path):
     if saved is not None and now is not None and saved != now and cfg["dataset"] == "shakespeare":
         raise SystemExit(f"--resume: {corpus_path()} has changed since {ckpt_path} was trained: its characters "
                          f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
-    if (saved is None) != (now is None) or checkpoint["model_args"].get("vocab_size", data[-1]) != data[-1]:
+    if (saved is not None and now is None) or checkpoint["model_args"].get("vocab_size", data[-1]) != data[-1]:
         raise SystemExit(f"--resume: {ckpt_path} holds a model of {checkpoint['model_args'].get('vocab_size')} token "
                          f"ids{' (characters)' if saved else ''} but settings that say dataset={cfg['dataset']!r}, "
                          f"tokenizer={cfg['tokenizer']!r}, of {data[-1]}: the file was edited or written by another "

@@ -221,8 +221,9 @@ def get_batch(data, batch_size, block_size, seed, device):
 
 
 def check_device(name):
-    """Raise a ValueError naming a device that is none, or one this torch cannot reach (a CPU-only
-    build, a GPU index past the last): torch's own errors name no argument and what to pass."""
+    """name as a torch.device, or a ValueError naming a device that is none, or one this torch cannot
+    reach (a CPU-only build, a GPU index past the last): torch's own errors name no argument and what
+    to pass."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
@@ -231,3 +232,4 @@ def check_device(name):
     if device.type != "cpu" and (device.index or 0) >= count:
         gpus = f" or one of 'cuda:0' .. 'cuda:{count - 1}'" if count else ""
         raise ValueError(f"device={name!r} is not here: torch sees {count} CUDA devices; pass 'cpu'{gpus}")
+    return device
