@@ -3118,6 +3118,14 @@ def test_a_config_file_value_that_fails_a_check_is_named_by_its_file_and_line(tm
         ts.make_config([str(recipe), "--device=cpu"])
     with pytest.raises(SystemExit, match=r"--max_iters=-2: must be >= 0$"):  # a flag after it: its own value
         ts.make_config([str(recipe), "--device=cpu", "--max_iters=-2"])
+    for text, message in [("dataset = 'recall'\ntokenizer = 'gpt2'\n", "--tokenizer=gpt2 tokenizes Shakespeare"),
+                          ("attention = 'dense'\nkv_budget = 0.5\n", "--kv_budget=0.5 steers NAtS scorers")]:
+        recipe.write_text(text)  # a file's own two choices that do not go together: refused as the flags are, not
+        with pytest.raises(SystemExit, match=re.escape(message) + ".* is set at .*bad.py:2"):  # one quietly dropped
+            ts.make_config([str(recipe), "--device=cpu"])
+    recipe.write_text("tokenizer = 'gpt2'\nkv_budget = 0.5\n")  # a choice after it overrides what a recipe set
+    config = ts.make_config([str(recipe), "--device=cpu", "--dataset=recall", "--attention=dense"])[0]
+    assert (config["tokenizer"], config["kv_budget"]) == ("char", 0.0)
     recipe.write_text("n_layer = 2\nblock_size = 0\n")  # a model's value, which GPTConfig checks
     where = f"--block_size must be >= 1, got 0 (block_size is set at {recipe}:2)"
     with pytest.raises(SystemExit, match=re.escape(where)):
@@ -3538,6 +3546,7 @@ def test_get_batch_checks_a_generators_sequences_as_a_fixed_sets_and_refuses_neg
             data.get_batch(make, 2, 32, 0, "cpu")
     for array, match in [(np.arange(1000) - 200, r"token ids must be >= 0 \(indices into the vocabulary\), got -200"),
                          (rows.astype(np.int64) - 60, "token ids must be >= 0"),
+                         (np.full(1000, 2**63 + 5, np.uint64), r"below 2\*\*63 \(torch's int64 ids\), got 922"),
                          (np.zeros((0, 33), np.uint8), r"rows must be sequences of .* at least one, got shape \(0, "
                                                        r"33\)")]:
         with pytest.raises(ValueError, match=match):

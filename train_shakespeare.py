@@ -211,10 +211,11 @@ def make_config(argv):
         print(help_text(machine_defaults(known["device"])))
         raise SystemExit(0)
     check_launch(os.environ)
-    overrides, flags, recipes, origins, overridden = {}, set(), [], {}, []
-    for arg in argv:
+    overrides, flags, recipes, origins, overridden, position = {}, set(), [], {}, [], {}
+    for i, arg in enumerate(argv):
         if not arg.startswith("--"):
             recipe = read_recipe(arg, known, origins)
+            position.update(dict.fromkeys(recipe, i))
             # argv is read in order, so a config file after a flag sets it again: said, as it may not be meant
             overridden += [f"--{key}={overrides[key]} by {origins[key]}" for key in recipe if key in flags]
             flags -= set(recipe)
@@ -231,6 +232,7 @@ def make_config(argv):
                              f"(one word, with '=')")
         overrides[key] = parse_value(key, value if eq else "True", known[key])  # a bare --flag means True
         flags.add(key)
+        position[key] = i
         origins.pop(key, None)
     config = machine_defaults(str(overrides.get("device", known["device"])))
     config.update(overrides)
@@ -243,10 +245,15 @@ def make_config(argv):
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
                          f"pass one too, like --kv_budget={least_budget(config)}")
-    if config["attention"] != "nats":  # the defaults' or a recipe's KV budget steers NAtS scorers, which this has not
-        config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if key not in flags})
-    if config["dataset"] in RECALL_TASKS and "tokenizer" not in flags:  # the defaults' tokenizer reads Shakespeare;
-        config["tokenizer"] = "char"  # a recall task's symbols are its own, one id a character
+    def set_before(key, choice):  # by the defaults or an earlier config file than the one (or flag) that set choice
+        return position.get(key, -1) < position.get(choice, -1)
+
+    # a choice made after a recipe overrides what the recipe set for another choice (config/recall.py
+    # --attention=dense); the same choice of a flag or of the same file is refused by check_config
+    if config["attention"] != "nats":  # a KV budget steers NAtS scorers, which this has not
+        config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if set_before(key, "attention")})
+    if config["dataset"] in RECALL_TASKS and set_before("tokenizer", "dataset"):  # the defaults' tokenizer reads
+        config["tokenizer"] = "char"  # Shakespeare; a recall task's symbols are its own, one id a character
     try:
         check_config(config)
     except SystemExit as e:  # a value of a config file: said where it is written

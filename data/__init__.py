@@ -205,6 +205,8 @@ def get_batch(data, batch_size, block_size, seed, device):
                          f"({block_size + 2})")
     if ids.dtype.kind == "i" and ids.min() < 0:  # the embedding would read it from its end (unsigned ones need no look)
         raise ValueError(f"data's token ids must be >= 0 (indices into the vocabulary), got {ids.min()}")
+    if ids.dtype == np.uint64 and ids.max() >= 2**63:  # as int64, torch's ids, it would wrap to a negative one
+        raise ValueError(f"data's token ids must be below 2**63 (torch's int64 ids), got {ids.max()}")
     generator = torch.Generator().manual_seed(int(seed))  # it takes no numpy int
     if callable(data):
         rows = ids
