@@ -118,7 +118,7 @@ def seed_variants(own, base, tag):
              for b in numbers(own, "gs_budgets", float)]
     runs += [(f"random Globals budget={b}", dict(FIXED, attention="random", random_global=random_global_share(
         b, base["block_size"], base["window"])), None) for b in budgets]
-    if ts.is_pretrained(base.get("init_from", "")):  # the fixed patterns evaluate the pretrained weights as they are
+    if base.get("init_from"):  # a retrofit: the fixed patterns evaluate the weights of init_from as they are
         runs = [(name, dict(changes, finetune_scorer=False, max_iters=0) if changes["attention"] != "nats" else changes,
                  parent) for name, changes, parent in runs]
     if own["finetune_iters"] > 0:
@@ -144,7 +144,7 @@ def run_dir(base, name):
 
 def train_in_turn(runs):
     """Train the runs one after another in this process."""
-    for name, cfg, _ in runs:
+    for i, (name, cfg, _) in enumerate(runs):
         print(f"\n=== {name}")
         torch.compiler.reset()  # each run compiles its own model; the last run's graphs would only pile up
         try:
@@ -152,8 +152,10 @@ def train_in_turn(runs):
         except SystemExit as e:  # stopped (Ctrl-C, SIGTERM) or failed: after the run's message, the sweep's hint
             if not isinstance(e.code, str):
                 raise
+            evaluated = any(os.path.isfile(os.path.join(run[1]["out_dir"], "history.json")) for run in runs[:i + 1])
             hint = ("the same sweep command with --resume continues the sweep" if e.code.startswith("\nstopped")
-                    else "the runs before it are in the table")  # a failure would fail again when resumed
+                    else "what the runs reached is in the table" if evaluated  # a failure would fail again when
+                    else "no run reached an eval, so there is no table")  # resumed: no hint to resume
             raise SystemExit(f"{e.code}\nsweep: stopped in run {name!r}; {hint}") from None
 
 

@@ -2693,7 +2693,7 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
     assert f"sweep: --resume: {tmp_path / 'new'} holds no run of this sweep; it starts them all" in out
     monkeypatch.setattr(sweep, "train_in_turn", train_in_turn)
     monkeypatch.setattr(ts, "train", lambda cfg: sys.exit("the loss is NaN at step 1"))  # failed, not stopped:
-    with pytest.raises(SystemExit, match="sweep: stopped in run 'dense'; the runs before it are in the table$"):
+    with pytest.raises(SystemExit, match="sweep: stopped in run 'dense'; what the runs reached is in the table$"):
         sweep.main(args + ["--resume"])  # a --resume would fail again, so no hint to resume
 
 
@@ -3790,3 +3790,31 @@ def test_sampling_gpt2_tokens_offline_names_tiktoken_not_a_training_flag(tmp_pat
     assert message.startswith(f"--ckpt: {tmp_path / 'ckpt.pt'} reads text in GPT-2's BPE tokens, but tiktoken could "
                               f"not get the GPT-2 BPE files (ConnectionError)")
     assert "set TIKTOKEN_CACHE_DIR=" in message and "--tokenizer" not in message
+
+
+def test_a_sweep_from_a_checkpoint_evaluates_its_fixed_patterns_and_names_its_first_runs_failure(tmp_path, monkeypatch):
+    import sweep
+    import train_shakespeare as ts
+    with pytest.raises(SystemExit, match=r"^--dataset=recall: recall sequences need at least 26 characters .*; pass a "
+                                         r"longer --block_size$"):  # before any data, not when the first run loads it
+        ts.make_config(TINY_RUN + ["--dataset=recall", "--block_size=16"])
+    ckpt = tiny_checkpoint(tmp_path)  # a retrofit onto a trained model: its NAtS runs fine-tune scorers, the fixed
+    base = ts.make_config(TINY_RUN + ["--finetune_scorer", f"--init_from={ckpt}"])[0]  # patterns evaluate it as it
+    runs = list(sweep.seed_variants(dict(sweep.SWEEP_DEFAULTS, windows="4"), base, ""))  # is (they can fine-tune none)
+    assert {name: (changes.get("finetune_scorer"), changes.get("max_iters")) for name, changes, _ in runs} == {
+        "dense": (False, 0), "sliding W=4": (False, 0), "nats budget=0.1": (None, None),
+        "nats budget=0.15": (None, None), "random Globals budget=0.1": (False, 0),
+        "random Globals budget=0.15": (False, 0)}
+
+    def fails(cfg):
+        raise SystemExit("--window: wrong")
+
+    monkeypatch.setattr(ts, "train", fails)
+    runs = [(name, dict(out_dir=str(tmp_path / name)), None) for name in ("dense", "nats")]
+    with pytest.raises(SystemExit, match=r"sweep: stopped in run 'dense'; no run reached an eval, so there is no "
+                                         r"table$"):
+        sweep.train_in_turn(runs)
+    monkeypatch.setattr(ts, "train", lambda cfg: fails(cfg) if cfg["out_dir"].endswith("nats") else
+                        (tmp_path / "dense").mkdir() or (tmp_path / "dense" / "history.json").write_text("{}"))
+    with pytest.raises(SystemExit, match=r"sweep: stopped in run 'nats'; what the runs reached is in the table$"):
+        sweep.train_in_turn(runs)

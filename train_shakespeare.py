@@ -474,6 +474,11 @@ def check_config(cfg):
         raise SystemExit(f"--tokenizer={cfg['tokenizer']} tokenizes Shakespeare; --dataset={cfg['dataset']} has its "
                          f"own symbols, one id a character: pass --tokenizer=char or drop --tokenizer (shakespeare "
                          f"takes char, gpt2 or pretrained; recall and far_recall char)")
+    if cfg["dataset"] in RECALL_TASKS:  # one sequence drawn: its generator's own check of the length, before any data
+        try:
+            RECALL_TASKS[cfg["dataset"]](1, cfg["block_size"] + 1, 0)
+        except ValueError as e:
+            raise SystemExit(f"--dataset={cfg['dataset']}: {e}; pass a longer --block_size") from None
     try:
         GPTConfig(**{key: cfg[key] for key in MODEL_KEYS})
     except ValueError as e:
