@@ -1661,13 +1661,9 @@ def parse_args(argv=None):
                              "path the checkpoint saved)")
     args = parser.parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device={args.device!r} is not a device; pass cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device={args.device}: pass cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device={args.device}: no CUDA GPU is visible here; pass --device=cpu")
+        device = check_device(args.device)
+    except ValueError as e:
+        parser.error(f"--{e}")
     if args.init_from and args.bench:
         parser.error("--init_from goes with a --ckpt fine-tuned from a pretrained model; to time a pretrained model "
                      "pass --pretrained")

@@ -3300,6 +3300,7 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: data.get_batch(np.zeros((5, 4), dtype=np.int64), 2, 8, 0, "cpu"), "rows must be sequences of"),
         (lambda: data.get_batch(np.arange(100) + 0.5, 2, 4, 0, "cpu"), "data must hold token ids"),
         (lambda: data.get_batch(np.arange(100), 2, 4, 0, "tpu"), "device='tpu' is not a device"),
+        (lambda: GPT.from_checkpoint(ckpt, device="cpu:1"), "device='cpu:1': the CPU is one device; pass 'cpu'"),
         (lambda: filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long)), "holds a sequence already"),
         (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
         (lambda: nats.Decoder(model, model.new_caches(), -3), "length must be an int >= 1"),
@@ -3428,6 +3429,14 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
                                              f"{original['model_args']['vocab_size']} token ids \\(characters\\) but "
                                              f"settings that say {message}: the file was edited"):
             ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
+    torch.save({**original, "vocabulary": original["vocabulary"][:10]}, tmp_path / "ckpt.pt")  # the corpus as trained
+    with pytest.raises(SystemExit, match="holds a vocabulary of 10 characters that is not its corpus's .* the file "
+                                         "was edited"):
+        ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
+    torch.save({**original, "config": {**original["config"], "beta1": 1.5}}, tmp_path / "ckpt.pt")  # out of range
+    with pytest.raises(SystemExit, match=r"^--beta1=1.5: .* \(beta1 is set at .*ckpt.pt \(the run's saved "
+                                         r"settings\)\)$"):  # named as the file's, not only as a flag
+        ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])
     original["model"] = {name: torch.full_like(w, float("nan")) for name, w in original["model"].items()}
     torch.save(original, tmp_path / "ckpt.pt")  # weights that give NaN at once: no advice to resume from them
     with pytest.raises(SystemExit, match="the checkpoint it resumed from, step 2 .* gives it at once: its weights are"):

@@ -242,6 +242,8 @@ def make_config(argv):
         config = resumed_settings(config, set(overrides))
         if os.path.isfile(os.path.join(config["out_dir"], "ckpt.pt")):  # without one, train says so
             recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
+            # the values a check refuses below are the saved run's, unless given here
+            origins.update({key: f"{recipes[-1]} (the run's saved settings)" for key in config if key not in overrides})
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
                          f"pass one too, like --kv_budget={least_budget(config)}")
@@ -1272,9 +1274,14 @@ def check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path):
     tokenizer are the saved settings, so a model of other token ids is a file edited by hand; a
     character corpus of other symbols, or of other text (corpus: its corpus_digest), was edited since."""
     saved, now = checkpoint.get("vocabulary"), vocabulary(cfg, data)
-    if saved is not None and now is not None and saved != now and cfg["dataset"] == "shakespeare":
+    same_text = corpus is not None and checkpoint.get("corpus") == corpus
+    if saved is not None and now is not None and saved != now and cfg["dataset"] == "shakespeare" and not same_text:
         raise SystemExit(f"--resume: {corpus_path()} has changed since {ckpt_path} was trained: its characters "
                          f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
+    if saved is not None and now is not None and saved != now:  # of the very text it was trained on
+        raise SystemExit(f"--resume: {ckpt_path} holds a vocabulary of {len(saved)} characters that is not its "
+                         f"corpus's ({len(now)}), though the corpus is the text it was trained on: the file was "
+                         f"edited or written by another program; pass --overwrite to start over")
     if (saved is not None and now is None) or checkpoint["model_args"].get("vocab_size", data[-1]) != data[-1]:
         raise SystemExit(f"--resume: {ckpt_path} holds a model of {checkpoint['model_args'].get('vocab_size')} token "
                          f"ids{' (characters)' if saved else ''} but settings that say dataset={cfg['dataset']!r}, "

@@ -230,6 +230,8 @@ def check_device(name):
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={name!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cpu" and device.index:  # torch takes cpu:1 as a device, which a checkpoint cannot load to
+        raise ValueError(f"device={name!r}: the CPU is one device; pass 'cpu'")
     count = torch.cuda.device_count() if device.type == "cuda" else 0  # 0 on a CPU-only build
     if device.type != "cpu" and (device.index or 0) >= count:
         gpus = f" or one of 'cuda:0' .. 'cuda:{count - 1}'" if count else ""
