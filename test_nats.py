@@ -1802,7 +1802,8 @@ def test_eval_lengths_past_the_context_are_refused_before_the_data_is_read(tmp_p
     monkeypatch.setattr(ts, "load_dataset", lambda *args: pytest.fail("the data was read"))
     with pytest.raises(SystemExit) as stop:
         ts.train(tiny_config_dict(tmp_path / "run", eval_contexts="64"))
-    assert str(stop.value) == "--eval_contexts=64: the model's context is --block_size=32; pass lengths up to it"
+    assert str(stop.value) == ("--eval_contexts=64: the model's context is --block_size=32; pass lengths up to it, or "
+                               "a longer context")
     assert not (tmp_path / "run").exists()
 
 
@@ -1979,6 +1980,7 @@ def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path
     (["--max_iters", "10"], "--max_iters=<value>"),  # a space instead of '='
     (["--max_iters=ten"], "expected an int, like --max_iters="),
     (["max_iters=10"], "a setting takes two dashes: --max_iters=10"),  # read as a config file's name
+    (["\u2014max_iters=10"], "two dashes: --max_iters=10)"),  # an em dash, pasted from a web page
     (["config"], "config is a folder; pass a file of key = value lines"),
     (["--learning_rate=nan"], "--learning_rate=nan: expected a finite number"),  # not "a float": nan is one
 ])
@@ -2950,6 +2952,7 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
             "--kv_budget=0.5", "--budget_anneal=0", "--eval_contexts=", f"--out_dir={tmp_path / 'run'}"]
     for bad, message in [(["--tokenizer=char"], "pass --tokenizer=pretrained"),
                          (["--passkey_lengths=40"], "--passkey_lengths=40: a passkey trial needs more than"),
+                         (["--passkey_lengths=40"], "; pass longer lengths, up to the model's context of 512"),
                          ([f"--init_from={tmp_path / 'empty.gguf'}"], "--init_from: no pretrained model"),
                          (["--rope_scaling=(8.0, 4.0, 4.0, 8192)"], "rope_scaling must be"),
                          (["--scorer_bias=1e999"], "--scorer_bias=1e999: expected a finite number")]:

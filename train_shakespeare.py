@@ -127,6 +127,10 @@ def defaults():
     return {**{k: getattr(GPTConfig, k) for k in MODEL_KEYS}, **own}
 
 
+DASHES = "-\u2010\u2013\u2014\u2212"  # a hyphen, and what a web page or a word processor makes of one: -, en and em
+# dashes, minus
+
+
 def read_recipe(path, known, origins=None):
     """The key = value lines of a config file, as a dict, read as data (never run): each value a
     Python literal of its setting's type, as --key=value is checked. A line that is not such an
@@ -134,7 +138,7 @@ def read_recipe(path, known, origins=None):
     origins, if given, gets each key's "file:line"."""
     example = os.path.join(os.path.dirname(os.path.relpath(__file__)), "config", "recall.py")  # from where we are
     if not os.path.isfile(path):
-        dashes = f" (a setting takes two dashes: --{path.lstrip('-')})" if "=" in path else ""
+        dashes = f" (a setting takes two dashes: --{path.lstrip(DASHES)})" if "=" in path else ""
         what = f"{path} is a folder" if os.path.isdir(path) else f"no config file {path}"
         raise SystemExit(f"{what}; pass a file of key = value lines, like {example}{dashes}")
     try:
@@ -621,7 +625,7 @@ def check_lengths_fit(cfg, block_size, named):
     longest = max(token_counts(cfg["eval_contexts"]) + token_counts(cfg["passkey_lengths"]), default=0)
     if longest > block_size:
         given = " ".join(f"--{key}={cfg[key]}" for key in ("eval_contexts", "passkey_lengths") if cfg[key])
-        raise SystemExit(f"{given}: the model's context is {named}; pass lengths up to it")
+        raise SystemExit(f"{given}: the model's context is {named}; pass lengths up to it, or a longer context")
 
 
 def check_out_dir_writable(out_dir):
@@ -1316,7 +1320,9 @@ def start(cfg):
         try:
             read = max(len(prompt) + len(answer) - 1 for prompt, answer in make_trials(cfg, data[2], length))
         except ValueError as e:
-            raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: {e}") from None
+            longer = "" if is_pretrained(cfg["init_from"]) else " (or a longer --block_size)"  # a pretrained one's is
+            raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: {e}; pass longer lengths, up to the "
+                             f"model's context of {model_args['block_size']}{longer}") from None  # its own
         if read > model_args["block_size"]:  # the model reads the prompt and all but the answer's last token
             raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: a trial of {length} tokens with its answer "
                              f"reads {read}, past the context of {model_args['block_size']}; pass lengths up to "
