@@ -771,6 +771,14 @@ def load_checkpoint(path, device="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path}")
     device = check_device(device)
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:  # permissions
+        raise ValueError(f"{path} cannot be read: {e.strerror}") from None
+    if head == b"GGUF" or str(path).endswith(".safetensors"):  # the reverse of from_pretrained's own check
+        raise ValueError(f"{path} is a pretrained model's weights, not a checkpoint of train_shakespeare.py: load "
+                         f"it with GPT.from_pretrained (nats.py times it with --bench --pretrained=...)")
+    try:
         # tensors and plain Python values only: a checkpoint never needs to run code to load
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:

@@ -975,6 +975,13 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
     for path in (truncated, foreign, text):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             GPT.from_checkpoint(path)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(100))  # a pretrained model's file, named as one
+    with pytest.raises(ValueError, match=r"model.gguf is a pretrained model's weights, not a checkpoint of "
+                                         r"train_shakespeare.py: load it with GPT.from_pretrained"):
+        load_checkpoint(tmp_path / "model.gguf")
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    with pytest.raises(FileNotFoundError, match=r"notes.txt is a file but no pretrained model \(a GGUF file's name"):
+        GPT.from_pretrained(str(tmp_path / "notes.txt"))  # there, not "no pretrained model at"
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="not a device"):

@@ -99,6 +99,9 @@ def pretrained_source(source):
                                 f"{PRETRAINED_HINT}")
     if os.path.isdir(path):
         return dict(pretrained_model_name_or_path=path)
+    if os.path.isfile(path):  # there, but of no kind a model comes in
+        raise FileNotFoundError(f"{source} is a file but no pretrained model (a GGUF file's name ends in .gguf, an HF "
+                                f"model is a folder with config.json). {PRETRAINED_HINT}")
     if os.path.splitext(source)[1] or os.path.exists(os.path.dirname(source) or "\0"):
         raise FileNotFoundError(f"no pretrained model at {source}. {PRETRAINED_HINT}")
     return dict(pretrained_model_name_or_path=source)
