@@ -1691,7 +1691,8 @@ def parse_args(argv=None):
     if args.start is not None and args.start[:5].upper() == "FILE:":  # file:, as a user may type it, too
         path = os.path.expanduser(args.start[len("FILE:"):])
         if not os.path.isfile(path):
-            what = "a folder" if os.path.isdir(path) else "no such file"
+            what = ("a folder" if os.path.isdir(path) else "no regular file (a pipe or a device?)"
+                    if os.path.exists(path) else "no such file")
             parser.error(f"--start=FILE:{path}: {what}; pass the path of a text file, or the prompt itself")
         try:
             with open(path, encoding="utf-8-sig") as f:  # without a byte-order mark an editor may write
@@ -1700,6 +1701,8 @@ def parse_args(argv=None):
             parser.error(f"--start=FILE:{path} is not UTF-8 text (byte {e.start}); pass a text file saved as UTF-8")
         except OSError as e:
             parser.error(f"--start=FILE:{path} cannot be read ({e.strerror}); pass a readable text file")
+        if not args.start:
+            parser.error(f"--start=FILE:{path} is empty; pass a file holding a prompt of at least one character")
     if args.start == "":
         parser.error("--start is empty; pass a prompt of at least one character (the default is a new line)")
     return args

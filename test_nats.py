@@ -1403,6 +1403,8 @@ def test_sampling_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch):
     (["--start=FILE:{missing}"], "--start"),
     (["--start=FILE:{binary}"], "not UTF-8"),
     (["--start=FILE:{folder}"], "a folder"),
+    (["--start=FILE:{empty}"], "--start=FILE:{empty} is empty; pass a file holding a prompt"),
+    (["--start=FILE:{pipe}"], "no regular file (a pipe or a device?)"),  # opened, it would wait for a writer
     (["--start="], "--start"),
     (["--pretrained=x.gguf"], "--pretrained goes with --bench"),
     (["--device=toaster"], "--device"),
@@ -1414,7 +1416,10 @@ def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys,
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 a prompt saved as UTF-16")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "ckpt.pt").write_bytes(b"")
-    paths = dict(missing=tmp_path / "missing", folder=tmp_path, run=tmp_path / "run", binary=tmp_path / "binary.txt")
+    (tmp_path / "empty.txt").write_text("")
+    os.mkfifo(tmp_path / "pipe")
+    paths = dict(missing=tmp_path / "missing", folder=tmp_path, run=tmp_path / "run", binary=tmp_path / "binary.txt",
+                 empty=tmp_path / "empty.txt", pipe=tmp_path / "pipe")
     with pytest.raises(SystemExit) as stop:
         nats.main([a.format(**paths) for a in bad] if bad[0].startswith("--ckpt") else
                   [f"--ckpt={tiny_checkpoint(tmp_path)}"] + [a.format(**paths) for a in bad])
@@ -2234,11 +2239,14 @@ def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, 
     (b"to be or not to be\n" * 5, "its val split (the last 10 %) has 10 tokens (char), fewer than a context of "
                                   "--block_size=32 needs (34): pass a --block_size up to 8 or a longer corpus"),
     (None, "is a folder, not the corpus"),
-], ids=["empty", "not-utf8", "shorter-than-a-context", "a-folder"])
+    ("pipe", "is no regular file (a pipe or a device?), not the corpus"),  # opened, it would wait for a writer
+], ids=["empty", "not-utf8", "shorter-than-a-context", "a-folder", "a-pipe"])
 def test_a_corpus_that_cannot_train_is_named_with_what_it_needs(tmp_path, monkeypatch, content, message):
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
     if content is None:
         (tmp_path / "shakespeare.txt").mkdir()
+    elif content == "pipe":
+        os.mkfifo(tmp_path / "shakespeare.txt")
     else:
         (tmp_path / "shakespeare.txt").write_bytes(content)
     with pytest.raises(SystemExit) as stop:

@@ -78,7 +78,8 @@ def load_corpus(tokenizer, pretrained=""):
                          f"--init_from), or tokenizer 'char' or 'gpt2'")
     path = corpus_path()
     if not os.path.isfile(path):
-        what = f"{path} is a folder, not the corpus" if os.path.isdir(path) else f"missing corpus {path}"
+        what = (f"{path} is a folder, not the corpus" if os.path.isdir(path) else f"{path} is no regular file (a pipe "
+                f"or a device?), not the corpus" if os.path.exists(path) else f"missing corpus {path}")
         raise SystemExit(f"{what}; rebuild it as data/README.md describes")
     try:
         with open(path, encoding="utf-8") as f:
