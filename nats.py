@@ -20,6 +20,7 @@ step a CUDA graph replays, the decoder, generate); the decode benchmark; the com
     python nats.py --bench                                           # decode speed and memory (GPU)
 """
 import argparse
+import contextlib
 import inspect
 import math
 import numbers
@@ -1819,9 +1820,24 @@ def checkpoint_tokenizer(args, checkpoint, block_size):
         raise SystemExit(f"--ckpt: {e}") from None
 
 
+@contextlib.contextmanager
+def quiet_when_stdout_closes():
+    """with quiet_when_stdout_closes(): a script's body, which stops quietly when the reader of its
+    output goes away (| head), as a shell's commands do, with the status they give (141), instead of
+    a BrokenPipeError traceback."""
+    try:
+        yield
+    except BrokenPipeError:
+        try:  # the flush at exit would fail again: point stdout at devnull
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # a stdout with no file descriptor
+            sys.stdout = open(os.devnull, "w")
+        raise SystemExit(141) from None  # 128 + SIGPIPE
+
+
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with quiet_when_stdout_closes():
         if args.bench and args.pretrained:
             benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype],
                              pretrained=args.pretrained, variants=PRETRAINED_DECODE_VARIANTS)
@@ -1829,12 +1845,6 @@ def main(argv=None):
             benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
         else:
             sample(args)
-    except BrokenPipeError:  # the reader closed stdout (| head): stop quietly, as a shell's commands do
-        try:  # the flush at exit would fail again: point stdout at devnull
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (AttributeError, OSError, ValueError):  # a stdout with no file descriptor
-            sys.stdout = open(os.devnull, "w")
-        raise SystemExit(141) from None  # 128 + SIGPIPE, the status `| head` gives
 
 
 if __name__ == "__main__":

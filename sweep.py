@@ -43,7 +43,7 @@ import torch
 
 import train_shakespeare as ts
 from data import RECALL_TASKS
-from nats import random_global_share
+from nats import quiet_when_stdout_closes, random_global_share
 
 SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
                       finetune_weights="", gs_budgets="", jobs=1)
@@ -447,4 +447,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with quiet_when_stdout_closes():
+        main(sys.argv[1:])

@@ -1382,6 +1382,7 @@ def test_sampling_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch):
     assert stop.value.code == 141
     monkeypatch.setattr(sys, "stdout", ClosedPipe())  # (the stop pointed stdout at devnull)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the benchmark's table too (on a GPU)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(nats, "benchmark_decode", lambda *a, **kw: print("| context | batch |"))
     with pytest.raises(SystemExit) as stop:
         nats.main(["--bench", "--device=cuda"])
@@ -3845,3 +3846,17 @@ def test_a_sweep_from_a_checkpoint_evaluates_its_fixed_patterns_and_names_its_fi
                         (tmp_path / "dense").mkdir() or (tmp_path / "dense" / "history.json").write_text("{}"))
     with pytest.raises(SystemExit, match=r"sweep: stopped in run 'nats'; what the runs reached is in the table$"):
         sweep.train_in_turn(runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_shakespeare.py", "sweep.py"])
+def test_training_into_a_closed_pipe_stops_quietly_as_sampling_does(tmp_path, script):
+    """`python train_shakespeare.py | head -1`: the run stops at its next line, with the status a shell's
+    commands give (141), not a BrokenPipeError traceback."""
+    import subprocess
+    sweep = ["--windows=", "--kv_budgets=0.6"] if script == "sweep.py" else []
+    run = subprocess.Popen([sys.executable, script, *TINY_RUN, *sweep, "--log_interval=1", f"--out_dir={tmp_path}"],
+                           cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run.stdout.readline()
+    run.stdout.close()  # what head does after its line
+    assert run.wait(timeout=300) == 141 and "Traceback" not in run.stderr.read()

@@ -42,7 +42,7 @@ from data.passkey import make_passkey
 from data.tokenizers import check_tokenizer_files, pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report,
                   device_memory, eval_mode, generate, is_out_of_memory, least_kv_share, load_checkpoint,
-                  matching_window, sink_and_window_kv)
+                  matching_window, quiet_when_stdout_closes, sink_and_window_kv)
 
 try:
     import fcntl  # the lock of a running run's out_dir (claim_out_dir)
@@ -1601,10 +1601,11 @@ def sigterm_as_ctrl_c():
 
 
 if __name__ == "__main__":
-    config, why = make_config(sys.argv[1:])
-    if os.environ.get("RANK", "0") == "0":
-        print(f"config: {why}: {describe_run(config)}, batch {config['batch_size']}, {config['max_iters']} steps "
-              f"on {config['device']}")
-        if config["compile"]:
-            print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
-    train(config)
+    with quiet_when_stdout_closes():  # | head: the run stops there, as Ctrl-C stops it (its last checkpoint kept)
+        config, why = make_config(sys.argv[1:])
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config: {why}: {describe_run(config)}, batch {config['batch_size']}, {config['max_iters']} "
+                  f"steps on {config['device']}")
+            if config["compile"]:
+                print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
+        train(config)
