@@ -1753,10 +1753,10 @@ def sample(args):
         print(f"note: the prompt's {len(prompt)} and {args.max_new_tokens} new tokens run past the model's context, "
               f"block_size {model.config.block_size}: positions it never trained at", file=sys.stderr)
     # the samples are one batch: the prompt's forward holds at least its hidden states and the logits
+    # and each id takes 8 bytes in the tensor, 36 more as a Python int to decode
     config, memory = model.config, device_memory(device)
     least = args.num_samples * (len(prompt) * config.n_embd * model.lm_head.weight.element_size()
-                                + 4 * config.vocab_size + 44 * (len(prompt) + args.max_new_tokens))  # each id: 8
-    # bytes in the tensor, 36 as a Python int to decode
+                                + 4 * config.vocab_size + 44 * (len(prompt) + args.max_new_tokens))
     too_many = (f"--num_samples={args.num_samples}: the samples are drawn at once, as one batch, and need more than "
                 f"the memory of --device={args.device}")
     if memory and least > memory:
