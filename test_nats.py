@@ -3441,13 +3441,12 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
         with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))}.*{message}"):
             ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
     monkeypatch.undo()
-    for edit, message in [(dict(dataset="recall"), "dataset='recall', tokenizer='char', of 64"),  # not the corpus's
-                          (dict(tokenizer="gpt2"), "dataset='shakespeare', tokenizer='gpt2', of 50304")]:  # fault
-        torch.save({**original, "config": {**original["config"], **edit}}, tmp_path / "ckpt.pt")
-        with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))} holds a model of "
-                                             f"{original['model_args']['vocab_size']} token ids \\(characters\\) but "
-                                             f"settings that say {message}: the file was edited"):
-            ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
+    torch.save({**original, "config": {**original["config"], "dataset": "recall"}}, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match=f"--resume: {re.escape(str(tmp_path / 'ckpt.pt'))} holds a model of "
+                                         f"{original['model_args']['vocab_size']} token ids \\(characters\\) but "
+                                         f"settings that say dataset='recall', tokenizer='char', of 64: the file was "
+                                         f"edited"):  # not the corpus's fault
+        ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])[0])
     torch.save({**original, "vocabulary": original["vocabulary"][:10]}, tmp_path / "ckpt.pt")  # the corpus as trained
     with pytest.raises(SystemExit, match="holds a vocabulary of 10 characters that is not its corpus's .* the file "
                                          "was edited"):

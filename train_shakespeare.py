@@ -252,10 +252,10 @@ def make_config(argv):
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
                          f"pass one too, like --kv_budget={least_budget(config)}")
     def set_before(key, choice):  # by the defaults or an earlier config file than the one (or flag) that set choice
-        return position.get(key, -1) < position.get(choice, -1)
+        return key not in flags and position.get(key, -1) < position.get(choice, -1)
 
     # a choice made after a recipe overrides what the recipe set for another choice (config/recall.py
-    # --attention=dense); the same choice of a flag or of the same file is refused by check_config
+    # --attention=dense); a flag's own value, or the same file's, is refused by check_config
     if config["attention"] != "nats":  # a KV budget steers NAtS scorers, which this has not
         config.update({key: type(known[key])(0) for key in NATS_SCHEDULE if set_before(key, "attention")})
     if config["dataset"] in RECALL_TASKS and set_before("tokenizer", "dataset"):  # the defaults' tokenizer reads
