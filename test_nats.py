@@ -1846,6 +1846,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(eval_interval=0), "--eval_interval"), (dict(log_interval=0), "--log_interval"),
     (dict(block_size=0), "--block_size"), (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps"),
     (dict(kv_weight=-1.0), "--kv_weight"), (dict(window=-1), "--window"), (dict(n_head=5, n_embd=128), "n_head"),
+    (dict(kv_weight=1e38), "--kv_weight=1e+38: must be a number in [0, 1e+06]"),  # clipping would zero every step
     (dict(attention="foo"), "--attention"), (dict(init_from="ckpt.pt"), "--finetune_scorer"),
     (dict(finetune_scorer=True), "--init_from"), (dict(show_head=1), "--show_head"),
     (dict(resume=True, overwrite=True), "--overwrite"), (dict(dataset="wiki"), "--dataset"),
@@ -3859,3 +3860,29 @@ def test_training_into_a_closed_pipe_stops_quietly_as_sampling_does(tmp_path, sc
     run.stdout.readline()
     run.stdout.close()  # what head does after its line
     assert run.wait(timeout=300) == 141 and "Traceback" not in run.stderr.read()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("--kv_weights=1e39", "--kv_weight=1e+39: expected a finite number within float32's range"),
+    ("--seeds=99999999999999999999", "--seed=99999999999999999999: expected an integer that fits in 64 bits"),
+    ("--kv_weights=1e38", "--kv_weight=1e+38: must be a number in [0, 1e+06]")])
+def test_a_sweeps_values_are_checked_as_flags_are_before_its_first_run(tmp_path, monkeypatch, bad, message):
+    """A sweep's lists set values no flag parse saw: each run's config is checked for them before any trains."""
+    import sweep
+    monkeypatch.setattr(sweep, "train_in_turn", lambda runs: pytest.fail("a run started"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        sweep.main(TINY_RUN + ["--kv_budgets=", "--windows=", bad, f"--out_dir={tmp_path}"])
+
+
+def test_a_run_saved_with_the_triton_kernel_resumes_on_a_cpu(tmp_path):
+    """What the attention runs on is the machine's, as the device is: --attention_impl may change on --resume."""
+    import train_shakespeare as ts
+    tiny_run(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0)
+    checkpoint = torch.load(tmp_path / "ckpt.pt")
+    checkpoint["config"]["attention_impl"] = "triton"  # as a GPU run saves it
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"--attention_impl=triton needs a CUDA device .* \(attention_impl is set at "
+                                         r".*ckpt.pt \(the run's saved settings\)\)"):
+        ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])
+    config = ts.make_config(TINY_RUN + ["--resume", "--attention_impl=reference", f"--out_dir={tmp_path}"])[0]
+    assert config["attention_impl"] == "reference"

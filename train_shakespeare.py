@@ -127,6 +127,9 @@ def defaults():
     return {**{k: getattr(GPTConfig, k) for k in MODEL_KEYS}, **own}
 
 
+MAX_KV_WEIGHT = 1e6  # lambda's largest start (the KV term's weight): far below where its gradient's norm overflows
+
+
 DASHES = "-\u2010\u2013\u2014\u2212"  # a hyphen, and what a web page or a word processor makes of one: -, en and em
 # dashes, minus
 
@@ -246,8 +249,6 @@ def make_config(argv):
         config = resumed_settings(config, set(overrides))
         if os.path.isfile(os.path.join(config["out_dir"], "ckpt.pt")):  # without one, train says so
             recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
-            # the values a check refuses below are the saved run's, unless given here
-            origins.update({key: f"{recipes[-1]} (the run's saved settings)" for key in config if key not in overrides})
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
         raise SystemExit(f"--budget_anneal={config['budget_anneal']} anneals a KV budget, and this run has none: "
                          f"pass one too, like --kv_budget={least_budget(config)}")
@@ -262,8 +263,11 @@ def make_config(argv):
         config["tokenizer"] = "char"  # Shakespeare; a recall task's symbols are its own, one id a character
     try:
         check_config(config)
-    except SystemExit as e:  # a value of a config file: said where it is written
-        where = [f"{key} is set at {origins[key]}" for key in origins if re.search(rf"--{key}\b", str(e))]
+    except SystemExit as e:  # a value of a config file, or of the run --resume continues: said where it is written
+        saved = {key: f"{recipes[-1]} (the run's saved settings)" for key in config if key not in overrides} \
+            if config["resume"] and recipes and recipes[-1].endswith("ckpt.pt") else {}
+        where = [f"{key} is set at {file}" for key, file in {**saved, **origins}.items()
+                 if re.search(rf"--{key}\b", str(e))]
         if where:
             raise SystemExit(f"{e} ({'; '.join(where)})") from None
         raise
@@ -365,7 +369,8 @@ ACTIONS = {"resume", "overwrite"}  # what this command does to out_dir, once at 
 RESUME_MAY_CHANGE = ACTIONS | {"max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval",
                      "sample_tokens", "show_layer", "show_head", "device", "compile", "eval_contexts",
                      "passkey_lengths", "passkey_trials",  # what a resumed run may set anew: how long, what it shows,
-                     "out_dir", "dtype"}  # where it is (spelled otherwise, or moved), and what it runs on
+                     "out_dir", "dtype", "attention_impl"}  # where it is (spelled otherwise, or moved), and what it
+# runs on
 
 
 def resumed_settings(config, given):
@@ -452,9 +457,16 @@ def check_config(cfg):
                 "budget_anneal"):
         if not cfg[key] >= 0:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
-    if not 0 <= cfg["kv_weight"] < math.inf:
-        raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be a finite number >= 0, like 0.1 (a negative "
-                         f"weight rewards keeping keys)")
+    for key, value in cfg.items():  # what a flag's parse checks, for values set otherwise (a sweep's lists, a file)
+        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+            raise SystemExit(f"--{key}={value}: expected a finite number within float32's range (up to 3.4e38)")
+        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            raise SystemExit(f"--{key}={value}: expected an integer that fits in 64 bits")
+    if not 0 <= cfg["kv_weight"] <= MAX_KV_WEIGHT:
+        raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be a number in [0, {MAX_KV_WEIGHT:g}], like 0.1 (a "
+                         f"negative weight rewards keeping keys; past {MAX_KV_WEIGHT:g} the kv term swamps the "
+                         f"cross-entropy, and near float32's range its gradient's norm overflows, so that clipping "
+                         f"zeroes every step)")
     if not cfg["learning_rate"] > 0:
         raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be > 0")
     if not cfg["min_lr"] <= cfg["learning_rate"]:
