@@ -1719,9 +1719,9 @@ def sample(args):
     try:
         checkpoint = load_checkpoint(args.ckpt, device)
         cfg = checkpoint.get("config")
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{args.ckpt} has no 'config' (the settings it was trained with, whose data and tokenizer "
-                             f"sampling needs): pass a checkpoint written by train_shakespeare.py")
+        if not isinstance(cfg, dict) or not all(isinstance(cfg.get(key), str) for key in ("dataset", "tokenizer")):
+            raise ValueError(f"{args.ckpt} has no 'config' with its dataset and tokenizer (the settings it was trained "
+                             f"with; sampling needs its tokenizer): pass a checkpoint written by train_shakespeare.py")
         model = GPT.from_checkpoint(checkpoint, device).to(DTYPES[args.dtype])
     except (OSError, ValueError) as e:  # an unreadable checkpoint
         raise SystemExit(f"--ckpt: {e}") from None
@@ -1729,10 +1729,10 @@ def sample(args):
     if vocab_size != model.config.vocab_size and args.init_from:
         raise SystemExit(f"--init_from={args.init_from}: its tokenizer has {vocab_size} token ids, but {args.ckpt} "
                          f"has {model.config.vocab_size}: pass the pretrained model it was fine-tuned from")
-    if vocab_size != model.config.vocab_size:
+    if vocab_size != model.config.vocab_size:  # a character model's vocabulary is the file's own: edited there
+        why = "the file was edited" if checkpoint.get("vocabulary") else "its data changed since training"
         raise SystemExit(f"--ckpt: {args.ckpt} has {model.config.vocab_size} token ids but its tokenizer "
-                         f"({cfg['dataset']}, {cfg['tokenizer']}) now has {vocab_size}: its data changed since "
-                         f"training")
+                         f"({cfg['dataset']}, {cfg['tokenizer']}) has {vocab_size}: {why}")
     decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
     try:
         prompt = encode("\n" if args.start is None else args.start)
@@ -1759,6 +1759,9 @@ def sample(args):
                                 + 4 * config.vocab_size + 44 * (len(prompt) + args.max_new_tokens))
     too_many = (f"--num_samples={args.num_samples}: the samples are drawn at once, as one batch, and need more than "
                 f"the memory of --device={args.device}")
+    if memory and least / args.num_samples > memory:  # one sample alone: fewer samples would not do
+        too_many = (f"--max_new_tokens={args.max_new_tokens}: one sample's tokens need more than the memory of "
+                    f"--device={args.device}")
     if memory and least > memory:
         raise SystemExit(f"{too_many} ({memory / 2**30:.3g} GiB; at least {least / 2**30:.3g} GiB here); pass fewer")
     torch.manual_seed(args.seed)

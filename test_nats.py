@@ -1004,6 +1004,16 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
         ts.train(tiny_config_dict(tmp_path / "run", max_iters=4, resume=True))
     with pytest.raises(SystemExit, match="--ckpt: .* has no 'config'"):
         nats.main([f"--ckpt={hollow}", "--device=cpu"])
+    good = torch.load(tiny_checkpoint(tmp_path))
+    for edit, message in [(dict(config={"tokenizer": "char"}), "has no 'config' with its dataset and tokenizer"),
+                          (dict(vocabulary="abcdefghij"), "has 83 token ids but its tokenizer .* has 10: the "
+                                                                     "file was edited")]:  # not "its data changed"
+        torch.save({**good, **edit}, tmp_path / "edited.pt")
+        with pytest.raises(SystemExit, match=f"--ckpt: .*{message}"):
+            nats.main([f"--ckpt={tmp_path / 'edited.pt'}", "--device=cpu"])
+    with pytest.raises(SystemExit, match=r"ckpt.pt is a checkpoint, not a config file: continue its run with --resume "
+                                         r"--out_dir=.*, or start from it with --init_from="):
+        ts.make_config([str(tmp_path / "run" / "ckpt.pt"), "--device=cpu"])  # given where a config file goes
 
 
 # -----------------------------------------------------------------------------
@@ -1453,6 +1463,9 @@ def test_sampling_more_than_memory_holds_names_num_samples(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"--num_samples=1000000000000: the samples are drawn at once, as one batch, "
                                          r"and need more than the memory of --device=cpu \(.* GiB here\); pass fewer"):
         nats.main([f"--ckpt={ckpt}", "--num_samples=1000000000000", "--device=cpu"])  # was a traceback, or a hang
+    with pytest.raises(SystemExit, match=r"^--max_new_tokens=100000000000: one sample's tokens need more than the "
+                                         r"memory of --device=cpu"):  # the flag that asks for it
+        nats.main([f"--ckpt={ckpt}", "--max_new_tokens=100000000000", "--device=cpu"])
 
     def out_of_memory(*args, **kwargs):  # what the estimate cannot see coming
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000000 bytes")

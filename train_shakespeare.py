@@ -29,6 +29,7 @@ import tempfile
 import textwrap
 import time
 import tokenize
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -148,6 +149,10 @@ def read_recipe(path, known, origins=None):
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as some editors save, is skipped
             lines = ast.parse(f.read(), filename=path).body
     except UnicodeDecodeError:
+        if zipfile.is_zipfile(path):  # what torch.save writes: a run's checkpoint, given where a config file goes
+            raise SystemExit(f"{path} is a checkpoint, not a config file: continue its run with --resume --out_dir="
+                             f"{shlex.quote(os.path.dirname(path) or '.')}, or start from it with --init_from={path} "
+                             f"--finetune_scorer") from None
         raise SystemExit(f"{path}: not a UTF-8 text file of key = value lines, like {example}") from None
     except (SyntaxError, ValueError) as e:  # SyntaxError's msg says what: "unterminated string literal", ...
         where = f":{e.lineno}" if getattr(e, "lineno", None) else ""
