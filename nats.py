@@ -1131,7 +1131,8 @@ class KVCache:
         """What the cache holds now, as plain numbers:
 
         tokens_mean, tokens_max  tokens held per (batch row, KV head): mean and max
-        seen                     tokens written so far (what a dense cache would hold)
+        seen                     tokens written so far (what a dense cache would hold), as fill() and
+                                 the Decoder count them: step() alone does not (a CUDA graph replays it)
         slots                    slots per (batch row, KV head), free ones included
         bytes                    the buffers as allocated: k, v, int32 position and uint8 type
                                  per slot, free slots included
@@ -1841,13 +1842,17 @@ def quiet_when_stdout_closes():
 def main(argv=None):
     args = parse_args(argv)
     with quiet_when_stdout_closes():
-        if args.bench and args.pretrained:
-            benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype],
-                             pretrained=args.pretrained, variants=PRETRAINED_DECODE_VARIANTS)
-        elif args.bench:
-            benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
-        else:
-            sample(args)
+        try:
+            if args.bench and args.pretrained:
+                benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype],
+                                 pretrained=args.pretrained, variants=PRETRAINED_DECODE_VARIANTS)
+            elif args.bench:
+                benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
+            else:
+                sample(args)
+        except KeyboardInterrupt:
+            raise SystemExit("\nstopped (Ctrl-C); the samples print once all are drawn: a shorter --max_new_tokens "
+                             "shows them sooner") from None
 
 
 if __name__ == "__main__":

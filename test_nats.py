@@ -1797,7 +1797,7 @@ def test_a_seed_gives_every_attention_the_same_backbone_and_the_warmup_repeats_d
 
 def test_nan_loss_stops_training_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match=r"loss is nan at step \d+") as stop:
-        tiny_run(tmp_path, learning_rate=float("inf"), warmup_iters=0, grad_clip=0.0)
+        tiny_run(tmp_path, learning_rate=1e6, warmup_iters=0, grad_clip=0.0)
     assert "--init_std" in str(stop.value) and "--resume" not in str(stop.value)  # no checkpoint to resume yet
 
 
@@ -1860,6 +1860,7 @@ def test_command_line_and_config_files(tmp_path):
     (dict(block_size=0), "--block_size"), (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps"),
     (dict(kv_weight=-1.0), "--kv_weight"), (dict(window=-1), "--window"), (dict(n_head=5, n_embd=128), "n_head"),
     (dict(kv_weight=1e38), "--kv_weight=1e+38: must be a number in [0, 1e+06]"),  # clipping would zero every step
+    (dict(learning_rate=1e38), "--learning_rate=1e+38: must be in (0, 1e+06]"),  # AdamW's step: a traceback
     (dict(attention="foo"), "--attention"), (dict(init_from="ckpt.pt"), "--finetune_scorer"),
     (dict(finetune_scorer=True), "--init_from"), (dict(show_head=1), "--show_head"),
     (dict(resume=True, overwrite=True), "--overwrite"), (dict(dataset="wiki"), "--dataset"),
@@ -3899,3 +3900,25 @@ def test_a_run_saved_with_the_triton_kernel_resumes_on_a_cpu(tmp_path):
         ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path}"])
     config = ts.make_config(TINY_RUN + ["--resume", "--attention_impl=reference", f"--out_dir={tmp_path}"])[0]
     assert config["attention_impl"] == "reference"
+
+
+def test_a_stop_before_the_first_step_or_while_sampling_says_so(tmp_path, monkeypatch):
+    """Ctrl-C while a pretrained model loads, or while nats.py samples: a message, not a traceback from inside
+    whatever library was running; --resume into a sweep's folder says it is one."""
+    import train_shakespeare as ts
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "train", interrupted)
+    with pytest.raises(SystemExit, match="^\nstopped \\(Ctrl-C\\) before the first step: this run wrote no "
+                                         "checkpoint$"):
+        ts.main(TINY_RUN + [f"--out_dir={tmp_path}"])
+    monkeypatch.setattr(nats, "sample", interrupted)
+    with pytest.raises(SystemExit, match="stopped \\(Ctrl-C\\); the samples print once all are drawn"):
+        nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", "--device=cpu"])
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.md").write_text("| run |\n")
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="holds a sweep, whose runs are in its subfolders: continue it with sweep.py"):
+        ts.train(ts.make_config(TINY_RUN + ["--resume", f"--out_dir={tmp_path / 'sweep'}"])[0])

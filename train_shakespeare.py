@@ -128,6 +128,7 @@ def defaults():
     return {**{k: getattr(GPTConfig, k) for k in MODEL_KEYS}, **own}
 
 
+MAX_LEARNING_RATE = 1e6  # far past any rate that trains, and far below where AdamW's step overflows (lr / (1 - beta1))
 MAX_KV_WEIGHT = 1e6  # lambda's largest start (the KV term's weight): far below where its gradient's norm overflows
 
 
@@ -472,8 +473,8 @@ def check_config(cfg):
                          f"negative weight rewards keeping keys; past {MAX_KV_WEIGHT:g} the kv term swamps the "
                          f"cross-entropy, and near float32's range its gradient's norm overflows, so that clipping "
                          f"zeroes every step)")
-    if not cfg["learning_rate"] > 0:
-        raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be > 0")
+    if not 0 < cfg["learning_rate"] <= MAX_LEARNING_RATE:  # past it AdamW's first step overflows float32: a traceback
+        raise SystemExit(f"--learning_rate={cfg['learning_rate']}: must be in (0, {MAX_LEARNING_RATE:g}], like 6e-4")
     if not cfg["min_lr"] <= cfg["learning_rate"]:
         raise SystemExit(f"--min_lr={cfg['min_lr']}: the cosine decays to it from --learning_rate="
                          f"{cfg['learning_rate']}; pass one at most that, like a tenth of it")
@@ -1129,6 +1130,9 @@ def check_out_dir(cfg):
         raise SystemExit(f"{cfg['out_dir']} holds the history of a run without a checkpoint (stopped before its first, "
                          f"or an evaluation with --max_iters=0), nothing to resume: pass --overwrite to start over, or "
                          f"another --out_dir")
+    if cfg["resume"] and not existing and os.path.isfile(os.path.join(cfg["out_dir"], "sweep.md")):
+        raise SystemExit(f"--resume: {cfg['out_dir']} holds a sweep, whose runs are in its subfolders: continue it "
+                         f"with sweep.py's command and --resume, or one run with --out_dir=<its subfolder>")
     if cfg["resume"] and not existing:
         raise SystemExit(f"--resume: no checkpoint at {paths[0]}; pass the --out_dir of the run to continue")
     if existing and not cfg["resume"] and not cfg["overwrite"]:
@@ -1617,12 +1621,20 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
-if __name__ == "__main__":
+def main(argv):
+    """python train_shakespeare.py [config files] [--key=value ...]: check the settings, say what runs, train."""
     with quiet_when_stdout_closes():  # | head: the run stops there, as Ctrl-C stops it (its last checkpoint kept)
-        config, why = make_config(sys.argv[1:])
-        if os.environ.get("RANK", "0") == "0":
-            print(f"config: {why}: {describe_run(config)}, batch {config['batch_size']}, {config['max_iters']} "
-                  f"steps on {config['device']}")
-            if config["compile"]:
-                print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
-        train(config)
+        try:
+            config, why = make_config(argv)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"config: {why}: {describe_run(config)}, batch {config['batch_size']}, {config['max_iters']} "
+                      f"steps on {config['device']}")
+                if config["compile"]:
+                    print("compiling the training step: the first steps take 10-60 s (--compile=False: eager)")
+            train(config)
+        except KeyboardInterrupt:  # the steps and the report say what is on disk themselves (train); this is before
+            raise SystemExit("\nstopped (Ctrl-C) before the first step: this run wrote no checkpoint") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
