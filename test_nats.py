@@ -862,6 +862,10 @@ def test_the_data_generators_name_odd_arguments():
                         (lambda: decode([-1]), r"ids must be in 0\.\.")]:
         with pytest.raises(ValueError, match=match):
             call()
+    for make in (make_sequences, make_far_sequences):  # numpy's own error names a shape of 189 TiB
+        with pytest.raises(MemoryError, match=r"n=1000000000000 sequences of length=64 need about .* GiB, more than "
+                                              r"this machine's"):
+            make(10**12, 64, 0)
 
 
 def test_all_global_forward_is_dense_attention_without_the_scorers():

@@ -24,6 +24,8 @@ have chosen it when the pair went by.
 Generated from seeds: every training batch draws fresh sequences from its own seed, the held-out
 val set comes from VAL_SEED; `python data/recall.py` prints examples of both.
 """
+import os
+
 import numpy as np
 
 KEYS = "abcdefghijklmnopqrstuvwxyz"
@@ -42,11 +44,24 @@ def check_counts(**counts):
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
+def check_size(n, length):
+    """Raise a MemoryError naming n and length where their sequences, with the int64 draws made
+    for them, would not fit in this machine's memory (numpy's own error names a shape)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return
+    if 9 * n * length > total:
+        raise MemoryError(f"n={n} sequences of length={length} need about {9 * n * length / 2**30:.3g} GiB, more than "
+                          f"this machine's {total / 2**30:.3g} GiB: pass a smaller n or length")
+
+
 def make_sequences(n, length, seed):
     """n encoded sequences [n, length] (uint8 indices into ALPHABET), reproducible from the seed:
     the pairs, a bar, then filler with the queries. Raises ValueError for counts that are no ints
-    (n >= 1, seed >= 0) and if length cannot hold them."""
+    (n >= 1, seed >= 0) and if length cannot hold them, MemoryError if they do not fit (check_size)."""
     check_counts(n=(n, 1), length=(length, 0), seed=(seed, 0))
+    check_size(n, length)
     fixed = N_PAIRS * 2 + 1 + N_QUERIES * 2  # the pairs, the bar, the queries with their answers
     if length < fixed + 1:
         raise ValueError(f"recall sequences need at least {fixed + 1} characters (block_size >= {fixed}), got "
@@ -63,8 +78,9 @@ def make_far_sequences(n, length, seed):
     """n encoded sequences [n, length] (uint8 indices into ALPHABET), reproducible from the seed:
     the pairs at random places in the first quarter, the queries at random places in the second
     half, filler around them. Raises ValueError for counts that are no ints (n >= 1, seed >= 0) and
-    if length cannot hold them (length >= 64)."""
+    if length cannot hold them (length >= 64), MemoryError if they do not fit (check_size)."""
     check_counts(n=(n, 1), length=(length, 0), seed=(seed, 0))
+    check_size(n, length)
     if length < 64:
         raise ValueError(f"far-query recall needs at least 64 characters (block_size >= 63), got {length} "
                          f"(block_size {length - 1})")
