@@ -203,11 +203,19 @@ def of_type(value, default, where, example):
         value = float(value)
     if type(value) is not type(default):
         raise SystemExit(f"{where}: expected {_a(default)}, like {example}, got {value!r}")
-    if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # 1e400 parses to inf; the model runs in float32
-        raise SystemExit(f"{where}: expected a finite number within float32's range (up to 3.4e38), got {value!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
-        raise SystemExit(f"{where}: expected an integer that fits in 64 bits, got {value!r}")
+    problem = out_of_range(value)
+    if problem:
+        raise SystemExit(f"{where}: {problem}, got {value!r}")
     return value
+
+
+def out_of_range(value):
+    """What is wrong with a number a run holds in float32 or int64 (1e400 parses to inf), or None."""
+    if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+        return "expected a finite number within float32's range (up to 3.4e38)"
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        return "expected an integer that fits in 64 bits"
+    return None
 
 
 def _a(default):
@@ -464,10 +472,8 @@ def check_config(cfg):
         if not cfg[key] >= 0:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
     for key, value in cfg.items():  # what a flag's parse checks, for values set otherwise (a sweep's lists, a file)
-        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
-            raise SystemExit(f"--{key}={value}: expected a finite number within float32's range (up to 3.4e38)")
-        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
-            raise SystemExit(f"--{key}={value}: expected an integer that fits in 64 bits")
+        if out_of_range(value):
+            raise SystemExit(f"--{key}={value}: {out_of_range(value)}")
     if not 0 <= cfg["kv_weight"] <= MAX_KV_WEIGHT:
         raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be a number in [0, {MAX_KV_WEIGHT:g}], like 0.1 (a "
                          f"negative weight rewards keeping keys; past {MAX_KV_WEIGHT:g} the kv term swamps the "
@@ -1300,10 +1306,10 @@ def check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path):
     character corpus of other symbols, or of other text (corpus: its corpus_digest), was edited since."""
     saved, now = checkpoint.get("vocabulary"), vocabulary(cfg, data)
     same_text = corpus is not None and checkpoint.get("corpus") == corpus
-    if saved is not None and now is not None and saved != now and cfg["dataset"] == "shakespeare" and not same_text:
-        raise SystemExit(f"--resume: {corpus_path()} has changed since {ckpt_path} was trained: its characters "
-                         f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
-    if saved is not None and now is not None and saved != now:  # of the very text it was trained on
+    if saved is not None and now is not None and saved != now:
+        if cfg["dataset"] == "shakespeare" and not same_text:
+            raise SystemExit(f"--resume: {corpus_path()} has changed since {ckpt_path} was trained: its characters "
+                             f"are not the ones the model's ids stand for; resume with the corpus it was trained on")
         raise SystemExit(f"--resume: {ckpt_path} holds a vocabulary of {len(saved)} characters that is not its "
                          f"corpus's ({len(now)}), though the corpus is the text it was trained on: the file was "
                          f"edited or written by another program; pass --overwrite to start over")
