@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import check_device, decodable_size, load_dataset
+from data.recall import machine_memory
 from data.tokenizers import (GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, gpt2_tokenizer, pretrained_source,
                              pretrained_tokenizer)
 from kernel import (GLOBAL, INTERPRETING, SLIDING, check_window, expired, is_count, is_real, kv_lengths,
@@ -1277,10 +1278,7 @@ def device_memory(device):
     does not say)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
-        return None
+    return machine_memory()
 
 
 def free_memory(device):

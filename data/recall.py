@@ -44,14 +44,19 @@ def check_counts(**counts):
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
+def machine_memory():
+    """The bytes of this machine's memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
 def check_size(n, length):
     """Raise a MemoryError naming n and length where their sequences, with the int64 draws made
     for them, would not fit in this machine's memory (numpy's own error names a shape)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
-        return
-    if 9 * n * length > total:
+    total = machine_memory()
+    if total is not None and 9 * n * length > total:
         raise MemoryError(f"n={n} sequences of length={length} need about {9 * n * length / 2**30:.3g} GiB, more than "
                           f"this machine's {total / 2**30:.3g} GiB: pass a smaller n or length")
 
