@@ -28,8 +28,10 @@ The sweep's own flags:
 Config files and every other --key=value go to train_shakespeare.py (--overwrite to run again into
 the same out_dir). Writes out_dir/sweep.md and sweep.json, and sweep.png if matplotlib is
 installed, also when the sweep is stopped (Ctrl-C, a timeout's SIGTERM): then with what every
-run reached, its last eval's step in the table. Each run keeps its own folder under out_dir, with
-its log (train.log when --jobs > 1), history.json, checkpoint and token-type picture.
+run reached, its last eval's step in the table. A file of those names already in out_dir is
+kept: an earlier sweep's is continued with --resume, and any is replaced only with --overwrite.
+Each run keeps its own folder under out_dir, with its log (train.log when --jobs > 1),
+history.json, checkpoint and token-type picture.
 """
 import json
 import os
@@ -156,7 +158,8 @@ def train_in_turn(runs):
             hint = ("the same sweep command with --resume continues the sweep" if e.code.startswith("\nstopped")
                     else "what the runs reached is in the table" if evaluated  # a failure would fail again when
                     else "no run reached an eval, so there is no table")  # resumed: no hint to resume
-            raise SystemExit(f"{e.code}\nsweep: stopped in run {name!r}; {hint}") from None
+            stop = e.code.partition("; continue with --resume")[0]  # the run's own hint, not for a sweep's run
+            raise SystemExit(f"{stop}\nsweep: stopped in run {name!r}; {hint}") from None
 
 
 def train_in_processes(runs, jobs):
@@ -365,6 +368,34 @@ def sweeps_message(message, given):
     return message
 
 
+OUTPUTS = ("sweep.md", "sweep.json", "sweep.png")
+
+
+def check_outputs(base):
+    """Refuses an out_dir holding a file of the name of one the sweep writes (OUTPUTS) unless the
+    sweep may write over it: an earlier sweep's with --resume or --overwrite, a user's own file
+    with --overwrite only. Raises SystemExit naming the file."""
+    found = [os.path.join(base["out_dir"], name) for name in OUTPUTS
+             if os.path.lexists(os.path.join(base["out_dir"], name))]
+    folders = [path for path in found if os.path.isdir(path)]
+    if folders:
+        raise SystemExit(f"{folders[0]} is a folder, where the sweep writes a file: move it, or pass another --out_dir")
+    if not found or base["overwrite"]:
+        return
+    try:  # an earlier sweep wrote sweep.json (a row per run) with its sweep.md
+        with open(os.path.join(base["out_dir"], "sweep.json")) as f:
+            earlier = all(isinstance(row, dict) and "run" in row for row in json.load(f))
+    except (OSError, ValueError):
+        earlier = False
+    if not earlier:
+        raise SystemExit(f"{found[0]} is not an output of an earlier sweep (no sweep.json of its runs beside it) "
+                         f"and this sweep would write its own over it: move it, or pass another --out_dir "
+                         f"(--overwrite replaces it)")
+    if not base["resume"]:
+        raise SystemExit(f"{found[0]} is an output of an earlier sweep: pass --resume to continue that sweep, "
+                         f"--overwrite to write this one's over it, or another --out_dir")
+
+
 def main(argv):
     """Run the sweep; returns the table's rows (a dict per run that has an eval). Stopped by
     Ctrl-C or SIGTERM, it still writes the outputs of what the runs reached, then stops."""
@@ -375,10 +406,8 @@ def main(argv):
     given = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))  # flag: its last value
     base, why = shared_settings(own, rest, given)
     ts.refuse_if_in_use(base["out_dir"])  # a running run's folder: the sweep's runs and table would go in it
+    check_outputs(base)
     table = os.path.join(base["out_dir"], "sweep.md")
-    if os.path.isfile(table) and not (base["resume"] or base["overwrite"]):  # another sweep's table would go
-        raise SystemExit(f"{table} is the table of an earlier sweep: pass --resume to continue that sweep, "
-                         f"--overwrite to write this one's over it, or another --out_dir")
     print(f"sweep: {why}")
     unused = [f"--{key}={value} ({why})" for key, value, why, used in (  # noted, as the training script notes its own
         ("finetune_weights", own["finetune_weights"], "the lambdas of --finetune_iters, which is 0",

@@ -2676,6 +2676,40 @@ def test_sweep_tiny_far_recall_over_seeds_writes_one_row_per_variant(tmp_path):
     assert "seeds 1, 2" in table and "recall accuracy" in table
 
 
+def test_a_sweep_keeps_a_users_files_of_its_outputs_names_and_gives_one_hint_when_stopped(tmp_path, monkeypatch):
+    import sweep
+    import train_shakespeare as ts
+    args = TINY_RUN + ["--max_iters=3", "--eval_interval=2", "--warmup_iters=1", "--sample_tokens=0", "--kv_budgets=",
+                       "--windows=4", f"--out_dir={tmp_path}"]
+    for name in sweep.OUTPUTS:  # a user's own file of a name the sweep writes: kept, with or without --resume
+        (tmp_path / name).write_text("my notes")
+        for more in ([], ["--resume"]):
+            with pytest.raises(SystemExit, match=f"{name} is not an output of an earlier sweep .*"
+                                                 r"\(--overwrite replaces it\)"):
+                sweep.main(args + more)
+        assert (tmp_path / name).read_text() == "my notes" and sorted(os.listdir(tmp_path)) == [name]
+        (tmp_path / name).unlink()
+    (tmp_path / "sweep.md").mkdir()
+    with pytest.raises(SystemExit, match="sweep.md is a folder, where the sweep writes a file"):
+        sweep.main(args + ["--overwrite"])
+    (tmp_path / "sweep.md").rmdir()
+    train_step = ts.train_step
+
+    def stop_in_the_second_run(run):  # Ctrl-C (or SIGTERM) after the sliding run's first checkpoint
+        if run.it == 2 and "sliding" in run.cfg["out_dir"]:
+            raise KeyboardInterrupt
+        return train_step(run)
+    monkeypatch.setattr(ts, "train_step", stop_in_the_second_run)
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(args)
+    ckpt = tmp_path / "sliding_W=4" / "ckpt.pt"
+    assert stop.value.code == (f"\nstopped at step 2: the checkpoint of step 2 is {ckpt}"
+                               f"\nsweep: stopped in run 'sliding W=4'; the same sweep command with --resume "
+                               f"continues the sweep")  # the sweep's hint only: the run's would leave the sweep
+    monkeypatch.undo()
+    assert [row["run"] for row in sweep.main(args + ["--resume"])] == ["dense", "sliding W=4"]
+
+
 def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeypatch, capsys):
     import sweep
     import train_shakespeare as ts
@@ -2700,7 +2734,7 @@ def test_a_stopped_sweep_still_writes_the_table_of_what_it_has(tmp_path, monkeyp
     monkeypatch.setattr(ts, "train", train)
     args = TINY_RUN + ["--max_iters=2", "--eval_interval=2", "--sample_tokens=0", "--kv_budgets=0.5", "--windows=4",
                        f"--out_dir={tmp_path}"]
-    with pytest.raises(SystemExit, match="sweep.md is the table of an earlier sweep: pass --resume"):  # refused
+    with pytest.raises(SystemExit, match="sweep.md is an output of an earlier sweep: pass --resume"):  # refused
         sweep.main(args)                                                       # before any run; the table stays
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     (tmp_path / "nats_budget=0.6").mkdir()  # a run of an earlier sweep with other flags, into the same folder
