@@ -546,7 +546,8 @@ class GPT(nn.Module):
 
     def check_ids(self, ids, name, shape=None, low=0):
         """Raise a ValueError naming `name` unless ids are token ids [batch, tokens] (of `shape` if
-        given), long or int32, in low..vocab_size - 1 (-1 marks a target not scored)."""
+        given), long or int32, on the model's device, in low..vocab_size - 1 (-1 marks a target not
+        scored)."""
         if not isinstance(ids, torch.Tensor):
             raise ValueError(f"{name} must be a tensor of token ids [batch, tokens], like torch.tensor([[0, 1]]); got "
                              f"{type(ids).__name__}")
@@ -554,6 +555,9 @@ class GPT(nn.Module):
                 shape is not None and ids.shape != shape):
             raise ValueError(f"{name} must be token ids [batch, tokens]{'' if shape is None else f' = {list(shape)}'}, "
                              f"at least one of each, long or int32; got {ids.dtype} of shape {tuple(ids.shape)}")
+        device = self.lm_head.weight.device
+        if ids.device != device:  # torch's own error names no argument
+            raise ValueError(f"{name} is on {ids.device} but the model on {device}; pass {name}.to('{device}')")
         # reading the ids needs a GPU sync: checked on the CPU, where torch's own errors name no bound
         if ids.device.type == "cpu" and not torch.compiler.is_compiling() and ids.numel() \
                 and not low <= ids.min() <= ids.max() < self.config.vocab_size:
@@ -602,9 +606,6 @@ class GPT(nn.Module):
                              f"{getattr(teacher, 'config', type(teacher).__name__)}")
         if targets is not None:
             self.check_ids(targets, "targets", idx.shape, low=-1)
-            if targets.device != idx.device:
-                raise ValueError(f"targets are on {targets.device} but idx on {idx.device}; pass "
-                                 f"targets.to(idx.device)")
         hidden, layers = self.hidden_states(idx, all_global=all_global)
         logits = self.lm_head(hidden)
         dense = self.config.attention == "dense"
@@ -1823,10 +1824,14 @@ def checkpoint_tokenizer(args, checkpoint, block_size):
 
 
 @contextlib.contextmanager
-def quiet_when_stdout_closes():
-    """with quiet_when_stdout_closes(): a script's body, which stops quietly when the reader of its
-    output goes away (| head), as a shell's commands do, with the status they give (141), instead of
-    a BrokenPipeError traceback."""
+def script_output():
+    """with script_output(): a script's body, whose printing raises no traceback. A character its
+    stdout's encoding lacks (a Windows console's cp1252, PYTHONIOENCODING=ascii) prints as "?"
+    instead of a UnicodeEncodeError at the end of a run. When the reader of its output goes away
+    (| head) it stops quietly, as a shell's commands do, with the status they give (141), instead
+    of a BrokenPipeError traceback."""
+    if hasattr(sys.stdout, "reconfigure"):  # (a stdout replaced by a StringIO has none)
+        sys.stdout.reconfigure(errors="replace")
     try:
         yield
     except BrokenPipeError:
@@ -1839,7 +1844,7 @@ def quiet_when_stdout_closes():
 
 def main(argv=None):
     args = parse_args(argv)
-    with quiet_when_stdout_closes():
+    with script_output():
         try:
             if args.bench and args.pretrained:
                 benchmark_decode(contexts=(8192,), device=args.device, dtype=DTYPES[args.dtype],

@@ -33,6 +33,7 @@ kept: an earlier sweep's is continued with --resume, and any is replaced only wi
 Each run keeps its own folder under out_dir, with its log (train.log when --jobs > 1),
 history.json, checkpoint and token-type picture.
 """
+import difflib
 import json
 import os
 import re
@@ -45,7 +46,7 @@ import torch
 
 import train_shakespeare as ts
 from data import RECALL_TASKS
-from nats import quiet_when_stdout_closes, random_global_share
+from nats import random_global_share, script_output, sink_and_window_kv
 
 SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
                       finetune_weights="", gs_budgets="", jobs=1)
@@ -56,6 +57,7 @@ FIXED = {key: type(ts.defaults()[key])() for key in ts.NATS_SCHEDULE}  # a recip
 def split_args(argv):
     """The sweep's own flags, and the rest for train_shakespeare.py."""
     own = dict(SWEEP_DEFAULTS)
+    known = [*SWEEP_DEFAULTS, *ts.defaults()]
     rest = []
     for arg in argv:
         key, _, value = arg[2:].partition("=")
@@ -66,6 +68,11 @@ def split_args(argv):
                 raise SystemExit(f"--{key}={value}: expected a whole number >= {min(own[key], 1)}, like "
                                  f"--{key}={own[key] or 100}")
             own[key] = value if isinstance(own[key], str) else int(value)
+        elif arg.startswith("--") and key not in known:  # the training script would name only its own
+            close = difflib.get_close_matches(key.lower(), known, n=1)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            raise SystemExit(f"unknown argument {arg!r}; {hint}use --key=value with key one of the sweep's own: "
+                             f"{', '.join(SWEEP_DEFAULTS)}, or the training script's: {', '.join(ts.defaults())}")
         elif key in ("attention", "random_global", "local_type"):  # each run has its own
             raise SystemExit(f"--{key}: the sweep sets it for each run (dense, sliding, NAtS, random Globals, G+S); "
                              f"drop it")
@@ -91,6 +98,16 @@ def numbers(own, key, kind):
     return values
 
 
+def shares(own, key):
+    """--kv_budgets or --gs_budgets as a list of shares of the attention entries to keep, or an
+    error saying what to pass."""
+    values = numbers(own, key, float)
+    if not all(0 < b <= 1 for b in values):
+        raise SystemExit(f"--{key}={own[key]}: pass shares of the attention entries to keep, in (0, 1], like "
+                         f"--{key}=0.1,0.15")
+    return values
+
+
 def variants(own, base):
     """(name, config, name of the run it starts from) of every run: for every seed, dense first."""
     seeds = numbers(own, "seeds", int)
@@ -106,18 +123,14 @@ def variants(own, base):
 def seed_variants(own, base, tag):
     """(name, changes to the base config, name of the run it starts from) of one seed's runs; tag
     ends the name of that seed's dense run, whose checkpoint fine-tuning starts from."""
-    budgets, weights = numbers(own, "kv_budgets", float), numbers(own, "kv_weights", float)
-    for key in ("kv_budgets", "gs_budgets"):
-        if not all(0 < b <= 1 for b in numbers(own, key, float)):
-            raise SystemExit(f"--{key}={own[key]}: pass shares of the attention entries to keep, in (0, 1], like "
-                             f"--{key}=0.1,0.15")
+    budgets, weights = shares(own, "kv_budgets"), numbers(own, "kv_weights", float)
     nats = [(f"budget={b}", dict(kv_budget=b)) for b in budgets]  # a recipe's dense warm-up stays
     nats += [(f"lambda={w}", dict(kv_budget=0.0, budget_anneal=0, kv_weight=w)) for w in weights]  # no budget to anneal
     runs = [("dense", dict(FIXED, attention="dense"), None)]
     runs += [(f"sliding W={w}", dict(FIXED, attention="sliding", window=w), None) for w in numbers(own, "windows", int)]
     runs += [(f"nats {target}", dict(changes, attention="nats"), None) for target, changes in nats]
     runs += [(f"nats G+S budget={b}", dict(kv_budget=b, attention="nats", local_type=False), None)
-             for b in numbers(own, "gs_budgets", float)]
+             for b in shares(own, "gs_budgets")]
     runs += [(f"random Globals budget={b}", dict(FIXED, attention="random", random_global=random_global_share(
         b, base["block_size"], base["window"])), None) for b in budgets]
     if base.get("init_from"):  # a retrofit: the fixed patterns evaluate the weights of init_from as they are
@@ -292,7 +305,7 @@ def write_table(rows, base, path, left=(), others=(), failed=()):
     if failed:
         lines += ["", f"Failed or skipped (their train.log says why; a row of theirs holds their last eval): "
                       f"{', '.join(failed)}."]
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -346,24 +359,24 @@ def shared_settings(own, rest, given):
     read as a run's; each NAtS run takes its budget from --kv_budgets (or --gs_budgets), so
     --kv_budget and a config file's kv_budget are none of theirs: the shared settings are checked
     with the sweep's largest budget, if it has any (each run's own is checked with it later)."""
-    budget = max(numbers(own, "kv_budgets", float) or numbers(own, "gs_budgets", float), default=0.0)
+    flag = "kv_budgets" if shares(own, "kv_budgets") or not shares(own, "gs_budgets") else "gs_budgets"
+    budget = max(shares(own, flag), default=0.0)
     argv = [arg for arg in rest if arg.partition("=")[0] not in ("--resume", "--kv_budget")]
     try:
         base, why = ts.make_config(argv + [f"--kv_budget={budget}"])
     except SystemExit as e:
-        if str(e).startswith("unknown argument"):  # the sweep's own flags are known too
-            raise SystemExit(f"{e}; or one of the sweep's own: {', '.join(SWEEP_DEFAULTS)}") from None
-        raise SystemExit(sweeps_message(str(e), given)) from None
+        raise SystemExit(sweeps_message(str(e), given, flag)) from None
     base["resume"] = "resume" in given and ts.parse_value("resume", given["resume"] or "True", False)  # a bare flag
     if base["resume"] and base["overwrite"]:
         raise SystemExit("--resume continues the sweep in out_dir, --overwrite starts its runs over: pass one of them")
     return base, why
 
 
-def sweeps_message(message, given):
-    """A training script's message about the budget, naming the flag the sweep takes for it."""
-    message = re.sub(r"--kv_budget\b(?!s)", "--kv_budgets", message)
-    if "--kv_budgets=" in message and "kv_budgets" not in given:
+def sweeps_message(message, given, flag):
+    """A training script's message about the budget, naming the flag of the sweep's that gave it
+    (kv_budgets or gs_budgets)."""
+    message = re.sub(r"--kv_budget\b(?!s)", f"--{flag}", message)
+    if flag == "kv_budgets" and "--kv_budgets=" in message and "kv_budgets" not in given:
         message += f" (--kv_budgets={SWEEP_DEFAULTS['kv_budgets']} is the sweep's default: pass your own)"
     return message
 
@@ -419,9 +432,15 @@ def main(argv):
         print(f"note: this sweep does not use {'; '.join(unused)}")
     runs = variants(own, base)
     notes = {}  # what the runs' settings do that may not be meant, once for the runs it concerns
+    floor = sink_and_window_kv(base["block_size"], base["window"])
     for name, cfg, _ in runs:
-        for note in ts.run_notes(cfg):
-            notes.setdefault(note, []).append(name)
+        random = cfg["attention"] == "random"  # their --random_global is the sweep's, from --kv_budgets: the
+        for note in ts.run_notes(dict(cfg, random_global=1.0) if random else cfg):  # user gave none, so not its
+            notes.setdefault(note, []).append(name)                                 # note but the budget's
+        if random and not cfg["random_global"]:
+            notes.setdefault(f"random Globals keep at least {floor:.3f}, the share of the sink and the window at "
+                             f"--block_size={base['block_size']} and --window={base['window']}: at a budget below "
+                             f"it they are the sink + sliding window", []).append(name)
     for note, names in notes.items():
         print(f"note: {note} ({'every run' if len(names) == len(runs) else 'runs ' + ', '.join(names)})")
     if base["resume"] and not any(os.path.exists(os.path.join(cfg["out_dir"], file))
@@ -442,7 +461,8 @@ def main(argv):
                 ts.check_config(cfg)
             ts.check_out_dir(cfg)
         except SystemExit as e:
-            raise SystemExit(f"sweep: run {name!r}: {sweeps_message(str(e), given)}") from None
+            flag = "gs_budgets" if cfg["attention"] == "nats" and not cfg["local_type"] else "kv_budgets"
+            raise SystemExit(f"sweep: run {name!r}: {sweeps_message(str(e), given, flag)}") from None
     started = time.time()
     on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit("sweep: terminated"))
     failed = []
@@ -476,5 +496,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    with quiet_when_stdout_closes():
+    with script_output():
         main(sys.argv[1:])

@@ -804,8 +804,10 @@ def test_forward_names_bad_targets_kv_weights_distill_and_teachers():
                       torch.tensor(float("nan")), torch.tensor(1)):  # a CPU tensor's value is checked as a float's
         with pytest.raises(ValueError, match="kv_weight must be a finite number >= 0"):
             model(idx, idx, kv_weight=kv_weight)
-    with pytest.raises(ValueError, match=r"targets are on meta but idx on cpu; pass targets.to\(idx.device\)"):
+    with pytest.raises(ValueError, match=r"targets is on meta but the model on cpu; pass targets.to\('cpu'\)"):
         model(idx, idx.to("meta"))
+    with pytest.raises(ValueError, match=r"idx is on meta but the model on cpu; pass idx.to\('cpu'\)"):
+        model(idx.to("meta"))  # (torch's own error names no argument)
     with pytest.raises(ValueError, match="distill must be 'hidden' or 'logits'"):
         model(idx, idx, teacher=model, distill="bogus")
     with pytest.raises(ValueError, match="teacher must be a GPT of the same n_embd"):
@@ -968,6 +970,7 @@ def test_model_rejects_sequences_longer_than_block_size():
 
 
 def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
+    from data.tokenizers import pretrained_source
     model = GPT(tiny_config())
     good = tmp_path / "ckpt.pt"
     torch.save(dict(model=model.state_dict(), model_args=dict(tiny_config().__dict__)), good)
@@ -984,8 +987,13 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
                                          r"train_shakespeare.py: load it with GPT.from_pretrained"):
         load_checkpoint(tmp_path / "model.gguf")
     (tmp_path / "notes.txt").write_text("not a model\n")
-    with pytest.raises(FileNotFoundError, match=r"notes.txt is a file but no pretrained model \(a GGUF file's name"):
+    with pytest.raises(FileNotFoundError, match=r"notes.txt is a file but no pretrained model \(a GGUF file starts"):
         GPT.from_pretrained(str(tmp_path / "notes.txt"))  # there, not "no pretrained model at"
+    (tmp_path / "MODEL.GGUF").write_bytes(b"not GGUF")  # a GGUF by its name in any case, or by its first bytes
+    (tmp_path / "sha256-0123").write_bytes(b"GGUF" + bytes(100))  # (as Ollama's blobs are)
+    for name in ("model.gguf", "MODEL.GGUF", "sha256-0123"):
+        assert pretrained_source(str(tmp_path / name)) == dict(pretrained_model_name_or_path=str(tmp_path),
+                                                               gguf_file=name)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="not a device"):
@@ -993,6 +1001,9 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda' is not here: torch sees 0 CUDA devices; pass 'cpu'"):
             load_checkpoint(good, device="cuda")
+    for device in ("meta", "mps"):  # a kind of device no model here runs on, whatever this machine has
+        with pytest.raises(ValueError, match=f"device='{device}': the model runs on 'cpu' or 'cuda'"):
+            load_checkpoint(good, device=device)
     hollow, other_args, no_args = tmp_path / "hollow.pt", tmp_path / "other_args.pt", tmp_path / "no_args.pt"
     torch.save(dict(model={}, model_args={}), hollow)  # the right keys, nothing in them
     torch.save(dict(model=model.state_dict(), model_args=dict(tiny_config().__dict__, n_embd=64)), other_args)
@@ -3917,13 +3928,58 @@ def test_training_into_a_closed_pipe_stops_quietly_as_sampling_does(tmp_path, sc
 @pytest.mark.parametrize("bad, message", [
     ("--kv_weights=1e39", "--kv_weight=1e+39: expected a finite number within float32's range"),
     ("--seeds=99999999999999999999", "--seed=99999999999999999999: expected an integer that fits in 64 bits"),
-    ("--kv_weights=1e38", "--kv_weight=1e+38: must be a number in [0, 1e+06]")])
+    ("--kv_weights=1e38", "--kv_weight=1e+38: must be a number in [0, 1e+06]"),
+    ("--gs_budgets=2", "--gs_budgets=2: pass shares of the attention entries to keep, in (0, 1]"),  # not kv_budgets
+    ("--gs_budgets=0.45", "sweep: run 'nats G+S budget=0.45': --gs_budgets=0.45: at --block_size=32 and --window=8 no "
+                          "assignment of token types keeps less than 0.521"),
+    ("--Windows=4", "unknown argument '--Windows=4'; did you mean --windows? use --key=value with key one of the "
+                    "sweep's own: kv_budgets")])
 def test_a_sweeps_values_are_checked_as_flags_are_before_its_first_run(tmp_path, monkeypatch, bad, message):
     """A sweep's lists set values no flag parse saw: each run's config is checked for them before any trains."""
     import sweep
     monkeypatch.setattr(sweep, "train_in_turn", lambda runs: pytest.fail("a run started"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         sweep.main(TINY_RUN + ["--kv_budgets=", "--windows=", bad, f"--out_dir={tmp_path}"])
+
+
+def test_a_sweeps_random_globals_below_the_sink_and_window_say_so(tmp_path, monkeypatch, capsys):
+    """At a budget below what the sink and the window keep, the random-Globals run is the sink + window: the note
+    names that share and the budget's flag, not a --random_global=0 the user never gave."""
+    import sweep
+    monkeypatch.setattr(sweep, "train_in_turn", lambda runs: None)
+    sweep.main(TINY_RUN + ["--kv_budgets=0.45", "--windows=", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert ("note: random Globals keep at least 0.521, the share of the sink and the window at --block_size=32 and "
+            "--window=8: at a budget below it they are the sink + sliding window (runs random Globals budget=0.45)"
+            ) in out and "random_global" not in out
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "ascii"])
+def test_a_run_prints_into_an_output_that_is_not_utf8(tmp_path, encoding):
+    """Windows writes redirected output in its code page (cp1252): a character it lacks (the token-type picture's
+    newline mark, a sample's) prints as "?", not as a UnicodeEncodeError after the run trained."""
+    import subprocess
+    run = subprocess.run([sys.executable, "train_shakespeare.py", *TINY_RUN, "--max_iters=2", "--eval_interval=2",
+                          f"--out_dir={tmp_path}"], cwd=HERE, capture_output=True,
+                         env=dict(os.environ, PYTHONIOENCODING=encoding))
+    out = run.stdout.decode(encoding)
+    assert run.returncode == 0 and "Traceback" not in run.stderr.decode(encoding, "replace"), run.stderr[-2000:]
+    assert "token types, layer" in out and "?\n" in out and (tmp_path / "token_types.html").is_file()
+
+
+def test_the_data_scripts_name_what_they_take(tmp_path):
+    """python data/recall.py and python -m data.passkey print examples and take no arguments; offline without the
+    GPT-2 files, the passkey example says where to put them."""
+    import subprocess
+    for command in (["data/recall.py", "--n=5"], ["-m", "data.passkey", "12"]):
+        run = subprocess.run([sys.executable, *command], cwd=HERE, capture_output=True, text=True)
+        assert run.returncode == 1 and run.stderr.endswith("takes no arguments: it prints " + (
+            "three sequences of each task\n" if "recall" in command[0] else "one trial of about 200 GPT-2 tokens\n"))
+    run = subprocess.run([sys.executable, "-m", "data.passkey"], cwd=HERE, capture_output=True, text=True,
+                         env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9",
+                                  https_proxy="http://127.0.0.1:9"))  # an empty cache and no network
+    assert run.returncode == 1 and run.stderr.startswith("tiktoken could not get the GPT-2 BPE files"), run.stderr
+    assert "TIKTOKEN_CACHE_DIR" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_a_run_saved_with_the_triton_kernel_resumes_on_a_cpu(tmp_path):

@@ -43,7 +43,7 @@ from data.passkey import make_passkey
 from data.tokenizers import check_tokenizer_files, pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report,
                   device_memory, eval_mode, generate, is_out_of_memory, least_kv_share, load_checkpoint,
-                  matching_window, quiet_when_stdout_closes, sink_and_window_kv)
+                  matching_window, script_output, sink_and_window_kv)
 
 try:
     import fcntl  # the lock of a running run's out_dir (claim_out_dir)
@@ -1629,7 +1629,7 @@ def sigterm_as_ctrl_c():
 
 def main(argv):
     """python train_shakespeare.py [config files] [--key=value ...]: check the settings, say what runs, train."""
-    with quiet_when_stdout_closes():  # | head: the run stops there, as Ctrl-C stops it (its last checkpoint kept)
+    with script_output():  # | head: the run stops there, as Ctrl-C stops it (its last checkpoint kept)
         try:
             config, why = make_config(argv)
             if os.environ.get("RANK", "0") == "0":

@@ -224,17 +224,19 @@ def get_batch(data, batch_size, block_size, seed, device):
 
 
 def check_device(name):
-    """name as a torch.device, or a ValueError naming a device that is none, or one this torch cannot
-    reach (a CPU-only build, a GPU index past the last): torch's own errors name no argument and what
-    to pass."""
+    """name as a torch.device, or a ValueError naming a device that is none, one of a kind other than
+    cpu and cuda, or one this torch cannot reach (a CPU-only build, a GPU index past the last):
+    torch's own errors name no argument and what to pass."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={name!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cpu" and device.index:  # torch takes cpu:1 as a device, which a checkpoint cannot load to
         raise ValueError(f"device={name!r}: the CPU is one device; pass 'cpu'")
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xpu, ...: devices this project is not run on
+        raise ValueError(f"device={name!r}: the model runs on 'cpu' or 'cuda' ('cuda:N' for one GPU); pass 'cpu'")
     count = torch.cuda.device_count() if device.type == "cuda" else 0  # 0 on a CPU-only build
-    if device.type != "cpu" and (device.index or 0) >= count:
+    if device.type == "cuda" and (device.index or 0) >= count:
         gpus = f" or one of 'cuda:0' .. 'cuda:{count - 1}'" if count else ""
         raise ValueError(f"device={name!r} is not here: torch sees {count} CUDA devices; pass 'cpu'{gpus}")
     return device

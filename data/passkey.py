@@ -11,6 +11,8 @@ key is far from the question, so a KV cache that dropped it cannot answer.
 The wording is the common one of the passkey test (Mohtashami & Jaggi, "Landmark Attention",
 2023), written here anew; no licence restrictions. `python -m data.passkey` prints an example.
 """
+import sys
+
 import numpy as np
 
 from data.recall import check_counts
@@ -49,7 +51,12 @@ def make_passkey(encode, length, seed):
 
 
 if __name__ == "__main__":
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    prompt, answer = make_passkey(enc.encode_ordinary, 200, seed=0)
-    print(enc.decode(prompt) + " ->" + enc.decode(answer))
+    from data.tokenizers import gpt2_tokenizer
+    if sys.argv[1:]:
+        sys.exit("python -m data.passkey takes no arguments: it prints one trial of about 200 GPT-2 tokens")
+    try:
+        encode, decode = gpt2_tokenizer()
+    except SystemExit as e:  # offline without a cache: the training script's message, less its flag
+        sys.exit(str(e).removeprefix("--tokenizer=gpt2: "))
+    prompt, answer = make_passkey(encode, 200, seed=0)
+    print(decode(prompt) + " ->" + decode(answer))

@@ -25,6 +25,7 @@ Generated from seeds: every training batch draws fresh sequences from its own se
 val set comes from VAL_SEED; `python data/recall.py` prints examples of both.
 """
 import os
+import sys
 
 import numpy as np
 
@@ -161,6 +162,8 @@ def roles(sequences):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:]:
+        sys.exit("python data/recall.py takes no arguments: it prints three sequences of each task")
     for make in (make_sequences, make_far_sequences):
         for row in make(3, 128, VAL_SEED):
             print("".join(ALPHABET[i] for i in row))

@@ -69,6 +69,18 @@ def gpt2_tokenizer():
     return got["encoding"].encode_ordinary, got["encoding"].decode
 
 
+def is_gguf(path):
+    """Whether the file at path is meant as a GGUF file: its name ends in .gguf (in any case), or it
+    starts with GGUF's magic b'GGUF' (as Ollama's extension-less blobs do)."""
+    if path.lower().endswith(".gguf"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # unreadable: the loader names the reason
+        return False
+
+
 def pretrained_source(source):
     """Where a pretrained model is, as the keyword arguments of transformers' from_pretrained:
     a GGUF file (its folder and gguf_file), a folder of an HF checkpoint, a path inside an
@@ -89,7 +101,7 @@ def pretrained_source(source):
     if os.path.isfile(path) and path.endswith(".pt"):
         raise ValueError(f"{source} is a checkpoint of train_shakespeare.py, not a pretrained model: load it with "
                          f"GPT.from_checkpoint (or pass it as --resume's or --finetune_scorer's)")
-    if os.path.isfile(path) and path.endswith(".gguf"):
+    if os.path.isfile(path) and is_gguf(path):
         return dict(pretrained_model_name_or_path=os.path.dirname(os.path.abspath(path)),
                     gguf_file=os.path.basename(path))
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
@@ -100,8 +112,8 @@ def pretrained_source(source):
     if os.path.isdir(path):
         return dict(pretrained_model_name_or_path=path)
     if os.path.isfile(path):  # there, but of no kind a model comes in
-        raise FileNotFoundError(f"{source} is a file but no pretrained model (a GGUF file's name ends in .gguf, an HF "
-                                f"model is a folder with config.json). {PRETRAINED_HINT}")
+        raise FileNotFoundError(f"{source} is a file but no pretrained model (a GGUF file starts with b'GGUF' or "
+                                f"its name ends in .gguf, an HF model is a folder with config.json). {PRETRAINED_HINT}")
     if os.path.splitext(source)[1] or os.path.exists(os.path.dirname(source) or "\0"):
         raise FileNotFoundError(f"no pretrained model at {source}. {PRETRAINED_HINT}")
     return dict(pretrained_model_name_or_path=source)
