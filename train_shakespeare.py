@@ -245,7 +245,7 @@ def make_config(argv):
             continue
         key, eq, value = arg[2:].partition("=")
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+            close = difflib.get_close_matches(key.lower(), known, n=1)  # --Max_iters: --max_iters
             hint = f"did you mean --{close[0]}? " if close else ""
             raise SystemExit(f"unknown argument {arg!r}; {hint}use --key=value with key one of: {', '.join(known)}")
         if not eq and not isinstance(known[key], bool):
