@@ -3648,10 +3648,12 @@ def test_get_batch_checks_a_generators_sequences_as_a_fixed_sets_and_refuses_neg
 
 def test_get_batch_names_a_device_it_cannot_reach_and_takes_every_64_bit_seed():
     count = torch.cuda.device_count()
-    for device in (f"cuda:{count}", "meta") + (() if count else ("cuda",)):  # a CPU-only torch has no cuda at all
+    for device in (f"cuda:{count}",) + (() if count else ("cuda",)):  # a CPU-only torch has no cuda at all
         with pytest.raises(ValueError, match=re.escape(f"device={device!r} is not here: torch sees {count} CUDA "
                                                        f"devices; pass 'cpu'")):
             data.get_batch(np.arange(100), 2, 4, 0, device)
+    with pytest.raises(ValueError, match=re.escape("device='meta': the model runs on 'cpu' or 'cuda'")):
+        data.get_batch(np.arange(100), 2, 4, 0, "meta")
     stream = np.arange(100, dtype=np.uint16)
     for seed in (np.uint64(2**64 - 1), np.int64(7)):
         x, y = data.get_batch(stream, 2, 4, seed, "cpu")
