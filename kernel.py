@@ -1031,7 +1031,9 @@ def expired(kind, pos, t, last_global, window):
     """Which cached keys no query after step t reads (README, How NAtS works, "Eviction"): Local
     keys older than the latest Global one (whose query was the last to see them) and Sliding keys
     j <= t - W; Globals stay. kind, pos [..., n] (free slots: pos -1, any result); t and
-    last_global broadcast against them. window: an int >= 0. Returns bool [..., n]."""
+    last_global broadcast against them. window: an int >= 0. Returns bool [..., n]. Raises
+    ValueError for kind or pos that are no tensors, or a bad window."""
+    check_tensors(kind=kind, pos=pos)
     check_window(window)
     window = min(int(window), 2**62)  # the same eviction, and t - W stays within int64
     return ((kind == LOCAL) & (pos < last_global)) | ((kind == SLIDING) & (pos <= t - window))
@@ -1355,7 +1357,12 @@ def useful_flops(causal, visible, D, what):
     costs 2 D per entry.
     Dense attention does 2 products per causal entry forward and 7 forward+backward; NAtS needs
     q k^T on every causal entry for LSE_F (and one more product in the backward for G), and the
-    rest (P V forward, dP, dS, dQ, dK, dV) only on visible entries."""
+    rest (P V forward, dP, dS, dQ, dK, dV) only on visible entries. Raises ValueError for an
+    unknown pass `what`, counts below 0 or a head size below 1."""
+    passes = ("dense_fwd", "dense_fwd_bwd", "inference", "train_fwd", "fwd_bwd")
+    if what not in passes or not (is_real(causal, 0) and is_real(visible, 0) and is_count(D, 1)):
+        raise ValueError(f"useful_flops takes causal, visible >= 0 (entries), D >= 1 (an int) and what in {passes}; "
+                         f"got {causal!r}, {visible!r}, {D!r}, {what!r}")
     products = dict(dense_fwd=2 * causal, dense_fwd_bwd=7 * causal, inference=2 * visible,
                     train_fwd=causal + visible, fwd_bwd=3 * causal + 4 * visible)[what]
     return 2 * D * products

@@ -103,7 +103,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}; "
                              f"pass an n_head that divides it")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}; "
+            default = " (the default)" if self.n_kv_head == type(self).n_kv_head else ""
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}{default}; "
                              f"pass an n_kv_head that divides it")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd / n_head = {self.n_embd // self.n_head}: RoPE needs an even head size; pass an "
@@ -476,6 +477,20 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.ln_2(x))), stats
 
 
+def check_size(config):
+    """Raise a MemoryError naming the sizes if a GPT of config would not fit in the CPU's free memory
+    (the allocator's own error names no setting): its weights in float32, about, from the sizes that
+    make them (a vocabulary of 2**40, a width of 10**6)."""
+    n, hidden = config.n_embd, config.mlp_hidden or 4 * config.n_embd
+    layer = 4 * n * n + (3 if config.mlp == "swiglu" else 2) * n * hidden
+    size = 4 * (config.vocab_size * n * (1 if config.tie_embeddings else 2) + config.n_layer * layer)
+    memory = free_memory("cpu")
+    if memory is not None and size > memory:
+        raise MemoryError(f"a GPT of vocab_size={config.vocab_size}, n_embd={n}, n_layer={config.n_layer} and "
+                          f"mlp_hidden={hidden} takes about {size / 2**30:,.0f} GiB in float32, more than the CPU's "
+                          f"{memory / 2**30:,.1f} GiB free; pass smaller sizes")
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -484,6 +499,7 @@ class GPT(nn.Module):
             raise TypeError(f"GPT takes a GPTConfig, got {type(config).__name__}; pass GPTConfig(**settings) "
                             f"for a dict of settings")
         config.__post_init__()  # its checks again: a field set after it was made (config.n_head = 3) is one too
+        check_size(config)
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -648,6 +664,13 @@ class GPT(nn.Module):
             return self(idx)[2]["token_types"]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW over the trainable weights, weight decay on the matrices only (nanoGPT's groups),
+        fused on CUDA. Raises ValueError for betas that are not two numbers in [0, 1) or a
+        device_type other than 'cpu' and 'cuda' (AdamW names a bad rate or decay itself)."""
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b, 0) and b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), like (0.9, 0.99); got {betas!r}")
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"device_type must be 'cpu' or 'cuda' (the model's device.type), got {device_type!r}")
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
@@ -1236,7 +1259,12 @@ class Decoder:
         CUDA device. compile: the step through torch.compile, which fuses its small operations
         (norms, RoPE, the scorer, the MLP's activation) into a few kernels, the decode kernel
         staying one operator; it takes tens of seconds once per model, so it pays for long
-        generations. Raises ValueError for a length < 1 and cuda_graph=True off CUDA."""
+        generations. Raises ValueError for a model that is no GPT in eval() mode, caches that are
+        not fresh ones of it (check_caches), a length < 1 and cuda_graph=True off CUDA."""
+        if not isinstance(model, GPT) or model.training:  # dropout, and sampled types the caches would evict by
+            raise ValueError(f"model must be a GPT in eval() mode (generate and decode switch it themselves); got "
+                             f"{type(model).__name__}{' in train() mode' if isinstance(model, GPT) else ''}")
+        check_caches(model, caches)
         if not is_count(length, 1):
             raise ValueError(f"length must be an int >= 1 (the tokens the decoder will be fed), got {length!r}")
         device = model.lm_head.weight.device
@@ -1251,8 +1279,15 @@ class Decoder:
 
     def prefill(self, idx):
         """The final hidden states [B, T, n_embd] of the prompt idx [B, T] (long), through the
-        model's ordinary attention (the kernel's inference path); the empty caches fill."""
+        model's ordinary attention (the kernel's inference path); the empty caches fill. Raises
+        ValueError for a second prefill, a prompt longer than `length` and what forward refuses."""
+        self.model.check_ids(idx, "idx")
+        if self.caches[0].k is not None:
+            raise ValueError("the caches already hold a prompt: prefill once, then call the decoder for each token")
         T = idx.shape[1]
+        if T > self.length:
+            raise ValueError(f"the prompt's {T} tokens are more than length={self.length}, the tokens the decoder was "
+                             f"made for; make one with a length of at least {T} + the tokens to come")
         pos = torch.arange(T, device=idx.device)
         return self.model.hidden_states(idx, self.caches, pos, (self.rope[0][:T], self.rope[1][:T]))[0]
 
@@ -1311,22 +1346,29 @@ def check_decoding(model, idx, caches, cuda_graph):
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"idx must be a tensor of token ids [batch, tokens], like torch.tensor([[0, 1]]), got "
                          f"{type(idx).__name__}")
-    if idx.dim() != 2 or 0 in idx.shape:
-        raise ValueError(f"the prompt must be [batch, tokens] with at least one row and one token, got shape "
-                         f"{tuple(idx.shape)}")
+    if idx.dim() != 2 or 0 in idx.shape or idx.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"the prompt must be token ids [batch, tokens], long or int32, with at least one row and one "
+                         f"token; got {idx.dtype} of shape {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
-    if caches is not None and (not isinstance(caches, (list, tuple)) or len(caches) != model.config.n_layer
-                               or not all(isinstance(c, KVCache) for c in caches)):
-        raise ValueError(f"caches must hold one KVCache per layer ({model.config.n_layer}), as model.new_caches() "
-                         f"gives; got {caches!r}")
-    if caches is not None and any(c.window != model.config.window for c in caches):
-        raise ValueError(f"caches of window {[c.window for c in caches]} for a model of window "
-                         f"{model.config.window} would evict other keys than its mask; use model.new_caches()")
-    if caches is not None and caches[0].k is not None:
-        raise ValueError("these caches already hold a sequence; pass fresh ones, model.new_caches(), or none")
+    if caches is not None:
+        check_caches(model, caches)
     if cuda_graph not in (None, True, False):
         raise ValueError(f"cuda_graph must be None (on CUDA), True or False, got {cuda_graph!r}")
+
+
+def check_caches(model, caches):
+    """Raise a ValueError naming what to pass unless caches are fresh ones of model, as
+    model.new_caches() gives: a KVCache per layer, of the model's window, holding nothing yet."""
+    if not isinstance(caches, (list, tuple)) or len(caches) != model.config.n_layer \
+            or not all(isinstance(c, KVCache) for c in caches):
+        raise ValueError(f"caches must hold one KVCache per layer ({model.config.n_layer}), as model.new_caches() "
+                         f"gives; got {caches!r}"[:300])
+    if any(c.window != model.config.window for c in caches):
+        raise ValueError(f"caches of window {[c.window for c in caches]} for a model of window "
+                         f"{model.config.window} would evict other keys than its mask; use model.new_caches()")
+    if caches[0].k is not None:
+        raise ValueError("these caches already hold a sequence; pass fresh ones, model.new_caches(), or none")
 
 
 @torch.no_grad()

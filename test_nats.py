@@ -2077,8 +2077,11 @@ def test_a_run_in_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(tmp_pat
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     capsys.readouterr()
     history = (tmp_path / "history.json").read_bytes()
-    tiny_run(tmp_path, max_iters=10, sample_tokens=0, resume=True)  # a finished run says so, and leaves its files
-    assert "at step 10 of 10: nothing left to train (raise --max_iters" in capsys.readouterr().out
+    tiny_run(tmp_path, max_iters=5, sample_tokens=0, resume=True)  # a finished run says so, and leaves its files
+    out = capsys.readouterr().out
+    assert "at step 10 of 5: nothing left to train (raise --max_iters" in out
+    baseline = out.split("train it with the same settings to compare:")[1]
+    assert " --max_iters=10 " in baseline and "--max_iters=5" not in baseline  # as long as this model trained
     assert (tmp_path / "history.json").read_bytes() == history and (tmp_path / "ckpt.pt").read_bytes() == before
     tiny_run(tmp_path, max_iters=5, eval_interval=5, overwrite=True, sample_tokens=0)
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5
@@ -3176,7 +3179,7 @@ def test_sampling_treats_a_vanishing_temperature_as_greedy_and_stops_on_broken_l
     ("windw = 3\n", "bad.py:1: unknown setting 'windw'"),
     ("eval_iters = 1\n# more\neval_iters = 2\n", "bad.py:3: eval_iters is set already, at line 1; set it once"),
     ("learning_rate = 1e400\n", "bad.py:1: expected a finite number within float32's range"),
-    ("seed = 99999999999999999999999\n", "bad.py:1: expected an integer that fits in 64 bits"),
+    ("seed = 99999999999999999999999\n", "bad.py:1: expected an integer in -2**63 .. 2**63 - 1 (64-bit)"),
 ])
 def test_config_files_are_read_as_data_and_checked_as_flags_are(tmp_path, text, message):
     import train_shakespeare as ts
@@ -3334,6 +3337,7 @@ def test_values_that_would_only_show_as_a_nan_loss_are_refused_up_front(flag):
 
 def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypatch):
     import data.recall
+    from data.passkey import make_passkey
     model = GPT(tiny_config(block_size=32))
     x = torch.randint(50, (1, 5))
     q, k, v = torch.randn(3, 1, 2, 5, 8)
@@ -3355,7 +3359,7 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
                                                   "device's memory"),
         (lambda: nats.generate(model, x, 2, cuda_graph="no"), "cuda_graph must be None"),
         (lambda: nats.decode(model, [[1, 2]]), "idx must be a tensor of token ids"),
-        (lambda: nats.decode(model, x[0]), r"the prompt must be \[batch, tokens\]"),
+        (lambda: nats.decode(model, x[0]), r"the prompt must be token ids \[batch, tokens\]"),
         (lambda: nats.decode(model, x, caches=[]), "caches must hold one KVCache per layer"),
         (lambda: nats.decode(model, x, caches=["a", "b"]), "caches must hold one KVCache per layer"),
         (lambda: nats_attention([[1.0]], k, v, types, 2), r"q \(list\) must be torch tensors"),
@@ -3386,13 +3390,31 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: GPT.from_checkpoint(ckpt, device="cpu:1"), "device='cpu:1': the CPU is one device; pass 'cpu'"),
         (lambda: filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long)), "holds a sequence already"),
         (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
-        (lambda: nats.Decoder(model, model.new_caches(), -3), "length must be an int >= 1"),
+        (lambda: nats.Decoder(model.eval(), model.new_caches(), -3), "length must be an int >= 1"),
+        (lambda: nats.Decoder(model, None, 8), "caches must hold one KVCache per layer"),  # not a forward
+        (lambda: nats.Decoder(model, [KVCache(model.config.window + 1) for _ in model.transformer.h], 8),
+         "would evict other keys than its mask"),  # as generate refuses them
+        (lambda: nats.Decoder(model.train(), model.new_caches(), 8), "model must be a GPT in eval"),  # dropout
+        (lambda: nats.Decoder(model.eval(), model.new_caches(), 3).prefill(x), "the prompt's 5 tokens are more "
+                                                                            "than length=3"),
+        (lambda: nats.decode(model, x.short()), r"long or int32.*; got torch.int16 of shape \(1, 5\)"),
+        (lambda: model.configure_optimizers(0.1, 1e-3, (0.9,), "cpu"), r"betas must be two numbers in \[0, 1\)"),
+        (lambda: model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "tpu"), "device_type must be 'cpu' or 'cuda'"),
+        (lambda: kernel.useful_flops(10, 5, 8, "bogus"), "useful_flops takes causal"),
+        (lambda: kernel.useful_flops(10, 5, -8, "inference"), "useful_flops takes causal"),
+        (lambda: kernel.expired([2], [0], 5, -1, 2), r"kind \(list\), pos \(list\) must be torch tensors"),
+        (lambda: data.seed_of(2**63 + 5, 1, 7), r"seed must be an int in 0 .. 2\*\*63 - 1"),  # no wrap to 5's
+        (lambda: make_passkey(lambda s: list(s), 400, 0), "encode must turn text into a non-empty list of token ids"),
+        (lambda: make_passkey(lambda s: [float(ord(c)) for c in s], 400, 0), "list of token ids"),
+        (lambda: GPTConfig(n_head=2), r"must be a multiple of n_kv_head=6 \(the default\)"),
     ]
     if not torch.cuda.is_available():
         cases.append((lambda: kernel.benchmark(lengths=(64,), head_dims=(16,)), "needs a CUDA GPU"))
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    with pytest.raises(MemoryError, match="a GPT of vocab_size=1099511627776, n_embd=32, .* takes about"):
+        GPT(tiny_config(vocab_size=2**40))  # before the allocator's error, which names no setting
     with pytest.raises(ValueError, match=re.escape("got 11 (block_size 10)")):  # the block_size a user passed
         data.recall.make_sequences(2, 11, 0)
 
@@ -3493,6 +3515,8 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
     for edit, message in [(lambda c: c.pop("optimizer"), "lacks optimizer, which --resume continues from"),
                           (lambda c: c.pop("config"), "lacks config"),
                           (lambda c: c["config"].update(window="eight"), "saved window='eight': expected an int"),
+                          (lambda c: c["config"].update(batch_size="8"), "saved batch_size='8': expected an int"),
+                          # (not the flag --batch_size=8 of TINY_RUN named as differing from it)
                           (lambda c: c["model_args"].update(n_layer=3), "with n_layer=3 but settings that say n_layer="
                                                                         "2: the file was edited"),  # no flag mends it
                           (lambda c: c.update(iter_num=1), "holds iter_num=1, but its history's last eval is of step "
@@ -3929,7 +3953,8 @@ def test_training_into_a_closed_pipe_stops_quietly_as_sampling_does(tmp_path, sc
 
 @pytest.mark.parametrize("bad, message", [
     ("--kv_weights=1e39", "--kv_weight=1e+39: expected a finite number within float32's range"),
-    ("--seeds=99999999999999999999", "--seed=99999999999999999999: expected an integer that fits in 64 bits"),
+    ("--seeds=99999999999999999999",
+     "--seed=99999999999999999999: expected an integer in -2**63 .. 2**63 - 1 (64-bit)"),
     ("--kv_weights=1e38", "--kv_weight=1e+38: must be a number in [0, 1e+06]"),
     ("--gs_budgets=2", "--gs_budgets=2: pass shares of the attention entries to keep, in (0, 1]"),  # not kv_budgets
     ("--gs_budgets=0.45", "sweep: run 'nats G+S budget=0.45': --gs_budgets=0.45: at --block_size=32 and --window=8 no "

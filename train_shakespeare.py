@@ -214,7 +214,7 @@ def out_of_range(value):
     if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
         return "expected a finite number within float32's range (up to 3.4e38)"
     if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
-        return "expected an integer that fits in 64 bits"
+        return "expected an integer in -2**63 .. 2**63 - 1 (64-bit)"
     return None
 
 
@@ -411,16 +411,17 @@ def resumed_settings(config, given):
     if is_pretrained(config["init_from"]) == is_pretrained(saved.get("init_from", "")):
         may_change.add("init_from")  # the model a fine-tune started from: like out_dir, moved or spelled otherwise
     # (another model of another shape stops the run: model_args_for)
+    known = defaults()  # each setting's type (a sweep's run may hold 0 for a float setting: the same value)
+    saved = {key: of_type(value, known[key], f"--resume: {path} saved {key}={value!r}", f"{key}={known[key]!r}")
+             for key, value in saved.items()  # of its setting's type, a file edited by hand named as such before
+             if key not in {"out_dir", "device"} | ACTIONS}  # a flag is compared with it
     changed = sorted(key for key in given - may_change if key in saved and saved[key] != config[key])
     if changed:
         raise SystemExit(f"--resume continues the run in {config['out_dir']} with its saved settings; this run asks "
                          + ", ".join(f"--{key}={config[key]!r} (saved: {saved[key]!r})" for key in changed)
                          + ": drop them, or start a new run with another --out_dir")
     # where the run is and what it runs on are this machine's; the rest is the saved run's
-    known = defaults()  # each setting's type (a sweep's run may hold 0 for a float setting: the same value)
-    kept = {key: of_type(value, known[key], f"--resume: {path} saved {key}={value!r}", f"{key}={known[key]!r}")
-            for key, value in saved.items()  # (of its setting's type: a file edited by hand is named as such)
-            if key in config and key not in {"out_dir", "device"} | ACTIONS | (may_change & given)}
+    kept = {key: value for key, value in saved.items() if key not in may_change & given}
     return {**config, **kept, "resume": True}
 
 
@@ -1597,7 +1598,8 @@ def final_report(run):
     snippet = val_data[-1, :-1] if val_data.ndim == 2 else val_data[-cfg["block_size"]:]
     show_token_types(model, snippet, decode, run.device, cfg)
     if model.config.attention == "nats" and run.history["evals"]:
-        print_sliding_match(run.history["evals"][-1], cfg)
+        print_sliding_match(run.history["evals"][-1], dict(cfg, max_iters=max(cfg["max_iters"], run.it)))  # the
+        # steps this model trained: a run resumed with a --max_iters below its step trained more
     if cfg["dataset"] in RECALL_TASKS:  # the last eval's, of this model, unless it saw the dense warm-up's
         last = run.history["evals"][-1] if run.history["evals"] else {}
         run.history["global_share_by_role"] = last.get("global_share_by_role") or role_table(model, val_data,

@@ -171,9 +171,12 @@ TRAIN_BATCH, TRAIN_NOISE, EVAL_BATCH, EVAL_NOISE, PASSKEY = 0, 1, 2, 3, 4  # the
 def seed_of(seed, stream, index):
     """The seed of batch `index` of one random stream: every micro-batch's data and Gumbel/dropout
     noise depend on its index alone, so runs resume exactly and a multi-GPU run sees the batches
-    and noise a single-GPU run would. Raises ValueError for one that is no int >= 0."""
+    and noise a single-GPU run would. Raises ValueError for one that is no int >= 0, or a seed
+    past 2**63 - 1 (the seeds made are 63-bit: seed + 2**63 would repeat seed's batches)."""
     recall.check_counts(seed=(seed, 0), stream=(stream, 0), index=(index, 0))
     seed, stream, index = int(seed), int(stream), int(index)  # numpy's ints would overflow
+    if seed >= 2**63:
+        raise ValueError(f"seed must be an int in 0 .. 2**63 - 1, got {seed}")
     return ((seed * 4_000_037 + stream) * 1_000_000_007 + index) % 2**63
 
 

@@ -38,7 +38,8 @@ def make_passkey(encode, length, seed):
     rng = np.random.default_rng(seed)
     key = str(rng.integers(10_000, 100_000))
     intro, needle, question, filler = (encode(text) for text in (INTRO, NEEDLE.format(key=key), QUESTION, FILLER))
-    if not all(isinstance(ids, list) and ids for ids in (intro, needle, question, filler)):
+    if not all(isinstance(ids, list) and ids and all(isinstance(i, (int, np.integer)) and i >= 0 for i in ids)
+               for ids in (intro, needle, question, filler)):
         raise ValueError(f"encode must turn text into a non-empty list of token ids, as tiktoken's encode_ordinary "
                          f"does; got {type(filler).__name__} {str(filler)[:40]} for {FILLER[:20]!r}...")
     room = length - len(intro) - len(needle) - len(question)
