@@ -478,17 +478,17 @@ class Block(nn.Module):
 
 
 def check_size(config):
-    """Raise a MemoryError naming the sizes if a GPT of config would not fit in the CPU's free memory
+    """Raise a MemoryError naming the sizes if a GPT of config would not fit in the machine's memory
     (the allocator's own error names no setting): its weights in float32, about, from the sizes that
     make them (a vocabulary of 2**40, a width of 10**6)."""
     n, hidden = config.n_embd, config.mlp_hidden or 4 * config.n_embd
     layer = 4 * n * n + (3 if config.mlp == "swiglu" else 2) * n * hidden
     size = 4 * (config.vocab_size * n * (1 if config.tie_embeddings else 2) + config.n_layer * layer)
-    memory = free_memory("cpu")
+    memory = device_memory("cpu")
     if memory is not None and size > memory:
         raise MemoryError(f"a GPT of vocab_size={config.vocab_size}, n_embd={n}, n_layer={config.n_layer} and "
-                          f"mlp_hidden={hidden} takes about {size / 2**30:,.0f} GiB in float32, more than the CPU's "
-                          f"{memory / 2**30:,.1f} GiB free; pass smaller sizes")
+                          f"mlp_hidden={hidden} takes about {size / 2**30:,.0f} GiB in float32, more than this "
+                          f"machine's {memory / 2**30:,.1f} GiB; pass smaller sizes")
 
 
 class GPT(nn.Module):
