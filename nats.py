@@ -25,6 +25,7 @@ import inspect
 import math
 import numbers
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 
 from data import check_device, decodable_size, load_dataset
 from data.recall import machine_memory
-from data.tokenizers import (GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, gpt2_tokenizer, pretrained_source,
-                             pretrained_tokenizer)
+from data.tokenizers import (GPT2_PADDED_VOCAB, PRETRAINED_HINT, char_tokenizer, check_weights_files, gpt2_tokenizer,
+                             pretrained_source, pretrained_tokenizer)
 from kernel import (GLOBAL, INTERPRETING, SLIDING, check_window, expired, is_count, is_real, kv_lengths,
                     nats_attention, nats_decode)
 from kernel import LOCAL as LOCAL  # the three type ids come with the model, for its users
@@ -155,7 +156,13 @@ def rope_table(pos, head_dim, base, scaling=()):
     (2i, 2i + 1) turns by the angle pos * base^(-2i / head_dim), so both channels of a pair get
     its cos, and its sin with the sign rotary needs: -sin on the first, +sin on the second.
     scaling: Llama 3's (see llama3_frequencies), or () for none. Built once per forward or
-    generation and shared by every layer."""
+    generation and shared by every layer. Raises ValueError for positions that are no 1-d integer
+    tensor, a head_dim that is no even int >= 2 or a base that is no finite number > 0."""
+    if not (isinstance(pos, torch.Tensor) and pos.dim() == 1 and not pos.is_floating_point()):
+        raise ValueError(f"pos must be a 1-d tensor of integer positions, like torch.arange(T); got {pos!r:.80}")
+    if not (is_count(head_dim, 2) and head_dim % 2 == 0) or not (is_real(base) and 0 < base < math.inf):
+        raise ValueError(f"head_dim must be an even int >= 2 and base a finite number > 0 (RoPE's 10000), got "
+                         f"{head_dim!r}, {base!r}")  # (base 0 gives NaN)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     if scaling:
         inv_freq = llama3_frequencies(inv_freq, *scaling)
@@ -202,7 +209,11 @@ class TokenTypeScorer(nn.Module):
         straight-through Gumbel-softmax samples (one-hot forward, soft backward) and the argmax
         types, without gradient, what eval() and a KVCache would keep; in eval() the types are the
         argmax, and the second is None. Without config.gumbel, training's types are the argmax
-        too (forward) with the softmax's gradient (backward), and the second is None."""
+        too (forward) with the softmax's gradient (backward), and the second is None. Raises
+        ValueError for x and pos of other shapes."""
+        if x.dim() != 3 or x.shape[-1] != self.proj.in_features or pos.shape != x.shape[1:2]:
+            raise ValueError(f"x must be [B, T, n_embd={self.proj.in_features}] and pos [T]; got x {tuple(x.shape)}, "
+                             f"pos {tuple(pos.shape)}")
         logits = self.logits(x)
         argmax = F.one_hot(self.kinds_of(logits, pos), 3).float()
         if not self.training:
@@ -665,8 +676,12 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the trainable weights, weight decay on the matrices only (nanoGPT's groups),
-        fused on CUDA. Raises ValueError for betas that are not two numbers in [0, 1) or a
-        device_type other than 'cpu' and 'cuda' (AdamW names a bad rate or decay itself)."""
+        fused on CUDA. Raises ValueError for a weight_decay or learning_rate that is no finite
+        number >= 0, betas that are not two numbers in [0, 1) or a device_type other than 'cpu'
+        and 'cuda'."""
+        for name, value in (("weight_decay", weight_decay), ("learning_rate", learning_rate)):
+            if not (is_real(value, 0) and value < math.inf):  # NaN would turn every weight NaN at the first step
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b, 0) and b < 1 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), like (0.9, 0.99); got {betas!r}")
         if device_type not in ("cpu", "cuda"):
@@ -751,6 +766,8 @@ class eval_mode:
     restore the mode the model had."""
 
     def __init__(self, model):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"eval_mode takes a model (an nn.Module), got {type(model).__name__}")
         self.model, self.was_training = model, model.training
 
     def __enter__(self):
@@ -814,6 +831,12 @@ def load_checkpoint(path, device="cpu"):
         reason = reason.split("\n")[0].split(". ")[0] or type(e).__name__
         if not zipfile.is_zipfile(path):  # the unpickler's complaint about the first byte says nothing to a user
             reason = "not a zip archive, the format torch.save writes"
+        if reason.startswith("Unsupported global"):  # a whole file, of objects a checkpoint never holds
+            found = reason.split("GLOBAL ")[-1].split()[0]  # "Unsupported global: GLOBAL nats.GPT was not ..."
+            raise ValueError(f"{path} is a PyTorch file of pickled objects ({found}), not a "
+                             f"checkpoint of train_shakespeare.py, which holds tensors and plain values only (a "
+                             f"model saved whole, torch.save(model)? save a dict of model.state_dict() and "
+                             f"model_args=vars(model.config)); not unpickled: that could run any code") from None
         raise ValueError(f"{path} cannot be read as a checkpoint: it is truncated or not a PyTorch "
                          f"checkpoint ({reason})") from e
     parts = [checkpoint.get(key) for key in ("model", "model_args")] if isinstance(checkpoint, dict) else [None]
@@ -989,42 +1012,6 @@ def read_pretrained(source, read):
         if not isinstance(e, (OSError, ValueError)):
             raise
         raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
-
-
-WEIGHTS_FILES = {".gguf": "GGUF", ".safetensors": "safetensors", ".bin": "PyTorch"}  # the kinds transformers reads
-
-
-def check_weights_files(where):
-    """Raise a ValueError naming the first weights file of the pretrained model at where
-    (pretrained_source's keyword arguments: a GGUF file, or an HF folder's WEIGHTS_FILES) that
-    its own reader cannot read: truncated (a download or copy cut short) or of another kind. It
-    reads their headers and a GGUF file's table of tensors (seconds for a large one: read_pretrained
-    calls it only once transformers has failed)."""
-    folder = where["pretrained_model_name_or_path"]
-    if "gguf_file" in where:
-        names = [where["gguf_file"]]
-    elif os.path.isdir(folder):
-        names = sorted(name for name in os.listdir(folder) if name.endswith((".safetensors", ".bin")))
-    else:
-        return  # a hub name: its files are in transformers' cache, read by transformers only
-    for path in (os.path.join(folder, name) for name in names):
-        kind = WEIGHTS_FILES[os.path.splitext(path)[1]]
-        try:
-            if kind == "GGUF":
-                from gguf import GGUFReader
-                GGUFReader(path)
-            elif kind == "safetensors":
-                from safetensors import safe_open
-                with safe_open(path, "pt"):
-                    pass
-            else:
-                zipfile.ZipFile(path).close()  # torch.save's archive
-        except ImportError:
-            return  # no gguf package: transformers' own error says to install it
-        except Exception as e:  # whatever the reader hits: struct.error, IndexError, SafetensorError, BadZipFile
-            reason = str(e).strip().split("\n")[0][:120] or type(e).__name__
-            raise ValueError(f"{path} cannot be read as a {kind} file: it is truncated (a download or copy cut "
-                             f"short) or not a {kind} file ({reason}); download or copy it again") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1866,6 +1853,21 @@ def checkpoint_tokenizer(args, checkpoint, block_size):
 
 
 @contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside the block, SIGTERM (kill, timeout, a cluster's scheduler) stops a script as Ctrl-C
+    does: a run with where its checkpoint is. A run wraps only its steps and report: Python runs a
+    handler between bytecodes, and set-up can block in C (a rendezvous with peers that never
+    come), where the default SIGTERM, which ends the process at once, still works."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def script_output():
     """with script_output(): a script's body, whose printing raises no traceback. A character its
     stdout's encoding lacks (a Windows console's cp1252, PYTHONIOENCODING=ascii) prints as "?"
@@ -1894,10 +1896,11 @@ def main(argv=None):
             elif args.bench:
                 benchmark_decode(device=args.device, dtype=DTYPES[args.dtype])
             else:
-                sample(args)
+                with sigterm_as_ctrl_c():  # (a timeout's SIGTERM)
+                    sample(args)
         except KeyboardInterrupt:
-            raise SystemExit("\nstopped (Ctrl-C); the samples print once all are drawn: a shorter --max_new_tokens "
-                             "shows them sooner") from None
+            raise SystemExit("\nstopped (Ctrl-C or SIGTERM); the samples print once all are drawn: a shorter "
+                             "--max_new_tokens shows them sooner") from None
 
 
 if __name__ == "__main__":

