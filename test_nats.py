@@ -3933,6 +3933,7 @@ def test_sampling_gpt2_tokens_offline_names_tiktoken_not_a_training_flag(tmp_pat
     torch.save(dict(model=GPT(config).state_dict(), model_args=dict(config.__dict__),
                     config=dict(dataset="shakespeare", tokenizer="gpt2")), tmp_path / "ckpt.pt")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)  # (set, the message names it)
     with pytest.raises(SystemExit) as stop:
         nats.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--device=cpu", "--max_new_tokens=2"])
     message = str(stop.value)
