@@ -70,7 +70,7 @@ def split_args(argv):
         if arg.startswith("--") and key == "seeds" and not value:  # as if left out would silently take the config's
             raise SystemExit("--seeds is empty: pass seeds like --seeds=1,2,3, or leave it out for the config's seed")
         if arg.startswith("--") and key in own:
-            if isinstance(own[key], int) and not value.isdigit():
+            if isinstance(own[key], int) and not value.isdecimal():  # (isdigit takes "²", which int() does not)
                 raise SystemExit(f"--{key}={value}: expected a whole number >= {min(own[key], 1)}, like "
                                  f"--{key}={FLAG_EXAMPLES[key]}")
             own[key] = value if isinstance(own[key], str) else int(value)
@@ -142,6 +142,10 @@ def seed_variants(own, base, tag):
     if base.get("init_from"):  # a retrofit: the fixed patterns evaluate the weights of init_from as they are
         runs = [(name, dict(changes, finetune_scorer=False, max_iters=0) if changes["attention"] != "nats" else changes,
                  parent) for name, changes, parent in runs]
+    if own["finetune_iters"] > 0 and base.get("init_from"):  # its dense run only evaluates: no checkpoint
+        raise SystemExit(f"--finetune_iters={own['finetune_iters']} fine-tunes the scorers of the sweep's dense run, "
+                         f"and with --init_from that run evaluates the weights given, with no checkpoint (its NAtS "
+                         f"runs train scorers on them already): pass --finetune_iters=0")
     if own["finetune_iters"] > 0:
         given = numbers(own, "finetune_weights", float)
         middle = [nats[len(nats) // 2]] if nats else []

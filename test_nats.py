@@ -2028,6 +2028,9 @@ def test_a_flag_the_run_does_not_use_is_noted_and_the_sweep_passes_none(tmp_path
 @pytest.mark.parametrize("argv, message", [
     (["--max_iters", "10"], "--max_iters=<value>"),  # a space instead of '='
     (["--max_iters=ten"], "expected an int, like --max_iters="),
+    (["--window=08"], "--window=08: write --window=8, without the leading zero"),
+    (["--kv_budget=1e-400"], "--kv_budget=1e-400: below float64's smallest number it reads as 0.0"),  # not "none"
+    (["--eval_contexts=²"], "--eval_contexts=²: pass token counts separated by commas"),  # isdigit, not int()
     (["max_iters=10"], "a setting takes two dashes: --max_iters=10"),  # read as a config file's name
     (["\u2014max_iters=10"], "two dashes: --max_iters=10)"),  # an em dash, pasted from a web page
     (["config"], "config is a folder; pass a file of key = value lines"),
@@ -2351,7 +2354,8 @@ def test_an_out_dir_that_cannot_hold_a_run_is_named_before_anything_is_written(t
     read_only.mkdir()
     can_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(read_only) and can_access(path, mode))
-    for out_dir, message in [("", "--out_dir is empty: pass the folder"),
+    for out_dir, message in [("", "--out_dir='' is empty: pass the folder"),
+                             (" ", "--out_dir=' ' is empty: pass the folder"),  # (a folder named " ", here)
                              (tmp_path / "a_file", "a_file is a file, not a folder"),
                              (tmp_path / "a_file" / "run", "a_file is a file, not a folder"),
                              (read_only / "run", "read_only is read-only (or not this user's to write)"),
@@ -2657,6 +2661,12 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
             sweep.variants(own, base)
     with pytest.raises(SystemExit, match="--seeds is empty: pass seeds like --seeds=1,2,3"):  # not the config's seed
         sweep.split_args(["--seeds="])
+    for bad in ("--jobs=²", "--finetune_iters=³"):  # digits to str.isdigit, not to int()
+        with pytest.raises(SystemExit, match=f"^{bad}: expected a whole number"):
+            sweep.split_args([bad])
+    own, _ = sweep.split_args(["--finetune_iters=5"])
+    with pytest.raises(SystemExit, match="with --init_from that run evaluates the weights given, with no checkpoint"):
+        sweep.variants(own, dict(base, init_from="model.gguf"))  # failed at the end, its dense ckpt.pt missing
     for flag in sweep.SWEEP_DEFAULTS:  # a bare --kv_budgets was read as empty: no NAtS runs, and without a word
         with pytest.raises(SystemExit, match=f"^--{flag} needs a value: write --{flag}=<value>, like --{flag}=\\S+ "):
             sweep.split_args([f"--{flag}", "0.9"])  # (and 0.9 as a config file)

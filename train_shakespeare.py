@@ -187,8 +187,13 @@ def parse_value(key, value, default):
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
+        if re.fullmatch(r"[+-]?0+\d+", value.strip()):  # 08: Python's ints take no leading zero
+            raise SystemExit(f"--{key}={value}: write --{key}={int(value)}, without the leading zero") from None
         what = "a finite number" if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity") else _a(default)
         raise SystemExit(f"--{key}={value}: expected {what}, like --{key}={default!r}") from None
+    if parsed == 0 and isinstance(parsed, float) and re.search(r"[1-9]", value.lower().partition("e")[0]):
+        raise SystemExit(f"--{key}={value}: below float64's smallest number it reads as 0.0; pass 0 for none, or a "
+                         f"larger number")  # 1e-400: a KV budget of 0 is none
     return of_type(parsed, default, f"--{key}={value}", f"--{key}={default!r}")
 
 
@@ -631,7 +636,7 @@ def check_long_context(cfg):
     """--eval_contexts and --passkey_lengths are token counts, for a language model."""
     for key in ("eval_contexts", "passkey_lengths"):
         lengths = cfg[key].split(",") if cfg[key] else []
-        if not all(n.isdigit() and int(n) > 0 for n in lengths):
+        if not all(n.isdecimal() and int(n) > 0 for n in lengths):  # (isdigit takes "²", which int() does not)
             raise SystemExit(f"--{key}={cfg[key]}: pass token counts separated by commas, like --{key}=2048,8192")
         if len({int(n) for n in lengths}) < len(lengths):  # the history keeps one result per length
             raise SystemExit(f"--{key}={cfg[key]} names a length twice; pass each once")
@@ -655,8 +660,9 @@ def check_lengths_fit(cfg, block_size, named):
 def check_out_dir_writable(out_dir):
     """--out_dir names a folder this run can create or write to: not empty, not a file, and it or
     its nearest existing parent writable (a read-only one named now, not at the first checkpoint)."""
-    if not out_dir:
-        raise SystemExit(f"--out_dir is empty: pass the folder for ckpt.pt and history.json, like --out_dir={OUT_DIR}")
+    if not out_dir.strip():  # " " would be a folder of that name, here
+        raise SystemExit(f"--out_dir={out_dir!r} is empty: pass the folder for ckpt.pt and history.json, like "
+                         f"--out_dir={OUT_DIR}")
     existing = out_dir
     while not os.path.exists(existing):
         if os.path.islink(existing):  # os.makedirs would stop at it with a bare FileExistsError
@@ -1161,7 +1167,7 @@ def check_launch(env):
     if not given:
         return
     numbers = [env.get(name, "") for name in LAUNCH[:3]]
-    if len(given) < len(LAUNCH) or not all(n.isdigit() for n in numbers) or int(numbers[0]) >= int(numbers[1]):
+    if len(given) < len(LAUNCH) or not all(n.isdecimal() for n in numbers) or int(numbers[0]) >= int(numbers[1]):
         raise SystemExit(f"{' '.join(f'{name}={env[name]}' for name in given)} set, but not as torchrun sets them "
                          f"(all of {', '.join(LAUNCH)}, 0 <= RANK < WORLD_SIZE): launch with torchrun --standalone "
                          f"--nproc_per_node=<GPUs> train_shakespeare.py ..., or unset them for one process")
@@ -1349,7 +1355,8 @@ def start(cfg):
         except ValueError as e:
             longer = "" if is_pretrained(cfg["init_from"]) else " (or a longer --block_size)"  # a pretrained one's is
             raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: {e}; pass longer lengths, up to the "
-                             f"model's context of {model_args['block_size']}{longer}") from None  # its own
+                             f"model's context of {model_args['block_size']}{longer}, or none: --passkey_lengths=") \
+                from None  # (a pretrained model's context is its own)
         if read > model_args["block_size"]:  # the model reads the prompt and all but the answer's last token
             raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: a trial of {length} tokens with its answer "
                              f"reads {read}, past the context of {model_args['block_size']}; pass lengths up to "
