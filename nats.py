@@ -120,8 +120,8 @@ class GPTConfig:
                              f"that, or random_global=0.0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0 (0.02 as in GPT-2, about 1/sqrt(n_embd) for small models), "
+        if not 0 < self.init_std <= 1:  # weights of std 1e30 overflow the forward pass: a NaN loss at once
+            raise ValueError(f"init_std must be in (0, 1] (0.02 as in GPT-2, about 1/sqrt(n_embd) for small models), "
                              f"got {self.init_std}")
         for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu"))):
             if getattr(self, name) not in allowed:
@@ -137,8 +137,8 @@ class GPTConfig:
             raise ValueError(f"rope_scaling must be () or Llama 3's (factor >= 1, 0 < low_freq_factor < "
                              f"high_freq_factor, original context length >= 1 token), like (8.0, 1.0, 4.0, 8192), "
                              f"got {self.rope_scaling!r}")
-        if not 0 < self.rope_base < math.inf:
-            raise ValueError(f"rope_base must be a finite number > 0, like 10000.0, got {self.rope_base}")
+        if not 1 <= self.rope_base < math.inf:  # 1e-320 overflows base ** -x: a NaN loss at once
+            raise ValueError(f"rope_base must be a finite number >= 1, like 10000.0, got {self.rope_base}")
         if not math.isfinite(self.scorer_bias):
             raise ValueError(f"scorer_bias must be a finite number (5.0 for a retrofit, 0 for none), "
                              f"got {self.scorer_bias}")
@@ -157,12 +157,12 @@ def rope_table(pos, head_dim, base, scaling=()):
     its cos, and its sin with the sign rotary needs: -sin on the first, +sin on the second.
     scaling: Llama 3's (see llama3_frequencies), or () for none. Built once per forward or
     generation and shared by every layer. Raises ValueError for positions that are no 1-d integer
-    tensor, a head_dim that is no even int >= 2 or a base that is no finite number > 0."""
+    tensor, a head_dim that is no even int >= 2 or a base that is no finite number >= 1."""
     if not (isinstance(pos, torch.Tensor) and pos.dim() == 1 and not pos.is_floating_point()):
         raise ValueError(f"pos must be a 1-d tensor of integer positions, like torch.arange(T); got {pos!r:.80}")
-    if not (is_count(head_dim, 2) and head_dim % 2 == 0) or not (is_real(base) and 0 < base < math.inf):
-        raise ValueError(f"head_dim must be an even int >= 2 and base a finite number > 0 (RoPE's 10000), got "
-                         f"{head_dim!r}, {base!r}")  # (base 0 gives NaN)
+    if not (is_count(head_dim, 2) and head_dim % 2 == 0) or not (is_real(base, 1) and base < math.inf):
+        raise ValueError(f"head_dim must be an even int >= 2 and base a finite number >= 1 (RoPE's 10000), got "
+                         f"{head_dim!r}, {base!r}")  # (a base of 0 or 1e-320 gives NaN)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     if scaling:
         inv_freq = llama3_frequencies(inv_freq, *scaling)
@@ -1793,6 +1793,13 @@ def sample(args):
                     f"--device={args.device}")
     if memory and least > memory:
         raise SystemExit(f"{too_many} ({memory / 2**30:.3g} GiB; at least {least / 2**30:.3g} GiB here); pass fewer")
+    warmup, step = cfg.get("dense_warmup") or 0, checkpoint.get("iter_num", 0)
+    if model.config.attention == "nats" and step <= warmup:  # saved inside the dense warm-up: sampled as evaluated
+        print(f"note: step {step} is inside the run's dense warm-up (--dense_warmup={warmup}): its scorers are "
+              f"untrained, so every token is Global (kept), as in its evals", file=sys.stderr)
+        every_global = torch.full((config.n_kv_head, len(prompt) + args.max_new_tokens), GLOBAL, device=device)
+        for block in model.transformer.h:
+            block.attn.scorer = FixedTypes(every_global)
     torch.manual_seed(args.seed)
     idx = torch.tensor(prompt, device=device).expand(args.num_samples, -1)
     caches = model.new_caches()

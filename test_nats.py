@@ -1781,6 +1781,10 @@ def test_dense_warmup_trains_the_backbone_with_the_scorers_frozen(tmp_path, caps
     monkeypatch.undo()
     history = load_checkpoint(tmp_path / "ckpt.pt")["history"]
     assert "dense warm-up" in capsys.readouterr().out and history["loss"][9] < history["loss"][0]
+    nats.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--device=cpu", "--max_new_tokens=20"])  # sampled as evaluated:
+    out, err = capsys.readouterr()  # every token kept, not evicted by the untrained scorers' types
+    assert "note: step 10 is inside the run's dense warm-up (--dense_warmup=10): its scorers are untrained" in err
+    assert "KV cache after 20 tokens, tokens held per KV head in each layer (mean/max): 20/20 20/20" in out
     assert all(e["kv_fraction"] == [1.0, 1.0] for e in history["evals"])  # the evals too see the dense model
     first = GPT.from_checkpoint(tmp_path / "ckpt.pt")
     torch.manual_seed(1337)  # the run's seed: the initial weights
@@ -3345,7 +3349,8 @@ def test_the_public_mask_functions_check_their_arguments():
 
 
 @pytest.mark.parametrize("flag", ["--kv_weight=1e999", "--rope_base=0", "--rope_base=1e999", "--kv_weight=1e300",
-                                  "--learning_rate=1e400", "--init_std=-1e400", "--seed=99999999999999999999999"])
+                                  "--learning_rate=1e400", "--init_std=-1e400", "--seed=99999999999999999999999",
+                                  "--init_std=1e30", "--rope_base=1e-320", "--rope_base=0.5"])
 def test_values_that_would_only_show_as_a_nan_loss_are_refused_up_front(flag):
     import train_shakespeare as ts
     with pytest.raises(SystemExit, match=re.escape(flag.split("=")[0])):
@@ -3431,7 +3436,7 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: make_passkey(lambda s: list(s), 400, 0), "encode must turn text into a non-empty list of token ids"),
         (lambda: make_passkey(lambda s: [float(ord(c)) for c in s], 400, 0), "list of token ids"),
         (lambda: GPTConfig(n_head=2), r"must be a multiple of n_kv_head=6 \(the default\)"),
-        (lambda: nats.rope_table(torch.arange(4), 8, 0.0), "base a finite number > 0"),  # was NaN
+        (lambda: nats.rope_table(torch.arange(4), 8, 0.0), "base a finite number >= 1"),  # was NaN
         (lambda: nats.rope_table([0, 1], 8, 1e4), "pos must be a 1-d tensor of integer positions"),
         (lambda: nats.rope_table(torch.arange(4), -4, 1e4), "head_dim must be an even int >= 2"),
         (lambda: model.transformer.h[0].attn.scorer(torch.randn(1, 4, 7), torch.arange(4)), r"x must be \[B, T, "),
