@@ -194,6 +194,8 @@ class TokenTypeScorer(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"TokenTypeScorer takes a GPTConfig, got {type(config).__name__}")
         self.n_kv_head = config.n_kv_head
         self.gumbel = config.gumbel
         self.proj = nn.Linear(config.n_embd, config.n_kv_head * 3, bias=False)
@@ -706,9 +708,13 @@ class GPT(nn.Module):
             raise ValueError(f"checkpoint must be a path or the dict load_checkpoint returns for a checkpoint of "
                              f"train_shakespeare.py, with 'model_args' and 'model' dicts; got a dict with keys "
                              f"{list(checkpoint)[:6]}")
+        state = checkpoint["model"]
+        for prefix in ("_orig_mod.", "module."):  # a compiled or DDP-wrapped model's keys (nanoGPT strips the first)
+            if state and all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix):]: value for key, value in state.items()}
         try:
             model = cls(GPTConfig(**checkpoint["model_args"]))
-            model.load_state_dict(checkpoint["model"])
+            model.load_state_dict(state)
         except (TypeError, ValueError, RuntimeError) as e:  # a field GPTConfig lacks or refuses, weights of another
             reason = str(e).replace("Error(s) in loading state_dict for GPT:", "")  # which weight, which shape
             raise ValueError(f"the checkpoint's model_args and weights do not make a GPT: "
@@ -1280,7 +1286,10 @@ class Decoder:
 
     def __call__(self, idx):
         """Logits [B, vocab] after the next token of every row, idx [B, 1] (long). Raises
-        ValueError past `length` tokens."""
+        ValueError before prefill, for idx of another batch or shape, and past `length` tokens."""
+        if self.caches[0].k is None:
+            raise ValueError("the decoder has no prompt yet: call prefill(prompt) first")
+        self.model.check_ids(idx, "idx", (self.caches[0].k.shape[0], 1))  # the prompt's batch, one token a row
         seen = self.caches[0].seen
         if seen >= self.length:
             raise ValueError(f"the decoder was made for {self.length} tokens; make one with a larger length")
@@ -1715,6 +1724,8 @@ def parse_args(argv=None):
         return args
     if os.path.isdir(args.ckpt):
         parser.error(f"--ckpt: {folder_not_checkpoint(args.ckpt)}")
+    if not args.ckpt.strip():
+        parser.error(f"--ckpt is empty: pass a checkpoint, like --ckpt={OUT_DIR}/ckpt.pt")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt: no checkpoint at {args.ckpt}; train one with python train_shakespeare.py "
                      f"(it writes {OUT_DIR}/ckpt.pt) or pass --ckpt=<out_dir>/ckpt.pt")

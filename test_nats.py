@@ -984,6 +984,10 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
     for path in (truncated, foreign, text):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             GPT.from_checkpoint(path)
+    for prefix in ("_orig_mod.", "module."):  # the keys of a compiled or DDP-wrapped model's state_dict
+        wrapped = {prefix + key: value for key, value in model.state_dict().items()}
+        loaded = GPT.from_checkpoint(dict(model=wrapped, model_args=dict(tiny_config().__dict__)))
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     torch.save(model, tmp_path / "whole.pt")  # a common mistake: whole, readable, and no checkpoint
     with pytest.raises(ValueError, match=r"whole.pt is a PyTorch file of pickled objects \(.*nats.GPT.*\), not a "
                                          r"checkpoint of train_shakespeare.py"):
@@ -1442,6 +1446,7 @@ def test_sampling_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch):
     (["--device=toaster"], "--device"),
     (["--dtype=float8"], "--dtype"),
     (["--devise=cpu"], "--devise"),
+    (["--ckpt="], "--ckpt is empty: pass a checkpoint"),  # not "no checkpoint at ;"
 ] + ([] if torch.cuda.is_available() else [(["--device=cuda"], "--device"), (["--bench"], "--bench")]))
 def test_command_line_stops_before_loading_with_the_flag_named(tmp_path, capsys, monkeypatch, bad, flag):
     monkeypatch.setattr(nats, "load_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
@@ -3362,6 +3367,14 @@ def test_values_that_would_only_show_as_a_nan_loss_are_refused_up_front(flag):
 # out of range, named in a ValueError (not an AttributeError, IndexError or torch's error from inside)
 
 
+def prefilled(model):
+    """A Decoder of model after a prompt of 2 rows of 4 tokens."""
+    decoder = nats.Decoder(model.eval(), model.new_caches(), 8)
+    with torch.no_grad():
+        decoder.prefill(torch.randint(model.config.vocab_size, (2, 4)))
+    return decoder
+
+
 def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypatch):
     import data.recall
     from data.passkey import make_passkey
@@ -3443,6 +3456,12 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: nats.eval_mode(5), "eval_mode takes a model"),
         (lambda: data.tokenizers.is_gguf(None), "path must be a str or os.PathLike"),
         (lambda: data.text_digest(b"abc"), "text must be a str"),
+        (lambda: nats.Decoder(model.eval(), model.new_caches(), 8)(x[:, :1]), "call prefill\\(prompt\\) first"),
+        (lambda: prefilled(model)([[1], [2]]), "idx must be a tensor of token ids"),
+        (lambda: prefilled(model)(x[:, :1]), r"idx must be token ids \[batch, tokens\] = \[2, 1\]"),  # 1 row of 2
+        (lambda: data.decodable_size("shakespeare", "gpt2", "50304"), "vocab_size must be an int >= 1"),
+        (lambda: data.decodable_size("shakespeare", "gpt2", -5), "vocab_size must be an int >= 1"),
+        (lambda: data.decodable_size("wiki", "xyz", 10), "dataset must be one of"),
     ]
     if not torch.cuda.is_available():
         cases.append((lambda: kernel.benchmark(lengths=(64,), head_dims=(16,)), "needs a CUDA GPU"))
@@ -3451,6 +3470,10 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
             call()
     with pytest.raises(MemoryError, match="a GPT of vocab_size=1099511627776, n_embd=32, .* takes about"):
         GPT(tiny_config(vocab_size=2**40))  # before the allocator's error, which names no setting
+    with pytest.raises(MemoryError, match="batch_size=1000000000000 sequences of block_size=5 need about"):
+        data.get_batch(np.arange(100), 10**12, 4, 0, "cpu")
+    with pytest.raises(TypeError, match="TokenTypeScorer takes a GPTConfig, got dict"):
+        nats.TokenTypeScorer({"n_embd": 16})
     with pytest.raises(ValueError, match=re.escape("got 11 (block_size 10)")):  # the block_size a user passed
         data.recall.make_sequences(2, 11, 0)
 
@@ -4043,14 +4066,14 @@ def test_a_run_prints_into_an_output_that_is_not_utf8(tmp_path, encoding):
 
 
 def test_the_data_scripts_name_what_they_take(tmp_path):
-    """python data/recall.py and python -m data.passkey print examples and take no arguments; offline without the
+    """python data/recall.py and python data/passkey.py print examples and take no arguments; offline without the
     GPT-2 files, the passkey example says where to put them."""
     import subprocess
-    for command in (["data/recall.py", "--n=5"], ["-m", "data.passkey", "12"]):
+    for command in (["data/recall.py", "--n=5"], ["data/passkey.py", "12"]):  # run as files, as the README has it
         run = subprocess.run([sys.executable, *command], cwd=HERE, capture_output=True, text=True)
         assert run.returncode == 1 and run.stderr.endswith("takes no arguments: it prints " + (
             "three sequences of each task\n" if "recall" in command[0] else "one trial of about 200 GPT-2 tokens\n"))
-    run = subprocess.run([sys.executable, "-m", "data.passkey"], cwd=HERE, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "data/passkey.py"], cwd=HERE, capture_output=True, text=True,
                          env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9",
                                   https_proxy="http://127.0.0.1:9"))  # an empty cache and no network
     assert run.returncode == 1 and run.stderr.startswith("tiktoken could not get the GPT-2 BPE files"), run.stderr

@@ -59,7 +59,12 @@ def load_dataset(dataset, tokenizer, block_size, pretrained=""):
 
 def decodable_size(dataset, tokenizer, vocab_size):
     """How many token ids, from 0, the decoder of load_dataset's data turns into text: GPT-2's
-    50257 under its output layer's padded vocab_size; every id for the other tokenizers."""
+    50257 under its output layer's padded vocab_size; every id for the other tokenizers. Raises
+    ValueError for an unknown dataset or tokenizer, or a vocab_size that is no int >= 1."""
+    if dataset not in DATASETS or tokenizer not in TOKENIZERS:
+        raise ValueError(f"dataset must be one of {DATASETS} and tokenizer one of {TOKENIZERS}; got {dataset!r}, "
+                         f"{tokenizer!r}")
+    recall.check_counts(vocab_size=(vocab_size, 1))
     return min(GPT2_VOCAB, vocab_size) if dataset == "shakespeare" and tokenizer == "gpt2" else vocab_size
 
 
@@ -189,11 +194,13 @@ def get_batch(data, batch_size, block_size, seed, device):
     targets are -1 (not scored) except at the answers. Returns x, y: long [batch_size, block_size].
     Raises ValueError for data that is none of these (or a function that returns no integer array
     [batch_size, block_size + 1]), token ids < 0, counts that are no ints (batch_size, block_size
-    >= 1, seed in 0 .. 2**64 - 1), a device that is none or not here, or a stream shorter than a window."""
+    >= 1, seed in 0 .. 2**64 - 1), a device that is none or not here, or a stream shorter than a window;
+    MemoryError for a batch past this machine's memory."""
     if not (callable(data) or isinstance(data, np.ndarray) and data.ndim in (1, 2)):
         raise ValueError(f"data must be a 1-d or 2-d numpy array of token ids or a sequence generator, got "
                          f"{type(data).__name__}")
     recall.check_counts(batch_size=(batch_size, 1), block_size=(block_size, 1), seed=(seed, 0))
+    recall.check_size(batch_size, block_size + 1, 24, ("batch_size", "block_size"))  # long x, y and the draws
     if seed >= 2**64:
         raise ValueError(f"seed must be an int in 0 .. 2**64 - 1 (torch's generator takes 64 bits), got {seed}")
     check_device(device)

@@ -53,13 +53,15 @@ def machine_memory():
         return None
 
 
-def check_size(n, length):
-    """Raise a MemoryError naming n and length where their sequences, with the int64 draws made
-    for them, would not fit in this machine's memory (numpy's own error names a shape)."""
+def check_size(n, length, per_token=9, names=("n", "length")):
+    """Raise a MemoryError naming n and length (as `names`) where n sequences of `length` tokens of
+    per_token bytes (9: uint8 ids and the int64 draws made for them) would not fit in this
+    machine's memory (numpy's and torch's own errors name a shape or a byte count)."""
     total = machine_memory()
-    if total is not None and 9 * n * length > total:
-        raise MemoryError(f"n={n} sequences of length={length} need about {9 * n * length / 2**30:.3g} GiB, more than "
-                          f"this machine's {total / 2**30:.3g} GiB: pass a smaller n or length")
+    if total is not None and per_token * n * length > total:
+        raise MemoryError(f"{names[0]}={n} sequences of {names[1]}={length} need about "
+                          f"{per_token * n * length / 2**30:.3g} GiB, more than this machine's {total / 2**30:.3g} "
+                          f"GiB: pass a smaller {names[0]} or {names[1]}")
 
 
 def make_sequences(n, length, seed):
