@@ -1805,7 +1805,7 @@ def sample(args):
     if memory and least > memory:
         raise SystemExit(f"{too_many} ({memory / 2**30:.3g} GiB; at least {least / 2**30:.3g} GiB here); pass fewer")
     warmup, step = cfg.get("dense_warmup") or 0, checkpoint.get("iter_num", 0)
-    if model.config.attention == "nats" and step <= warmup:  # saved inside the dense warm-up: sampled as evaluated
+    if model.config.attention == "nats" and warmup and step <= warmup:  # saved in the dense warm-up: as evaluated
         print(f"note: step {step} is inside the run's dense warm-up (--dense_warmup={warmup}): its scorers are "
               f"untrained, so every token is Global (kept), as in its evals", file=sys.stderr)
         every_global = torch.full((config.n_kv_head, len(prompt) + args.max_new_tokens), GLOBAL, device=device)

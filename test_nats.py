@@ -4066,14 +4066,18 @@ def test_a_run_prints_into_an_output_that_is_not_utf8(tmp_path, encoding):
 
 
 def test_the_data_scripts_name_what_they_take(tmp_path):
-    """python data/recall.py and python data/passkey.py print examples and take no arguments; offline without the
+    """python data/recall.py and python -m data.passkey print examples and take no arguments; offline without the
     GPT-2 files, the passkey example says where to put them."""
     import subprocess
-    for command in (["data/recall.py", "--n=5"], ["data/passkey.py", "12"]):  # run as files, as the README has it
+    for command in (["data/recall.py", "--n=5"], ["-m", "data.passkey", "12"]):  # as the READMEs run them
         run = subprocess.run([sys.executable, *command], cwd=HERE, capture_output=True, text=True)
         assert run.returncode == 1 and run.stderr.endswith("takes no arguments: it prints " + (
             "three sequences of each task\n" if "recall" in command[0] else "one trial of about 200 GPT-2 tokens\n"))
-    run = subprocess.run([sys.executable, "data/passkey.py"], cwd=HERE, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, os.path.join("data", "passkey.py")], cwd=HERE, capture_output=True,
+                         text=True)  # as a file, it cannot import its package: said
+    assert run.returncode == 1 and run.stderr == "run it as a module, from the repository's folder: python -m " \
+                                                 "data.passkey\n"
+    run = subprocess.run([sys.executable, "-m", "data.passkey"], cwd=HERE, capture_output=True, text=True,
                          env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9",
                                   https_proxy="http://127.0.0.1:9"))  # an empty cache and no network
     assert run.returncode == 1 and run.stderr.startswith("tiktoken could not get the GPT-2 BPE files"), run.stderr

@@ -9,16 +9,18 @@ key is far from the question, so a KV cache that dropped it cannot answer.
     What is the pass key? The pass key is 60417
 
 The wording is the common one of the passkey test (Mohtashami & Jaggi, "Landmark Attention",
-2023), written here anew; no licence restrictions. `python data/passkey.py` prints an example.
+2023), written here anew; no licence restrictions. `python -m data.passkey` prints an example.
 """
-import os
 import sys
 
 import numpy as np
 
-if __name__ == "__main__" and not __package__:  # python data/passkey.py: the repository on the path, as -m has it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.recall import check_counts  # noqa: E402 (after that path)
+try:
+    from data.recall import check_counts
+except ModuleNotFoundError as e:  # run as a file, whose folder is on the path, not the repository's
+    if e.name != "data":
+        raise
+    sys.exit("run it as a module, from the repository's folder: python -m data.passkey")
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -57,7 +59,7 @@ def make_passkey(encode, length, seed):
 if __name__ == "__main__":
     from data.tokenizers import gpt2_tokenizer
     if sys.argv[1:]:
-        sys.exit("python data/passkey.py takes no arguments: it prints one trial of about 200 GPT-2 tokens")
+        sys.exit("python -m data.passkey takes no arguments: it prints one trial of about 200 GPT-2 tokens")
     try:
         encode, decode = gpt2_tokenizer()
     except SystemExit as e:  # offline without a cache: the training script's message, less its flag
