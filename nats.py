@@ -743,7 +743,11 @@ class GPT(nn.Module):
                              f"overrides may set only {', '.join(PRETRAINED_OVERRIDES)}")
         GPTConfig(**overrides)  # their values too, first
         hf_config, hf_state_dict = load_hf(source)
-        config = GPTConfig(**{**config_from_hf(hf_config), "scorer_bias": 5.0, **overrides})
+        try:
+            config = GPTConfig(**{**config_from_hf(hf_config), "scorer_bias": 5.0, **overrides})
+        except ValueError as e:  # a value of config.json (or of a GGUF's metadata) edited: not an override's
+            raise ValueError(f"{source}: its config (config.json, or a GGUF file's metadata) does not make a model "
+                             f"here: {e}") from None
         model = cls(config)
         missing, unexpected = model.load_state_dict(state_dict_from_hf(hf_state_dict, config), strict=False)
         assert not unexpected and all(".scorer." in name for name in missing), (missing, unexpected)
@@ -899,7 +903,7 @@ def config_from_hf(hf_config):
     act = getattr(hf_config, "hidden_act", "silu")
     unsupported = [what for what, bad in [
         (f"head_dim={head_dim} != hidden_size / num_attention_heads", n_embd % n_head or head_dim != n_embd // n_head),
-        (f"hidden_act={act!r}", act != "silu"),
+        (f"hidden_act={act!r}", act not in ("silu", "swish")),  # transformers' two names of one function
         ("mlp_bias=True", getattr(hf_config, "mlp_bias", False)),
         ("attention_bias=True (a bias on o_proj too)", kind != "qwen2" and getattr(hf_config, "attention_bias", False)),
         (f"sliding-window attention (window {window})", window is not None)] if bad]
@@ -1005,7 +1009,8 @@ def read_pretrained(source, read):
     """read(where) for the pretrained model at source, where its files are (pretrained_source's
     keyword arguments for transformers), with its errors made plain: a weights file its own reader
     cannot read as a ValueError naming it (check_weights_files), transformers' OSError and
-    ValueError with what to pass; anything else as it was."""
+    ValueError with what to pass, and what it raises for a value of config.json it does not take
+    (KeyError, TypeError, ...) as a ValueError; an ImportError or an out-of-memory error as it was."""
     where = pretrained_source(source)
     try:
         return read(where)
@@ -1015,9 +1020,13 @@ def read_pretrained(source, read):
             reason = textwrap.shorten(str(e).strip().splitlines()[-1], 200, placeholder=" ...")  # (transformers
             raise ValueError(f"transformers could not load {source}: {reason} (its config.json does not fit its "
                              f"weights: edited, or of another model)") from None  # printed which)
-        if not isinstance(e, (OSError, ValueError)):
+        if isinstance(e, (OSError, ValueError)):
+            raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
+        if isinstance(e, (ImportError, MemoryError)) or is_out_of_memory(e):  # (their own messages say what)
             raise
-        raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
+        reason = textwrap.shorten(f"{type(e).__name__}: {str(e).strip()}", 200, placeholder=" ...")
+        raise ValueError(f"transformers could not load {source}: {reason} (a value of its config.json it does not "
+                         f"take: edited, or of another version?)") from None  # KeyError, TypeError, ...
 
 
 # -----------------------------------------------------------------------------

@@ -3888,6 +3888,12 @@ def test_from_pretrained_names_a_truncated_or_foreign_weights_file(tmp_path, tin
                                          r"it lacks \['transformer.h.0.attn.c_attn.bias', .* and holds "
                                          r"\['model.embed_tokens.weight'"):
         GPT.from_pretrained(str(tmp_path / "hf"))
+    for edit, reason in [(dict(rms_norm_eps=0), "rms_norm_eps"),
+                         (dict(max_position_embeddings=0), "does not make a model here: block_size must be >= 1"),
+                         (dict(rope_scaling=dict(rope_type="llama3")), "factor")]:  # a value edited by hand
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, **edit)))
+        with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'hf'))}.*{reason}"):
+            GPT.from_pretrained(str(tmp_path / "hf"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
     for size in (0, 8, len(weights) // 2):
