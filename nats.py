@@ -174,7 +174,13 @@ def rope_table(pos, head_dim, base, scaling=()):
 def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, context):
     """Llama 3.1's longer context: wavelengths beyond context / low_freq_factor are stretched by
     factor, those under context / high_freq_factor kept, the ones between blended (Meta's
-    apply_scaling, as in transformers' "llama3" rope type)."""
+    apply_scaling, as in transformers' "llama3" rope type). Raises ValueError for values that are
+    not factor >= 1, 0 < low_freq_factor < high_freq_factor and context >= 1 (a factor of 0 gives NaN)."""
+    if not (is_real(factor, 1) and is_real(low_freq_factor) and is_real(high_freq_factor) and is_real(context, 1)
+            and 0 < low_freq_factor < high_freq_factor and max(factor, high_freq_factor, context) < math.inf):
+        raise ValueError(f"factor >= 1, 0 < low_freq_factor < high_freq_factor and context >= 1, finite, are Llama "
+                         f"3's (8.0, 1.0, 4.0, 8192); got {factor!r}, {low_freq_factor!r}, {high_freq_factor!r}, "
+                         f"{context!r}")
     wavelen = 2 * math.pi / inv_freq
     blend = ((context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
     return (1 - blend) * inv_freq / factor + blend * inv_freq
@@ -182,7 +188,11 @@ def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, cont
 
 def rotary(x, cos, sin):
     """Rotate the channel pairs (x1, x2) = (2i, 2i + 1) of x [B, T, heads, D] by the angles of a
-    rope_table [T, D] (RoPE): (x1 cos - x2 sin, x2 cos + x1 sin), as x cos + (x2, x1) sin."""
+    rope_table [T, D] (RoPE): (x1 cos - x2 sin, x2 cos + x1 sin), as x cos + (x2, x1) sin. Raises
+    ValueError for tables of another shape."""
+    if cos.shape != sin.shape or cos.shape != (x.shape[1], x.shape[-1]):
+        raise ValueError(f"cos and sin must be [T, D] = {[x.shape[1], x.shape[-1]]} for x {list(x.shape)}; got "
+                         f"{list(cos.shape)}, {list(sin.shape)}")
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return x * cos[:, None].to(x.dtype) + swapped * sin[:, None].to(x.dtype)
 
@@ -433,8 +443,8 @@ def least_kv_share(length, window, local_type=True):
 def matching_window(kv, length):
     """The window whose sliding baseline keeps the kv share closest to kv at this length."""
     check_kv_args(length)
-    if not is_real(kv):  # (not checked against [0, 1]: a measured share may pass 1 by a rounding)
-        raise ValueError(f"kv must be a kv share (a number), got {kv!r}")
+    if not (is_real(kv, -1e-6) and kv <= 1 + 1e-6):  # (a measured share may pass 1 by a rounding)
+        raise ValueError(f"kv must be a kv share, a number in [0, 1], got {kv!r}")
     return min(range(length), key=lambda w: abs(sink_and_window_kv(length, w) - kv))
 
 
@@ -1456,7 +1466,7 @@ def decode(model, idx, prefill=1, caches=None, cuda_graph=None):
     ValueError for a prefill out of range and the arguments check_decoding refuses."""
     check_decoding(model, idx, caches, cuda_graph)
     if not is_count(prefill, 1) or prefill > idx.shape[1]:
-        raise ValueError(f"prefill must be in 1..{idx.shape[1]} (the prompt's tokens), got {prefill}")
+        raise ValueError(f"prefill must be an int in 1..{idx.shape[1]} (the prompt's tokens), got {prefill!r}")
     caches = model.new_caches() if caches is None else caches
     with eval_mode(model):
         decoder = Decoder(model, caches, idx.shape[1], cuda_graph)
@@ -1785,12 +1795,12 @@ def sample(args):
     decodable = decodable_size(cfg["dataset"], cfg["tokenizer"], vocab_size)
     try:
         prompt = encode("\n" if args.start is None else args.start)
-    except ValueError:  # a character outside a character model's vocabulary
+    except ValueError as e:  # a character outside a character model's vocabulary: named, not the whole prompt
         if args.start is not None:
             symbols = decode(list(range(min(decodable, 40))))
-            raise SystemExit(f"--start: {args.start!r} has characters outside the vocabulary the model was trained "
-                             f"with ({cfg['dataset']}, tokenizer {cfg['tokenizer']}); pass a prompt of its symbols, "
-                             f"{symbols!r}{'...' if decodable > 40 else ''}") from None
+            raise SystemExit(f"--start: {e}, the vocabulary the model was trained with ({cfg['dataset']}, tokenizer "
+                             f"{cfg['tokenizer']}); pass a prompt of its symbols, {symbols!r}"
+                             f"{'...' if decodable > 40 else ''}") from None
         prompt = [0]  # a vocabulary without a new line (the recall tasks): its first symbol
     if len(prompt) > model.config.block_size:
         raise SystemExit(f"--start: the prompt has {len(prompt)} tokens, more than the model's block_size "

@@ -1471,7 +1471,8 @@ def test_sampling_paths_start_at_the_home_folder_with_a_tilde(tmp_path, capsys, 
     assert capsys.readouterr().out.startswith("ROMEO:")
 
 
-@pytest.mark.parametrize("start, problem", [("é", "outside the vocabulary"), ("x" * 40, "block_size")])
+@pytest.mark.parametrize("start, problem", [("é", "'é' is not one of the .* characters of the vocabulary, the "
+                                                  "vocabulary the model was trained with"), ("x" * 40, "block_size")])
 def test_command_line_checks_the_prompt_against_the_checkpoint(tmp_path, start, problem):
     with pytest.raises(SystemExit, match=f"--start: .*{problem}"):
         nats.main([f"--ckpt={tiny_checkpoint(tmp_path)}", f"--start={start}", "--device=cpu"])
@@ -2453,6 +2454,9 @@ def test_gpt2_download_that_never_answers_stops_with_the_offline_message(monkeyp
             tokenizers.gpt2_tokenizer()
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nowhere")  # set already: its files are what is wrong
         with pytest.raises(SystemExit, match=r"TIKTOKEN_CACHE_DIR=/nowhere is set, but it holds no whole GPT-2 files"):
+            tokenizers.gpt2_tokenizer()
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", __file__)  # a file, not a folder
+        with pytest.raises(SystemExit, match=r"TIKTOKEN_CACHE_DIR=.*test_nats.py is set, but it is no folder"):
             tokenizers.gpt2_tokenizer()
     finally:
         answer.set()
@@ -3462,6 +3466,10 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: data.decodable_size("shakespeare", "gpt2", "50304"), "vocab_size must be an int >= 1"),
         (lambda: data.decodable_size("shakespeare", "gpt2", -5), "vocab_size must be an int >= 1"),
         (lambda: data.decodable_size("wiki", "xyz", 10), "dataset must be one of"),
+        (lambda: nats.llama3_frequencies(torch.ones(4), 0, 1, 4, 8192), "factor >= 1, 0 < low_freq_factor"),  # NaN
+        (lambda: nats.matching_window(1.5, 10), r"kv must be a kv share, a number in \[0, 1\]"),
+        (lambda: nats.rotary(torch.ones(1, 4, 1, 8), torch.ones(4, 2), torch.ones(4, 2)), "cos and sin must be"),
+        (lambda: nats.decode(model, x, prefill=2.0), "prefill must be an int in 1..5"),
     ]
     if not torch.cuda.is_available():
         cases.append((lambda: kernel.benchmark(lengths=(64,), head_dims=(16,)), "needs a CUDA GPU"))
@@ -3846,8 +3854,9 @@ def test_load_dataset_and_the_tokenizers_name_what_they_cannot_take():
         with pytest.raises(ValueError, match=re.escape(f"source must be a path or a hub name (a str), got {source!r}")):
             pretrained_source(source)
     decode = char_tokenizer("abc")[1]
-    for ids in ([1.0], [0, "a"], [None], [[0]]):
-        with pytest.raises(ValueError, match=re.escape("ids must be in 0..2 (ints, the characters' indices), got")):
+    for ids in ([1.0], [0, "a"], [None], [[0]], torch.tensor([0, 1])):  # a tensor's ids: an in-range value shown
+        with pytest.raises(ValueError, match=re.escape("ids must be a list of ints in 0..2 (the characters' indices), "
+                                                       "got")):
             decode(ids)
     assert decode([np.int64(2), 0]) == "ca"
     for text in (b"abc", ""):

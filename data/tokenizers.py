@@ -40,7 +40,8 @@ def char_tokenizer(text):
     def decode(ids):  # a negative id would index from the end, a float not at all
         bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < len(chars))]
         if bad:
-            raise ValueError(f"ids must be in 0..{len(chars) - 1} (ints, the characters' indices), got {bad[0]!r}")
+            raise ValueError(f"ids must be a list of ints in 0..{len(chars) - 1} (the characters' indices), got "
+                             f"{bad[0]!r} ({type(bad[0]).__name__}; a tensor's ids: ids.tolist())")
         return "".join(chars[i] for i in ids)
     return encode, decode, len(chars)
 
@@ -65,7 +66,9 @@ def gpt2_tokenizer():
     if "encoding" not in got:
         reason = got.get("error", f"no answer in {GPT2_FETCH_SECONDS} s")
         cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-        fix = (f"TIKTOKEN_CACHE_DIR={cache} is set, but it holds no whole GPT-2 files (tiktoken checks their hashes, "
+        fix = (f"TIKTOKEN_CACHE_DIR={cache} is set, but it is no folder: set it to a copy of a tiktoken cache folder"
+               if cache and os.path.exists(cache) and not os.path.isdir(cache) else
+               f"TIKTOKEN_CACHE_DIR={cache} is set, but it holds no whole GPT-2 files (tiktoken checks their hashes, "
                f"and deletes a damaged one): copy a tiktoken cache folder from a machine that has one there"
                if cache else "offline, copy a tiktoken cache folder from a machine that has one and set "
                              "TIKTOKEN_CACHE_DIR=<that folder>")
@@ -109,7 +112,8 @@ def pretrained_source(source):
             path = os.path.join(list(spec.submodule_search_locations)[0], rest)
     if os.path.isfile(path) and path.endswith(".pt"):
         raise ValueError(f"{source} is a checkpoint of train_shakespeare.py, not a pretrained model: load it with "
-                         f"GPT.from_checkpoint (or pass it as --resume's or --finetune_scorer's)")
+                         f"GPT.from_checkpoint (train_shakespeare.py resumes or fine-tunes it: --resume, "
+                         f"--finetune_scorer)")
     if os.path.isfile(path) and is_gguf(path):
         return dict(pretrained_model_name_or_path=os.path.dirname(os.path.abspath(path)),
                     gguf_file=os.path.basename(path))
