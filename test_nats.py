@@ -863,7 +863,8 @@ def test_the_data_generators_name_odd_arguments():
                         (lambda: query_mask([[0.5, 1.0]]), "integer indices into ALPHABET"),
                         (lambda: data.load_dataset("recall", "gpt2", 64), "tokenizer must be 'char' for dataset"),
                         (lambda: make_passkey(None, 300, 0), "encode must be the tokenizer's"),
-                        (lambda: decode([-1]), r"ids must be in 0\.\.")]:
+                        (lambda: decode([-1]), r"ids must be a list of ints in 0\.\.\d+ \(the characters' indices\), "
+                                               r"got -1$")]:
         with pytest.raises(ValueError, match=match):
             call()
     for make in (make_sequences, make_far_sequences):  # numpy's own error names a shape of 189 TiB

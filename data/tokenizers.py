@@ -40,8 +40,10 @@ def char_tokenizer(text):
     def decode(ids):  # a negative id would index from the end, a float not at all
         bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < len(chars))]
         if bad:
+            kind = "" if isinstance(bad[0], (int, np.integer)) else f" ({type(bad[0]).__name__}: a tensor's ids are " \
+                                                                     f"ids.tolist())"
             raise ValueError(f"ids must be a list of ints in 0..{len(chars) - 1} (the characters' indices), got "
-                             f"{bad[0]!r} ({type(bad[0]).__name__}; a tensor's ids: ids.tolist())")
+                             f"{bad[0]!r}{kind}")
         return "".join(chars[i] for i in ids)
     return encode, decode, len(chars)
 
