@@ -3070,6 +3070,8 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
     base = ["config/smollm2.py", "--device=cpu", f"--init_from={tiny_gguf[0]}", "--block_size=48", "--max_iters=1",
             "--kv_budget=0.5", "--budget_anneal=0", "--eval_contexts=", f"--out_dir={tmp_path / 'run'}"]
     for bad, message in [(["--tokenizer=char"], "pass --tokenizer=pretrained"),
+                         (["--dataset=recall"], "--dataset=recall has its own symbols, one id a character, which are "
+                                                "no ids of the pretrained model's tokenizer"),  # (the recipe's dropped)
                          (["--passkey_lengths=40"], "--passkey_lengths=40: a passkey trial needs more than"),
                          (["--passkey_lengths=40"], "; pass longer lengths, up to the model's context of 512"),
                          ([f"--init_from={tmp_path / 'empty.gguf'}"], "--init_from: no pretrained model"),
@@ -4054,6 +4056,16 @@ def test_a_sweeps_values_are_checked_as_flags_are_before_its_first_run(tmp_path,
     monkeypatch.setattr(sweep, "train_in_turn", lambda runs: pytest.fail("a run started"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         sweep.main(TINY_RUN + ["--kv_budgets=", "--windows=", bad, f"--out_dir={tmp_path}"])
+
+
+def test_a_sweep_stays_out_of_a_training_runs_folder(tmp_path, monkeypatch):
+    import sweep
+    monkeypatch.setattr(sweep, "train_in_turn", lambda runs: pytest.fail("a run started"))
+    (tmp_path / "history.json").write_text("{}")  # a run's folder: the sweep's table and runs would go beside it
+    for more in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match=f"{re.escape(str(tmp_path))} holds a training run \\(history.json\\)"):
+            sweep.main(TINY_RUN + ["--kv_budgets=", "--windows=", f"--out_dir={tmp_path}"] + more)
+    assert sorted(os.listdir(tmp_path)) == ["history.json"]
 
 
 def test_a_sweeps_random_globals_below_the_sink_and_window_say_so(tmp_path, monkeypatch, capsys):

@@ -509,6 +509,10 @@ def check_config(cfg):
         raise SystemExit(f"--tokenizer={cfg['tokenizer']} tokenizes Shakespeare; --dataset={cfg['dataset']} has its "
                          f"own symbols, one id a character: pass --tokenizer=char or drop --tokenizer (shakespeare "
                          f"takes char, gpt2 or pretrained; recall and far_recall char)")
+    if cfg["dataset"] in RECALL_TASKS and is_pretrained(cfg["init_from"]):  # 64 symbols as its ids 0..63
+        raise SystemExit(f"--dataset={cfg['dataset']} has its own symbols, one id a character, which are no ids of "
+                         f"the pretrained model's tokenizer (--init_from={cfg['init_from']}): retrofit it on "
+                         f"--dataset=shakespeare, or train a model of its own on {cfg['dataset']} (no --init_from)")
     if cfg["dataset"] in RECALL_TASKS:  # one sequence drawn: its generator's own check of the length, before any data
         try:
             RECALL_TASKS[cfg["dataset"]](1, cfg["block_size"] + 1, 0)
