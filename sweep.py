@@ -395,14 +395,10 @@ OUTPUTS = ("sweep.md", "sweep.json", "sweep.png")
 
 
 def check_outputs(base):
-    """Refuses an out_dir that holds a training run (its runs belong in their own folders), or a
-    file of the name of one the sweep writes (OUTPUTS) unless the sweep may write over it: an
-    earlier sweep's with --resume or --overwrite, a user's own file with --overwrite only. Raises
-    SystemExit naming the file."""
-    run = [name for name in ts.RUN_FILES[:2] if os.path.isfile(os.path.join(base["out_dir"], name))]
-    if run:
-        raise SystemExit(f"{base['out_dir']} holds a training run ({run[0]}): a sweep writes its table and its runs' "
-                         f"folders in its own --out_dir; pass another")
+    """Refuses an out_dir holding a file of the name of one the sweep writes (OUTPUTS) unless the
+    sweep may write over it: an earlier sweep's with --resume or --overwrite, a user's own file
+    with --overwrite only (a training run's files there are none of them: the default out_dir of
+    both, its runs go in subfolders). Raises SystemExit naming the file."""
     found = [os.path.join(base["out_dir"], name) for name in OUTPUTS
              if os.path.lexists(os.path.join(base["out_dir"], name))]
     folders = [path for path in found if os.path.isdir(path)]

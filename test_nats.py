@@ -4058,16 +4058,6 @@ def test_a_sweeps_values_are_checked_as_flags_are_before_its_first_run(tmp_path,
         sweep.main(TINY_RUN + ["--kv_budgets=", "--windows=", bad, f"--out_dir={tmp_path}"])
 
 
-def test_a_sweep_stays_out_of_a_training_runs_folder(tmp_path, monkeypatch):
-    import sweep
-    monkeypatch.setattr(sweep, "train_in_turn", lambda runs: pytest.fail("a run started"))
-    (tmp_path / "history.json").write_text("{}")  # a run's folder: the sweep's table and runs would go beside it
-    for more in ([], ["--overwrite"]):
-        with pytest.raises(SystemExit, match=f"{re.escape(str(tmp_path))} holds a training run \\(history.json\\)"):
-            sweep.main(TINY_RUN + ["--kv_budgets=", "--windows=", f"--out_dir={tmp_path}"] + more)
-    assert sorted(os.listdir(tmp_path)) == ["history.json"]
-
-
 def test_a_sweeps_random_globals_below_the_sink_and_window_say_so(tmp_path, monkeypatch, capsys):
     """At a budget below what the sink and the window keep, the random-Globals run is the sink + window: the note
     names that share and the budget's flag, not a --random_global=0 the user never gave."""
