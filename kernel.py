@@ -1359,13 +1359,14 @@ def useful_flops(causal, visible, D, what):
     q k^T on every causal entry for LSE_F (and one more product in the backward for G), and the
     rest (P V forward, dP, dS, dQ, dK, dV) only on visible entries. Raises ValueError for an
     unknown pass `what`, counts below 0 or a head size below 1."""
-    passes = ("dense_fwd", "dense_fwd_bwd", "inference", "train_fwd", "fwd_bwd")
-    if what not in passes or not (is_real(causal, 0) and is_real(visible, 0) and is_count(D, 1)):
-        raise ValueError(f"useful_flops takes causal, visible >= 0 (entries), D >= 1 (an int) and what in {passes}; "
-                         f"got {causal!r}, {visible!r}, {D!r}, {what!r}")
+    ok = is_real(causal, 0) and is_real(visible, 0) and is_count(D, 1)
     products = dict(dense_fwd=2 * causal, dense_fwd_bwd=7 * causal, inference=2 * visible,
-                    train_fwd=causal + visible, fwd_bwd=3 * causal + 4 * visible)[what]
-    return 2 * D * products
+                    train_fwd=causal + visible, fwd_bwd=3 * causal + 4 * visible) if ok else {}
+    if what not in products:
+        raise ValueError(f"useful_flops takes causal, visible >= 0 (entries), D >= 1 (an int) and what in "
+                         f"('dense_fwd', 'dense_fwd_bwd', 'inference', 'train_fwd', 'fwd_bwd'); got {causal!r}, "
+                         f"{visible!r}, {D!r}, {what!r}")
+    return 2 * D * products[what]
 
 
 def benchmark(lengths=(1024, 4096, 8192, 16384), head_dims=(64, 128), batch=2, heads=16, window=16):

@@ -369,8 +369,8 @@ def shared_settings(own, rest, given):
     read as a run's; each NAtS run takes its budget from --kv_budgets (or --gs_budgets), so
     --kv_budget and a config file's kv_budget are none of theirs: the shared settings are checked
     with the sweep's largest budget, if it has any (each run's own is checked with it later)."""
-    flag = "kv_budgets" if shares(own, "kv_budgets") or not shares(own, "gs_budgets") else "gs_budgets"
-    budget = max(shares(own, flag), default=0.0)
+    kv, gs = shares(own, "kv_budgets"), shares(own, "gs_budgets")
+    flag, budget = ("gs_budgets", max(gs)) if gs and not kv else ("kv_budgets", max(kv, default=0.0))
     argv = [arg for arg in rest if arg.partition("=")[0] not in ("--resume", "--kv_budget")]
     try:
         base, why = ts.make_config(argv + [f"--kv_budget={budget}"])

@@ -477,8 +477,9 @@ def check_config(cfg):
         if not cfg[key] >= 0:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 0")
     for key, value in cfg.items():  # what a flag's parse checks, for values set otherwise (a sweep's lists, a file)
-        if out_of_range(value):
-            raise SystemExit(f"--{key}={value}: {out_of_range(value)}")
+        problem = out_of_range(value)
+        if problem:
+            raise SystemExit(f"--{key}={value}: {problem}")
     if not 0 <= cfg["kv_weight"] <= MAX_KV_WEIGHT:
         raise SystemExit(f"--kv_weight={cfg['kv_weight']}: must be a number in [0, {MAX_KV_WEIGHT:g}], like 0.1 (a "
                          f"negative weight rewards keeping keys; past {MAX_KV_WEIGHT:g} the kv term swamps the "

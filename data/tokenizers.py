@@ -68,12 +68,15 @@ def gpt2_tokenizer():
     if "encoding" not in got:
         reason = got.get("error", f"no answer in {GPT2_FETCH_SECONDS} s")
         cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-        fix = (f"TIKTOKEN_CACHE_DIR={cache} is set, but it is no folder: set it to a copy of a tiktoken cache folder"
-               if cache and os.path.exists(cache) and not os.path.isdir(cache) else
-               f"TIKTOKEN_CACHE_DIR={cache} is set, but it holds no whole GPT-2 files (tiktoken checks their hashes, "
-               f"and deletes a damaged one): copy a tiktoken cache folder from a machine that has one there"
-               if cache else "offline, copy a tiktoken cache folder from a machine that has one and set "
-                             "TIKTOKEN_CACHE_DIR=<that folder>")
+        if not cache:
+            fix = ("offline, copy a tiktoken cache folder from a machine that has one and set "
+                   "TIKTOKEN_CACHE_DIR=<that folder>")
+        elif os.path.exists(cache) and not os.path.isdir(cache):
+            fix = f"TIKTOKEN_CACHE_DIR={cache} is set, but it is no folder: set it to a copy of a tiktoken cache folder"
+        else:
+            fix = (f"TIKTOKEN_CACHE_DIR={cache} is set, but it holds no whole GPT-2 files (tiktoken checks their "
+                   f"hashes, and deletes a damaged one): copy a tiktoken cache folder from a machine that has one "
+                   f"there")
         raise SystemExit(f"--tokenizer=gpt2: tiktoken could not get the GPT-2 BPE files ({reason}). "
                          f"It downloads them on first use; {fix}")
     return got["encoding"].encode_ordinary, got["encoding"].decode
