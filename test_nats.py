@@ -1120,12 +1120,14 @@ def test_capacity_growth_keeps_decode_exact(monkeypatch):
 @pytest.mark.parametrize("window", [0, 4])
 def test_cache_holds_row_t_of_the_mask(prefill, window, impl):
     B, H_kv, T, D = 2, 3, 80, 16
+    device = DEVICE if impl == "triton" else "cpu"  # the compiled kernel on CUDA, the interpreter on CPU
     types = random_types(B, H_kv, T, MIXES["sparse_global"], seed=window)
     kind = types.argmax(-1)
     mask = visible_mask(types, window)
     q = torch.randn(B, 2 * H_kv, T, D)
     k, v = torch.randn(2, B, H_kv, T, D).unbind(0)
     expected = nats_attention_reference(q.double(), k.double(), v.double(), types, window).float()
+    q, k, v, kind = (x.to(device) for x in (q, k, v, kind))
     cache = KVCache(window, impl)
     cache.fill(k[:, :, :prefill], v[:, :, :prefill], kind[..., :prefill])
     for t in range(prefill, T):
@@ -1137,25 +1139,26 @@ def test_cache_holds_row_t_of_the_mask(prefill, window, impl):
                 assert torch.equal(cache.k[b, h][slots], k[b, h, held])  # each slot holds its token's vectors
                 assert torch.equal(cache.v[b, h][slots], v[b, h, held])
         nats.make_room([cache], T - t)
-        pos = torch.tensor([t], dtype=torch.int32)
+        pos = torch.tensor([t], dtype=torch.int32, device=device)
         y = cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kind[..., t:t + 1], pos)
-        torch.testing.assert_close(y[:, :, 0], expected[:, :, t], rtol=0, atol=1e-5)
+        torch.testing.assert_close(y[:, :, 0].cpu(), expected[:, :, t], rtol=0, atol=1e-5)
         cache.seen += 1
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_slots_are_reused_after_eviction(impl):
     window, D, T = 4, 16, 300
+    device = DEVICE if impl == "triton" else "cpu"  # the compiled kernel on CUDA, the interpreter on CPU
     cache = KVCache(window, impl)
-    kind = torch.full((1, 2, T), SLIDING)
+    kind = torch.full((1, 2, T), SLIDING, device=device)
     kind[..., 0] = GLOBAL
-    k = torch.randn(1, 2, T, D)
+    k = torch.randn(1, 2, T, D, device=device)
     cache.fill(k[:, :, :1], k[:, :, :1], kind[..., :1])
     used = set()
     for t in range(1, T):
         grew = nats.make_room([cache], T - t)[1]
         assert not grew or t == 1  # the sink and the W newest tokens always fit in the first slots
-        pos = torch.tensor([t], dtype=torch.int32)
+        pos = torch.tensor([t], dtype=torch.int32, device=device)
         cache.step(k[:, :, t:t + 1], k[:, :, t:t + 1], k[:, :, t:t + 1], kind[..., t:t + 1], pos)
         used.add(int((cache.pos[0, 0] == t).nonzero()))
         cache.seen += 1  # as the Decoder counts
