@@ -1005,6 +1005,8 @@ def test_unreadable_checkpoints_raise_a_value_error(tmp_path):
     for name in ("model.gguf", "MODEL.GGUF", "sha256-0123"):
         assert pretrained_source(str(tmp_path / name)) == dict(pretrained_model_name_or_path=str(tmp_path),
                                                                gguf_file=name)
+        with pytest.raises(FileNotFoundError, match=f"{name}/ ends in '/', but .*{name} is a file: drop the '/'$"):
+            pretrained_source(f"{tmp_path / name}/")  # a folder's ending, where "no pretrained model" would mislead
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="not a device"):
@@ -2269,23 +2271,37 @@ def test_an_edited_corpus_is_encoded_again(tmp_path, monkeypatch):
         assert decode(np.concatenate([train, val]).tolist()) == text and vocab_size == len(set(text))
 
 
-@pytest.mark.parametrize("damage", ["cut short", "text", "ids out of range", "empty", "valid ids, too few",
-                                    "valid ids, too many"])
-def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, capsys, damage):
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+@pytest.mark.parametrize("damage", ["cut short", "text", "empty", "an .npy", "ids out of range", "ids cut short",
+                                    "ids edited", "other ids, as many"])
+def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, capsys, tokenizer, damage):
+    def words(s):  # whole words as tokens, a stand-in for BPE (whose files may not be here)
+        return [sum(map(ord, w)) % 50000 for w in re.findall(r"\s+|\S+", s)]
+
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "gpt2_tokenizer", lambda: (words, None))
     text = "to be or not to be\n" * 20
     (tmp_path / "shakespeare.txt").write_text(text)
-    data.load_corpus("char")
+    encode = data.load_corpus(tokenizer)[2]
     [cache] = (tmp_path / "cache").iterdir()
     whole = cache.read_bytes()
-    if damage == "ids out of range":
-        np.save(cache, np.full(len(text), 200, dtype=np.uint16))
-    elif damage.startswith("valid ids"):  # of this tokenizer, but not this corpus's: too few would be blamed on it
-        np.save(cache, np.zeros(20 if damage.endswith("few") else 2 * len(text), dtype=np.uint16))
-    else:
+    data.load_corpus(tokenizer)
+    assert capsys.readouterr().out == ""  # this text's cache is taken as it is
+    with np.load(cache) as saved:
+        ids, digest = saved["ids"], saved["sha256"]
+    if damage in ("cut short", "text", "empty"):
         cache.write_bytes({"cut short": whole[:len(whole) - 20], "text": b"garbage", "empty": b""}[damage])
-    train, val, _, decode, _ = data.load_corpus("char")
-    assert decode(np.concatenate([train, val]).tolist()) == text and cache.read_bytes() == whole
+    elif damage == "an .npy":  # the ids alone, as this cache was before it kept their digest
+        with open(cache, "wb") as f:
+            np.save(f, ids)
+    else:  # a valid .npz with the digest of the ids saved, but other ids
+        other = {"ids out of range": np.full_like(ids, 60000), "ids cut short": ids[:len(ids) // 10],
+                 "ids edited": np.concatenate([ids[:50], np.full_like(ids[50:], ids[0])]),
+                 "other ids, as many": np.roll(ids, 1)}[damage]
+        with open(cache, "wb") as f:
+            np.savez(f, ids=other, sha256=digest)
+    train, val = data.load_corpus(tokenizer)[:2]
+    assert np.concatenate([train, val]).tolist() == encode(text) and cache.read_bytes() == whole
     assert f"note: the cached tokens {cache} hold " in capsys.readouterr().out
 
 
@@ -2970,6 +2986,11 @@ def test_from_pretrained_reads_gguf_files_and_their_tokenizer(tiny_gguf):
         assert relative_error(ours, theirs(idx).logits) < 1e-5 and relative_error(ours, written(idx).logits) < 1e-5
     encode, decode, vocab_size, _ = pretrained_tokenizer(path)
     assert vocab_size == 259 and decode(encode("hello world")) == "hello world" and len(encode("hello")) == 3
+    for ids in ([259], [10**6], [-1], [0.0], 3):  # transformers' decode: "" past the vocabulary, OverflowError below
+        with pytest.raises(ValueError, match=r"ids must be a list of ints in 0\.\.258 \(pretrained-\w+'s tokens\)"):
+            decode(ids)
+    with pytest.raises(ValueError, match="encode takes a str, got bytes"):
+        encode(b"hello")
 
 
 def test_a_loaded_model_decodes_as_it_forwards(tiny_gguf):
@@ -3774,26 +3795,6 @@ def test_a_byte_order_mark_at_the_corpus_start_is_no_character_of_it(tmp_path, m
     assert read[0] == read[1] and read[0][0] == data.text_digest(text) and read[0][2] == len(set(text))
 
 
-def test_a_token_cache_of_other_ids_of_the_right_length_is_made_again_with_a_note(tmp_path, monkeypatch, capsys):
-    def words(s):  # whole words as tokens, as BPE's never span two: a word cut short encodes differently
-        return [sum(map(ord, w)) % 50000 for w in re.findall(r"\s+|\S+", s)]
-
-    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
-    monkeypatch.setattr(data, "gpt2_tokenizer", lambda: (words, None))
-    text = "abcdefghijklm " * 100  # the check's cut at 1000 characters splits a word
-    (tmp_path / "shakespeare.txt").write_text(text)
-    for tokenizer in ("char", "gpt2"):
-        encode = data.load_corpus(tokenizer)[2]
-        [cache] = (tmp_path / "cache").glob(f"shakespeare_{tokenizer}_*.npy")
-        whole = cache.read_bytes()
-        data.load_corpus(tokenizer)
-        assert capsys.readouterr().out == ""  # this text's cache is taken as it is
-        np.save(cache, np.zeros(len(encode(text)), dtype=np.uint16))  # overwritten: valid ids, as many
-        train, val = data.load_corpus(tokenizer)[:2]
-        assert np.concatenate([train, val]).tolist() == encode(text) and cache.read_bytes() == whole
-        assert f"note: the cached tokens {cache} hold ids that are not this corpus's" in capsys.readouterr().out
-
-
 def test_the_readmes_run_the_data_modules_as_they_can_be_run():
     def read(name):
         with open(os.path.join(repo, name), encoding="utf-8") as f:
@@ -3864,7 +3865,20 @@ def test_load_dataset_and_the_tokenizers_name_what_they_cannot_take():
         with pytest.raises(ValueError, match=re.escape("ids must be a list of ints in 0..2 (the characters' indices), "
                                                        "got")):
             decode(ids)
-    assert decode([np.int64(2), 0]) == "ca"
+    assert decode([np.int64(2), 0]) == "ca" and decode(i for i in (0, 1)) == "ab"
+    encode = char_tokenizer("abc")[0]
+    for text in (123, None, b"ab", ["a"]):
+        with pytest.raises(ValueError, match="encode takes a str, got"):
+            encode(text)
+
+    def tiktoken_decode(ids):  # as tiktoken's: KeyError past its vocabulary, OverflowError below 0
+        return "".join("xyz"[i] if i >= 0 else int(-1).to_bytes(1) for i in ids)
+    recall_decode = data.load_dataset("recall", "char", 64)[3]
+    for decode, size, what in ((data.tokenizers.checked(list, tiktoken_decode, 3, "GPT-2's tokens")[1], 3,
+                                r"0\.\.2 \(GPT-2's"), (recall_decode, 64, r"0\.\.63 \(the recall symbols'")):
+        for ids in ([size], [-1], [1.5], "ab", 7):
+            with pytest.raises(ValueError, match=f"ids must be a list of ints in {what}"):
+                decode(ids)
     for text in (b"abc", ""):
         with pytest.raises(ValueError, match="text must be the corpus, a non-empty str"):
             char_tokenizer(text)

@@ -11,12 +11,14 @@ by tokenizer and text; the recall tasks (recall.py) are drawn from seeds.
 """
 import hashlib
 import os
+import zipfile
 
 import numpy as np
 import torch
 
 from data import recall
-from data.tokenizers import GPT2_PADDED_VOCAB, GPT2_VOCAB, char_tokenizer, gpt2_tokenizer, pretrained_tokenizer
+from data.tokenizers import (GPT2_PADDED_VOCAB, GPT2_VOCAB, char_tokenizer, checked, gpt2_tokenizer,
+                             pretrained_tokenizer)
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ("shakespeare", "recall", "far_recall")
@@ -102,12 +104,8 @@ def load_corpus(tokenizer, pretrained=""):
     else:
         encode, decode, vocab_size, tokenizer = pretrained_tokenizer(pretrained)
     # the cache is named by the text it encodes: an edited corpus gets a new one, never a stale one
-    digest = text_digest(text)
-    head = encode(text[:1000])
-    head = head[:len(head) // 2]  # a word the cut splits encodes differently (BPE): the first half is the text's own
-    tokens = cached(os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{digest}.npy"),
-                    lambda: np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32), vocab_size,
-                    len(text) if tokenizer == "char" else None, head)  # one id a character; BPE's count is unknown
+    tokens = cached(os.path.join(DATA_DIR, "cache", f"shakespeare_{tokenizer}_{text_digest(text)}.npz"),
+                    lambda: np.array(encode(text), dtype=np.uint16 if vocab_size <= 2**16 else np.uint32), vocab_size)
     split = int(0.9 * len(tokens))
     return tokens[:split], tokens[split:], encode, decode, vocab_size
 
@@ -120,38 +118,45 @@ def text_digest(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def ids_digest(array):
+    """The sha256 (hex) of a token array's bytes: what its cache saves beside it."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
 def corpus_digest():
     """text_digest of the corpus as load_corpus reads it."""
     with open(corpus_path(), encoding="utf-8") as f:
         return text_digest(f.read().removeprefix(BOM))
 
 
-def cached(path, make, vocab_size, length=None, head=()):
-    """The token ids saved at path, or make()'s, saved there on first use (never committed). A file
-    there that does not load as ids below vocab_size, not as `length` of them where that is known, or
-    not starting with the ids `head` (cut short, overwritten), is derived data: it is made again, with
-    a line saying so. Where it cannot be saved (a read-only data/cache, a full disk) the run goes on
-    with it unsaved and a line says which folder to make writable."""
+def cached(path, make, vocab_size):
+    """The token ids saved at path, or make()'s, saved there on first use (never committed), as an
+    .npz of the ids and their sha256. A file there that does not load so, holds ids not below
+    vocab_size, or ids whose digest is not the one saved with them (cut short, edited, overwritten)
+    is derived data: it is made again, with a line saying so. Where it cannot be saved (a read-only
+    data/cache, a full disk) the run goes on with it unsaved and a line says which folder to make
+    writable."""
     if os.path.exists(path):
         try:
-            array = np.load(path)
-            if array.ndim == 1 and array.size and array.dtype.kind == "u" and array.max() < vocab_size:
-                if length not in (None, array.size):
-                    problem = f"{array.size} ids, not the {length} of the corpus's characters"
-                elif not np.array_equal(array[:len(head)], head):
-                    problem = f"ids that are not this corpus's (their first {len(head)} do not encode its start)"
-                else:
-                    return array
-            else:
+            saved = np.load(path)
+            if not isinstance(saved, np.lib.npyio.NpzFile):
+                raise ValueError(f"one {type(saved).__name__}, not an .npz")
+            with saved:
+                array, digest = saved["ids"], str(saved["sha256"])
+            if array.ndim != 1 or not array.size or array.dtype.kind != "u" or array.max() >= vocab_size:
                 problem = "ids that are not this tokenizer's"
-        except (OSError, ValueError, EOFError) as e:
-            problem = f"no array ({' '.join(str(e).split())[:100]})"
+            elif digest != ids_digest(array):
+                problem = "ids that are not the ones saved (cut short or edited: their sha256 differs)"
+            else:
+                return array
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            problem = f"no ids and digest ({' '.join(str(e).split())[:100]})"
         print(f"note: the cached tokens {path} hold {problem}: encoding the corpus again")
     array = make()
-    tmp = path + f".{os.getpid()}.tmp.npy"  # parallel runs (sweep --jobs) each write their own
+    tmp = path + f".{os.getpid()}.tmp.npz"  # parallel runs (sweep --jobs) each write their own
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.save(tmp, array)
+        np.savez(tmp, ids=array, sha256=ids_digest(array))
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
@@ -168,8 +173,9 @@ def load_recall(make, length, n_val=2000):
     sequences [n, length] from a seed (a fixed pool gets memorized: on 20,000 sequences a 2-layer
     model learned their answers by heart and not the rule), and a fixed held-out val set."""
     train = lambda n, seed: make(n, length, seed)
-    encode = lambda s: [recall.ALPHABET.index(c) for c in s]
-    decode = lambda ids: "".join(recall.ALPHABET[i] for i in ids)
+    encode, decode = checked(lambda s: [recall.ALPHABET.index(c) for c in s],
+                             lambda ids: "".join(recall.ALPHABET[i] for i in ids), len(recall.ALPHABET),
+                             "the recall symbols' indices")
     return train, make(n_val, length, recall.VAL_SEED), encode, decode, len(recall.ALPHABET)
 
 

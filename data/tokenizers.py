@@ -11,6 +11,7 @@ import importlib.util
 import os
 import threading
 import zipfile
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -25,7 +26,8 @@ GPT2_FETCH_SECONDS = 120  # the time tiktoken gets to download the GPT-2 files (
 
 def char_tokenizer(text):
     """encode, decode and the vocabulary size of the characters of text. Both raise ValueError for
-    what is outside the vocabulary: a character, an id; so does text that is no non-empty str."""
+    what is outside the vocabulary: a character, an id (see checked); so does text that is no
+    non-empty str."""
     if not (isinstance(text, str) and text):  # bytes would give ids of byte values, "" a vocabulary of none
         raise ValueError(f"text must be the corpus, a non-empty str, got {type(text).__name__} {text!r:.40}")
     chars = sorted(set(text))
@@ -36,16 +38,31 @@ def char_tokenizer(text):
         if missing is not None:
             raise ValueError(f"{missing!r} is not one of the {len(chars)} characters of the vocabulary")
         return [stoi[c] for c in s]
+    encode, decode = checked(encode, lambda ids: "".join(chars[i] for i in ids), len(chars), "the characters' indices")
+    return encode, decode, len(chars)
 
-    def decode(ids):  # a negative id would index from the end, a float not at all
-        bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < len(chars))]
+
+def checked(encode, decode, vocab_size, what):
+    """encode and decode that raise a ValueError naming what they take, a str and a list of ints in
+    0..vocab_size - 1 (`what` says what the ids are), where tiktoken's decode raises KeyError or
+    OverflowError, HF's turns an id past its vocabulary into "" and a negative one would index
+    the characters from the end."""
+    def checked_encode(s):
+        if not isinstance(s, str):
+            raise ValueError(f"encode takes a str, got {type(s).__name__}")
+        return encode(s)
+
+    def checked_decode(ids):
+        if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
+            raise ValueError(f"ids must be a list of ints in 0..{vocab_size - 1} ({what}), got {type(ids).__name__}")
+        ids = list(ids)  # (a generator is read once, here)
+        bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < vocab_size)]
         if bad:
             kind = "" if isinstance(bad[0], (int, np.integer)) else f" ({type(bad[0]).__name__}: a tensor's ids are " \
                                                                      f"ids.tolist())"
-            raise ValueError(f"ids must be a list of ints in 0..{len(chars) - 1} (the characters' indices), got "
-                             f"{bad[0]!r}{kind}")
-        return "".join(chars[i] for i in ids)
-    return encode, decode, len(chars)
+            raise ValueError(f"ids must be a list of ints in 0..{vocab_size - 1} ({what}), got {bad[0]!r}{kind}")
+        return decode(ids)
+    return checked_encode, checked_decode
 
 
 def gpt2_tokenizer():
@@ -79,7 +96,7 @@ def gpt2_tokenizer():
                    f"there")
         raise SystemExit(f"--tokenizer=gpt2: tiktoken could not get the GPT-2 BPE files ({reason}). "
                          f"It downloads them on first use; {fix}")
-    return got["encoding"].encode_ordinary, got["encoding"].decode
+    return checked(got["encoding"].encode_ordinary, got["encoding"].decode, GPT2_VOCAB, "GPT-2's tokens")
 
 
 def is_gguf(path):
@@ -132,6 +149,8 @@ def pretrained_source(source):
     if os.path.isfile(path):  # there, but of no kind a model comes in
         raise FileNotFoundError(f"{source} is a file but no pretrained model (a GGUF file starts with b'GGUF' or "
                                 f"its name ends in .gguf, an HF model is a folder with config.json). {PRETRAINED_HINT}")
+    if source.endswith(("/", os.sep)) and os.path.isfile(source.rstrip("/" + os.sep)):
+        raise FileNotFoundError(f"{source} ends in '/', but {source.rstrip('/' + os.sep)} is a file: drop the '/'")
     if os.path.splitext(source)[1] or os.path.exists(os.path.dirname(source) or "\0"):
         raise FileNotFoundError(f"no pretrained model at {source}. {PRETRAINED_HINT}")
     return dict(pretrained_model_name_or_path=source)
@@ -204,4 +223,5 @@ def pretrained_tokenizer(source):
         raise
     tok.model_max_length = 2**62  # a corpus is encoded in one go: no warning that it is longer than a context
     name = "pretrained-" + hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()[:8]
-    return (lambda s: tok.encode(s, add_special_tokens=False)), tok.decode, len(tok), name
+    return *checked(lambda s: tok.encode(s, add_special_tokens=False), tok.decode, len(tok), f"{name}'s tokens"), \
+        len(tok), name
