@@ -741,8 +741,8 @@ class GPT(nn.Module):
         so the model starts as its dense self; block_size (by default the model's context), dropout
         and init_std too (PRETRAINED_OVERRIDES), but not the shape the weights fix. Raises ValueError
         for an override of another field, before anything is read; FileNotFoundError, OSError (what
-        to pass, how to get a model) or ValueError (a truncated file, an unsupported architecture)
-        from load_hf and config_from_hf."""
+        to pass, how to get a model) or ValueError (a truncated file, an unsupported architecture,
+        weights that are not finite) from load_hf and config_from_hf."""
         unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
         if unknown:  # before the weights are read
             raise ValueError(f"GPTConfig has no field {', '.join(unknown)}; overrides are GPTConfig fields, like "
@@ -753,6 +753,11 @@ class GPT(nn.Module):
                              f"overrides may set only {', '.join(PRETRAINED_OVERRIDES)}")
         GPTConfig(**overrides)  # their values too, first
         hf_config, hf_state_dict = load_hf(source)
+        broken = next((name for name, w in hf_state_dict.items() if w.is_floating_point() and not w.isfinite().all()),
+                      None)
+        if broken is not None:  # else only a NaN loss would show it, once the data has loaded and an eval run
+            raise ValueError(f"{source}: its weight {broken} holds NaN or inf values: the file is damaged, or was "
+                             f"saved from a model whose training diverged; pass another")
         try:
             config = GPTConfig(**{**config_from_hf(hf_config), "scorer_bias": 5.0, **overrides})
         except ValueError as e:  # a value of config.json (or of a GGUF's metadata) edited: not an override's

@@ -3111,6 +3111,12 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
     hf_tiny("llama").save_pretrained(tmp_path / "hf")  # the weights without their tokenizer: named before they load
     with pytest.raises(SystemExit, match=r"hf holds no tokenizer \(tokenizer.json, tokenizer.model, vocab.json\)"):
         ts.make_config(base + [f"--init_from={tmp_path / 'hf'}"])
+    from transformers import AutoTokenizer  # another model's tokenizer beside them: 259 tokens, the model's 100
+    AutoTokenizer.from_pretrained(os.path.dirname(tiny_gguf[0]), gguf_file=os.path.basename(tiny_gguf[0])) \
+        .save_pretrained(tmp_path / "hf")
+    with pytest.raises(SystemExit, match=r"hf has 100 token ids but the tokenizer beside it has 259: it is not the "
+                                         r"model's own"):  # not told to pass the --tokenizer it has
+        ts.train(ts.make_config(base + [f"--init_from={tmp_path / 'hf'}", "--passkey_lengths="])[0])
     capsys.readouterr()
     ts.make_config(base + ["--n_layer=7", "--n_embd=512"])  # a pretrained model's shape is its own: said
     assert ("does not use --n_layer=7 (the pretrained model of --init_from has its own shape); --n_embd=512 (the "
@@ -3608,6 +3614,7 @@ def test_resume_names_what_an_edited_checkpoint_lacks_or_holds_before_the_data_l
     monkeypatch.setattr(ts, "load_dataset", lambda *a: pytest.fail("the data loaded first"))
     for edit, message in [(lambda c: c.pop("optimizer"), "lacks optimizer, which --resume continues from"),
                           (lambda c: c.pop("config"), "lacks config"),
+                          (lambda c: c.pop("history"), "lacks history"),  # started afresh, it replaced history.json
                           (lambda c: c["config"].update(window="eight"), "saved window='eight': expected an int"),
                           (lambda c: c["config"].update(batch_size="8"), "saved batch_size='8': expected an int"),
                           # (not the flag --batch_size=8 of TINY_RUN named as differing from it)
@@ -3923,6 +3930,12 @@ def test_from_pretrained_names_a_truncated_or_foreign_weights_file(tmp_path, tin
         (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, **edit)))
         with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'hf'))}.*{reason}"):
             GPT.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[1, 2] = float("nan")  # named now, not as a NaN loss later
+    model.save_pretrained(tmp_path / "nan")
+    with pytest.raises(ValueError, match=r"nan: its weight model.layers.0.self_attn.q_proj.weight holds NaN or inf "
+                                         r"values: the file is damaged"):
+        GPT.from_pretrained(str(tmp_path / "nan"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
     for size in (0, 8, len(weights) // 2):

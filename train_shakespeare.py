@@ -402,7 +402,7 @@ def resumed_settings(config, given):
         checkpoint = load_checkpoint(path)
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
-    missing = [key for key in ("config", "optimizer", "iter_num", "best_val_loss") if key not in checkpoint]
+    missing = [key for key in ("config", "optimizer", "iter_num", "best_val_loss", "history") if key not in checkpoint]
     if missing:  # named now, not as a KeyError once the data has loaded
         raise SystemExit(f"--resume: {path} lacks {', '.join(missing)}, which --resume continues from (the file was "
                          f"edited or written by another program); pass --overwrite to start over")
@@ -1366,10 +1366,14 @@ def start(cfg):
             raise SystemExit(f"--passkey_lengths={cfg['passkey_lengths']}: a trial of {length} tokens with its answer "
                              f"reads {read}, past the context of {model_args['block_size']}; pass lengths up to "
                              f"{model_args['block_size'] - 5} (the answer, 6 characters, follows the prompt)")
-    if model_args.get("vocab_size", vocab_size) < vocab_size or model_args["block_size"] < cfg["block_size"]:
-        raise SystemExit(f"--init_from={cfg['init_from']} has {model_args['vocab_size']} token ids and a context of "
-                         f"{model_args['block_size']}; this run has {vocab_size} and --block_size={cfg['block_size']}"
-                         f": pass --tokenizer=pretrained and a --block_size up to {model_args['block_size']}")
+    if model_args.get("vocab_size", vocab_size) < vocab_size:  # ids it has no embedding for
+        why = (f"but the tokenizer beside it has {vocab_size}: it is not the model's own; pass a model whose tokenizer "
+               f"is its own" if cfg["tokenizer"] == "pretrained" else
+               f"and --tokenizer={cfg['tokenizer']} has {vocab_size}: pass --tokenizer=pretrained, its own")
+        raise SystemExit(f"--init_from={cfg['init_from']} has {model_args['vocab_size']} token ids {why}")
+    if model_args["block_size"] < cfg["block_size"]:
+        raise SystemExit(f"--init_from={cfg['init_from']} has a context of {model_args['block_size']}: pass a "
+                         f"--block_size up to it (this run asks {cfg['block_size']})")
     model_args.setdefault("vocab_size", vocab_size)
     if max(token_counts(cfg["eval_contexts"]), default=0) >= len(data[1]):  # a window and its last target
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']}: the val split has {len(data[1]):,} tokens; pass "
@@ -1470,7 +1474,7 @@ def resume_from(run, checkpoint):
                          f"optimizer and step ({reason}); pass --overwrite to start over") from None
     run.resumed_at = run.saved_at = run.it
     run.kv_weight = checkpoint.get("kv_weight", run.kv_weight)  # older checkpoints: a fixed lambda
-    run.history = dict(run.history, **checkpoint.get("history", {}))  # older checkpoints kept no history
+    run.history = dict(run.history, **checkpoint["history"])  # (its evals, checked by load_checkpoint)
     max_iters = run.cfg["max_iters"]
     finished = f" of {max_iters}: nothing left to train (raise --max_iters to go on)"
     run.log(f"resumed from {os.path.join(run.cfg['out_dir'], 'ckpt.pt')} at step {run.it}"
