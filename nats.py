@@ -48,6 +48,7 @@ from kernel import LOCAL as LOCAL  # the three type ids come with the model, for
 
 OUT_DIR = "out-shakespeare"  # where train_shakespeare.py writes a run by default, and where sampling looks
 SEED = 1337  # the default seed of training and of sampling
+ATTENTIONS = ("nats", "dense", "sliding", "random")  # GPTConfig.attention: learned types, or a fixed baseline
 
 
 @dataclass
@@ -96,7 +97,7 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attention not in ("nats", "dense", "sliding", "random"):
+        if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be 'nats', 'dense', 'sliding' or 'random', got {self.attention!r}")
         if self.attention_impl not in ("auto", "triton", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'triton' or 'reference', got {self.attention_impl!r}")
@@ -1189,8 +1190,11 @@ class KVCache:
 
 def cache_report(caches, attention):
     """What the caches (one KVCache per layer) held after generation, per layer, and their
-    memory against a dense cache: a line or two of text for the terminal. Raises ValueError for
-    caches that are not filled KVCaches."""
+    memory against a dense cache: a line or two of text for the terminal; attention is the model's
+    (config.attention). Raises ValueError for caches that are not filled KVCaches or an attention
+    of no kind GPTConfig has."""
+    if attention not in ATTENTIONS:  # any other name would get NAtS's report
+        raise ValueError(f"attention must be one of {ATTENTIONS} (the model's config.attention), got {attention!r}")
     if not (isinstance(caches, (list, tuple)) and caches and all(isinstance(c, KVCache) for c in caches)):
         raise ValueError(f"caches must be a model's KVCaches, one per layer, after generate; got {caches!r}"[:200])
     stats = [c.stats() for c in caches]
@@ -1277,14 +1281,20 @@ class Decoder:
         (norms, RoPE, the scorer, the MLP's activation) into a few kernels, the decode kernel
         staying one operator; it takes tens of seconds once per model, so it pays for long
         generations. Raises ValueError for a model that is no GPT in eval() mode, caches that are
-        not fresh ones of it (check_caches), a length < 1 and cuda_graph=True off CUDA."""
+        not fresh ones of it (check_caches), a length < 1 or past the device's memory, cuda_graph or
+        compile of another kind, and cuda_graph=True off CUDA."""
         if not isinstance(model, GPT) or model.training:  # dropout, and sampled types the caches would evict by
             raise ValueError(f"model must be a GPT in eval() mode (generate and decode switch it themselves); got "
                              f"{type(model).__name__}{' in train() mode' if isinstance(model, GPT) else ''}")
         check_caches(model, caches)
-        if not is_count(length, 1):
-            raise ValueError(f"length must be an int >= 1 (the tokens the decoder will be fed), got {length!r}")
         device = model.lm_head.weight.device
+        head_dim = model.config.n_embd // model.config.n_head
+        if not is_count(length, 1) or 8 * length * head_dim > (device_memory(device) or math.inf):
+            raise ValueError(f"length must be an int >= 1 (the tokens the decoder will be fed) whose RoPE table, "
+                             f"2 x length x {head_dim} floats, fits in the device's memory; got {length!r}")
+        if not isinstance(cuda_graph, (bool, type(None))) or not isinstance(compile, bool):  # "no" would read as True
+            raise ValueError(f"cuda_graph must be None (on CUDA), True or False and compile True or False; got "
+                             f"cuda_graph={cuda_graph!r}, compile={compile!r}")
         self.model, self.caches, self.length = model, caches, length
         self.rope = model.rope(torch.arange(length, device=device))
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -1373,7 +1383,7 @@ def check_decoding(model, idx, caches, cuda_graph):
         raise ValueError(f"the prompt is on {idx.device} but the model on {device}; pass idx.to('{device}')")
     if caches is not None:
         check_caches(model, caches)
-    if cuda_graph not in (None, True, False):
+    if not isinstance(cuda_graph, (bool, type(None))):
         raise ValueError(f"cuda_graph must be None (on CUDA), True or False, got {cuda_graph!r}")
 
 

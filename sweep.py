@@ -40,6 +40,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -406,11 +407,19 @@ def check_outputs(base):
         raise SystemExit(f"{folders[0]} is a folder, where the sweep writes a file: move it, or pass another --out_dir")
     if not found or base["overwrite"]:
         return
+    table = os.path.join(base["out_dir"], "sweep.json")
     try:  # an earlier sweep wrote sweep.json (a row per run) with its sweep.md
-        with open(os.path.join(base["out_dir"], "sweep.json")) as f:
-            earlier = all(isinstance(row, dict) and "run" in row for row in json.load(f))
-    except (OSError, ValueError):
-        earlier = False
+        with open(table) as f:
+            rows = json.load(f)
+        earlier = isinstance(rows, list) and all(isinstance(row, dict) and "run" in row for row in rows)
+        reason = "it holds no list of runs"
+    except (OSError, ValueError) as e:
+        earlier, reason = False, textwrap.shorten(str(e), 80, placeholder=" ...")
+    if not earlier and table in found:  # --overwrite would start the sweep's runs over
+        names = " ".join(os.path.basename(path) for path in found)
+        raise SystemExit(f"{table} cannot be read as an earlier sweep's table ({reason}: cut short or edited): to "
+                         f"continue that sweep, move {names} out of {base['out_dir']} and pass --resume (the "
+                         f"table is made again from its runs), or pass another --out_dir")
     if not earlier:
         raise SystemExit(f"{found[0]} is not an output of an earlier sweep (no sweep.json of its runs beside it) "
                          f"and this sweep would write its own over it: move it, or pass another --out_dir "

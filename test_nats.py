@@ -2754,10 +2754,22 @@ def test_a_sweep_keeps_a_users_files_of_its_outputs_names_and_gives_one_hint_whe
         (tmp_path / name).write_text("my notes")
         for more in ([], ["--resume"]):
             with pytest.raises(SystemExit, match=f"{name} is not an output of an earlier sweep .*"
-                                                 r"\(--overwrite replaces it\)"):
+                                                 r"\(--overwrite replaces it\)" if name != "sweep.json" else
+                                                 "sweep.json cannot be read as an earlier sweep's table"):
                 sweep.main(args + more)
         assert (tmp_path / name).read_text() == "my notes" and sorted(os.listdir(tmp_path)) == [name]
         (tmp_path / name).unlink()
+    for damaged in ("[{cut", '{"run": "dense"}'):  # an earlier sweep's table cut short or edited
+        (tmp_path / "sweep.json").write_text(damaged)
+        (tmp_path / "sweep.md").write_text("| run |")
+        for more in ([], ["--resume"]):  # not "no sweep.json" with a hint to --overwrite, which starts the runs over
+            with pytest.raises(SystemExit, match=r"sweep.json cannot be read as an earlier sweep's table \(.*: cut "
+                                                 r"short or edited\): to continue that sweep, move sweep.md "
+                                                 r"sweep.json out of .* and pass --resume"):
+                sweep.main(args + more)
+        assert sorted(os.listdir(tmp_path)) == ["sweep.json", "sweep.md"]
+    (tmp_path / "sweep.json").unlink()
+    (tmp_path / "sweep.md").unlink()
     (tmp_path / "sweep.md").mkdir()
     with pytest.raises(SystemExit, match="sweep.md is a folder, where the sweep writes a file"):
         sweep.main(args + ["--overwrite"])
@@ -3467,7 +3479,15 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: GPT.from_checkpoint(ckpt, device="cpu:1"), "device='cpu:1': the CPU is one device; pass 'cpu'"),
         (lambda: filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long)), "holds a sequence already"),
         (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
+        (lambda: nats.cache_report(model.new_caches(), "Dense"), "attention must be one of"),  # NAtS's report
         (lambda: nats.Decoder(model.eval(), model.new_caches(), -3), "length must be an int >= 1"),
+        (lambda: nats.Decoder(model.eval(), model.new_caches(), 10**15), r"length must be .* whose RoPE table, 2 x "
+                                                                         r"length x \d+ floats, fits in the device's "
+                                                                         r"memory; got 1000000000000000"),
+        (lambda: nats.Decoder(model.eval(), model.new_caches(), 8, cuda_graph="no"), "cuda_graph must be None"),
+        (lambda: nats.Decoder(model.eval(), model.new_caches(), 8, compile="yes"), "compile True or False; got "
+                                                                                  "cuda_graph=None, compile='yes'"),
+        (lambda: nats.generate(model, x, 2, compile=1.0), "compile True or False"),
         (lambda: nats.Decoder(model, None, 8), "caches must hold one KVCache per layer"),  # not a forward
         (lambda: nats.Decoder(model, [KVCache(model.config.window + 1) for _ in model.transformer.h], 8),
          "would evict other keys than its mask"),  # as generate refuses them
