@@ -2420,10 +2420,10 @@ def test_a_read_only_cache_folder_leaves_the_tokens_unsaved_and_says_so(tmp_path
     text = "to be or not to be\n" * 20
     (tmp_path / "shakespeare.txt").write_text(text)
 
-    def read_only(path, array):
+    def read_only(path, **arrays):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(np, "save", read_only)
+    monkeypatch.setattr(np, "savez", read_only)
     train, val, _, decode, _ = data.load_corpus("char")
     assert decode(np.concatenate([train, val]).tolist()) == text
     out = capsys.readouterr().out
