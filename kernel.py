@@ -49,8 +49,10 @@ LOG2E = math.log2(math.e)
 def next_global(is_global):
     """f_j: the first Global position >= j, or T if none. is_global: bool [..., T] -> long [..., T]."""
     if not isinstance(is_global, torch.Tensor) or is_global.dtype != torch.bool or is_global.dim() < 1:
+        got = (f"{is_global.dtype} of shape {tuple(is_global.shape)}" if isinstance(is_global, torch.Tensor) else
+               type(is_global).__name__)
         raise ValueError(f"is_global must be a bool tensor [..., T] (True at Global tokens), e.g. "
-                         f"token_types.argmax(-1) == GLOBAL; got {getattr(is_global, 'dtype', type(is_global))}")
+                         f"token_types.argmax(-1) == GLOBAL; got {got}")
     T = is_global.shape[-1]
     pos = torch.arange(T, device=is_global.device).expand_as(is_global)
     candidate = torch.where(is_global, pos, torch.full_like(pos, T))

@@ -2302,7 +2302,10 @@ def test_a_damaged_token_cache_is_made_again_with_a_note(tmp_path, monkeypatch, 
             np.savez(f, ids=other, sha256=digest)
     train, val = data.load_corpus(tokenizer)[:2]
     assert np.concatenate([train, val]).tolist() == encode(text) and cache.read_bytes() == whole
-    assert f"note: the cached tokens {cache} hold " in capsys.readouterr().out
+    why = ("no .npz of ids and their sha256 (damaged, or not written by this script)" if damage in
+           ("cut short", "text", "empty", "an .npy") else "ids that are not this tokenizer's" if "range" in damage
+           else "ids that are not the ones saved (cut short or edited: their sha256 differs)")  # not numpy's words
+    assert capsys.readouterr().out == f"note: the cached tokens {cache} hold {why}: encoding the corpus again\n"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -3112,9 +3115,12 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
                          (["--passkey_lengths=40"], "; pass longer lengths, up to the model's context of 512"),
                          ([f"--init_from={tmp_path / 'empty.gguf'}"], "--init_from: no pretrained model"),
                          (["--rope_scaling=(8.0, 4.0, 4.0, 8192)"], "rope_scaling must be"),
-                         (["--scorer_bias=1e999"], "--scorer_bias=1e999: expected a finite number")]:
-        with pytest.raises(SystemExit, match=re.escape(message)):
-            ts.train(ts.make_config(base + bad)[0])
+                         (["--scorer_bias=1e999"], "--scorer_bias=1e999: expected a finite number"),
+                         (["--show_layer=2"], "--show_layer=2 --show_head=-1: the model has 2 layers and 2 KV heads"),
+                         (["--show_head=2"], "the model has 2 layers and 2 KV heads; pass a layer in [0, 1]")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):  # (the shown ones: once the model has loaded,
+            ts.train(ts.make_config(base + bad)[0])  # before the data; they crashed the report at the run's end)
+    ts.make_config(base + ["--n_layer=1", "--show_layer=1"])  # the pretrained model's layers, not the config's
     (tmp_path / "notes.gguf").write_text("not a model")
     with pytest.raises(SystemExit, match=r"notes.gguf is not a GGUF file \(it does not start with b'GGUF'\)"):
         ts.make_config(base + [f"--init_from={tmp_path / 'notes.gguf'}"])  # not sent to --tokenizer first
@@ -3479,6 +3485,7 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: GPT.from_checkpoint(ckpt, device="cpu:1"), "device='cpu:1': the CPU is one device; pass 'cpu'"),
         (lambda: filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long)), "holds a sequence already"),
         (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
+        (lambda: kernel.next_global(torch.tensor(True)), r"is_global must be .*; got torch.bool of shape \(\)$"),
         (lambda: nats.cache_report(model.new_caches(), "Dense"), "attention must be one of"),  # NAtS's report
         (lambda: nats.Decoder(model.eval(), model.new_caches(), -3), "length must be an int >= 1"),
         (lambda: nats.Decoder(model.eval(), model.new_caches(), 10**15), r"length must be .* whose RoPE table, 2 x "

@@ -551,11 +551,16 @@ def check_config(cfg):
             and os.path.samefile(old, cfg["init_from"]):
         raise SystemExit(f"--init_from={cfg['init_from']} is the checkpoint --overwrite deletes in --out_dir="
                          f"{cfg['out_dir']}: pass another --out_dir for the new run")
-    if not (-1 <= cfg["show_layer"] < cfg["n_layer"] and -1 <= cfg["show_head"] < cfg["n_kv_head"]):
+    if not is_pretrained(cfg["init_from"]):  # a pretrained model's shape is its own: train checks it once loaded
+        check_shown(cfg, cfg["n_layer"], cfg["n_kv_head"])
+
+
+def check_shown(cfg, n_layer, n_kv_head):
+    """--show_layer and --show_head pick a layer and a KV head of a model of that shape, or -1."""
+    if not (-1 <= cfg["show_layer"] < n_layer and -1 <= cfg["show_head"] < n_kv_head):
         raise SystemExit(f"--show_layer={cfg['show_layer']} --show_head={cfg['show_head']}: the model has "
-                         f"{cfg['n_layer']} layers and {cfg['n_kv_head']} KV heads; pass a layer in "
-                         f"[0, {cfg['n_layer'] - 1}] and a head in [0, {cfg['n_kv_head'] - 1}], or -1 for the one "
-                         f"that keeps the most Global tokens")
+                         f"{n_layer} layers and {n_kv_head} KV heads; pass a layer in [0, {n_layer - 1}] and a head "
+                         f"in [0, {n_kv_head - 1}], or -1 for the one that keeps the most Global tokens")
 
 
 def check_model_size(cfg):
@@ -1348,7 +1353,8 @@ def start(cfg):
     checkpoint = read_checkpoint(ckpt_path, device, "--resume") if cfg["resume"] else None
     teacher = load_init_from(cfg, device) if cfg["init_from"] else None
     model_args = model_args_for(cfg, checkpoint, teacher)
-    check_lengths_fit(cfg, model_args["block_size"], model_args["block_size"])  # the checkpoint's or pretrained's
+    check_shown(cfg, model_args["n_layer"], model_args["n_kv_head"])  # the checkpoint's or pretrained's shape
+    check_lengths_fit(cfg, model_args["block_size"], model_args["block_size"])
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
     corpus = corpus_digest() if cfg["dataset"] == "shakespeare" else None

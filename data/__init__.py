@@ -149,8 +149,10 @@ def cached(path, make, vocab_size):
                 problem = "ids that are not the ones saved (cut short or edited: their sha256 differs)"
             else:
                 return array
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-            problem = f"no ids and digest ({' '.join(str(e).split())[:100]})"
+        except OSError as e:
+            problem = f"a file that cannot be read ({e.strerror or e})"
+        except (ValueError, EOFError, KeyError, zipfile.BadZipFile):  # numpy's reasons speak of pickles and zips
+            problem = "no .npz of ids and their sha256 (damaged, or not written by this script)"
         print(f"note: the cached tokens {path} hold {problem}: encoding the corpus again")
     array = make()
     tmp = path + f".{os.getpid()}.tmp.npz"  # parallel runs (sweep --jobs) each write their own
