@@ -1036,8 +1036,9 @@ def read_pretrained(source, read):
             reason = textwrap.shorten(str(e).strip().splitlines()[-1], 200, placeholder=" ...")  # (transformers
             raise ValueError(f"transformers could not load {source}: {reason} (its config.json does not fit its "
                              f"weights: edited, or of another model)") from None  # printed which)
-        if isinstance(e, (OSError, ValueError)):
-            raise type(e)(f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
+        if isinstance(e, (OSError, ValueError)):  # (a plain ValueError: JSONDecodeError's takes more arguments)
+            raise (type(e) if isinstance(e, OSError) else ValueError)(
+                f"transformers could not load {source}: {e}\n{PRETRAINED_HINT}") from None
         if isinstance(e, (ImportError, MemoryError)) or is_out_of_memory(e):  # (their own messages say what)
             raise
         reason = textwrap.shorten(f"{type(e).__name__}: {str(e).strip()}", 200, placeholder=" ...")

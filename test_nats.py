@@ -3135,6 +3135,12 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
     with pytest.raises(SystemExit, match=r"hf has 100 token ids but the tokenizer beside it has 259: it is not the "
                                          r"model's own"):  # not told to pass the --tokenizer it has
         ts.train(ts.make_config(base + [f"--init_from={tmp_path / 'hf'}", "--passkey_lengths="])[0])
+    whole = (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    for damaged in (whole[:3000], bytes(range(256))):  # a copy cut short, or no JSON: named before the weights load
+        (tmp_path / "hf" / "tokenizer.json").write_bytes(damaged)
+        with pytest.raises(SystemExit, match=r"hf: .*tokenizer.json cannot be read as JSON \(.*\): cut short, or no "
+                                             r"tokenizer file; download or copy the model's tokenizer again"):
+            ts.make_config(base + [f"--init_from={tmp_path / 'hf'}"])
     capsys.readouterr()
     ts.make_config(base + ["--n_layer=7", "--n_embd=512"])  # a pretrained model's shape is its own: said
     assert ("does not use --n_layer=7 (the pretrained model of --init_from has its own shape); --n_embd=512 (the "
@@ -4028,6 +4034,11 @@ def test_sampling_a_retrofit_whose_pretrained_model_moved_names_init_from(tmp_pa
     with pytest.raises(SystemExit, match=r"^--init_from: .*hf holds no tokenizer \(tokenizer.json, tokenizer.model, "
                                          r"vocab.json\), whose tokens the model reads: save the model's tokenizer"):
         nats.main(sample + [f"--init_from={tmp_path / 'hf'}"])
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tmp_path / "moved", gguf_file="tiny.gguf").save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"tokenizer_class": "Llama')  # a copy cut short
+    with pytest.raises(SystemExit, match=r"^--init_from: .*tokenizer_config.json cannot be read as JSON"):
+        nats.main(sample + [f"--init_from={tmp_path / 'hf'}"])  # (transformers' JSONDecodeError, then a TypeError)
     with pytest.raises(SystemExit, match="--init_from is where the pretrained model of a retrofit is now.*tokenizer "
                                          "char .*: drop it"):
         nats.main([f"--ckpt={tiny_checkpoint(tmp_path / 'moved')}", "--device=cpu", f"--init_from={ckpt}"])

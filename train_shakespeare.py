@@ -620,6 +620,8 @@ def check_init_from(cfg):
                 check_tokenizer_files(cfg["init_from"])
             except FileNotFoundError as e:
                 raise SystemExit(f"--init_from={e} (--tokenizer=pretrained)") from None
+            except ValueError as e:
+                raise SystemExit(f"--init_from={cfg['init_from']}: {e}") from None
         if "gguf_file" in source:  # its first four bytes, before the other checks send the user elsewhere
             with open(os.path.join(folder, source["gguf_file"]), "rb") as f:
                 if f.read(4) != b"GGUF":

@@ -8,7 +8,9 @@ model's embedding gets.
 """
 import hashlib
 import importlib.util
+import json
 import os
+import textwrap
 import threading
 import zipfile
 from collections.abc import Iterable
@@ -197,13 +199,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of 
 
 def check_tokenizer_files(source):
     """Raise a FileNotFoundError where source is an HF folder that holds no tokenizer (transformers'
-    own message for it is about the hub); pretrained_source's errors otherwise. A GGUF file holds its own."""
+    own message for it is about the hub), a ValueError naming a JSON file of its tokenizer that does
+    not read as JSON (a download or copy cut short: transformers' error names no file);
+    pretrained_source's errors otherwise. A GGUF file holds its own."""
     where = pretrained_source(source)
     folder = where["pretrained_model_name_or_path"]
-    if "gguf_file" not in where and os.path.isdir(folder) and not any(
-            os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+    if "gguf_file" in where or not os.path.isdir(folder):
+        return where
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}), whose tokens the model "
                                 f"reads: save the model's tokenizer there too (tokenizer.save_pretrained)")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json"):
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:  # (UnicodeDecodeError is a ValueError)
+            raise ValueError(f"{path} cannot be read as JSON ({textwrap.shorten(str(e), 100, placeholder=' ...')}): "
+                             f"cut short, or no tokenizer file; download or copy the model's tokenizer again") from None
     return where
 
 
