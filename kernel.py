@@ -1201,10 +1201,15 @@ def _(q, k, v, kind, t, k_cache, v_cache, pos, kinds, window):
 
 
 def check_tensors(**tensors):
-    """Raise a ValueError naming each argument that is not a torch.Tensor (a list, a numpy array)."""
+    """Raise a ValueError naming each argument that is not a torch.Tensor (a list, a numpy array),
+    or is on a device these functions do not compute on (meta tensors, of shapes alone, have no
+    values for the mask's checks)."""
     wrong = [f"{name} ({type(x).__name__})" for name, x in tensors.items() if not isinstance(x, torch.Tensor)]
     if wrong:
         raise ValueError(f"{', '.join(wrong)} must be torch tensors; convert with torch.as_tensor")
+    elsewhere = [f"{name} ({x.device})" for name, x in tensors.items() if x.device.type not in ("cpu", "cuda")]
+    if elsewhere:
+        raise ValueError(f"{', '.join(elsewhere)}: NAtS attention computes on 'cpu' or 'cuda' tensors; move them there")
 
 
 def check_inputs(q, k, v, token_types, window):

@@ -3492,6 +3492,8 @@ def test_public_functions_name_an_argument_of_the_wrong_type(tmp_path, monkeypat
         (lambda: filled.fill(*cache[:2], torch.zeros(1, 2, 8, dtype=torch.long)), "holds a sequence already"),
         (lambda: nats.cache_report([], "nats"), "caches must be a model's KVCaches"),
         (lambda: kernel.next_global(torch.tensor(True)), r"is_global must be .*; got torch.bool of shape \(\)$"),
+        (lambda: nats_attention(q.to("meta"), k.to("meta"), v.to("meta"), types.to("meta"), 2),
+         r"q \(meta\), k \(meta\), v \(meta\), token_types \(meta\): NAtS attention computes on 'cpu' or 'cuda'"),
         (lambda: nats.cache_report(model.new_caches(), "Dense"), "attention must be one of"),  # NAtS's report
         (lambda: nats.Decoder(model.eval(), model.new_caches(), -3), "length must be an int >= 1"),
         (lambda: nats.Decoder(model.eval(), model.new_caches(), 10**15), r"length must be .* whose RoPE table, 2 x "
