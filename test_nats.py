@@ -3124,6 +3124,12 @@ def test_the_retrofit_refuses_bad_settings_before_anything_is_written(tmp_path, 
         with pytest.raises(SystemExit, match=re.escape(message)):  # (the shown ones: once the model has loaded,
             ts.train(ts.make_config(base + bad)[0])  # before the data; they crashed the report at the run's end)
     ts.make_config(base + ["--n_layer=1", "--show_layer=1"])  # the pretrained model's layers, not the config's
+    capsys.readouterr()
+    ts.make_config(base + ["--window=60", "--init_std=0.5"])  # the length it trains at is the run's own
+    out = capsys.readouterr().out
+    assert ("--init_std=0.5 (the weights come from --init_from, and the scorers start at zero with a --scorer_bias)"
+            in out and "note: --window=60 >= --block_size=48 - 1: Sliding tokens stay to the end, as Global ones in "
+                       "training (longer contexts of the pretrained model evict them)\n" in out)
     (tmp_path / "notes.gguf").write_text("not a model")
     with pytest.raises(SystemExit, match=r"notes.gguf is not a GGUF file \(it does not start with b'GGUF'\)"):
         ts.make_config(base + [f"--init_from={tmp_path / 'notes.gguf'}"])  # not sent to --tokenizer first

@@ -313,10 +313,12 @@ def run_notes(cfg):
                      f"{longer}\n      (pass {fix}--lr_decay_iters={steps} to decay over the run)")
     if cfg["attention"] == "random" and not cfg["random_global"]:
         notes.append("--attention=random with --random_global=0 is the sink + sliding window (token 0 Global)")
-    # (a pretrained model's context is its own, known once it is loaded)
-    if cfg["attention"] != "dense" and cfg["window"] >= cfg["block_size"] - 1 and not is_pretrained(cfg["init_from"]):
+    if cfg["attention"] != "dense" and cfg["window"] >= cfg["block_size"] - 1:  # the sequences it trains on
+        why = (" (dense attention)" if cfg["attention"] == "sliding" else
+               " in training (longer contexts of the pretrained model evict them)" if is_pretrained(cfg["init_from"])
+               else "")
         notes.append(f"--window={cfg['window']} >= --block_size={cfg['block_size']} - 1: Sliding tokens stay to "
-                     f"the end, as Global ones" + (" (dense attention)" if cfg["attention"] == "sliding" else ""))
+                     f"the end, as Global ones{why}")
     return notes
 
 
@@ -324,7 +326,8 @@ def unused_settings(cfg):
     """{setting: why} of the settings a run of cfg does not read: those of NAtS scorers with another
     attention, the multiplier's step without a KV budget, the mask's window and kernel and the token
     types shown with dense attention, the fine-tuning loss without --finetune_scorer and dropout with it,
-    the model's shape when --init_from is a pretrained model (it has its own)."""
+    the model's shape when --init_from is a pretrained model (it has its own), the initial weights' scale
+    when --init_from gives them all."""
     nats, masked = cfg["attention"] == "nats", cfg["attention"] != "dense"
     own_shape = [(key, "the pretrained model of --init_from has its own shape", not is_pretrained(cfg["init_from"]))
                  for key in TEACHER_KEYS if key != "block_size"]  # (the context of training is the run's)
@@ -337,7 +340,10 @@ def unused_settings(cfg):
         ("dual_lr", "it steps the multiplier of a --kv_budget", cfg["kv_budget"] > 0),
         ("window", mask, masked), ("attention_impl", mask, masked), ("show_layer", types, masked),
         ("show_head", types, masked),
-        ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"]), *own_shape) if not used}
+        ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"]),
+        ("init_std", "the weights come from --init_from" + (", and the scorers start at zero with a --scorer_bias" if
+                                                           nats else ""),
+         not cfg["init_from"] or (nats and not cfg["scorer_bias"])), *own_shape) if not used}
 
 
 def help_text(here):
