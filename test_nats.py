@@ -3744,6 +3744,13 @@ def test_resume_may_move_the_run_to_another_machine_and_its_pretrained_model_els
     assert ts.resumed_settings(moved, {"init_from"})["init_from"] == "/where/it/is.gguf"
     with pytest.raises(SystemExit, match="this run asks --init_from='run/ckpt.pt'"):  # not a model of another kind
         ts.resumed_settings(dict(moved, init_from="run/ckpt.pt"), {"init_from"})
+    checkpoint["model_args"] = ts.model_args_for(moved, None, GPT(tiny_config(n_layer=2)))  # fine-tuned from it
+    teacher = GPT(tiny_config(n_layer=3))  # where it is now: another model, of three layers
+    with pytest.raises(SystemExit, match=re.escape(  # not "the file was edited ...: pass --overwrite", a good run lost
+            f"--resume: --init_from=/where/it/is.gguf is a model with n_layer=3, but the run in {tmp_path} was "
+            f"fine-tuned from '/the/model/it/was.gguf', with n_layer=2: pass that model as --init_from, where it is "
+            f"now")):
+        ts.model_args_for(moved, checkpoint, teacher)
 
 
 def test_a_passkey_length_whose_answer_runs_past_the_context_is_refused_before_training(tmp_path, monkeypatch):

@@ -1131,6 +1131,10 @@ def model_args_for(cfg, checkpoint, teacher):
     if conflicts:
         has = ", ".join(f"{key}={given[key]!r}" for key in conflicts)
         asks = ", ".join(f"{key}={wanted[key]!r}" for key in conflicts)
+        if checkpoint is not None and teacher is not None and is_pretrained(cfg["init_from"]):  # the model moved,
+            raise SystemExit(f"--resume: --init_from={cfg['init_from']} is a model with {asks}, but the run in "  # or
+                             f"{cfg['out_dir']} was fine-tuned from {checkpoint['config'].get('init_from')!r}, with "
+                             f"{has}: pass that model as --init_from, where it is now")  # another model was given
         if checkpoint is not None and any(key in checkpoint["config"] for key in conflicts):  # --resume took those
             raise SystemExit(f"--resume: {source} holds a model with {has} but settings that say {asks}: the file was "
                              f"edited or written by another program; pass --overwrite to start over")  # from there
