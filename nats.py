@@ -822,7 +822,8 @@ CHECKPOINT_FIELDS = dict(
              "of finite numbers by step) and 'elapsed' (seconds)"),
     config=(lambda v: isinstance(v, dict), "the run's settings, a dict"),
     vocabulary=(lambda v: v is None or isinstance(v, str), "the characters of a char model, a str"),
-    corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"))
+    corpus=(lambda v: v is None or isinstance(v, str), "the corpus digest, a str"),
+    tokens=(lambda v: v is None or isinstance(v, str), "the digest of the corpus's tokens, a str"))
 
 
 def load_checkpoint(path, device="cpu"):

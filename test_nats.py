@@ -2438,6 +2438,10 @@ def test_a_read_only_cache_folder_leaves_the_tokens_unsaved_and_says_so(tmp_path
     (tmp_path / "cache").write_text("a file where the cache folder goes")
     data.load_corpus("char")
     assert "(File exists): it is encoded again on every run until that is a folder, writable" in capsys.readouterr().out
+    (tmp_path / "cache").unlink()
+    (tmp_path / "cache" / f"shakespeare_char_{data.text_digest(text)}.npz").mkdir(parents=True)  # made by hand
+    data.load_corpus("char")
+    assert "is a folder, where the cache file goes; remove it" in capsys.readouterr().out  # not "make it writable"
 
 
 def test_gpt2_tokenizer_offline_says_how_to_point_at_a_copy(monkeypatch):
@@ -3011,6 +3015,31 @@ def test_from_pretrained_reads_gguf_files_and_their_tokenizer(tiny_gguf):
         encode(b"hello")
 
 
+def test_a_tokenizer_of_the_same_vocabulary_that_splits_otherwise_is_another(tmp_path, tiny_gguf):
+    """The token cache is named by the tokenizer, and --resume checks the tokens: a lower-casing copy of
+    a tokenizer has its vocabulary, but not its tokens."""
+    import train_shakespeare as ts
+    from transformers import AutoTokenizer
+    from data.tokenizers import pretrained_tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(tiny_gguf[0]), gguf_file=os.path.basename(tiny_gguf[0]))
+    for name in ("hf", "lower"):
+        hf_tiny("llama").save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    spec = json.loads((tmp_path / "lower" / "tokenizer.json").read_text())
+    (tmp_path / "lower" / "tokenizer.json").write_text(json.dumps(dict(spec, normalizer={"type": "Lowercase"})))
+    (encode, _, size, name), (encode_lower, _, size_lower, name_lower) = (
+        pretrained_tokenizer(str(tmp_path / folder)) for folder in ("hf", "lower"))
+    assert size == size_lower and encode("To Be") != encode_lower("To Be") and name != name_lower
+    cfg = dict(ts.defaults(), dataset="shakespeare", tokenizer="pretrained", init_from=str(tmp_path / "lower"))
+    trained = (np.arange(50, dtype=np.uint16), np.arange(10, dtype=np.uint16), encode, None, 100)
+    checkpoint = dict(model_args=dict(vocab_size=100), corpus="text", tokens=ts.tokens_digest(cfg, trained))
+    ts.check_resumed_data(cfg, checkpoint, trained, "text", "run/ckpt.pt")  # the same tokens: it resumes
+    with pytest.raises(SystemExit, match=re.escape(
+            f"--resume: the corpus is the text run/ckpt.pt was trained on, but its tokens are not the ones it trained "
+            f"on: --init_from={tmp_path / 'lower'} has a tokenizer of the same vocabulary that splits it otherwise")):
+        ts.check_resumed_data(cfg, checkpoint, (trained[0][::-1].copy(), *trained[1:]), "text", "run/ckpt.pt")
+
+
 def test_a_loaded_model_decodes_as_it_forwards(tiny_gguf):
     model = GPT.from_pretrained(tiny_gguf[0], window=4).eval()
     kinds = torch.multinomial(torch.tensor([0.1, 0.3, 0.6]), 2 * 2 * 60, replacement=True,
@@ -3274,6 +3303,7 @@ def test_sampling_treats_a_vanishing_temperature_as_greedy_and_stops_on_broken_l
     ("compile = 'False'\n", "bad.py:1: expected a bool, like compile = "),
     ("# a recipe\nmax_iters = 2.5\n", "bad.py:2: expected an int, like max_iters = "),
     ("import os\n", "bad.py:1: not a line of key = value"),
+    ("n_layer: 2\n", "bad.py:1: write n_layer = <value>, not n_layer: ... (a config file is lines of key = value)"),
     ("max_iters = 10\nwindow = 2 +\n", "bad.py:2: not a line of key = value (invalid syntax)"),
     ("attention = 'dense\n", "bad.py:1: not a line of key = value (unterminated string literal"),
     ("window = int('3')\n", "bad.py:1: window = int('3') is not a value"),
@@ -3397,7 +3427,7 @@ def test_resume_on_an_edited_corpus_of_the_same_characters_stops(tmp_path, monke
         tiny_run(tmp_path / "run", tokenizer="char", max_iters=8, eval_interval=4, resume=True)
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
     checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    del checkpoint["corpus"]  # a checkpoint of before the digest: not checked
+    del checkpoint["corpus"], checkpoint["tokens"]  # a checkpoint of before the digests: not checked
     torch.save(checkpoint, tmp_path / "run" / "ckpt.pt")
     tiny_run(tmp_path / "run", tokenizer="char", max_iters=8, eval_interval=4, sample_tokens=0, resume=True)
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["corpus"] == data.corpus_digest()

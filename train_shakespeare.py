@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DATASETS, EVAL_BATCH, EVAL_NOISE, PASSKEY, RECALL_TASKS, TOKENIZERS, TRAIN_BATCH, TRAIN_NOISE,
-                  corpus_digest, corpus_path, decodable_size, get_batch, load_dataset, recall, seed_of)
+                  corpus_digest, corpus_path, decodable_size, get_batch, ids_digest, load_dataset, recall, seed_of)
 from data.passkey import make_passkey
 from data.tokenizers import check_tokenizer_files, pretrained_source
 from nats import (GLOBAL, GPT, LOCAL, OUT_DIR, SEED, SLIDING, TEMPERATURE, TOP_K, GPTConfig, cache_report,
@@ -161,6 +161,9 @@ def read_recipe(path, known, origins=None):
     values, line_of = {}, {}
     for line in lines:
         where = f"{path}:{line.lineno}"
+        if isinstance(line, ast.AnnAssign) and isinstance(line.target, ast.Name):  # YAML's way
+            raise SystemExit(f"{where}: write {line.target.id} = <value>, not {line.target.id}: ... (a config file "
+                             f"is lines of key = value)")
         if not (isinstance(line, ast.Assign) and len(line.targets) == 1 and isinstance(line.targets[0], ast.Name)):
             raise SystemExit(f"{where}: not a line of key = value (a config file is data, not a program)")
         key = line.targets[0].id
@@ -1055,12 +1058,19 @@ def vocabulary(cfg, data):
     return decode(list(range(vocab_size))) if cfg["dataset"] == "shakespeare" and cfg["tokenizer"] == "char" else None
 
 
+def tokens_digest(cfg, data):
+    """The sha256 of the corpus's tokens (Shakespeare's train and val splits), else None: the tokenizer's
+    work, which a tokenizer of the same vocabulary and another normalizer (lower-casing) changes."""
+    return ids_digest(np.concatenate(data[:2])) if cfg["dataset"] == "shakespeare" else None
+
+
 def save_checkpoint(path, run):
     """Everything --resume needs to continue exactly (the randomness is seeded per batch, see
     seed_of; kv_weight is lambda for the next step), and the history so far."""
     checkpoint = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), model_args=run.model_args,
                       iter_num=run.it, best_val_loss=run.best_val, kv_weight=run.kv_weight, history=run.history,
-                      config=run.cfg, vocabulary=vocabulary(run.cfg, run.data), corpus=run.corpus)
+                      config=run.cfg, vocabulary=vocabulary(run.cfg, run.data), corpus=run.corpus,
+                      tokens=tokens_digest(run.cfg, run.data))
     save_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -1349,6 +1359,12 @@ def check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path):
     if checkpoint.get("corpus") not in (None, corpus):  # older checkpoints have none
         raise SystemExit(f"--resume: {corpus_path()} has been edited since {ckpt_path} was trained: the run would "
                          f"go on on other text; resume with the corpus it was trained on, or start over (--overwrite)")
+    if checkpoint.get("tokens") not in (None, tokens_digest(cfg, data)):  # the same text, other tokens
+        why = (f"--init_from={cfg['init_from']} has a tokenizer of the same vocabulary that splits it otherwise; pass "
+               f"the model the run started from" if cfg["tokenizer"] == "pretrained" else
+               f"--tokenizer={cfg['tokenizer']} splits it otherwise here (another version of it?)")
+        raise SystemExit(f"--resume: the corpus is the text {ckpt_path} was trained on, but its tokens are not the "
+                         f"ones it trained on: {why}")
 
 
 def start(cfg):

@@ -225,7 +225,8 @@ def check_tokenizer_files(source):
 def pretrained_tokenizer(source):
     """encode, decode, the vocabulary size and a name of a pretrained model's own tokenizer, loaded
     by transformers from where pretrained_source finds it (no special tokens added). The name,
-    "pretrained-" and a hash of the vocabulary, tells tokenizers apart wherever their files are.
+    "pretrained-" and a hash of the tokenizer's spec (a fast tokenizer's whole, else its vocabulary),
+    tells tokenizers apart wherever their files are: the token cache is named by it.
     Raises FileNotFoundError for a folder without one (check_tokenizer_files), ValueError for a
     GGUF file cut short or of another kind (check_weights_files)."""
     from transformers import AutoTokenizer
@@ -237,6 +238,8 @@ def pretrained_tokenizer(source):
             check_weights_files(where)
         raise
     tok.model_max_length = 2**62  # a corpus is encoded in one go: no warning that it is longer than a context
-    name = "pretrained-" + hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()[:8]
+    backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer's whole spec: its normalizer (lower-casing,
+    spec = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))  # ...) and merges too
+    name = "pretrained-" + hashlib.sha256(spec.encode()).hexdigest()[:8]
     return *checked(lambda s: tok.encode(s, add_special_tokens=False), tok.decode, len(tok), f"{name}'s tokens"), \
         len(tok), name
