@@ -3359,6 +3359,11 @@ def test_resume_restores_the_saved_settings_and_names_a_flag_that_differs(tmp_pa
     for flag in ("--seed=8", "--kv_budget=0.2"):
         with pytest.raises(SystemExit, match=re.escape(f"{flag} (saved: ")):
             ts.make_config(["--device=cpu", "--resume", flag, f"--out_dir={tmp_path}"])
+    recipe = tmp_path.parent / f"{tmp_path.name}.py"  # a recipe's value, not on the command line: said where it is
+    recipe.write_text("seed = 9\n")
+    with pytest.raises(SystemExit, match=re.escape(f"--seed=9 (saved: 7): drop them, or start a new run with another "
+                                                   f"--out_dir (seed is set at {recipe}:1)")):
+        ts.make_config(["--device=cpu", str(recipe), "--resume", f"--out_dir={tmp_path}"])
     moved = tmp_path.parent / (tmp_path.name + "_moved")
     os.rename(tmp_path, moved)  # a run folder moved, or spelled otherwise, is the same run
     resumed, _ = ts.make_config(["--device=cpu", "--resume", "--max_iters=6", f"--out_dir={moved}{os.sep}"])

@@ -267,7 +267,11 @@ def make_config(argv):
     for key in ("out_dir", "init_from"):  # paths: ~ is the home folder, as in a shell (which leaves --key=~/x as is)
         config[key] = os.path.expanduser(config[key])
     if config["resume"]:
-        config = resumed_settings(config, set(overrides))
+        try:
+            config = resumed_settings(config, set(overrides))
+        except SystemExit as e:  # a setting that differs from the saved one: a config file's named as such
+            where = [f"{key} is set at {origins[key]}" for key in origins if re.search(rf"--{key}=", str(e))]
+            raise SystemExit(f"{e} ({'; '.join(where)})" if where else e) from None
         if os.path.isfile(os.path.join(config["out_dir"], "ckpt.pt")):  # without one, train says so
             recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
