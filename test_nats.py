@@ -3033,11 +3033,12 @@ def test_a_tokenizer_of_the_same_vocabulary_that_splits_otherwise_is_another(tmp
     cfg = dict(ts.defaults(), dataset="shakespeare", tokenizer="pretrained", init_from=str(tmp_path / "lower"))
     trained = (np.arange(50, dtype=np.uint16), np.arange(10, dtype=np.uint16), encode, None, 100)
     checkpoint = dict(model_args=dict(vocab_size=100), corpus="text", tokens=ts.tokens_digest(cfg, trained))
-    ts.check_resumed_data(cfg, checkpoint, trained, "text", "run/ckpt.pt")  # the same tokens: it resumes
+    ts.check_resumed_data(cfg, checkpoint, trained, "text", ts.tokens_digest(cfg, trained), "run/ckpt.pt")  # resumes
     with pytest.raises(SystemExit, match=re.escape(
             f"--resume: the corpus is the text run/ckpt.pt was trained on, but its tokens are not the ones it trained "
             f"on: --init_from={tmp_path / 'lower'} has a tokenizer of the same vocabulary that splits it otherwise")):
-        ts.check_resumed_data(cfg, checkpoint, (trained[0][::-1].copy(), *trained[1:]), "text", "run/ckpt.pt")
+        other = (trained[0][::-1].copy(), *trained[1:])  # the same ids, split otherwise
+        ts.check_resumed_data(cfg, checkpoint, other, "text", ts.tokens_digest(cfg, other), "run/ckpt.pt")
 
 
 def test_a_loaded_model_decodes_as_it_forwards(tiny_gguf):

@@ -269,9 +269,8 @@ def make_config(argv):
     if config["resume"]:
         try:
             config = resumed_settings(config, set(overrides))
-        except SystemExit as e:  # a setting that differs from the saved one: a config file's named as such
-            where = [f"{key} is set at {origins[key]}" for key in origins if re.search(rf"--{key}=", str(e))]
-            raise SystemExit(f"{e} ({'; '.join(where)})" if where else e) from None
+        except SystemExit as e:  # a setting that differs from the saved one (--key=value): a config file's named so
+            raise SystemExit(said_where(e, origins, "=")) from None
         if os.path.isfile(os.path.join(config["out_dir"], "ckpt.pt")):  # without one, train says so
             recipes.append(os.path.join(config["out_dir"], "ckpt.pt"))
     if "budget_anneal" in flags and config["budget_anneal"] and not config["kv_budget"]:
@@ -291,11 +290,7 @@ def make_config(argv):
     except SystemExit as e:  # a value of a config file, or of the run --resume continues: said where it is written
         saved = {key: f"{recipes[-1]} (the run's saved settings)" for key in config if key not in overrides} \
             if config["resume"] and recipes and recipes[-1].endswith("ckpt.pt") else {}
-        where = [f"{key} is set at {file}" for key, file in {**saved, **origins}.items()
-                 if re.search(rf"--{key}\b", str(e))]
-        if where:
-            raise SystemExit(f"{e} ({'; '.join(where)})") from None
-        raise
+        raise SystemExit(said_where(e, {**saved, **origins})) from None
     unused = [(f"--{key}={config[key]}" if key in flags else f"{key} = {config[key]!r} ({origins[key]})") + f" ({why})"
               for key, why in unused_settings(config).items() if key in flags or key in origins]
     if unused and os.environ.get("RANK", "0") == "0":  # said, not refused: harmless, and scripts may pass them all
@@ -305,6 +300,13 @@ def make_config(argv):
     for note in notes + run_notes(config) if os.environ.get("RANK", "0") == "0" else []:
         print(f"note: {note}")
     return config, " + ".join([describe_base(config["device"])] + recipes)
+
+
+def said_where(message, files, named=r"\b"):
+    """The message (a str or an exception's), with where each setting it names as --key (followed by
+    `named`, a pattern) is set, for those set by a file ({key: "file:line"} or the saved run's checkpoint)."""
+    where = [f"{key} is set at {file}" for key, file in files.items() if re.search(rf"--{key}{named}", str(message))]
+    return f"{message} ({'; '.join(where)})" if where else str(message)
 
 
 def run_notes(cfg):
@@ -348,8 +350,8 @@ def unused_settings(cfg):
         ("window", mask, masked), ("attention_impl", mask, masked), ("show_layer", types, masked),
         ("show_head", types, masked),
         ("distill", "it is the loss of --finetune_scorer", cfg["finetune_scorer"]),
-        ("init_std", "the weights come from --init_from" + (", and the scorers start at zero with a --scorer_bias" if
-                                                           nats else ""),
+        ("init_std", "the weights come from --init_from" + (", and the scorers start at zero with a --scorer_bias"
+                                                           if nats else ""),
          not cfg["init_from"] or (nats and not cfg["scorer_bias"])), *own_shape) if not used}
 
 
@@ -1073,8 +1075,7 @@ def save_checkpoint(path, run):
     seed_of; kv_weight is lambda for the next step), and the history so far."""
     checkpoint = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), model_args=run.model_args,
                       iter_num=run.it, best_val_loss=run.best_val, kv_weight=run.kv_weight, history=run.history,
-                      config=run.cfg, vocabulary=vocabulary(run.cfg, run.data), corpus=run.corpus,
-                      tokens=tokens_digest(run.cfg, run.data))
+                      config=run.cfg, vocabulary=vocabulary(run.cfg, run.data), corpus=run.corpus, tokens=run.tokens)
     save_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -1145,10 +1146,11 @@ def model_args_for(cfg, checkpoint, teacher):
     if conflicts:
         has = ", ".join(f"{key}={given[key]!r}" for key in conflicts)
         asks = ", ".join(f"{key}={wanted[key]!r}" for key in conflicts)
-        if checkpoint is not None and teacher is not None and is_pretrained(cfg["init_from"]):  # the model moved,
-            raise SystemExit(f"--resume: --init_from={cfg['init_from']} is a model with {asks}, but the run in "  # or
+        # a retrofit resumed with --init_from where its model is now (RESUME_MAY_CHANGE): another model was given
+        if checkpoint is not None and teacher is not None and is_pretrained(cfg["init_from"]):
+            raise SystemExit(f"--resume: --init_from={cfg['init_from']} is a model with {asks}, but the run in "
                              f"{cfg['out_dir']} was fine-tuned from {checkpoint['config'].get('init_from')!r}, with "
-                             f"{has}: pass that model as --init_from, where it is now")  # another model was given
+                             f"{has}: pass that model as --init_from, where it is now")
         if checkpoint is not None and any(key in checkpoint["config"] for key in conflicts):  # --resume took those
             raise SystemExit(f"--resume: {source} holds a model with {has} but settings that say {asks}: the file was "
                              f"edited or written by another program; pass --overwrite to start over")  # from there
@@ -1285,6 +1287,7 @@ class Run:
     resumed_at: int = None  # the step --resume continued from
     saved_at: int = None  # the step of the last checkpoint
     corpus: str = None  # Shakespeare: the digest of the text it trains on (data.corpus_digest), checked by --resume
+    tokens: str = None  # and of its tokens (tokens_digest), checked by --resume too
     out_dir_lock: object = field(default_factory=contextlib.nullcontext)  # rank 0's claim_out_dir
 
     def log(self, *args, **kwargs):
@@ -1342,10 +1345,11 @@ def out_of_memory(cfg, run):
             f"the model ({model}); pass smaller ones, like {smaller}; {disk}")
 
 
-def check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path):
+def check_resumed_data(cfg, checkpoint, data, corpus, tokens, ckpt_path):
     """--resume: stop unless the data is what the checkpoint's model was trained on. The dataset and
     tokenizer are the saved settings, so a model of other token ids is a file edited by hand; a
-    character corpus of other symbols, or of other text (corpus: its corpus_digest), was edited since."""
+    character corpus of other symbols, or of other text (corpus: its corpus_digest), was edited since;
+    the same text in other tokens (tokens: their tokens_digest) is another tokenizer's."""
     saved, now = checkpoint.get("vocabulary"), vocabulary(cfg, data)
     same_text = corpus is not None and checkpoint.get("corpus") == corpus
     if saved is not None and now is not None and saved != now:
@@ -1363,7 +1367,7 @@ def check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path):
     if checkpoint.get("corpus") not in (None, corpus):  # older checkpoints have none
         raise SystemExit(f"--resume: {corpus_path()} has been edited since {ckpt_path} was trained: the run would "
                          f"go on on other text; resume with the corpus it was trained on, or start over (--overwrite)")
-    if checkpoint.get("tokens") not in (None, tokens_digest(cfg, data)):  # the same text, other tokens
+    if checkpoint.get("tokens") not in (None, tokens):  # the same text, other tokens
         why = (f"--init_from={cfg['init_from']} has a tokenizer of the same vocabulary that splits it otherwise; pass "
                f"the model the run started from" if cfg["tokenizer"] == "pretrained" else
                f"--tokenizer={cfg['tokenizer']} splits it otherwise here (another version of it?)")
@@ -1390,8 +1394,9 @@ def start(cfg):
     data = load_dataset(cfg["dataset"], cfg["tokenizer"], cfg["block_size"], cfg["init_from"])
     vocab_size = data[-1]
     corpus = corpus_digest() if cfg["dataset"] == "shakespeare" else None
+    tokens = tokens_digest(cfg, data)
     if checkpoint is not None:
-        check_resumed_data(cfg, checkpoint, data, corpus, ckpt_path)
+        check_resumed_data(cfg, checkpoint, data, corpus, tokens, ckpt_path)
     for length in token_counts(cfg["passkey_lengths"]):
         try:
             read = max(len(prompt) + len(answer) - 1 for prompt, answer in make_trials(cfg, data[2], length))
@@ -1417,7 +1422,7 @@ def start(cfg):
         raise SystemExit(f"--eval_contexts={cfg['eval_contexts']}: the val split has {len(data[1]):,} tokens; pass "
                          f"contexts up to {len(data[1]) - 1}")
     run = build(cfg, rank, world, device, model_args, teacher, data)
-    run.corpus = corpus
+    run.corpus, run.tokens = corpus, tokens
     if checkpoint is not None:
         resume_from(run, checkpoint)
     if rank == 0:  # all is checked and built: the out_dir is claimed, and --overwrite's old run goes only now

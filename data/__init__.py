@@ -164,11 +164,11 @@ def cached(path, make, vocab_size):
         if os.path.exists(tmp):
             os.remove(tmp)
         folder = os.path.dirname(path)
-        fix = "a folder, writable" if os.path.exists(folder) and not os.path.isdir(folder) else "writable"
         if os.path.isdir(path):  # (the folder itself is writable)
             print(f"could not cache the encoded corpus: {path} is a folder, where the cache file goes; remove it "
                   f"(the corpus is encoded again on every run until then)")
         else:
+            fix = "a folder, writable" if os.path.exists(folder) and not os.path.isdir(folder) else "writable"
             print(f"could not cache the encoded corpus in {folder} ({e.strerror or e}): it is encoded again on every "
                   f"run until that is {fix}")
     return array

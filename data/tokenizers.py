@@ -238,8 +238,9 @@ def pretrained_tokenizer(source):
             check_weights_files(where)
         raise
     tok.model_max_length = 2**62  # a corpus is encoded in one go: no warning that it is longer than a context
-    backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer's whole spec: its normalizer (lower-casing,
-    spec = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))  # ...) and merges too
+    # a fast tokenizer's whole spec, its normalizer (lower-casing, ...) and merges too, not its vocabulary alone
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
     name = "pretrained-" + hashlib.sha256(spec.encode()).hexdigest()[:8]
     return *checked(lambda s: tok.encode(s, add_special_tokens=False), tok.decode, len(tok), f"{name}'s tokens"), \
         len(tok), name
